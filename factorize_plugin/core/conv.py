@@ -1,0 +1,129 @@
+"""A Conv2d is a matrix product on image patches: the helpers that make that exact.
+
+``conv2d(x, W) = patches(x) @ W.reshape(C_out, -1).T``, where ``patches`` pads the input the way
+the convolution does (any ``padding_mode``, ``'same'`` / ``'valid'``, asymmetric 'same' padding)
+and unfolds it with the convolution's own stride and dilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Union
+
+import torch
+import torch.nn.functional as F
+
+IntPair = tuple[int, int]
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _pair(v: Union[int, tuple, list], name: str) -> IntPair:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a Conv2d that decides which input pixels feed which output pixel."""
+
+    kernel_size: IntPair
+    stride: IntPair = (1, 1)
+    padding: Union[IntPair, str] = (0, 0)
+    dilation: IntPair = (1, 1)
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def from_kwargs(cls, kernel_size: IntPair, **kwargs) -> "ConvGeometry":
+        """Builds it from ``nn.Conv2d``-style keyword arguments. Raises NotImplementedError for
+        ``groups != 1`` and TypeError for unknown keys."""
+        known = {"stride", "padding", "dilation", "groups", "padding_mode", "bias"}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown conv2d arguments: {sorted(unknown)}")
+        groups = kwargs.get("groups", 1)
+        if groups != 1:
+            raise NotImplementedError(
+                f"groups={groups}: grouped/depthwise convolutions are not factorized "
+                "(a low-rank pair would mix the groups); exclude this layer"
+            )
+        padding = kwargs.get("padding", 0)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+        else:
+            padding = _pair(padding, "padding")
+        mode = kwargs.get("padding_mode", "zeros")
+        if mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {mode!r}")
+        stride = _pair(kwargs.get("stride", 1), "stride")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError("padding='same' requires stride 1 (as in torch.nn.Conv2d)")
+        return cls(
+            kernel_size=_pair(tuple(kernel_size), "kernel_size"),
+            stride=stride,
+            padding=padding,
+            dilation=_pair(kwargs.get("dilation", 1), "dilation"),
+            padding_mode=mode,
+        )
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d) -> "ConvGeometry":
+        return cls.from_kwargs(
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+        )
+
+    def pad_amounts(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) as ``F.pad`` takes them; 'same' puts the odd pixel last."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            out = []
+            for k, d in ((self.kernel_size[1], self.dilation[1]), (self.kernel_size[0], self.dilation[0])):
+                total = d * (k - 1)
+                out += [total // 2, total - total // 2]
+            return tuple(out)  # type: ignore[return-value]
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    @property
+    def patch_size(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+
+def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """Unfolded input patches. ``x``: [N, C, H, W] -> [N * H_out * W_out, C * k_h * k_w], ordered so
+    that ``conv_patches(x) @ W.reshape(C_out, -1).T`` equals the convolution without bias."""
+    pad = geometry.pad_amounts()
+    if any(pad):
+        x = F.pad(x, pad, mode=_PAD_MODES[geometry.padding_mode])
+    cols = F.unfold(x, geometry.kernel_size, dilation=geometry.dilation, stride=geometry.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def iter_conv_patches(x: torch.Tensor, geometry: ConvGeometry, max_rows: int = 1 << 16) -> Iterator[torch.Tensor]:
+    """``conv_patches`` in slices of images, so memory stays bounded: yields [rows, C * k_h * k_w]."""
+    if x.shape[0] == 0:
+        return
+    per_image = conv_patches(x[:1], geometry).shape[0]
+    step = max(1, max_rows // max(per_image, 1))
+    for start in range(0, x.shape[0], step):
+        yield conv_patches(x[start : start + step], geometry)
+
+
+def conv_weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, k_h, k_w] -> [C_in * k_h * k_w, C_out]."""
+    return weight.reshape(weight.shape[0], -1).T
+
+
+def matrix_to_conv_weight(mat: torch.Tensor, in_channels: int, kernel_size: IntPair) -> torch.Tensor:
+    """[C_in * k_h * k_w, C_out] -> [C_out, C_in, k_h, k_w]."""
+    return mat.T.reshape(mat.shape[1], in_channels, *kernel_size)

@@ -1,0 +1,244 @@
+"""The exact low-rank least-squares solver, working from streamed moments.
+
+Problem: given samples x [D] with targets y [M], find P = Wa @ Wb of rank r and a bias b minimizing
+
+    E(P, b) = sum_n || y_n - (x_n @ P + b) ||^2.
+
+The optimal bias is b = mean_y - mean_x @ P, which leaves a problem in the centered moments
+C = cov(x) (sums, [D, D]), Cxy [D, M], Syy = sum ||y - mean_y||^2:
+
+    E(P) = tr(P^T C P) - 2 tr(P^T Cxy) + Syy = || L (P - B) ||_F^2 + E(B),
+
+where B is any least-squares solution (C B = Cxy) and L^T L = C. The minimizer of rank r is
+therefore P = B V_r V_r^T, with V_r the top-r right singular vectors of L B (reduced-rank
+regression, Eckart-Young in the metric of C): a closed form, exact, and one SVD gives every rank.
+
+Regularization ``alpha`` replaces C by A = C + alpha * tr(C)/D * I in that metric and in B (which
+becomes the ridge solution shrunk toward the original W). ``alpha = 0`` is the data-optimal fit;
+``alpha -> inf`` tends to the data-free truncated SVD of W. When the target is the layer's own
+output (y = x @ W + b) then Cxy = C W, B = W for every alpha, and only C is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+
+from .statistics import MomentAccumulator
+
+RankLike = Union[int, float]
+
+
+@dataclasses.dataclass
+class LowRankSolution:
+    """Bundles the tensors of a factorized linear operator.
+
+    Args:
+        Wa: the first operator, into ``rank`` latent features. Matrix case: [D, rank]; conv case:
+            [rank, C_in, k_h, k_w].
+        Wb: the second operator, out of the latent features. Matrix case: [rank, M]; conv case:
+            [C_out, rank, 1, 1].
+        bias: [M] (or [C_out]) added after ``Wb``.
+        rank: the latent size; -1 when no factorization was made (see ``factorize_matrix``).
+        nmse: sum (y - y_hat)^2 / sum (y - mean y)^2 on the data the solution was fitted to, with
+            the mean taken per output feature over the samples: 0 is exact, 1 is no better than
+            predicting each output's mean.
+    """
+
+    Wa: Optional[torch.Tensor] = None
+    Wb: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    rank: int = -1
+    nmse: float = 0.0
+
+
+def resolve_rank(rank: RankLike, in_features: int, out_features: int, name: str = "rank") -> int:
+    """Turns a rank request into an int >= 1.
+
+    An int is taken as is; a float in (0, 1) is a fraction of min(in_features, out_features),
+    rounded down but at least 1. Raises ValueError for anything else (0, negatives, floats >= 1,
+    booleans, NaN).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1), got {rank!r}")
+    if isinstance(rank, float):
+        if not 0.0 < rank < 1.0:
+            raise ValueError(
+                f"{name}={rank!r}: a float rank is a fraction of min(in, out) and must lie in (0, 1); "
+                "pass an int for an absolute rank"
+            )
+        return max(1, int(rank * min(in_features, out_features)))
+    if rank < 1:
+        raise ValueError(f"{name}={rank}: the rank must be at least 1")
+    return int(rank)
+
+
+def _sqrt_metric(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For symmetric PSD A [D, D]: returns (L [D, D] with L^T L = A, eigenvalues, eigenvectors)."""
+    evals, evecs = torch.linalg.eigh(a)
+    evals = evals.clamp_min(0.0)
+    return evals.sqrt()[:, None] * evecs.T, evals, evecs
+
+
+@dataclasses.dataclass
+class _Targets:
+    """Centered target moments implied by the statistics: Cxy [D, M], Syy, mean_y [M]."""
+
+    cxy: torch.Tensor
+    syy: torch.Tensor
+    mean_y: torch.Tensor
+
+
+def _targets(stats: MomentAccumulator, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> _Targets:
+    if stats.has_targets:
+        return _Targets(stats.cxy, stats.syy, stats.mean_y)
+    cw = stats.cxx @ weight
+    mean_y = stats.mean_x @ weight
+    if bias is not None:
+        mean_y = mean_y + bias
+    return _Targets(cw, (weight * cw).sum(), mean_y)
+
+
+class LowRankDecomposition:
+    """The exact solution at every rank, from one SVD.
+
+    ``P(r) = B @ V[:, :r] @ V[:, :r].T`` with the bias fitted jointly. Build it with ``decompose``.
+
+    Attributes:
+        max_rank: k = min(D, M), the largest rank the curve covers.
+        nmse_curve: float64 [k + 1], the NMSE at ranks 0..k on the statistics it was fitted to.
+    """
+
+    def __init__(
+        self,
+        stats: MomentAccumulator,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        regularization: float = 0.0,
+    ) -> None:
+        stats.check()
+        if regularization < 0:
+            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        d, m = weight.shape
+        if d != stats.in_features:
+            raise ValueError(f"weight has {d} input features but the statistics have {stats.in_features}")
+        if stats.has_targets and m != stats.out_features:
+            raise ValueError(f"weight has {m} output features but the statistics have {stats.out_features}")
+        dev = stats.device
+        self.weight = weight.detach().to(dev, torch.float64)
+        self.bias = None if bias is None else bias.detach().to(dev, torch.float64)
+        self.regularization = float(regularization)
+        self.mean_x = stats.mean_x.clone()
+        self.in_features, self.out_features = d, m
+        self.max_rank = min(d, m)
+
+        c = stats.cxx
+        scale = (torch.diagonal(c).sum() / d).clamp_min(torch.finfo(torch.float64).tiny)
+        a = c + (self.regularization * scale) * torch.eye(d, dtype=c.dtype, device=dev) if regularization else c
+        l_metric, evals, evecs = _sqrt_metric(a)
+
+        tgt = _targets(stats, self.weight, self.bias)
+        self.mean_y = tgt.mean_y.clone()
+        if stats.has_targets:
+            # B = W + A^+ (Cxy - C W): the least-squares (or ridge) solution closest to W.
+            cutoff = evals.max() * d * torch.finfo(torch.float64).eps
+            inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+            resid = tgt.cxy - c @ self.weight
+            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ resid))
+        else:
+            self.B = self.weight
+        _, self.singular_values, vh = torch.linalg.svd(l_metric @ self.B, full_matrices=False)
+        self.V = vh[: self.max_rank].T.contiguous()  # [M, k]
+        self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
+        self.nmse_curve = self._curve(stats, tgt)
+
+    def _curve(self, stats: MomentAccumulator, tgt: _Targets) -> torch.Tensor:
+        """NMSE at ranks 0..k on ``stats`` (bias fitted on the training statistics)."""
+        q = (stats.cxx @ self.G * self.G).sum(0)  # g_i^T C g_i
+        cross = (self.G * (tgt.cxy @ self.V)).sum(0)  # g_i^T Cxy v_i
+        n = stats.count
+        dx = stats.mean_x - self.mean_x
+        dy = tgt.mean_y - self.mean_y
+        a = dx @ self.G  # [k]
+        per_rank = q - 2 * cross + n * (a.square() - 2 * a * (dy @ self.V))
+        zero = per_rank.new_zeros(1)
+        err = tgt.syy + n * dy.square().sum() + torch.cat([zero, per_rank.cumsum(0)])
+        err = err.clamp_min(0.0)
+        denom = tgt.syy
+        if denom <= 0:
+            return torch.where(err > 0, torch.ones_like(err), torch.zeros_like(err))
+        return err / denom
+
+    def nmse_on(self, stats: MomentAccumulator) -> torch.Tensor:
+        """NMSE at ranks 0..k on other (e.g. held-out) statistics of the same layer: [k + 1]."""
+        stats.check("held-out inputs")
+        return self._curve(stats, _targets(stats, self.weight, self.bias))
+
+    def smallest_rank(self, max_nmse: float) -> int:
+        """The smallest rank >= 1 whose NMSE on the fitted statistics is <= ``max_nmse``."""
+        ok = (self.nmse_curve[1:] <= max_nmse).nonzero()
+        return int(ok[0].item()) + 1 if len(ok) else self.max_rank
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Wa [D, rank], Wb [rank, M], bias [M]) in float64; Wa's columns and Wb's rows carry
+        equal norms, which keeps later gradient training well balanced."""
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
+        g, v = self.G[:, :rank], self.V[:, :rank]
+        norms = g.norm(dim=0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        wa = g / norms
+        wb = norms[:, None] * v.T
+        bias = self.mean_y - self.mean_x @ g @ v.T
+        return wa, wb, bias
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B [D, M], bias [M]): the best full-rank map and its bias, float64."""
+        return self.B, self.mean_y - self.mean_x @ self.B
+
+
+def decompose(
+    stats: MomentAccumulator,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    regularization: float = 0.0,
+) -> LowRankDecomposition:
+    """Solves the low-rank problem for every rank at once.
+
+    Args:
+        stats: moments of the layer's inputs x [.., D] (and of explicit targets y [.., M], if it
+            tracks them; otherwise the target is the layer's own output x @ weight + bias).
+        weight: W [D, M], the current operator (``Wa @ Wb`` for an already-factorized layer).
+        bias: [M] or None, the current bias (only used when the target is implicit).
+        regularization: alpha >= 0; 0 gives the exact data-optimal fit, larger values move toward
+            the truncated SVD of W (useful with few calibration samples; choose it with ``nmse_on``
+            on held-out statistics).
+    """
+    return LowRankDecomposition(stats, weight, bias, regularization)
+
+
+def nmse_of(
+    stats: MomentAccumulator,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target_weight: Optional[torch.Tensor] = None,
+    target_bias: Optional[torch.Tensor] = None,
+) -> float:
+    """NMSE of the map ``x @ weight + bias`` [D, M] against the targets in ``stats`` (explicit
+    targets, or the implicit ``x @ target_weight + target_bias``)."""
+    stats.check()
+    dev = stats.device
+    w = weight.detach().to(dev, torch.float64)
+    b = torch.zeros(w.shape[1], dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
+    if target_weight is None:  # the map's own output is the target: only the bias can be off
+        tw, tb = w, (b if target_bias is None else target_bias.detach().to(dev, torch.float64))
+    else:
+        tw = target_weight.detach().to(dev, torch.float64)
+        tb = None if target_bias is None else target_bias.detach().to(dev, torch.float64)
+    tgt = _targets(stats, tw, tb)
+    err = (stats.cxx @ w * w).sum() - 2 * (w * tgt.cxy).sum() + tgt.syy
+    err = err + stats.count * (tgt.mean_y - stats.mean_x @ w - b).square().sum()
+    err = float(err.clamp_min(0.0))
+    denom = float(tgt.syy)
+    return err / denom if denom > 0 else (0.0 if err == 0 else 1.0)

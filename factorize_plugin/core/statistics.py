@@ -1,0 +1,203 @@
+"""Streaming first and second moments of a layer's inputs (and optionally targets), in float64.
+
+The exact low-rank solver needs the data only through these moments, so memory is
+O(D^2 + D*M) whatever the number of samples. Chunks are centered on their own mean before the
+outer product and merged with the parallel-variance update (Chan et al.), so an offset on the
+inputs costs no precision; merging across processes is two sum all-reduces.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+SumFn = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a flat float64 tensor across processes in place (and returns it)."""
+
+
+class MomentAccumulator:
+    """Float64 running mean and centered second moments of ``x`` (and optionally ``y``).
+
+    Args:
+        in_features: D, the last dimension of ``x``.
+        out_features: M, the last dimension of ``y``. Leave ``None`` when the target is the layer's
+            own output ``y = x @ W + b`` (then only input moments are needed).
+        device: where the float64 buffers live (default: CPU, or the first update's device).
+        chunk_size: rows per float64 chunk; bounds the temporary memory of an update.
+
+    State (all float64): ``count`` (scalar), ``mean_x`` [D], ``cxx`` [D, D] = sum (x - mean)(x - mean)^T,
+    and with targets ``mean_y`` [M], ``cxy`` [D, M], ``syy`` (scalar) = sum ||y - mean_y||^2.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: Optional[int] = None,
+        device: Optional[torch.device | str] = None,
+        chunk_size: int = 8192,
+    ) -> None:
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
+        self.in_features = int(in_features)
+        self.out_features = None if out_features is None else int(out_features)
+        self.chunk_size = int(chunk_size)
+        self._device = None if device is None else torch.device(device)
+        self._allocated = False
+        if self._device is not None:
+            self._allocate(self._device)
+
+    # ------------------------------------------------------------------ state
+    def _allocate(self, device: torch.device) -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        d = self.in_features
+        self.count = torch.zeros((), **f64)
+        self.mean_x = torch.zeros(d, **f64)
+        self.cxx = torch.zeros(d, d, **f64)
+        if self.out_features is not None:
+            m = self.out_features
+            self.mean_y = torch.zeros(m, **f64)
+            self.cxy = torch.zeros(d, m, **f64)
+            self.syy = torch.zeros((), **f64)
+        self._device = device
+        self._allocated = True
+
+    @property
+    def has_targets(self) -> bool:
+        return self.out_features is not None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.count.item()) if self._allocated else 0
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self._device
+
+    def nbytes(self) -> int:
+        """Bytes held by the float64 buffers: 8 * (D^2 + D + 1 [+ D*M + M + 1])."""
+        d, m = self.in_features, self.out_features or 0
+        extra = d * m + m + 1 if self.out_features is not None else 0
+        return 8 * (d * d + d + 1 + extra)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The buffers in a fixed order (for serialization)."""
+        self._ensure_allocated()
+        names = ["count", "mean_x", "cxx"] + (["mean_y", "cxy", "syy"] if self.has_targets else [])
+        return [getattr(self, n) for n in names]
+
+    def _ensure_allocated(self) -> None:
+        if not self._allocated:
+            self._allocate(self._device or torch.device("cpu"))
+
+    # ---------------------------------------------------------------- updates
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> "MomentAccumulator":
+        """Adds samples. ``x``: [..., D]; ``y``: [..., M] with the same leading shape (only when
+        the accumulator tracks targets). Any floating dtype; accumulation is float64."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
+        if self.has_targets != (y is not None):
+            raise ValueError("y must be given exactly when the accumulator was built with out_features")
+        if not self._allocated:
+            self._allocate(self._device or x.device)
+        x = x.detach().reshape(-1, self.in_features)
+        if y is not None:
+            if y.shape[-1] != self.out_features:
+                raise ValueError(f"y has {y.shape[-1]} features, expected {self.out_features}")
+            y = y.detach().reshape(-1, self.out_features)
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"x and y hold different numbers of samples: {x.shape[0]} vs {y.shape[0]}")
+        for start in range(0, x.shape[0], self.chunk_size):
+            xc = x[start : start + self.chunk_size].to(self._device, torch.float64)
+            yc = None if y is None else y[start : start + self.chunk_size].to(self._device, torch.float64)
+            self._merge_chunk(xc, yc)
+        return self
+
+    def _merge_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        x = x - mean_b
+        n_a = self.count.item()
+        n = n_a + n_b
+        delta = mean_b - self.mean_x
+        w = n_a * n_b / n
+        self.cxx.addmm_(x.T, x).add_(torch.outer(delta, delta), alpha=w)
+        self.mean_x.add_(delta, alpha=n_b / n)
+        if y is not None:
+            mean_yb = y.mean(0)
+            y = y - mean_yb
+            delta_y = mean_yb - self.mean_y
+            self.cxy.addmm_(x.T, y).add_(torch.outer(delta, delta_y), alpha=w)
+            self.syy.add_(y.square().sum() + w * delta_y.square().sum())
+            self.mean_y.add_(delta_y, alpha=n_b / n)
+        self.count.add_(n_b)
+
+    @torch.no_grad()
+    def merge_(self, other: "MomentAccumulator") -> "MomentAccumulator":
+        """Adds the samples summarized by ``other`` (same feature sizes) into this accumulator."""
+        if (other.in_features, other.out_features) != (self.in_features, self.out_features):
+            raise ValueError("cannot merge accumulators of different feature sizes")
+        if other.num_samples == 0:
+            return self
+        self._ensure_allocated()
+        n_a, n_b = self.count.item(), other.count.item()
+        n = n_a + n_b
+        dev = self._device
+        delta = other.mean_x.to(dev) - self.mean_x
+        w = n_a * n_b / n
+        self.cxx.add_(other.cxx.to(dev)).add_(torch.outer(delta, delta), alpha=w)
+        self.mean_x.add_(delta, alpha=n_b / n)
+        if self.has_targets:
+            delta_y = other.mean_y.to(dev) - self.mean_y
+            self.cxy.add_(other.cxy.to(dev)).add_(torch.outer(delta, delta_y), alpha=w)
+            self.syy.add_(other.syy.to(dev) + w * delta_y.square().sum())
+            self.mean_y.add_(delta_y, alpha=n_b / n)
+        self.count.add_(n_b)
+        return self
+
+    @torch.no_grad()
+    def all_reduce_(self, sum_fn: SumFn) -> "MomentAccumulator":
+        """Replaces the local moments by those of the union of all processes' samples.
+
+        ``sum_fn`` sums a flat float64 tensor across processes (e.g. ``torch.distributed.all_reduce``
+        or Lightning's ``strategy.reduce(t, reduce_op="sum")``). Two collectives: first the counts
+        and sums (giving the global mean), then the second moments re-centered on the global mean.
+        Every process must call this, in the same order across accumulators.
+        """
+        self._ensure_allocated()
+        first = [self.count.reshape(1), self.mean_x * self.count]
+        if self.has_targets:
+            first.append(self.mean_y * self.count)
+        flat = sum_fn(torch.cat(first))
+        n = flat[0]
+        d = self.in_features
+        safe_n = n.clamp_min(1)
+        g_x = flat[1 : 1 + d] / safe_n
+        dx = self.mean_x - g_x
+        second = [(self.cxx + self.count * torch.outer(dx, dx)).reshape(-1)]
+        if self.has_targets:
+            g_y = flat[1 + d :] / safe_n
+            dy = self.mean_y - g_y
+            second += [
+                (self.cxy + self.count * torch.outer(dx, dy)).reshape(-1),
+                (self.syy + self.count * dy.square().sum()).reshape(1),
+            ]
+        flat2 = sum_fn(torch.cat(second))
+        self.count.copy_(n)
+        self.mean_x.copy_(g_x)
+        self.cxx.copy_(flat2[: d * d].view(d, d))
+        if self.has_targets:
+            m = self.out_features
+            self.mean_y.copy_(g_y)
+            self.cxy.copy_(flat2[d * d : d * d + d * m].view(d, m))
+            self.syy.copy_(flat2[-1])
+        return self
+
+    def check(self, what: str = "inputs") -> None:
+        """Raises ValueError if there are no samples or the moments are not finite."""
+        if self.num_samples == 0:
+            raise ValueError(f"no samples were accumulated for the {what}: cannot factorize from empty statistics")
+        tensors = self.state_tensors()
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError(f"the {what} contain NaN or inf values: the statistics are not finite")

