@@ -1,0 +1,106 @@
+"""One matrix view of every layer type we factorize: Linear, Conv2d and their factorized pairs.
+
+The solver works on ``y = x @ W + b`` with W [D, M]; a Conv2d is that on its input patches
+(D = C_in * k_h * k_w, M = C_out). Costs are per output position (per token / pixel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..core.conv import ConvGeometry, conv_patches, conv_weight_to_matrix
+from .factorized import FactorizedConv2d, FactorizedLinear
+
+FACTORIZABLE_TYPES = (nn.Linear, nn.Conv2d, FactorizedLinear, FactorizedConv2d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """Sizes of a layer seen as a matrix.
+
+    in_dim: D (features, or C_in * k_h * k_w); out_dim: M; rank_base: min(in, out) over features or
+    channels (what a fractional rank is a fraction of); rank: current inner rank, None when dense.
+    """
+
+    in_dim: int
+    out_dim: int
+    rank_base: int
+    rank: Optional[int]
+    geometry: Optional[ConvGeometry]
+
+    def params(self, rank: Optional[int] = None) -> int:
+        """Weights (without bias) at ``rank`` (None: dense)."""
+        return self.in_dim * self.out_dim if rank is None else rank * (self.in_dim + self.out_dim)
+
+    @property
+    def current_params(self) -> int:
+        return self.params(self.rank)
+
+    @property
+    def max_useful_rank(self) -> int:
+        """Largest rank whose pair has fewer multiply-adds (and weights) than the dense layer."""
+        d, m = self.in_dim, self.out_dim
+        return max(0, (d * m - 1) // (d + m))
+
+
+def check_factorizable(module: nn.Module, name: str = "") -> None:
+    """Raises TypeError / NotImplementedError, naming the layer, if it cannot be factorized."""
+    label = f"layer '{name}'" if name else "this layer"
+    if not isinstance(module, FACTORIZABLE_TYPES):
+        raise TypeError(
+            f"{label} is a {type(module).__name__}; only nn.Linear and nn.Conv2d (groups=1) can be factorized: "
+            "remove it from the targets"
+        )
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise NotImplementedError(f"{label} is a grouped Conv2d (groups={module.groups}); exclude it from the targets")
+
+
+def layer_view(module: nn.Module) -> LayerView:
+    check_factorizable(module)
+    if isinstance(module, nn.Linear):
+        return LayerView(module.in_features, module.out_features, min(module.in_features, module.out_features), None, None)
+    if isinstance(module, FactorizedLinear):
+        d, m = module.in_features, module.out_features
+        return LayerView(d, m, min(d, m), module.rank, None)
+    conv = module.first if isinstance(module, FactorizedConv2d) else module
+    c_in = conv.in_channels
+    c_out = module.out_channels
+    d = c_in * conv.kernel_size[0] * conv.kernel_size[1]
+    rank = module.rank if isinstance(module, FactorizedConv2d) else None
+    return LayerView(d, c_out, min(c_in, c_out), rank, ConvGeometry.of(conv))
+
+
+def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W [D, M], bias [M] or None) in float64."""
+    if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+        return module.matrix()
+    bias = None if module.bias is None else module.bias.detach().double()
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().double().T, bias
+    return conv_weight_to_matrix(module.weight.detach()).double(), bias
+
+
+def input_rows(module: nn.Module, x: torch.Tensor, view: LayerView) -> torch.Tensor:
+    """The layer's input as solver rows [rows, D]: tokens for Linear, patches for Conv2d."""
+    if view.geometry is None:
+        return x.reshape(-1, view.in_dim)
+    if x.ndim == 3:  # unbatched conv input
+        x = x.unsqueeze(0)
+    return conv_patches(x, view.geometry)
+
+
+def install_factors(
+    module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
+) -> nn.Module:
+    """Puts factors (``wa`` [D, r], ``wb`` [r, M], ``bias`` [M]) into the layer: a dense layer is
+    replaced by a new factorized pair (returned; the caller swaps it in), a pair is resized in place."""
+    if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+        module.set_factors(wa, wb, bias)
+        return module
+    if isinstance(module, nn.Linear):
+        return FactorizedLinear.from_linear(module, wa, wb, bias)
+    return FactorizedConv2d.from_conv(module, wa, wb, bias)

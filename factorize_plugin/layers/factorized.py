@@ -1,0 +1,227 @@
+"""Drop-in low-rank replacements for nn.Linear and nn.Conv2d.
+
+Each is a pair: ``first`` maps the input into ``rank`` latent features (no bias), ``second`` maps
+them back out (with the original layer's bias). The rank lives in the module's extra state, so a
+state dict carries it and ``load_state_dict`` resizes the pair before the weights are copied
+(``set_extra_state`` of a parent runs before its children load).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..core.conv import ConvGeometry, conv_weight_to_matrix, matrix_to_conv_weight
+
+EXTRA_STATE_TAG = "factorize_plugin"
+
+
+class _FactorizedPair(nn.Module):
+    """Shared behaviour: rank bookkeeping, the matrix view, extra state."""
+
+    first: nn.Module
+    second: nn.Module
+    kind: str
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
+        raise NotImplementedError
+
+    def _like(self) -> torch.Tensor:
+        return self.second.weight
+
+    def set_factors(self, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Installs factors in matrix form: ``wa`` [D, r], ``wb`` [r, M], ``bias`` [M]. A new rank
+        creates new parameter objects (the optimizer must be told); the same rank copies in place."""
+        rank = wa.shape[1]
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        like = self._like()
+        requires_grad = like.requires_grad
+        with torch.inference_mode(False), torch.no_grad():
+            if rank != self._rank:
+                self._make_pair(rank, like, requires_grad)
+            self._copy_factors(wa.to(like), wb.to(like))
+            if bias is not None and self.second.bias is not None:
+                self.second.bias.copy_(bias.to(like))
+
+    def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def matrix(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W [D, M], bias [M] or None) of the composed map, float64."""
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {EXTRA_STATE_TAG: self.kind, "rank": self._rank}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        rank = int(state["rank"])
+        if rank != self._rank:
+            like = self._like()
+            with torch.inference_mode(False), torch.no_grad():
+                self._make_pair(rank, like, like.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"rank={self._rank}"
+
+
+class FactorizedLinear(_FactorizedPair):
+    """``Linear(in_features, rank, bias=False)`` followed by ``Linear(rank, out_features, bias)``.
+
+    Accepts inputs [..., in_features] and returns [..., out_features], like ``nn.Linear``.
+    """
+
+    kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self._rank = int(rank)
+        kw = dict(device=device, dtype=dtype)
+        self.first = nn.Linear(in_features, rank, bias=False, **kw)
+        self.second = nn.Linear(rank, out_features, bias=bias, **kw)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedLinear":
+        """Builds the pair replacing ``linear`` from factors ``wa`` [D, r], ``wb`` [r, M], ``bias`` [M]."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, wa.shape[1], linear.bias is not None, w.device, w.dtype)
+        layer.requires_grad_(w.requires_grad)
+        layer.set_factors(wa, wb, bias)
+        return layer
+
+    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
+        kw = dict(device=like.device, dtype=like.dtype)
+        old_bias = self.second.bias
+        self.first = nn.Linear(self.in_features, rank, bias=False, **kw)
+        self.second = nn.Linear(rank, self.out_features, bias=old_bias is not None, **kw)
+        if old_bias is not None:
+            self.second.bias.copy_(old_bias)
+        self.requires_grad_(requires_grad)
+        self._rank = rank
+
+    def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
+        self.first.weight.copy_(wa.T)
+        self.second.weight.copy_(wb.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def matrix(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w = self.first.weight.detach().double().T @ self.second.weight.detach().double().T
+        b = None if self.second.bias is None else self.second.bias.detach().double()
+        return w, b
+
+    def to_dense(self) -> nn.Linear:
+        """Folds the pair back into one ``nn.Linear`` computing the same function."""
+        like = self._like()
+        dense = nn.Linear(self.in_features, self.out_features, self.second.bias is not None, like.device, like.dtype)
+        w, b = self.matrix()
+        with torch.no_grad():
+            dense.weight.copy_(w.T)
+            if b is not None:
+                dense.bias.copy_(b)
+        return dense.requires_grad_(like.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}"
+
+
+class FactorizedConv2d(_FactorizedPair):
+    """A k_h x k_w ``Conv2d(in_channels, rank)`` with the original stride, padding, dilation and
+    padding mode (no bias), followed by a 1 x 1 ``Conv2d(rank, out_channels, bias)``.
+
+    Accepts [N, C_in, H, W] (or unbatched [C_in, H, W]) like the original ``nn.Conv2d``.
+    """
+
+    kind = "conv2d"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        padding_mode: str = "zeros",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self._conv_args = dict(
+            kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode
+        )
+        self._rank = int(rank)
+        kw = dict(device=device, dtype=dtype)
+        self.first = nn.Conv2d(in_channels, rank, bias=False, **self._conv_args, **kw)
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
+        self.geometry = ConvGeometry.of(self.first)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedConv2d":
+        """Builds the pair replacing ``conv`` from matrix factors ``wa`` [C_in*k_h*k_w, r],
+        ``wb`` [r, C_out], ``bias`` [C_out]."""
+        if conv.groups != 1:
+            raise NotImplementedError(f"groups={conv.groups}: grouped convolutions are not factorized")
+        w = conv.weight
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, wa.shape[1], conv.stride, conv.padding,
+            conv.dilation, conv.padding_mode, conv.bias is not None, w.device, w.dtype,
+        )  # fmt: skip
+        layer.requires_grad_(w.requires_grad)
+        layer.set_factors(wa, wb, bias)
+        return layer
+
+    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
+        kw = dict(device=like.device, dtype=like.dtype)
+        old_bias = self.second.bias
+        self.first = nn.Conv2d(self.in_channels, rank, bias=False, **self._conv_args, **kw)
+        self.second = nn.Conv2d(rank, self.out_channels, 1, bias=old_bias is not None, **kw)
+        if old_bias is not None:
+            self.second.bias.copy_(old_bias)
+        self.requires_grad_(requires_grad)
+        self._rank = rank
+
+    def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
+        self.first.weight.copy_(matrix_to_conv_weight(wa, self.in_channels, self.first.kernel_size))
+        self.second.weight.copy_(matrix_to_conv_weight(wb, wb.shape[0], (1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def matrix(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        wa = conv_weight_to_matrix(self.first.weight.detach()).double()
+        wb = conv_weight_to_matrix(self.second.weight.detach()).double()
+        b = None if self.second.bias is None else self.second.bias.detach().double()
+        return wa @ wb, b
+
+    def to_dense(self) -> nn.Conv2d:
+        """Folds the pair back into one ``nn.Conv2d`` computing the same function."""
+        like = self._like()
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, bias=self.second.bias is not None, device=like.device,
+            dtype=like.dtype, **self._conv_args,
+        )  # fmt: skip
+        w, b = self.matrix()
+        with torch.no_grad():
+            dense.weight.copy_(matrix_to_conv_weight(w, self.in_channels, dense.kernel_size))
+            if b is not None:
+                dense.bias.copy_(b)
+        return dense.requires_grad_(like.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self._rank}"
