@@ -12,9 +12,24 @@ from .core import (
     resolve_rank,
 )
 
+from .callback import LowRankFactorization
+from .checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint, restore_structure
+from .collector import ActivationCollector
+from .layers import FactorizedConv2d, FactorizedLinear
+from .targets import select_layers
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCollector",
+    "FactorizedConv2d",
+    "FactorizedLinear",
+    "LowRankFactorization",
+    "enable_factorized_loading",
+    "load_factorized",
+    "load_factorized_checkpoint",
+    "restore_structure",
+    "select_layers",
     "ConvGeometry",
     "LowRankDecomposition",
     "LowRankSolution",
