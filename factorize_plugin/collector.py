@@ -6,13 +6,13 @@ layer's input features (C_in * k_h * k_w for a convolution), whatever the number
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .core.statistics import MomentAccumulator
-from .layers.adapters import LayerView, input_rows, layer_view
+from .layers.adapters import LayerView, count_rows, input_rows, layer_view
 
 
 class ActivationCollector:
@@ -23,18 +23,36 @@ class ActivationCollector:
         max_samples: cap on rows per layer (tokens for Linear, output positions for Conv2d); once
             reached the layer's hook does nothing. Rows of a batch that would overshoot the cap are
             a random subset. ``None``: no cap.
-        seed: for that subset.
+        sample_fraction: share of each batch's rows to keep, drawn at random. ``"auto"`` keeps the
+            float64 statistics' cost near ``AUTO_OVERHEAD`` of the layer's own forward cost
+            (fraction = min(1, AUTO_OVERHEAD * M / D)); convolution patches are then gathered only at
+            the sampled positions. 1.0 (default) keeps every row.
+        seed: for the random subsets.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
     ``torch.inference_mode()`` and autocast (autocast is disabled inside the hook).
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], max_samples: Optional[int] = 200_000, seed: int = 0) -> None:
+    AUTO_OVERHEAD = 0.1
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        max_samples: Optional[int] = 200_000,
+        seed: int = 0,
+        sample_fraction: Union[float, str] = 1.0,
+    ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+        if sample_fraction != "auto" and not (isinstance(sample_fraction, (int, float)) and 0 < sample_fraction <= 1):
+            raise ValueError(f"sample_fraction must be in (0, 1] or 'auto', got {sample_fraction!r}")
         self.layers = dict(layers)
         self.max_samples = max_samples
         self.views: dict[str, LayerView] = {name: layer_view(m) for name, m in self.layers.items()}
+        self.fractions: dict[str, float] = {
+            name: min(1.0, self.AUTO_OVERHEAD * v.out_dim / v.in_dim) if sample_fraction == "auto" else float(sample_fraction)
+            for name, v in self.views.items()
+        }
         self.stats: dict[str, MomentAccumulator] = {
             name: MomentAccumulator(v.in_dim) for name, v in self.views.items()
         }
@@ -65,7 +83,7 @@ class ActivationCollector:
         return bool(self._handles)
 
     def _hook_for(self, name: str):
-        view, stats = self.views[name], self.stats[name]
+        view, stats, fraction = self.views[name], self.stats[name], self.fractions[name]
 
         def hook(module: nn.Module, args: tuple) -> None:
             seen = stats.num_samples
@@ -74,16 +92,28 @@ class ActivationCollector:
             x = args[0]
             device_type = x.device.type if x.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
             with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
-                rows = input_rows(module, x.detach(), view)
+                total = count_rows(x, view)
                 batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
-                self.positions[name] = rows.shape[0] / max(batch, 1)
-                if self.max_samples is not None and seen + rows.shape[0] > self.max_samples:
-                    keep = torch.randperm(rows.shape[0], generator=self._generator)[: self.max_samples - seen]
-                    rows = rows[keep.to(rows.device)]
-                stats.update(rows)
+                self.positions[name] = total / max(batch, 1)
+                want = total if fraction >= 1 else max(1, round(fraction * total))
+                if self.max_samples is not None:
+                    want = min(want, self.max_samples - seen)
+                keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
+                stats.update(input_rows(module, x.detach(), view, keep))
             self.calls[name] += 1
 
         return hook
+
+    def _sample_rows(self, total: int, want: int, images: int) -> torch.Tensor:
+        """``want`` random row indices out of ``total``. For convolutions the rows come from a random
+        subset of about twice as many images as needed, so that only those images are padded."""
+        per_image = total // images
+        k = min(images, 2 * -(-want // per_image))
+        if k >= images:
+            return torch.randperm(total, generator=self._generator)[:want]
+        chosen = torch.randperm(images, generator=self._generator)[:k]
+        pos = torch.randperm(k * per_image, generator=self._generator)[:want]
+        return chosen[pos // per_image] * per_image + pos % per_image
 
     def samples(self) -> dict[str, int]:
         return {name: s.num_samples for name, s in self.stats.items()}

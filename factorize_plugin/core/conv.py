@@ -109,6 +109,33 @@ def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def conv_output_size(hw: tuple[int, int], geometry: ConvGeometry) -> tuple[int, int]:
+    """(H_out, W_out) of the convolution on inputs of spatial size ``hw``."""
+    left, right, top, bottom = geometry.pad_amounts()
+    out = []
+    for size, pad, k, s, d in zip(hw, (top + bottom, left + right), geometry.kernel_size, geometry.stride, geometry.dilation):
+        out.append((size + pad - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]
+
+
+def conv_patches_at(x: torch.Tensor, geometry: ConvGeometry, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (indices into ``conv_patches(x)``'s rows) without unfolding the rest:
+    [len(rows), C * k_h * k_w]."""
+    h_out, w_out = conv_output_size(x.shape[-2:], geometry)
+    n, rem = rows // (h_out * w_out), rows % (h_out * w_out)
+    images, n = torch.unique(n, return_inverse=True)
+    x = x[images]  # pad only the images that are sampled
+    pad = geometry.pad_amounts()
+    if any(pad):
+        x = F.pad(x, pad, mode=_PAD_MODES[geometry.padding_mode])
+    oi, oj = rem // w_out, rem % w_out
+    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
+    hi = oi[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [R, kh]
+    wj = oj[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [R, kw]
+    patches = x[n[:, None, None], :, hi[:, :, None], wj[:, None, :]]  # [R, kh, kw, C]
+    return patches.permute(0, 3, 1, 2).reshape(rows.shape[0], -1)
+
+
 def iter_conv_patches(x: torch.Tensor, geometry: ConvGeometry, max_rows: int = 1 << 16) -> Iterator[torch.Tensor]:
     """``conv_patches`` in slices of images, so memory stays bounded: yields [rows, C * k_h * k_w]."""
     if x.shape[0] == 0:

@@ -44,6 +44,10 @@ class MomentAccumulator:
         self.chunk_size = int(chunk_size)
         self._device = None if device is None else torch.device(device)
         self._allocated = False
+        # small updates are buffered and merged chunk_size rows at a time: a merge costs O(D^2)
+        # whatever its size, so merging every small batch would dominate for large D
+        self._pending: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._pending_rows = 0
         if self._device is not None:
             self._allocate(self._device)
 
@@ -51,14 +55,14 @@ class MomentAccumulator:
     def _allocate(self, device: torch.device) -> None:
         f64 = dict(dtype=torch.float64, device=device)
         d = self.in_features
-        self.count = torch.zeros((), **f64)
-        self.mean_x = torch.zeros(d, **f64)
-        self.cxx = torch.zeros(d, d, **f64)
+        self._count = torch.zeros((), **f64)
+        self._mean_x = torch.zeros(d, **f64)
+        self._cxx = torch.zeros(d, d, **f64)
         if self.out_features is not None:
             m = self.out_features
-            self.mean_y = torch.zeros(m, **f64)
-            self.cxy = torch.zeros(d, m, **f64)
-            self.syy = torch.zeros((), **f64)
+            self._mean_y = torch.zeros(m, **f64)
+            self._cxy = torch.zeros(d, m, **f64)
+            self._syy = torch.zeros((), **f64)
         self._device = device
         self._allocated = True
 
@@ -68,7 +72,21 @@ class MomentAccumulator:
 
     @property
     def num_samples(self) -> int:
-        return int(self.count.item()) if self._allocated else 0
+        return (int(self._count.item()) if self._allocated else 0) + self._pending_rows
+
+    def _flushed(name: str):  # noqa: N805 - builds a property that merges pending rows first
+        def get(self: "MomentAccumulator") -> torch.Tensor:
+            self.flush()
+            return getattr(self, name)
+
+        return property(get)
+
+    count = _flushed("_count")
+    mean_x = _flushed("_mean_x")
+    cxx = _flushed("_cxx")
+    mean_y = _flushed("_mean_y")
+    cxy = _flushed("_cxy")
+    syy = _flushed("_syy")
 
     @property
     def device(self) -> Optional[torch.device]:
@@ -83,7 +101,8 @@ class MomentAccumulator:
     def state_tensors(self) -> list[torch.Tensor]:
         """The buffers in a fixed order (for serialization)."""
         self._ensure_allocated()
-        names = ["count", "mean_x", "cxx"] + (["mean_y", "cxy", "syy"] if self.has_targets else [])
+        self.flush()
+        names = ["_count", "_mean_x", "_cxx"] + (["_mean_y", "_cxy", "_syy"] if self.has_targets else [])
         return [getattr(self, n) for n in names]
 
     def _ensure_allocated(self) -> None:
@@ -108,30 +127,50 @@ class MomentAccumulator:
             y = y.detach().reshape(-1, self.out_features)
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"x and y hold different numbers of samples: {x.shape[0]} vs {y.shape[0]}")
-        for start in range(0, x.shape[0], self.chunk_size):
-            xc = x[start : start + self.chunk_size].to(self._device, torch.float64)
-            yc = None if y is None else y[start : start + self.chunk_size].to(self._device, torch.float64)
-            self._merge_chunk(xc, yc)
+        if x.shape[0] == 0:
+            return self
+        if x.shape[0] >= self.chunk_size:
+            self.flush()
+            for start in range(0, x.shape[0], self.chunk_size):
+                xc = x[start : start + self.chunk_size].to(self._device, torch.float64)
+                yc = None if y is None else y[start : start + self.chunk_size].to(self._device, torch.float64)
+                self._merge_chunk(xc, yc)
+            return self
+        self._pending.append(
+            (x.to(self._device, torch.float64, copy=True), None if y is None else y.to(self._device, torch.float64, copy=True))
+        )
+        self._pending_rows += x.shape[0]
+        if self._pending_rows >= self.chunk_size:
+            self.flush()
         return self
+
+    def flush(self) -> None:
+        """Merges buffered rows into the moments (done automatically before any read)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        x = torch.cat([p[0] for p in pending])
+        y = None if pending[0][1] is None else torch.cat([p[1] for p in pending])
+        self._merge_chunk(x, y)
 
     def _merge_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
         n_b = x.shape[0]
         mean_b = x.mean(0)
         x = x - mean_b
-        n_a = self.count.item()
+        n_a = self._count.item()
         n = n_a + n_b
-        delta = mean_b - self.mean_x
+        delta = mean_b - self._mean_x
         w = n_a * n_b / n
-        self.cxx.addmm_(x.T, x).add_(torch.outer(delta, delta), alpha=w)
-        self.mean_x.add_(delta, alpha=n_b / n)
+        self._cxx.addmm_(x.T, x).add_(torch.outer(delta, delta), alpha=w)
+        self._mean_x.add_(delta, alpha=n_b / n)
         if y is not None:
             mean_yb = y.mean(0)
             y = y - mean_yb
-            delta_y = mean_yb - self.mean_y
-            self.cxy.addmm_(x.T, y).add_(torch.outer(delta, delta_y), alpha=w)
-            self.syy.add_(y.square().sum() + w * delta_y.square().sum())
-            self.mean_y.add_(delta_y, alpha=n_b / n)
-        self.count.add_(n_b)
+            delta_y = mean_yb - self._mean_y
+            self._cxy.addmm_(x.T, y).add_(torch.outer(delta, delta_y), alpha=w)
+            self._syy.add_(y.square().sum() + w * delta_y.square().sum())
+            self._mean_y.add_(delta_y, alpha=n_b / n)
+        self._count.add_(n_b)
 
     @torch.no_grad()
     def merge_(self, other: "MomentAccumulator") -> "MomentAccumulator":
@@ -141,19 +180,20 @@ class MomentAccumulator:
         if other.num_samples == 0:
             return self
         self._ensure_allocated()
-        n_a, n_b = self.count.item(), other.count.item()
+        self.flush()
+        n_a, n_b = self._count.item(), other.count.item()
         n = n_a + n_b
         dev = self._device
-        delta = other.mean_x.to(dev) - self.mean_x
+        delta = other.mean_x.to(dev) - self._mean_x
         w = n_a * n_b / n
-        self.cxx.add_(other.cxx.to(dev)).add_(torch.outer(delta, delta), alpha=w)
-        self.mean_x.add_(delta, alpha=n_b / n)
+        self._cxx.add_(other.cxx.to(dev)).add_(torch.outer(delta, delta), alpha=w)
+        self._mean_x.add_(delta, alpha=n_b / n)
         if self.has_targets:
-            delta_y = other.mean_y.to(dev) - self.mean_y
-            self.cxy.add_(other.cxy.to(dev)).add_(torch.outer(delta, delta_y), alpha=w)
-            self.syy.add_(other.syy.to(dev) + w * delta_y.square().sum())
-            self.mean_y.add_(delta_y, alpha=n_b / n)
-        self.count.add_(n_b)
+            delta_y = other.mean_y.to(dev) - self._mean_y
+            self._cxy.add_(other.cxy.to(dev)).add_(torch.outer(delta, delta_y), alpha=w)
+            self._syy.add_(other.syy.to(dev) + w * delta_y.square().sum())
+            self._mean_y.add_(delta_y, alpha=n_b / n)
+        self._count.add_(n_b)
         return self
 
     @torch.no_grad()
@@ -166,6 +206,7 @@ class MomentAccumulator:
         Every process must call this, in the same order across accumulators.
         """
         self._ensure_allocated()
+        self.flush()
         first = [self.count.reshape(1), self.mean_x * self.count]
         if self.has_targets:
             first.append(self.mean_y * self.count)
@@ -184,14 +225,14 @@ class MomentAccumulator:
                 (self.syy + self.count * dy.square().sum()).reshape(1),
             ]
         flat2 = sum_fn(torch.cat(second))
-        self.count.copy_(n)
-        self.mean_x.copy_(g_x)
-        self.cxx.copy_(flat2[: d * d].view(d, d))
+        self._count.copy_(n)
+        self._mean_x.copy_(g_x)
+        self._cxx.copy_(flat2[: d * d].view(d, d))
         if self.has_targets:
             m = self.out_features
-            self.mean_y.copy_(g_y)
-            self.cxy.copy_(flat2[d * d : d * d + d * m].view(d, m))
-            self.syy.copy_(flat2[-1])
+            self._mean_y.copy_(g_y)
+            self._cxy.copy_(flat2[d * d : d * d + d * m].view(d, m))
+            self._syy.copy_(flat2[-1])
         return self
 
     def check(self, what: str = "inputs") -> None:

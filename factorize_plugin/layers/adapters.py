@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..core.conv import ConvGeometry, conv_patches, conv_weight_to_matrix
+from ..core.conv import ConvGeometry, conv_output_size, conv_patches, conv_patches_at, conv_weight_to_matrix
 from .factorized import FactorizedConv2d, FactorizedLinear
 
 FACTORIZABLE_TYPES = (nn.Linear, nn.Conv2d, FactorizedLinear, FactorizedConv2d)
@@ -84,13 +84,26 @@ def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tenso
     return conv_weight_to_matrix(module.weight.detach()).double(), bias
 
 
-def input_rows(module: nn.Module, x: torch.Tensor, view: LayerView) -> torch.Tensor:
-    """The layer's input as solver rows [rows, D]: tokens for Linear, patches for Conv2d."""
+def count_rows(x: torch.Tensor, view: LayerView) -> int:
+    """How many solver rows the input ``x`` holds (tokens, or output positions of a conv)."""
     if view.geometry is None:
-        return x.reshape(-1, view.in_dim)
+        return x.numel() // view.in_dim
+    n = x.shape[0] if x.ndim == 4 else 1
+    h, w = conv_output_size(x.shape[-2:], view.geometry)
+    return n * h * w
+
+
+def input_rows(module: nn.Module, x: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's input as solver rows [rows, D]: tokens for Linear, patches for Conv2d.
+    ``keep``: indices of the rows wanted (convolution patches are then gathered only there)."""
+    if view.geometry is None:
+        rows = x.reshape(-1, view.in_dim)
+        return rows if keep is None else rows[keep.to(rows.device)]
     if x.ndim == 3:  # unbatched conv input
         x = x.unsqueeze(0)
-    return conv_patches(x, view.geometry)
+    if keep is None:
+        return conv_patches(x, view.geometry)
+    return conv_patches_at(x, view.geometry, keep.to(x.device))
 
 
 def install_factors(

@@ -1,0 +1,98 @@
+"""Cost of collecting activation statistics during validation (issue: goal <= 1.25x on the CPU).
+
+Times a validation pass (forward under inference_mode) with and without an ActivationCollector
+on every targeted layer, for an MLP and a CNN, interleaved in one process; reports the ratio.
+
+    python benchmarks/bench_collection_overhead.py [--quick] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from factorize_plugin import ActivationCollector, select_layers
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 8 * 8, 256),
+        nn.ReLU(), nn.Linear(256, 10),
+    )  # fmt: skip
+
+
+def run(model: nn.Module, batches: list[torch.Tensor], max_samples: int | None, collect: bool) -> float:
+    layers = select_layers(model, min_params=1024)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if collect:
+            with ActivationCollector(layers, max_samples=max_samples, sample_fraction="auto") as col:
+                for x in batches:
+                    model(x)
+            assert min(col.samples().values()) > 0
+        else:
+            for x in batches:
+                model(x)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    reps = 3 if args.quick else 5
+    n_batches = 5 if args.quick else 20
+    cases = {
+        "mlp": (mlp(), [torch.randn(256, 784) for _ in range(n_batches)]),
+        "cnn": (cnn(), [torch.randn(64, 3, 32, 32) for _ in range(n_batches)]),
+    }
+    rows = []
+    for name, (model, batches) in cases.items():
+        model.eval()
+        for cap in (None, 100_000):
+            run(model, batches[:2], cap, True)  # warm-up
+            off, on = [], []
+            for _ in range(reps):  # interleaved
+                off.append(run(model, batches, cap, False))
+                on.append(run(model, batches, cap, True))
+            row = {
+                "model": name,
+                "max_samples": cap,
+                "batches": n_batches,
+                "seconds_off": statistics.median(off),
+                "seconds_on": statistics.median(on),
+            }
+            row["ratio"] = row["seconds_on"] / row["seconds_off"]
+            rows.append(row)
+            print(f"{name:4} cap={cap!s:>6}: off {row['seconds_off']:.3f}s on {row['seconds_on']:.3f}s ratio {row['ratio']:.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "collection_overhead",
+        "goal": "validation with collection <= 1.25x without, on the CPU",
+        "settings": "sample_fraction='auto' (the callback's default); max_samples None or 100,000 (the callback's default)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "quick": args.quick,
+        "rows": rows,
+    }
+    (out / ("collection_overhead_quick.json" if args.quick else "collection_overhead.json")).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
