@@ -1,7 +1,8 @@
 """Forward hooks that stream each chosen layer's inputs into float64 moment accumulators.
 
 Memory per layer is that of one ``MomentAccumulator``: 8 * (D^2 + D + 1) bytes, with D the
-layer's input features (C_in * k_h * k_w for a convolution), whatever the number of samples.
+layer's input features (C_in * k_h * k_w for a convolution), whatever the number of samples;
+with ``space="auto"``, 8 * (K^2 + K + 1) with K = min(D, M) (plus a float64 copy of W).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .core.statistics import MomentAccumulator
-from .layers.adapters import LayerView, count_rows, input_rows, layer_view
+from .layers.adapters import LayerView, count_rows, input_rows, layer_view, weight_matrix
 
 
 class ActivationCollector:
@@ -28,6 +29,9 @@ class ActivationCollector:
             (fraction = min(1, AUTO_OVERHEAD * M / D)); convolution patches are then gathered only at
             the sampled positions. 1.0 (default) keeps every row.
         seed: for the random subsets.
+        space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
+            the projected inputs x @ W (M x M) for layers with fewer outputs than inputs, which is
+            exact only if the weights do not change between collection and solving.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
     ``torch.inference_mode()`` and autocast (autocast is disabled inside the hook).
@@ -41,6 +45,7 @@ class ActivationCollector:
         max_samples: Optional[int] = 200_000,
         seed: int = 0,
         sample_fraction: Union[float, str] = 1.0,
+        space: str = "input",
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -53,8 +58,18 @@ class ActivationCollector:
             name: min(1.0, self.AUTO_OVERHEAD * v.out_dim / v.in_dim) if sample_fraction == "auto" else float(sample_fraction)
             for name, v in self.views.items()
         }
+        if space not in ("input", "auto"):
+            raise ValueError(f"space must be 'input' or 'auto', got {space!r}")
+        self.projections: dict[str, torch.Tensor] = {
+            name: weight_matrix(self.layers[name])[0]
+            for name, v in self.views.items()
+            if space == "auto" and v.out_dim < v.in_dim
+        }
         self.stats: dict[str, MomentAccumulator] = {
-            name: MomentAccumulator(v.in_dim) for name, v in self.views.items()
+            name: MomentAccumulator(v.out_dim, projection=self.projections[name])
+            if name in self.projections
+            else MomentAccumulator(v.in_dim)
+            for name, v in self.views.items()
         }
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
         self.positions: dict[str, float] = {name: 1.0 for name in self.layers}  # output positions per sample
@@ -84,6 +99,7 @@ class ActivationCollector:
 
     def _hook_for(self, name: str):
         view, stats, fraction = self.views[name], self.stats[name], self.fractions[name]
+        projection = self.projections.get(name)
 
         def hook(module: nn.Module, args: tuple) -> None:
             seen = stats.num_samples
@@ -99,7 +115,10 @@ class ActivationCollector:
                 if self.max_samples is not None:
                     want = min(want, self.max_samples - seen)
                 keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
-                stats.update(input_rows(module, x.detach(), view, keep))
+                rows = input_rows(module, x.detach(), view, keep)
+                if projection is not None:
+                    rows = rows.to(projection.dtype) @ projection
+                stats.update(rows)
             self.calls[name] += 1
 
         return hook

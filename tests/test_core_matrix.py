@@ -194,3 +194,23 @@ def test_bad_shapes_and_values(layer):
 def test_solution_defaults_match_contract():
     s = LowRankSolution()
     assert (s.Wa, s.Wb, s.bias, s.rank, s.nmse) == (None, None, None, -1, 0)
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.3])
+def test_projected_statistics_give_the_same_solution(layer, regularization):
+    x, w, b = layer  # D=48 inputs, M=40 outputs: the projected statistics are 40 x 40
+    plain = decompose(MomentAccumulator(48).update(x), w, b, regularization)
+    projected = decompose(MomentAccumulator(40, projection=w).update(x @ w), w, b, regularization)
+    torch.testing.assert_close(plain.nmse_curve, projected.nmse_curve, rtol=1e-9, atol=1e-12)
+    for r in (3, 25):
+        (a1, b1, c1), (a2, b2, c2) = plain.factors(r), projected.factors(r)
+        torch.testing.assert_close(a1 @ b1, a2 @ b2, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(c1, c2, rtol=1e-8, atol=1e-10)
+    held = x[:300]
+    torch.testing.assert_close(
+        plain.nmse_on(MomentAccumulator(48).update(held)),
+        projected.nmse_on(MomentAccumulator(40, projection=w).update(held @ w)),
+        rtol=1e-8, atol=1e-12,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="changed"):
+        decompose(MomentAccumulator(40, projection=w).update(x @ w), w * 1.01, b)

@@ -122,21 +122,45 @@ class LowRankDecomposition:
         if regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {regularization}")
         d, m = weight.shape
-        if d != stats.in_features:
-            raise ValueError(f"weight has {d} input features but the statistics have {stats.in_features}")
+        dev = stats.device
+        f64 = dict(dtype=torch.float64, device=dev)
+        # With projected statistics (z = x @ W) the problem is solved in z-space with weight I;
+        # the input map W is applied to the first factor at the end.
+        self.input_map = None if stats.projection is None else stats.projection.to(dev)
+        if self.input_map is not None:
+            if self.input_map.shape != (d, m):
+                raise ValueError(f"the statistics are projected by a {tuple(self.input_map.shape)} map, not W {(d, m)}")
+            if not torch.allclose(weight.detach().to(**f64), self.input_map, rtol=1e-6, atol=1e-9):
+                raise ValueError(
+                    "the layer's weights changed after its projected statistics (x @ W) were collected: collect "
+                    "them again right before solving, or collect input statistics instead"
+                )
+            weight = torch.eye(m, **f64)
+            d_space = m
+        else:
+            d_space = d
+        if d_space != stats.in_features:
+            raise ValueError(f"weight has {d_space} input features but the statistics have {stats.in_features}")
         if stats.has_targets and m != stats.out_features:
             raise ValueError(f"weight has {m} output features but the statistics have {stats.out_features}")
-        dev = stats.device
-        self.weight = weight.detach().to(dev, torch.float64)
-        self.bias = None if bias is None else bias.detach().to(dev, torch.float64)
+        self.weight = weight.detach().to(**f64)
+        self.bias = None if bias is None else bias.detach().to(**f64)
         self.regularization = float(regularization)
         self.mean_x = stats.mean_x.clone()
         self.in_features, self.out_features = d, m
         self.max_rank = min(d, m)
 
         c = stats.cxx
-        scale = (torch.diagonal(c).sum() / d).clamp_min(torch.finfo(torch.float64).tiny)
-        a = c + (self.regularization * scale) * torch.eye(d, dtype=c.dtype, device=dev) if regularization else c
+        a = c
+        if regularization:
+            tiny = torch.finfo(torch.float64).tiny
+            if stats.has_targets:  # the ridge scale of the inputs
+                a = c + (self.regularization * (torch.diagonal(c).sum() / d).clamp_min(tiny)) * torch.eye(d, **f64)
+            else:  # A = C + alpha * s * R with s = tr(W^T C W) / |W|^2: the same fit in either space
+                w_eff = self.weight if self.input_map is None else self.input_map
+                s = ((self.weight * (c @ self.weight)).sum() / w_eff.square().sum()).clamp_min(tiny)
+                r = torch.eye(d, **f64) if self.input_map is None else self.input_map.T @ self.input_map
+                a = c + (self.regularization * s) * r
         l_metric, evals, evecs = _sqrt_metric(a)
 
         tgt = _targets(stats, self.weight, self.bias)
@@ -150,7 +174,7 @@ class LowRankDecomposition:
         else:
             self.B = self.weight
         _, self.singular_values, vh = torch.linalg.svd(l_metric @ self.B, full_matrices=False)
-        self.V = vh[: self.max_rank].T.contiguous()  # [M, k]
+        self.V = vh[: self.max_rank].T.contiguous()  # [M, k]; rows of vh are sorted by singular value
         self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
         self.nmse_curve = self._curve(stats, tgt)
 
@@ -187,15 +211,18 @@ class LowRankDecomposition:
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
         g, v = self.G[:, :rank], self.V[:, :rank]
+        bias = self.mean_y - self.mean_x @ g @ v.T
+        if self.input_map is not None:
+            g = self.input_map @ g
         norms = g.norm(dim=0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
         wa = g / norms
         wb = norms[:, None] * v.T
-        bias = self.mean_y - self.mean_x @ g @ v.T
         return wa, wb, bias
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [D, M], bias [M]): the best full-rank map and its bias, float64."""
-        return self.B, self.mean_y - self.mean_x @ self.B
+        bias = self.mean_y - self.mean_x @ self.B
+        return (self.B if self.input_map is None else self.input_map @ self.B), bias
 
 
 def decompose(
@@ -208,7 +235,9 @@ def decompose(
 
     Args:
         stats: moments of the layer's inputs x [.., D] (and of explicit targets y [.., M], if it
-            tracks them; otherwise the target is the layer's own output x @ weight + bias).
+            tracks them; otherwise the target is the layer's own output x @ weight + bias). Or
+            moments of the projected inputs z = x @ weight [.., M] (``stats.projection`` is then
+            ``weight``): the same solution from O(M^2) instead of O(D^2) memory.
         weight: W [D, M], the current operator (``Wa @ Wb`` for an already-factorized layer).
         bias: [M] or None, the current bias (only used when the target is implicit).
         regularization: alpha >= 0; 0 gives the exact data-optimal fit, larger values move toward

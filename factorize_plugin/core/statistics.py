@@ -25,6 +25,9 @@ class MomentAccumulator:
             own output ``y = x @ W + b`` (then only input moments are needed).
         device: where the float64 buffers live (default: CPU, or the first update's device).
         chunk_size: rows per float64 chunk; bounds the temporary memory of an update.
+        projection: W [D0, D] when the samples are a layer's projected inputs ``z = x @ W`` rather
+            than its inputs ``x`` [D0] (cheaper when the layer has fewer outputs than inputs;
+            ``decompose`` then solves in that space). The caller feeds ``z``.
 
     State (all float64): ``count`` (scalar), ``mean_x`` [D], ``cxx`` [D, D] = sum (x - mean)(x - mean)^T,
     and with targets ``mean_y`` [M], ``cxy`` [D, M], ``syy`` (scalar) = sum ||y - mean_y||^2.
@@ -36,12 +39,16 @@ class MomentAccumulator:
         out_features: Optional[int] = None,
         device: Optional[torch.device | str] = None,
         chunk_size: int = 8192,
+        projection: Optional[torch.Tensor] = None,
     ) -> None:
         if in_features < 1:
             raise ValueError(f"in_features must be >= 1, got {in_features}")
         self.in_features = int(in_features)
         self.out_features = None if out_features is None else int(out_features)
         self.chunk_size = int(chunk_size)
+        if projection is not None and projection.shape[1] != in_features:
+            raise ValueError(f"projection must be [D0, {in_features}], got {tuple(projection.shape)}")
+        self.projection = None if projection is None else projection.detach().double()
         self._device = None if device is None else torch.device(device)
         self._allocated = False
         # small updates are buffered and merged chunk_size rows at a time: a merge costs O(D^2)
