@@ -26,8 +26,10 @@ class ActivationCollector:
             a random subset. ``None``: no cap.
         sample_fraction: share of each batch's rows to keep, drawn at random. ``"auto"`` keeps the
             float64 statistics' cost near ``AUTO_OVERHEAD`` of the layer's own forward cost
-            (fraction = min(1, AUTO_OVERHEAD * M / D)); convolution patches are then gathered only at
-            the sampled positions. 1.0 (default) keeps every row.
+            (fraction = min(1, AUTO_OVERHEAD * M / D)) once the layer has ``WARMUP_FACTOR`` times
+            as many rows as its statistics have features (all rows are kept until then);
+            convolution patches are then gathered only at the sampled positions. 1.0 (default)
+            keeps every row.
         seed: for the random subsets.
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
             the projected inputs x @ W (M x M) for layers with fewer outputs than inputs, which is
@@ -38,6 +40,7 @@ class ActivationCollector:
     """
 
     AUTO_OVERHEAD = 0.1
+    WARMUP_FACTOR = 4
 
     def __init__(
         self,
@@ -54,6 +57,7 @@ class ActivationCollector:
         self.layers = dict(layers)
         self.max_samples = max_samples
         self.views: dict[str, LayerView] = {name: layer_view(m) for name, m in self.layers.items()}
+        self._auto = sample_fraction == "auto"
         self.fractions: dict[str, float] = {
             name: min(1.0, self.AUTO_OVERHEAD * v.out_dim / v.in_dim) if sample_fraction == "auto" else float(sample_fraction)
             for name, v in self.views.items()
@@ -111,7 +115,10 @@ class ActivationCollector:
                 total = count_rows(x, view)
                 batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
                 self.positions[name] = total / max(batch, 1)
-                want = total if fraction >= 1 else max(1, round(fraction * total))
+                # "auto" keeps every row until the layer has WARMUP_FACTOR x (statistics size) rows,
+                # so that small validation sets still give a well-determined covariance
+                warm = self._auto and seen < self.WARMUP_FACTOR * stats.in_features
+                want = total if fraction >= 1 or warm else max(1, round(fraction * total))
                 if self.max_samples is not None:
                     want = min(want, self.max_samples - seen)
                 keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)

@@ -1,42 +1,92 @@
 """Editing a live optimizer when layers are swapped, so that the optimizer and LR-scheduler
-objects continue (the schedule does not restart) and untouched parameters keep their state."""
+objects continue (the schedule does not restart) and untouched parameters keep their state.
+
+What happens to the state of new parameters: they start with none (Adam's moments at zero and its
+step count at 0, SGD's momentum buffer empty), exactly as if they had been in the optimizer from
+the start without receiving a gradient. Their param group (and so learning rate, weight decay,
+...) is that of the parameter they stand in for: a factor of a weight goes where the weight was,
+the new bias where the old bias was (so a "no weight decay on biases" group keeps its meaning).
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
+
+NamedParams = Mapping[str, nn.Parameter]
 
 
 def _unwrap(optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
 
 
-def replace_in_optimizer(optimizer, swaps: Iterable[tuple[Sequence[nn.Parameter], Sequence[nn.Parameter]]]) -> None:
-    """For each (old params, new params) of one layer: the new parameters take the old ones' place
-    in the param group that held the layer (at the position of its first old parameter), the old
-    ones and their state are dropped. New parameters start with empty state (e.g. Adam moments
-    at zero, its step count from 0). A layer the optimizer did not hold stays out of it."""
+def _counterpart(new_name: str, old: NamedParams) -> Optional[str]:
+    """The old parameter a new one stands in for: same relative name (a resized pair), else by
+    role (``first.weight`` / ``second.weight`` replace a dense ``weight``, ``second.bias`` its ``bias``)."""
+    if new_name in old:
+        return new_name
+    leaf = new_name.rpartition(".")[2]
+    if leaf in old:
+        return leaf
+    return None
+
+
+def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedParams]]) -> None:
+    """For each swapped layer, ``(old named params, new named params)`` relative to the layer.
+
+    Every trainable new parameter takes the place (group and position) of the old parameter it
+    stands in for (see the module docstring); the old parameters and their state leave the
+    optimizer. A layer the optimizer did not hold stays out of it. The param-group dicts, the
+    optimizer and any LR scheduler bound to it stay the same objects.
+    """
     opt = _unwrap(optimizer)
     for old, new in swaps:
-        old_ids = {id(p) for p in old}
-        for group in opt.param_groups:
-            positions = [i for i, p in enumerate(group["params"]) if id(p) in old_ids]
-            if not positions:
+        where: dict[int, tuple[int, int]] = {}  # id(old param) -> (group index, position)
+        for g, group in enumerate(opt.param_groups):
+            for i, p in enumerate(group["params"]):
+                if any(p is q for q in old.values()):
+                    where[id(p)] = (g, i)
+        if not where:
+            continue  # the optimizer never held this layer (e.g. frozen)
+        fallback = min(where.values())
+        inserts: dict[tuple[int, int], list[nn.Parameter]] = {}
+        for name, p in new.items():
+            if not p.requires_grad:
                 continue
-            kept = [p for p in group["params"] if id(p) not in old_ids]
-            at = positions[0]
-            group["params"] = kept[:at] + [p for p in new if p.requires_grad] + kept[at:]
-            break
-        for p in old:
+            partner = _counterpart(name, old)
+            slot = where.get(id(old[partner]), fallback) if partner is not None else fallback
+            inserts.setdefault(slot, []).append(p)
+        old_ids = {id(p) for p in old.values()}
+        new_groups = []
+        for g, group in enumerate(opt.param_groups):
+            params = []
+            for i, p in enumerate(group["params"]):
+                params.extend(inserts.get((g, i), []))
+                if id(p) not in old_ids:
+                    params.append(p)
+            new_groups.append(params)
+        for group, params in zip(opt.param_groups, new_groups):  # all computed first: no half-edited optimizer
+            group["params"] = params
+        for p in old.values():
             opt.state.pop(p, None)
 
 
 def param_group_names(optimizer, module: nn.Module) -> list[list[str]]:
-    """The optimizer's param groups as lists of qualified parameter names (in order)."""
+    """The optimizer's param groups as lists of qualified parameter names (in order). Raises if the
+    optimizer holds a parameter that is not the module's (its place could not be restored)."""
     names = {id(p): n for n, p in module.named_parameters()}
-    return [[names[id(p)] for p in group["params"] if id(p) in names] for group in _unwrap(optimizer).param_groups]
+    out = []
+    for group in _unwrap(optimizer).param_groups:
+        missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
+        if missing:
+            raise RuntimeError(
+                f"the optimizer holds {len(missing)} parameter(s) of shapes {missing[:3]} that are not the "
+                f"{type(module).__name__}'s: their optimizer state could not be matched on resume"
+            )
+        out.append([names[id(p)] for p in group["params"]])
+    return out
 
 
 def restore_param_group_order(optimizer, groups: list[list[str]], named: dict[str, nn.Parameter]) -> None:
@@ -54,7 +104,7 @@ def restore_param_group_order(optimizer, groups: list[list[str]], named: dict[st
             ordered = [named[n] for n in saved]
         except KeyError as err:
             raise RuntimeError(f"the checkpoint's optimizer holds parameter {err} that the model does not have") from err
-        if {id(p) for p in ordered} != current:
+        if {id(p) for p in ordered} != current or len(ordered) != len(group["params"]):
             raise RuntimeError(
                 "configure_optimizers put different parameters in a group than the checkpoint's optimizer held; "
                 "cannot restore the optimizer state safely"

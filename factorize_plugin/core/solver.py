@@ -174,7 +174,11 @@ class LowRankDecomposition:
         else:
             self.B = self.weight
         _, self.singular_values, vh = torch.linalg.svd(l_metric @ self.B, full_matrices=False)
-        self.V = vh[: self.max_rank].T.contiguous()  # [M, k]; rows of vh are sorted by singular value
+        v = vh[: self.max_rank].T  # [M, k]; rows of vh are sorted by singular value
+        # fix each singular vector's sign (largest entry positive) so that equal statistics give
+        # equal factors on every process and run, not factors equal only up to sign
+        pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
+        self.V = (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
         self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
         self.nmse_curve = self._curve(stats, tgt)
 
