@@ -12,10 +12,14 @@ from .core import (
     resolve_rank,
 )
 
+from .budget import ParamBudget, plan_budget
 from .callback import LowRankFactorization
 from .checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint, restore_structure
 from .collector import ActivationCollector
 from .layers import FactorizedConv2d, FactorizedLinear
+from .oneshot import factorize_model
+from .planner import LayerReport, format_reports
+from .policies import FixedRank, MaxNMSE, make_policy
 from .targets import select_layers
 
 __version__ = "0.1.0"
@@ -24,7 +28,15 @@ __all__ = [
     "ActivationCollector",
     "FactorizedConv2d",
     "FactorizedLinear",
+    "FixedRank",
+    "LayerReport",
     "LowRankFactorization",
+    "MaxNMSE",
+    "ParamBudget",
+    "factorize_model",
+    "format_reports",
+    "make_policy",
+    "plan_budget",
     "enable_factorized_loading",
     "load_factorized",
     "load_factorized_checkpoint",

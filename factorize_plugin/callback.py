@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .budget import ParamBudget, plan_budget
 from .checkpoint import enable_factorized_loading, loading_enabled
 from .collector import ActivationCollector
 from .layers.factorized import FactorizedConv2d, FactorizedLinear
@@ -86,6 +87,9 @@ class LowRankFactorization(Callback):
         max_samples: cap on rows (tokens / output pixels) of statistics per layer and milestone.
         sample_fraction: share of each validation batch's rows used for statistics; ``"auto"`` keeps
             their cost near 10% of the layer's forward cost (see ``ActivationCollector``).
+        budget_batches: validation batches on which ``mode="param_budget"`` measures each layer's
+            effect on the network's output (the model's forward on the batch's inputs: the first
+            element of a tuple batch); 0 allocates by the layers' NMSE alone.
         regularization: >= 0; moves the fit toward the plain SVD of the weights (few samples).
         verbose: print a summary table on rank zero after each milestone.
 
@@ -129,6 +133,7 @@ class LowRankFactorization(Callback):
         min_features: int = 32,
         max_samples: Optional[int] = 100_000,
         sample_fraction: Union[float, str] = "auto",
+        budget_batches: int = 4,
         regularization: float = 0.0,
         verbose: bool = True,
     ) -> None:
@@ -144,6 +149,9 @@ class LowRankFactorization(Callback):
         self.min_features = int(min_features)
         self.max_samples = max_samples
         self.sample_fraction = sample_fraction
+        if budget_batches < 0:
+            raise ValueError(f"budget_batches must be >= 0, got {budget_batches}")
+        self.budget_batches = int(budget_batches)
         self.regularization = float(regularization)
         self.verbose = verbose
         # state (checkpointed)
@@ -276,7 +284,7 @@ class LowRankFactorization(Callback):
 
         progress = _progress_printer(trainer) if len(layers) >= 8 else None
         candidates = build_candidates(layers, stats, collector.positions, self.regularization, progress)
-        ranks = self._policy(self.schedule[milestone], candidates).choose(candidates)
+        ranks = self._choose(trainer, pl_module, layers, candidates, self.schedule[milestone])
 
         old_params = {name: dict(m.named_parameters()) for name, m in layers.items()}
         snapshot = _snapshot(layers)
@@ -313,6 +321,29 @@ class LowRankFactorization(Callback):
             rank_zero_info(
                 f"LowRankFactorization, epoch {epoch} ({self.mode}={self.schedule[milestone]}):\n" + format_reports(reports)
             )
+
+    def _choose(self, trainer: Trainer, pl_module: LightningModule, layers, candidates, value: RankLike):
+        """The new ranks. A parameter budget is judged on the network's output: each layer's
+        measured effect on it over a few validation batches (``plan_budget``), never worse than a
+        uniform rank at the same size on those batches; rank 0's choice is broadcast so every
+        process installs the same structure."""
+        policy = self._policy(value, candidates)
+        if not isinstance(policy, ParamBudget) or self.budget_batches == 0:
+            return policy.choose(candidates)
+        loaders, limits = _val_loaders(trainer)
+        batches = []
+        for i, batch in enumerate(loaders[0]):
+            if i >= min(self.budget_batches, limits[0]):
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+                plan = plan_budget(pl_module, layers, candidates, batches, policy, forward=_forward_inputs)
+        finally:
+            pl_module.train(was_training)
+        return trainer.strategy.broadcast(plan.ranks, src=0)
 
     def _policy(self, value: RankLike, candidates: Mapping[str, Any]):
         if self.mode != "param_budget":
@@ -397,6 +428,16 @@ class LowRankFactorization(Callback):
 class _Unchanged:
     def choose(self, layers: Mapping[str, Any]) -> dict[str, Optional[int]]:
         return {name: None for name in layers}
+
+
+def _forward_inputs(model: nn.Module, batch: Any) -> Any:
+    """``model.forward`` on a validation batch's inputs: the first element of a tuple/list batch
+    (``(x, y)``), the keyword arguments of a dict batch, or the batch itself."""
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(batch)
 
 
 def _dense_params(r: LayerReport) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional, Union
 
+import torch
+
 from .core.solver import LowRankDecomposition, resolve_rank
 from .layers.adapters import LayerView
 
@@ -23,7 +25,10 @@ class LayerCandidate:
     view: sizes and current rank; decomposition: exact solution and NMSE curve at every rank;
     positions: output positions per sample (tokens, pixels) to turn per-position costs into
     multiply-adds per sample; weight: the layer's measured effect on the network's output per
-    unit of NMSE (1.0 when unmeasured); samples: rows the statistics hold.
+    unit of NMSE (1.0 when unmeasured); samples: rows the statistics hold; output_curve: float64
+    [k + 1] or None, the measured (interpolated) relative error of the network's output at each
+    rank 0..k when only this layer is changed (``budget.measure_sensitivity``); where set, the
+    budget policy uses it instead of ``weight * nmse_curve``.
     """
 
     view: LayerView
@@ -31,11 +36,13 @@ class LayerCandidate:
     positions: float = 1.0
     weight: float = 1.0
     samples: int = 0
+    output_curve: Optional[torch.Tensor] = None
 
 
 def _admissible(view: LayerView, rank: int) -> Optional[int]:
-    """``rank`` clipped to what the layer supports, or None where it means no change."""
-    rank = min(rank, view.rank_base, view.in_dim, view.out_dim)
+    """``rank`` clipped to what the layer supports (min(D, M): a convolution's first factor may
+    have more channels than its input), or None where it means no change."""
+    rank = min(rank, view.in_dim, view.out_dim)
     if view.rank is not None and rank >= view.rank:
         return None
     if view.rank is None and rank > view.max_useful_rank:

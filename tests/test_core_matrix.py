@@ -101,9 +101,10 @@ def test_dtype_and_device_follow_weights(layer):
     y = x @ w + b
     sol = factorize_matrix(x.bfloat16(), y.bfloat16(), w.float(), bias=b.float(), rank=5)
     assert sol.Wa.dtype == sol.Wb.dtype == sol.bias.dtype == torch.float32
-    # bf16 inputs still give a near-optimal fit (statistics are float64)
+    # bf16 inputs still give the optimal fit on those inputs, up to float32 rounding of the
+    # centered chunk products (the totals are float64)
     ref = optimal_nmse_reference(x.bfloat16(), y.bfloat16(), 5)
-    assert sol.nmse == pytest.approx(ref, rel=1e-6)
+    assert sol.nmse == pytest.approx(ref, rel=1e-5)
 
 
 def test_rank_deficient_and_constant_features():

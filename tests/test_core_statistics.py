@@ -39,7 +39,8 @@ def test_offset_float32_inputs_keep_covariance():
     x32 = x64.float()
     exact = _reference(x32, x32[:, :1])[1]
     acc = MomentAccumulator(8, chunk_size=4096).update(x32)
-    assert torch.allclose(acc.cxx, exact, rtol=1e-9, atol=1e-6)
+    # centered float32 chunk products summed in float64: only float32 rounding of the spread
+    assert ((acc.cxx - exact).abs().max() / exact.abs().max()) < 2e-6
     naive = (x32.T @ x32 - 20_000 * torch.outer(x32.mean(0), x32.mean(0))).double()
     assert (naive - exact).abs().max() / exact.abs().max() > 0.1  # the failure we avoid
 

@@ -3,7 +3,9 @@
 The exact low-rank solver needs the data only through these moments, so memory is
 O(D^2 + D*M) whatever the number of samples. Chunks are centered on their own mean before the
 outer product and merged with the parallel-variance update (Chan et al.), so an offset on the
-inputs costs no precision; merging across processes is two sum all-reduces.
+inputs costs no precision (centered float32/bf16/fp16 chunks are multiplied in float32 and summed
+in float64; float64 data stays float64 throughout); merging across processes is two sum
+all-reduces.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import torch
 
 SumFn = Callable[[torch.Tensor], torch.Tensor]
 """Sums a flat float64 tensor across processes in place (and returns it)."""
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 data is multiplied in float64; everything else in float32 (after centering)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class MomentAccumulator:
@@ -139,12 +146,15 @@ class MomentAccumulator:
         if x.shape[0] >= self.chunk_size:
             self.flush()
             for start in range(0, x.shape[0], self.chunk_size):
-                xc = x[start : start + self.chunk_size].to(self._device, torch.float64)
-                yc = None if y is None else y[start : start + self.chunk_size].to(self._device, torch.float64)
+                xc = x[start : start + self.chunk_size].to(self._device, _work_dtype(x))
+                yc = None if y is None else y[start : start + self.chunk_size].to(self._device, _work_dtype(y))
                 self._merge_chunk(xc, yc)
             return self
         self._pending.append(
-            (x.to(self._device, torch.float64, copy=True), None if y is None else y.to(self._device, torch.float64, copy=True))
+            (
+                x.to(self._device, _work_dtype(x), copy=True),
+                None if y is None else y.to(self._device, _work_dtype(y), copy=True),
+            )
         )
         self._pending_rows += x.shape[0]
         if self._pending_rows >= self.chunk_size:
@@ -161,21 +171,25 @@ class MomentAccumulator:
         self._merge_chunk(x, y)
 
     def _merge_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        """Merges one chunk (float64, or float32 for lower-precision data). The chunk is centered
+        on its own float64 mean first, so its product needs no float64 range: a float32 chunk is
+        multiplied in float32 (twice as fast on CPUs, far more on GPUs; relative error ~1e-7 of
+        the chunk's own spread) and the result is summed into the float64 totals."""
         n_b = x.shape[0]
-        mean_b = x.mean(0)
-        x = x - mean_b
+        mean_b = x.sum(0, dtype=torch.float64) / n_b
+        x = x - mean_b.to(x.dtype)
         n_a = self._count.item()
         n = n_a + n_b
         delta = mean_b - self._mean_x
         w = n_a * n_b / n
-        self._cxx.addmm_(x.T, x).add_(torch.outer(delta, delta), alpha=w)
+        self._cxx.add_((x.T @ x).double()).add_(torch.outer(delta, delta), alpha=w)
         self._mean_x.add_(delta, alpha=n_b / n)
         if y is not None:
-            mean_yb = y.mean(0)
-            y = y - mean_yb
+            mean_yb = y.sum(0, dtype=torch.float64) / n_b
+            y = y - mean_yb.to(y.dtype)
             delta_y = mean_yb - self._mean_y
-            self._cxy.addmm_(x.T, y).add_(torch.outer(delta, delta_y), alpha=w)
-            self._syy.add_(y.square().sum() + w * delta_y.square().sum())
+            self._cxy.add_((x.T @ y.to(x.dtype)).double()).add_(torch.outer(delta, delta_y), alpha=w)
+            self._syy.add_(torch.linalg.vecdot(y.reshape(-1), y.reshape(-1)).double() + w * delta_y.square().sum())
             self._mean_y.add_(delta_y, alpha=n_b / n)
         self._count.add_(n_b)
 

@@ -1,0 +1,389 @@
+"""DDP scaling sanity on the CPU (issue 7, item 5): 1 vs 2 processes, and the statistics all-reduce.
+
+Part 1, training. The same run in one process (batch 128) and in two gloo processes under
+Lightning's ``strategy="ddp"`` (batch 64 per process: the same global batch; Lightning launches
+this script again as rank 1). Fashion-MNIST subset, ``MNISTClassifier(channels=(16, 32, 32),
+hidden=128)``, Adam + cosine, one torch thread per process. The callback runs in
+``mode="param_budget"`` (``{2: 0.5, 4: 0.3}`` of the targeted layers' weights), so the ranks are
+chosen from the data and "same final ranks" is a real check (with ``mode="rank"`` they would be
+equal by construction). Per seed and world size: final ranks, per-milestone NMSE, test accuracy on
+the Fashion-MNIST test images (computed in rank 0 on the full set), fit time, and the time of the
+milestone hook (``on_train_epoch_start``, after a barrier) split into the statistics all-reduce
+(``MomentAccumulator.all_reduce_``, timed by wrapping it) and the rest (solve, swap, DDP re-wrap).
+
+The two worlds do not see the same batches (Lightning's ``DistributedSampler`` shuffles the
+training set differently from the single-process loader), so accuracy can only agree within the
+seed-to-seed noise, which is measured too (3 seeds).
+
+Part 2, the all-reduce alone. Two gloo processes (``torch.multiprocessing.spawn``) all-reduce
+``MomentAccumulator`` s of D features (the collector's statistics: D x D float64; with the
+default ``space="auto"`` D = min(fan_in, fan_out)), D from 256 to 4096, and, for reference, one
+plain ``dist.all_reduce`` of a float64 tensor of the same size. Also a transformer-sized set: the
+48 Linear layers of a BERT-base-like encoder (12 blocks x qkv/out/fc1/fc2, every one D = 768 with
+``space="auto"``), as one milestone reduces them.
+
+    python benchmarks/bench_ddp_scaling.py [--quick]
+
+Writes benchmarks/results/ddp_scaling.json (``--quick``: ddp_scaling_quick.json) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+RESULTS = HERE / "results"
+TARGETS = ["features.2", "features.5", "classifier.0", "classifier.2"]
+SCHEDULE = {2: 0.5, 4: 0.3}
+GLOBAL_BATCH = 128
+
+
+# ------------------------------------------------------------------ part 1: worker (both ranks)
+def worker(cfg: dict, out_dir: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import lightning.pytorch as pl
+
+    import factorize_plugin.core.statistics as stats_mod
+    from factorize_plugin import LowRankFactorization
+    from factorize_plugin.tasks.mnist import MNISTClassifier, MNISTDataModule
+
+    reduce_times: list[float] = []
+    real_all_reduce = stats_mod.MomentAccumulator.all_reduce_
+
+    def timed_all_reduce(self, sum_fn):
+        t = time.perf_counter()
+        try:
+            return real_all_reduce(self, sum_fn)
+        finally:
+            reduce_times.append(time.perf_counter() - t)
+
+    stats_mod.MomentAccumulator.all_reduce_ = timed_all_reduce
+
+    class TimedFactorization(LowRankFactorization):
+        """Times the milestone hook (after a barrier, so waiting for the other rank is not counted)."""
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.timings: list[dict] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if not self._due(trainer.current_epoch):
+                return super().on_train_epoch_start(trainer, pl_module)
+            trainer.strategy.barrier()
+            n0 = len(reduce_times)
+            t = time.perf_counter()
+            super().on_train_epoch_start(trainer, pl_module)
+            total = time.perf_counter() - t
+            reduced = reduce_times[n0:]
+            self.timings.append(
+                dict(epoch=trainer.current_epoch, hook_s=total, all_reduce_s=sum(reduced), all_reduce_calls=len(reduced))
+            )
+
+    class EpochTimer(pl.Callback):
+        def __init__(self):
+            self.t0, self.epochs = None, []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.epochs.append(time.perf_counter() - self.t0)
+
+    procs, seed = cfg["procs"], cfg["seed"]
+    pl.seed_everything(seed, verbose=False)
+    dm = MNISTDataModule(source="fashion-mnist", batch_size=GLOBAL_BATCH // procs, limit=cfg["limit"], seed=seed)
+    model = MNISTClassifier(
+        image_size=28, channels=(16, 32, 32), hidden=128, lr=1e-3, scheduler="cosine", max_epochs_hint=cfg["epochs"]
+    )
+    cb = TimedFactorization(
+        {int(k): v for k, v in cfg["schedule"].items()}, mode="param_budget", targets=TARGETS, min_features=16, verbose=False
+    )
+    timer = EpochTimer()
+    trainer = pl.Trainer(
+        strategy="ddp" if procs > 1 else "auto", accelerator="cpu", devices=procs, max_epochs=cfg["epochs"],
+        callbacks=[cb, timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    t = time.perf_counter()
+    trainer.fit(model, dm)
+    fit_s = time.perf_counter() - t
+    rank = trainer.global_rank
+    result = dict(
+        procs=procs, seed=seed, rank=rank, world_size=trainer.world_size, fit_s=fit_s, epoch_s=timer.epochs,
+        milestones=cb.timings, final_ranks=dict(cb.ranks),
+        history=[{k: h[k] for k in ("epoch", "value", "ranks", "nmse", "samples", "statistics")} for h in cb.history],
+        n_train_per_rank=len(dm.train_set) // procs, n_val=len(dm.val_set), batch_per_rank=dm.batch_size,
+    )  # fmt: skip
+    # identical weights on every rank? (DDP keeps them in sync; a checksum shows it)
+    result["weight_checksum"] = float(sum(p.detach().double().sum() for p in model.parameters()))
+    if rank == 0:
+        x, y = dm.test_set.tensors
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
+        result.update(test_acc=correct / len(y), n_test=len(y))
+    Path(out_dir, f"p{procs}_s{seed}_rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
+def run_training(procs: int, seed: int, cfg: dict, out_dir: Path) -> dict:
+    job = dict(cfg, procs=procs, seed=seed)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env.pop("MASTER_PORT", None)
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job), str(out_dir)],
+        env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker procs={procs} seed={seed} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    ranks = [json.loads(Path(out_dir, f"p{procs}_s{seed}_rank{r}.json").read_text()) for r in range(procs)]
+    r0 = ranks[0]
+    return dict(
+        procs=procs, seed=seed, wall_s=wall, fit_s=r0["fit_s"], epoch_s=r0["epoch_s"], test_acc=r0["test_acc"],
+        final_ranks=r0["final_ranks"], history=r0["history"],
+        milestones_per_rank=[r["milestones"] for r in ranks],
+        ranks_agree_across_processes=all(r["final_ranks"] == r0["final_ranks"] for r in ranks),
+        weights_identical_across_processes=len({r["weight_checksum"] for r in ranks}) == 1,
+        batch_per_rank=r0["batch_per_rank"],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ part 2: the all-reduce alone
+def _ar_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, bert: bool, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from factorize_plugin.core.statistics import MomentAccumulator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def sum_fn(t):
+        dist.all_reduce(t)
+        return t
+
+    def filled(d: int, g: torch.Generator) -> MomentAccumulator:
+        acc = MomentAccumulator(d, device="cpu")
+        a = torch.randn(d, d, generator=g, dtype=torch.float64)
+        acc._cxx.copy_(a @ a.T if d <= 1024 else a + a.T)  # content does not matter for the timing
+        acc._mean_x.normal_(generator=g)
+        acc._count.fill_(10_000 + rank)
+        return acc
+
+    def timed(fn) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        fn()
+        dt = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slower rank's time
+        return float(dt)
+
+    g = torch.Generator().manual_seed(rank)
+    rows = []
+    for d in sizes:
+        t_acc, t_raw = [], []
+        for _ in range(reps):  # fresh tensors each time (the reduce overwrites them)
+            acc = filled(d, g)
+            t_acc.append(timed(lambda: acc.all_reduce_(sum_fn)))
+            del acc
+            flat = torch.randn(d * d + d + 1, dtype=torch.float64, generator=g)
+            t_raw.append(timed(lambda: dist.all_reduce(flat)))
+            del flat
+        rows.append(
+            dict(
+                D=d, bytes=8 * (d * d + d + 1), all_reduce_s_median=statistics.median(t_acc), all_reduce_s_all=t_acc,
+                raw_all_reduce_s_median=statistics.median(t_raw), raw_all_reduce_s_all=t_raw,
+            )
+        )  # fmt: skip
+    result = {"sizes": rows}
+    if bert:
+        times = []
+        for _ in range(max(1, reps // 2)):
+            accs = [filled(768, g) for _ in range(48)]
+            times.append(timed(lambda: [a.all_reduce_(sum_fn) for a in accs]))
+            del accs
+        result["bert_base_48_layers"] = dict(
+            layers=48, D=768, bytes=48 * 8 * (768 * 768 + 769), all_reduce_s_median=statistics.median(times), all_reduce_s_all=times
+        )
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def run_allreduce(sizes: list[int], reps: int, bert: bool, out_dir: Path) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = out_dir / "allreduce.json"
+    mp.spawn(_ar_worker, args=(2, port, sizes, reps, bert, str(out)), nprocs=2, join=True)
+    return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------ report
+def summarize(runs: list[dict]) -> dict:
+    by = {p: [r for r in runs if r["procs"] == p] for p in (1, 2)}
+    out = {}
+    for p, rs in by.items():
+        accs = [100 * r["test_acc"] for r in rs]
+        ms = [m for r in rs for m in r["milestones_per_rank"][0]]
+        out[f"procs{p}"] = dict(
+            test_acc_mean=statistics.fmean(accs), test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            fit_s_mean=statistics.fmean(r["fit_s"] for r in rs),
+            epoch_s_median=statistics.median(e for r in rs for e in r["epoch_s"]),
+            milestone_hook_s_mean=statistics.fmean(m["hook_s"] for m in ms) if ms else None,
+            milestone_all_reduce_s_mean=statistics.fmean(m["all_reduce_s"] for m in ms) if ms else None,
+            all_reduce_calls_per_milestone=ms[0]["all_reduce_calls"] if ms else None,
+        )  # fmt: skip
+    seeds = sorted({r["seed"] for r in runs})
+    pairs = []
+    for s in seeds:
+        a = next(r for r in by[1] if r["seed"] == s)
+        b = next(r for r in by[2] if r["seed"] == s)
+        per_milestone = [
+            dict(epoch=ha["epoch"], ranks_1=ha["ranks"], ranks_2=hb["ranks"], same=ha["ranks"] == hb["ranks"],
+                 nmse_1=ha["nmse"], nmse_2=hb["nmse"], samples_1=ha["samples"], samples_2=hb["samples"])
+            for ha, hb in zip(a["history"], b["history"])
+        ]  # fmt: skip
+        pairs.append(
+            dict(
+                seed=s, final_ranks_1=a["final_ranks"], final_ranks_2=b["final_ranks"],
+                final_ranks_identical=a["final_ranks"] == b["final_ranks"],
+                max_rank_abs_diff=max(abs((a["final_ranks"][k] or 0) - (b["final_ranks"][k] or 0)) for k in a["final_ranks"]),
+                acc_1=100 * a["test_acc"], acc_2=100 * b["test_acc"], acc_diff_pp=100 * (b["test_acc"] - a["test_acc"]),
+                milestones=per_milestone,
+                ddp_ranks_agree=b["ranks_agree_across_processes"], ddp_weights_identical=b["weights_identical_across_processes"],
+            )
+        )  # fmt: skip
+    diffs = [p["acc_diff_pp"] for p in pairs]
+    noise = max(out["procs1"]["test_acc_std"], out["procs2"]["test_acc_std"])
+    mean_diff = statistics.fmean(diffs)
+    verdict = dict(
+        final_ranks_identical_all_seeds=all(p["final_ranks_identical"] for p in pairs),
+        ddp_processes_agree=all(p["ddp_ranks_agree"] and p["ddp_weights_identical"] for p in pairs),
+        acc_diff_mean_pp=mean_diff,
+        acc_diff_std_pp=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+        seed_noise_std_pp=noise,
+        accuracy_within_noise=(abs(mean_diff) <= max(noise, 1e-9) * 2) if len(diffs) > 1 else None,
+    )  # fmt: skip
+    return dict(per_world=out, pairs=pairs, verdict=verdict)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["allreduce"]["sizes"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    mb = [r["bytes"] / 2**20 for r in rows]
+    ax.loglog(mb, [r["all_reduce_s_median"] for r in rows], "o-", label="MomentAccumulator.all_reduce_ (2 collectives)")
+    ax.loglog(mb, [r["raw_all_reduce_s_median"] for r in rows], "s--", label="one dist.all_reduce, same bytes")
+    for r, m in zip(rows, mb):
+        ax.annotate(f"D={r['D']}", (m, r["all_reduce_s_median"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    if "bert_base_48_layers" in result["allreduce"]:
+        b = result["allreduce"]["bert_base_48_layers"]
+        ax.loglog([b["bytes"] / 2**20], [b["all_reduce_s_median"]], "k*", ms=10, label="48 layers of D=768 (BERT-base-like)")
+    ax.set_xlabel("statistics per layer (MiB, float64)")
+    ax.set_ylabel("time (s), 2 gloo processes on the CPU")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(json.loads(sys.argv[2]), sys.argv[3])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, 2,000 images, 2 all-reduce sizes (< 2 min)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--skip-training", action="store_true")
+    args = p.parse_args()
+    quick = args.quick
+    seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    epochs = args.epochs or (3 if quick else 6)
+    schedule = {1: 0.5, 2: 0.3} if epochs < 5 else SCHEDULE
+    cfg = dict(limit=args.limit or (2000 if quick else 6000), epochs=epochs, schedule=schedule)
+    sizes = args.sizes or ([256, 1024] if quick else [256, 512, 1024, 2048, 4096])
+    reps = args.reps or (3 if quick else 5)
+
+    import tempfile
+
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
+    t0 = time.perf_counter()
+    runs = []
+    if not args.skip_training:
+        for seed in seeds:
+            for procs in (1, 2):
+                r = run_training(procs, seed, cfg, tmp)
+                runs.append(r)
+                print(
+                    f"procs={procs} seed={seed}: test acc {100 * r['test_acc']:.2f} %, ranks {r['final_ranks']}, fit {r['fit_s']:.1f} s, "
+                    f"milestones {[(m['epoch'], round(m['hook_s'], 3), round(m['all_reduce_s'], 4)) for m in r['milestones_per_rank'][0]]}",
+                    flush=True,
+                )  # fmt: skip
+    allreduce = run_allreduce(sizes, reps, bert=True, out_dir=tmp)
+    for r in allreduce["sizes"]:
+        print(
+            f"all-reduce D={r['D']:>5} ({r['bytes'] / 2**20:7.1f} MiB): all_reduce_ {1e3 * r['all_reduce_s_median']:8.1f} ms, "
+            f"raw dist.all_reduce {1e3 * r['raw_all_reduce_s_median']:8.1f} ms",
+            flush=True,
+        )
+    b = allreduce["bert_base_48_layers"]
+    print(f"BERT-base-like 48 layers x D=768 ({b['bytes'] / 2**20:.0f} MiB): {b['all_reduce_s_median']:.3f} s", flush=True)
+
+    result = dict(
+        config=dict(cfg, seeds=seeds, global_batch=GLOBAL_BATCH, targets=TARGETS, mode="param_budget", min_features=16,
+                    model="MNISTClassifier(channels=(16, 32, 32), hidden=128)", dataset="fashion-mnist",
+                    threads_per_process=1, allreduce_sizes=sizes, allreduce_reps=reps, backend="gloo"),
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, load_avg_at_end=os.getloadavg()),
+        total_wall_s=time.perf_counter() - t0,
+        training=dict(runs=runs, **(summarize(runs) if runs else {})),
+        allreduce=allreduce,
+    )  # fmt: skip
+    if runs:
+        s = result["training"]
+        print("\nper world size:", json.dumps(s["per_world"], indent=1))
+        for pr in s["pairs"]:
+            print(f"seed {pr['seed']}: ranks 1p {pr['final_ranks_1']} | 2p {pr['final_ranks_2']} | acc {pr['acc_1']:.2f} vs {pr['acc_2']:.2f}")
+        print("verdict:", json.dumps(s["verdict"], indent=1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if quick else ""
+    out = RESULTS / f"ddp_scaling{suffix}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"total {result['total_wall_s']:.0f} s; wrote {out}")
+    try:
+        plot(result, RESULTS / f"ddp_scaling{suffix}.png")
+        print(f"wrote {RESULTS / f'ddp_scaling{suffix}.png'}")
+    except ImportError as e:  # pragma: no cover
+        print(f"no plot: {e}")
+
+
+if __name__ == "__main__":
+    main()

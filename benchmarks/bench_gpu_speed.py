@@ -1,0 +1,92 @@
+"""Forward+backward throughput of dense vs factorized layers on a GPU, in bf16 (issue 7, item 3).
+
+    python benchmarks/bench_gpu_speed.py [--quick] [--out benchmarks/results]
+
+For transformer-sized Linear layers (4096->16384, 16384->4096) at rank fractions 1/4 and 1/8, and
+for 3x3 convolutions of 64..512 channels at 1/4 rank, times dense and factorized (two matmuls /
+KxK conv + 1x1 conv) forward+backward with CUDA events, and reports the measured speedup beside
+the ideal multiply-add ratio. The rows where the measured speedup is below 1 are where the
+callback should not factorize. Needs a CUDA GPU; exits with a message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
+
+
+def _time(module: nn.Module, x: torch.Tensor, iters: int) -> float:
+    """Median milliseconds of forward+backward."""
+    for _ in range(3):
+        module(x).float().sum().backward()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        module(x).float().sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def linear_rows(iters: int, tokens: int) -> list[dict]:
+    rows = []
+    for d, m in ((4096, 16384), (16384, 4096)):
+        dense = nn.Linear(d, m, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        t_dense = _time(dense, x, iters)
+        for frac in (4, 8):
+            r = min(d, m) // frac
+            fact = FactorizedLinear(d, m, r, device="cuda", dtype=torch.bfloat16)
+            t = _time(fact, x, iters)
+            ideal = d * m / (r * (d + m))
+            rows.append(dict(kind="linear", shape=[d, m], rank=r, tokens=tokens, dense_ms=t_dense, factorized_ms=t,
+                             speedup=t_dense / t, ideal=ideal, fraction_of_ideal=t_dense / t / ideal))
+    return rows
+
+
+def conv_rows(iters: int, batch: int) -> list[dict]:
+    rows = []
+    for c in (64, 128, 256, 512):
+        hw = 56 if c <= 128 else 28
+        dense = nn.Conv2d(c, c, 3, padding=1, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        t_dense = _time(dense, x, iters)
+        r = c // 4
+        fact = FactorizedConv2d(c, c, 3, r, padding=1, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        t = _time(fact, x, iters)
+        ideal = c * c * 9 / (r * (c * 9 + c))
+        rows.append(dict(kind="conv3x3", channels=c, hw=hw, rank=r, batch=batch, dense_ms=t_dense, factorized_ms=t,
+                         speedup=t_dense / t, ideal=ideal, fraction_of_ideal=t_dense / t / ideal))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu_speed.py needs a CUDA GPU; none is visible here")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    iters = 10 if args.quick else 50
+    rows = linear_rows(iters, 2048 if args.quick else 8192) + conv_rows(iters, 32 if args.quick else 128)
+    for r in rows:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(benchmark="gpu_speed", device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bfloat16",
+                  quick=args.quick, rows=rows)
+    (out / "gpu_speed.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

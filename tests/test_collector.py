@@ -1,0 +1,185 @@
+"""ActivationCollector: exact float64 statistics, sample cap, no_grad / inference_mode / autocast,
+detaching, and refusing empty statistics."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from factorize_plugin.collector import ActivationCollector
+from factorize_plugin.layers import FactorizedLinear
+
+
+def _moments(rows: torch.Tensor):
+    rows = rows.double()
+    mean = rows.mean(0)
+    centered = rows - mean
+    return rows.shape[0], mean, centered.T @ centered
+
+
+def _check(stats, rows, seen_dtype=None):
+    """The collected moments equal a direct float64 computation: to float64 round-off for float64
+    inputs; for lower-precision inputs the accumulator may multiply its centered chunks in
+    float32 (sums and means stay float64), so to float32 round-off of the spread."""
+    n, mean, cxx = _moments(rows)
+    assert stats.num_samples == n
+    assert stats.cxx.dtype == torch.float64 and stats.mean_x.dtype == torch.float64
+    torch.testing.assert_close(stats.mean_x, mean, rtol=1e-10, atol=1e-10)
+    rtol = 1e-9 if (seen_dtype or rows.dtype) == torch.float64 else 1e-5
+    torch.testing.assert_close(stats.cxx, cxx, rtol=rtol, atol=rtol * float(cxx.abs().max()))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        self.fc = nn.Linear(6, 5)
+        self.unused = nn.Linear(5, 5)
+
+    def forward(self, img, seq):
+        return self.conv(img), self.fc(seq)
+
+
+def _inputs(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 7, 6, generator=g) + 1.5, torch.randn(n, 4, 6, generator=g) - 3.0
+
+
+def test_stats_equal_direct_float64_computation():
+    net = _Net()
+    col = ActivationCollector({"conv": net.conv, "fc": net.fc}, max_samples=None)
+    imgs, seqs = [], []
+    with torch.no_grad(), col:
+        for seed in range(3):
+            img, seq = _inputs(seed)
+            net(img, seq)
+            imgs.append(img)
+            seqs.append(seq)
+    img, seq = torch.cat(imgs), torch.cat(seqs)
+    # Linear: every token of [B, T, D] is a row.
+    _check(col.stats["fc"], seq.reshape(-1, 6))
+    # Conv2d: the patches the convolution multiplies, built here with F.unfold directly.
+    patches = F.unfold(img.double(), 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
+    _check(col.stats["conv"], patches, seen_dtype=img.dtype)
+    out_h, out_w = 4, 3
+    assert col.positions["conv"] == out_h * out_w and col.positions["fc"] == 4
+    assert col.calls == {"conv": 3, "fc": 3}
+
+
+def test_float64_inputs_are_exact_to_float64_round_off():
+    lin = nn.Linear(6, 5).double()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 7, 6, generator=g, dtype=torch.float64) * 0.01 + 1e3 for _ in range(4)]
+    with ActivationCollector({"lin": lin}, max_samples=None) as col:
+        for x in xs:
+            lin(x)
+    _check(col.stats["lin"], torch.cat(xs).reshape(-1, 6))  # rtol 1e-9 despite the 1e5 offset/spread ratio
+
+
+def test_sample_cap_is_respected():
+    net = _Net()
+    col = ActivationCollector({"fc": net.fc, "conv": net.conv}, max_samples=20)
+    with torch.no_grad(), col:
+        img, seq = _inputs(n=2)  # 8 tokens, 24 conv positions per batch
+        for _ in range(4):
+            net(img, seq)
+    assert col.samples() == {"fc": 20, "conv": 20}
+    assert col.calls["fc"] == 3  # the hook stops working once the cap is reached
+    # A cap that falls on a batch boundary keeps exactly the first batches.
+    col16 = ActivationCollector({"fc": net.fc}, max_samples=16)
+    with torch.no_grad(), col16:
+        for _ in range(3):
+            net(img, seq)
+    _check(col16.stats["fc"], torch.cat([seq, seq]).reshape(-1, 6))
+    with pytest.raises(ValueError, match="max_samples"):
+        ActivationCollector({"fc": net.fc}, max_samples=0)
+
+
+def test_memory_is_independent_of_the_number_of_samples():
+    net = _Net()
+    col = ActivationCollector({"fc": net.fc}, max_samples=None)
+    with col:
+        net(*_inputs(n=2))
+        before = col.stats["fc"].nbytes()
+        for _ in range(5):
+            net(*_inputs(n=20))
+    assert col.stats["fc"].nbytes() == before == 8 * (36 + 6 + 1)
+
+
+def test_inference_mode_and_bf16_autocast():
+    net = _Net()
+    img, seq = _inputs()
+    with torch.inference_mode(), ActivationCollector({"fc": net.fc}, max_samples=None) as col:
+        net(img, seq)
+    _check(col.stats["fc"], seq.reshape(-1, 6))
+    assert not col.stats["fc"].cxx.is_inference()
+
+    seq_big = seq * 100 + 1000  # a large offset: bf16 accumulation would lose it entirely
+    with torch.autocast("cpu", dtype=torch.bfloat16), ActivationCollector({"fc": net.fc}, max_samples=None) as col2:
+        out = net.fc(seq_big)
+    assert out.dtype == torch.bfloat16  # autocast really was active around the layer
+    assert col2.stats["fc"].cxx.dtype == torch.float64
+    _check(col2.stats["fc"], seq_big.reshape(-1, 6))
+
+
+def test_bf16_inputs_are_accumulated_in_float64():
+    lin = nn.Linear(6, 3).to(torch.bfloat16)
+    x = torch.randn(50, 6).to(torch.bfloat16)
+    with ActivationCollector({"lin": lin}, max_samples=None) as col:
+        lin(x)
+    _check(col.stats["lin"], x.double(), seen_dtype=x.dtype)
+
+
+def test_detach_removes_hooks():
+    net = _Net()
+    col = ActivationCollector({"fc": net.fc}).attach()
+    col.attach()  # idempotent
+    assert col.attached and len(net.fc._forward_pre_hooks) == 1
+    net(*_inputs())
+    col.detach()
+    assert not col.attached and len(net.fc._forward_pre_hooks) == 0
+    n = col.stats["fc"].num_samples
+    net(*_inputs())
+    assert col.stats["fc"].num_samples == n
+
+
+def test_check_nonempty_names_the_layer_that_never_ran():
+    net = _Net()
+    with ActivationCollector({"fc": net.fc, "unused": net.unused}) as col:
+        net(*_inputs())
+    with pytest.raises(RuntimeError, match=r"\['unused'\]"):
+        col.check_nonempty()
+    with ActivationCollector({"fc": net.fc}) as ok:
+        net(*_inputs())
+    ok.check_nonempty()
+
+
+def test_collects_inputs_of_a_factorized_pair():
+    pair = FactorizedLinear(6, 5, rank=2)
+    x = torch.randn(10, 6)
+    with ActivationCollector({"pair": pair}, max_samples=None) as col:
+        pair(x)
+    _check(col.stats["pair"], x)
+
+
+def test_sample_fraction_and_projected_space_give_the_same_solution():
+    from factorize_plugin.planner import build_candidates
+
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 6).double()  # fewer outputs than inputs: space="auto" projects
+    x = torch.randn(400, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64) + 1.0
+    with ActivationCollector({"lin": lin}, max_samples=None) as full:
+        lin(x)
+    with ActivationCollector({"lin": lin}, max_samples=None, space="auto") as proj:
+        lin(x)
+    assert proj.stats["lin"].in_features == 6 and full.stats["lin"].in_features == 24
+    a = build_candidates({"lin": lin}, full.stats)["lin"].decomposition
+    b = build_candidates({"lin": lin}, proj.stats)["lin"].decomposition
+    torch.testing.assert_close(a.nmse_curve, b.nmse_curve, rtol=1e-7, atol=1e-10)
+    for wa, wb in zip(a.factors(3), b.factors(3)):
+        torch.testing.assert_close(wa, wb, rtol=1e-6, atol=1e-9)
+    with ActivationCollector({"lin": lin}, max_samples=None, sample_fraction=0.25) as part:
+        lin(x)
+    assert part.stats["lin"].num_samples == 100
+    with pytest.raises(ValueError, match="sample_fraction"):
+        ActivationCollector({"lin": lin}, sample_fraction=0)
