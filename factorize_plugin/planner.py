@@ -12,7 +12,7 @@ from .core.solver import decompose
 from .core.statistics import MomentAccumulator
 from .layers.adapters import install_factors, layer_view, weight_matrix
 from .modules import set_submodule
-from .policies import LayerCandidate, RankPolicy
+from .policies import LayerCandidate
 
 
 @dataclasses.dataclass

@@ -21,13 +21,6 @@ import factorize_plugin.callback as callback_module
 from factorize_plugin import LowRankFactorization
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with others: one intra-op thread avoids oversubscription (10x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_trainer(callbacks, **kwargs) -> pl.Trainer:

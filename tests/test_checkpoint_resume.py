@@ -20,12 +20,6 @@ R2 = {"features.2": 2, "classifier.0": 8, "classifier.2": 2}
 WANT = {0: dict.fromkeys(TARGETS), 1: dict.fromkeys(TARGETS), 2: R1, 3: R1, 4: R2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def new_model() -> TinyNet:

@@ -24,12 +24,6 @@ R1 = {"features.2": 4, "classifier.0": 16, "classifier.2": 5}
 R2 = {"features.2": 2, "classifier.0": 8, "classifier.2": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def single_process_union_run() -> dict:

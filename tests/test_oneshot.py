@@ -28,14 +28,6 @@ from factorize_plugin.policies import LayerCandidate
 from factorize_plugin.targets import select_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared 2-core machine, multi-threaded float64 eigh/SVD can be 100x slower than one
-    thread (OpenMP spin-waiting on busy cores); these problems are small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mlp(seed=0):

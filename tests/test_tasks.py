@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -128,16 +127,9 @@ def test_classifier_structure(size: int) -> None:
     assert pred.shape == (3,) and pred.dtype == torch.int64
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny 8x8 models train ~10x faster on one thread when the 2-core machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-def test_sklearn_digits_trains(one_thread: None) -> None:
+def test_sklearn_digits_trains() -> None:
     pl.seed_everything(0, verbose=False)
     dm = MNISTDataModule(source="sklearn-digits", batch_size=16)
     model = MNISTClassifier(image_size=dm.image_size, lr=2e-3, max_epochs_hint=2)

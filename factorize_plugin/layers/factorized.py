@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..core.conv import ConvGeometry, conv_weight_to_matrix, matrix_to_conv_weight
+from ..core.conv import conv_weight_to_matrix, matrix_to_conv_weight
 
 EXTRA_STATE_TAG = "factorize_plugin"
 
@@ -29,8 +29,18 @@ class _FactorizedPair(nn.Module):
     def rank(self) -> int:
         return self._rank
 
-    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
+    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
+        """A new (first, second) pair at ``rank``; ``kw``: device and dtype."""
         raise NotImplementedError
+
+    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
+        """Replaces the pair by one of a new rank (new parameters), keeping the output bias."""
+        old_bias = self.second.bias
+        self.first, self.second = self._build(rank, old_bias is not None, device=like.device, dtype=like.dtype)
+        if old_bias is not None:
+            self.second.bias.copy_(old_bias)
+        self.requires_grad_(requires_grad)
+        self._rank = rank
 
     def _like(self) -> torch.Tensor:
         return self.second.weight
@@ -85,9 +95,7 @@ class FactorizedLinear(_FactorizedPair):
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.in_features, self.out_features = in_features, out_features
         self._rank = int(rank)
-        kw = dict(device=device, dtype=dtype)
-        self.first = nn.Linear(in_features, rank, bias=False, **kw)
-        self.second = nn.Linear(rank, out_features, bias=bias, **kw)
+        self.first, self.second = self._build(rank, bias, device=device, dtype=dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedLinear":
@@ -98,15 +106,8 @@ class FactorizedLinear(_FactorizedPair):
         layer.set_factors(wa, wb, bias)
         return layer
 
-    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
-        kw = dict(device=like.device, dtype=like.dtype)
-        old_bias = self.second.bias
-        self.first = nn.Linear(self.in_features, rank, bias=False, **kw)
-        self.second = nn.Linear(rank, self.out_features, bias=old_bias is not None, **kw)
-        if old_bias is not None:
-            self.second.bias.copy_(old_bias)
-        self.requires_grad_(requires_grad)
-        self._rank = rank
+    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
+        return nn.Linear(self.in_features, rank, bias=False, **kw), nn.Linear(rank, self.out_features, bias=bias, **kw)
 
     def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
         self.first.weight.copy_(wa.T)
@@ -166,10 +167,7 @@ class FactorizedConv2d(_FactorizedPair):
             kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode
         )
         self._rank = int(rank)
-        kw = dict(device=device, dtype=dtype)
-        self.first = nn.Conv2d(in_channels, rank, bias=False, **self._conv_args, **kw)
-        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
-        self.geometry = ConvGeometry.of(self.first)
+        self.first, self.second = self._build(rank, bias, device=device, dtype=dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedConv2d":
@@ -186,15 +184,9 @@ class FactorizedConv2d(_FactorizedPair):
         layer.set_factors(wa, wb, bias)
         return layer
 
-    def _make_pair(self, rank: int, like: torch.Tensor, requires_grad: bool) -> None:
-        kw = dict(device=like.device, dtype=like.dtype)
-        old_bias = self.second.bias
-        self.first = nn.Conv2d(self.in_channels, rank, bias=False, **self._conv_args, **kw)
-        self.second = nn.Conv2d(rank, self.out_channels, 1, bias=old_bias is not None, **kw)
-        if old_bias is not None:
-            self.second.bias.copy_(old_bias)
-        self.requires_grad_(requires_grad)
-        self._rank = rank
+    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
+        first = nn.Conv2d(self.in_channels, rank, bias=False, **self._conv_args, **kw)
+        return first, nn.Conv2d(rank, self.out_channels, 1, bias=bias, **kw)
 
     def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
         self.first.weight.copy_(matrix_to_conv_weight(wa, self.in_channels, self.first.kernel_size))
