@@ -83,3 +83,21 @@ def test_pattern_matching_nothing_fails_before_training(tmp_path, capsys):
     msg = _fails(tmp_path, capsys, targets=["encoder.*"])
     assert "encoder.*" in msg and "matches no module" in msg
     torch.manual_seed(0)  # (nothing trained: the error comes from setup)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_other_subcommands_run(tmp_path, subcommand):
+    cfg = yaml.safe_load(_tiny_config(tmp_path).read_text())
+    cfg["trainer"].update(limit_test_batches=2, limit_predict_batches=2)
+    path = tmp_path / f"{subcommand}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = main([subcommand, "--config", str(path)])
+    assert cli.trainer.state.finished
+    # outside fit the callback does nothing: the model stays dense
+    assert not [m for m in cli.model.modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d))]
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "factorize-plugin"  # the venv's bin, whether or not it is on PATH
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "fit" in out.stdout
