@@ -52,7 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier ratios on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     reps = 3 if args.quick else 5
     n_batches = 5 if args.quick else 20

@@ -104,6 +104,7 @@ class ActivationCollector:
     def _hook_for(self, name: str):
         view, stats, fraction = self.views[name], self.stats[name], self.fractions[name]
         projection = self.projections.get(name)
+        projection32 = None if projection is None else projection.float()
 
         def hook(module: nn.Module, args: tuple) -> None:
             seen = stats.num_samples
@@ -117,14 +118,15 @@ class ActivationCollector:
                 self.positions[name] = total / max(batch, 1)
                 # "auto" keeps every row until the layer has WARMUP_FACTOR x (statistics size) rows,
                 # so that small validation sets still give a well-determined covariance
-                warm = self._auto and seen < self.WARMUP_FACTOR * stats.in_features
-                want = total if fraction >= 1 or warm else max(1, round(fraction * total))
+                want = total if fraction >= 1 else max(1, round(fraction * total))
+                if self._auto:
+                    want = min(total, max(want, self.WARMUP_FACTOR * stats.in_features - seen))
                 if self.max_samples is not None:
                     want = min(want, self.max_samples - seen)
                 keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
                 rows = input_rows(module, x.detach(), view, keep)
-                if projection is not None:
-                    rows = rows.to(projection.dtype) @ projection
+                if projection is not None:  # float64 inputs are projected in float64, others in float32
+                    rows = rows @ projection if rows.dtype == torch.float64 else rows.float() @ projection32
                 stats.update(rows)
             self.calls[name] += 1
 
