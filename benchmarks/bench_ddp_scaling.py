@@ -2,29 +2,35 @@
 
 Part 1, training. The same run in one process (batch 128) and in two gloo processes under
 Lightning's ``strategy="ddp"`` (batch 64 per process: the same global batch; Lightning launches
-this script again as rank 1). Fashion-MNIST subset, ``MNISTClassifier(channels=(16, 32, 32),
-hidden=128)``, Adam + cosine, one torch thread per process. The callback runs in
+this script again as rank 1). Fashion-MNIST subset (4,800 train / 1,200 validation images, all
+10,000 test images; ``--limit``), ``MNISTClassifier(channels=(16, 32, 32), hidden=128)``, Adam
+lr 5e-3 + cosine, 6 epochs, one torch thread per process. The callback runs in
 ``mode="param_budget"`` (``{2: 0.5, 4: 0.3}`` of the targeted layers' weights), so the ranks are
 chosen from the data and "same final ranks" is a real check (with ``mode="rank"`` they would be
-equal by construction). Per seed and world size: final ranks, per-milestone NMSE, test accuracy on
-the Fashion-MNIST test images (computed in rank 0 on the full set), fit time, and the time of the
-milestone hook (``on_train_epoch_start``, after a barrier) split into the statistics all-reduce
-(``MomentAccumulator.all_reduce_``, timed by wrapping it) and the rest (solve, swap, DDP re-wrap).
+equal by construction). Per seed and world size: final ranks, per-milestone NMSE and samples,
+test accuracy (rank 0, on the test images), fit time, and the time of the milestone hook
+(``on_train_epoch_start``, after a barrier so that waiting for the other rank is not counted),
+split into the statistics all-reduce (``MomentAccumulator.all_reduce_``, timed by wrapping it)
+and the rest (solve, the budget's output-sensitivity passes, swap, DDP re-wrap).
 
-The two worlds do not see the same batches (Lightning's ``DistributedSampler`` shuffles the
-training set differently from the single-process loader), so accuracy can only agree within the
-seed-to-seed noise, which is measured too (3 seeds).
+The two worlds do not see the same batches: Lightning's ``DistributedSampler`` shuffles the
+training set differently from the single-process loader, so the weights at a milestone differ and
+a data-driven budget may move a rank or two. A control run (one process, same seed, split and
+initial weights, another order of the training batches) shows how much the ranks and the
+accuracy move from the data order alone; accuracy is compared with the seed-to-seed noise
+(3 seeds).
 
 Part 2, the all-reduce alone. Two gloo processes (``torch.multiprocessing.spawn``) all-reduce
 ``MomentAccumulator`` s of D features (the collector's statistics: D x D float64; with the
 default ``space="auto"`` D = min(fan_in, fan_out)), D from 256 to 4096, and, for reference, one
 plain ``dist.all_reduce`` of a float64 tensor of the same size. Also a transformer-sized set: the
 48 Linear layers of a BERT-base-like encoder (12 blocks x qkv/out/fc1/fc2, every one D = 768 with
-``space="auto"``), as one milestone reduces them.
+``space="auto"``), as one milestone reduces them. Times are the slower rank's, median of reps.
 
-    python benchmarks/bench_ddp_scaling.py [--quick]
+    python benchmarks/bench_ddp_scaling.py [--quick] [--no-control]
 
-Writes benchmarks/results/ddp_scaling.json (``--quick``: ddp_scaling_quick.json) and a PNG.
+Writes benchmarks/results/ddp_scaling.json (``--quick``: ddp_scaling_quick.json) and a PNG of
+part 2.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,11 +109,24 @@ def worker(cfg: dict, out_dir: str) -> None:
         def on_train_epoch_end(self, trainer, pl_module):
             self.epochs.append(time.perf_counter() - self.t0)
 
-    procs, seed = cfg["procs"], cfg["seed"]
+    procs, seed, shuffle_seed = cfg["procs"], cfg["seed"], cfg.get("shuffle_seed")
+
+    class DataModule(MNISTDataModule):
+        """``shuffle_seed``: the same split and model, another order of the training batches."""
+
+        def train_dataloader(self):
+            if shuffle_seed is None:
+                return super().train_dataloader()
+            from torch.utils.data import DataLoader
+
+            self.setup()
+            gen = torch.Generator().manual_seed(shuffle_seed)
+            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen)
+
     pl.seed_everything(seed, verbose=False)
-    dm = MNISTDataModule(source="fashion-mnist", batch_size=GLOBAL_BATCH // procs, limit=cfg["limit"], seed=seed)
+    dm = DataModule(source="fashion-mnist", batch_size=GLOBAL_BATCH // procs, limit=cfg["limit"], seed=seed)
     model = MNISTClassifier(
-        image_size=28, channels=(16, 32, 32), hidden=128, lr=1e-3, scheduler="cosine", max_epochs_hint=cfg["epochs"]
+        image_size=28, channels=(16, 32, 32), hidden=128, lr=cfg["lr"], scheduler="cosine", max_epochs_hint=cfg["epochs"]
     )
     cb = TimedFactorization(
         {int(k): v for k, v in cfg["schedule"].items()}, mode="param_budget", targets=TARGETS, min_features=16, verbose=False
@@ -135,11 +155,12 @@ def worker(cfg: dict, out_dir: str) -> None:
         with torch.no_grad():
             correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
         result.update(test_acc=correct / len(y), n_test=len(y))
-    Path(out_dir, f"p{procs}_s{seed}_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    Path(out_dir, f"{cfg['tag']}_rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
-def run_training(procs: int, seed: int, cfg: dict, out_dir: Path) -> dict:
-    job = dict(cfg, procs=procs, seed=seed)
+def run_training(procs: int, seed: int, cfg: dict, out_dir: Path, shuffle_seed=None) -> dict:
+    tag = f"p{procs}_s{seed}" + ("" if shuffle_seed is None else f"_shuffle{shuffle_seed}")
+    job = dict(cfg, procs=procs, seed=seed, shuffle_seed=shuffle_seed, tag=tag)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     env.pop("MASTER_PORT", None)
     t = time.perf_counter()
@@ -150,10 +171,10 @@ def run_training(procs: int, seed: int, cfg: dict, out_dir: Path) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"worker procs={procs} seed={seed} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    ranks = [json.loads(Path(out_dir, f"p{procs}_s{seed}_rank{r}.json").read_text()) for r in range(procs)]
+    ranks = [json.loads(Path(out_dir, f"{tag}_rank{r}.json").read_text()) for r in range(procs)]
     r0 = ranks[0]
     return dict(
-        procs=procs, seed=seed, wall_s=wall, fit_s=r0["fit_s"], epoch_s=r0["epoch_s"], test_acc=r0["test_acc"],
+        procs=procs, seed=seed, shuffle_seed=shuffle_seed, wall_s=wall, fit_s=r0["fit_s"], epoch_s=r0["epoch_s"], test_acc=r0["test_acc"],
         final_ranks=r0["final_ranks"], history=r0["history"],
         milestones_per_rank=[r["milestones"] for r in ranks],
         ranks_agree_across_processes=all(r["final_ranks"] == r0["final_ranks"] for r in ranks),
@@ -198,10 +219,10 @@ def _ar_worker(rank: int, world: int, port: int, sizes: list[int], reps: int, be
         t_acc, t_raw = [], []
         for _ in range(reps):  # fresh tensors each time (the reduce overwrites them)
             acc = filled(d, g)
-            t_acc.append(timed(lambda: acc.all_reduce_(sum_fn)))
+            t_acc.append(timed(lambda a=acc: a.all_reduce_(sum_fn)))
             del acc
             flat = torch.randn(d * d + d + 1, dtype=torch.float64, generator=g)
-            t_raw.append(timed(lambda: dist.all_reduce(flat)))
+            t_raw.append(timed(lambda f=flat: dist.all_reduce(f)))
             del flat
         rows.append(
             dict(
@@ -238,13 +259,39 @@ def run_allreduce(sizes: list[int], reps: int, bert: bool, out_dir: Path) -> dic
 
 
 # ------------------------------------------------------------------ report
+def _rank_diff(a: dict, b: dict) -> int:
+    """Largest per-layer rank difference; a dense layer counts as min(D, M) of its matrix view
+    (D = C_in * 9 for the 3x3 convs), the largest rank a pair of it could have."""
+    full = {"features.2": 32, "features.5": 32, "classifier.0": 128, "classifier.2": 128}
+    return max(abs((a[k] if a[k] is not None else full[k]) - (b[k] if b[k] is not None else full[k])) for k in a)
+
+
+def _compare(a: dict, b: dict) -> dict:
+    return dict(
+        seed=a["seed"], final_ranks_a=a["final_ranks"], final_ranks_b=b["final_ranks"],
+        final_ranks_identical=a["final_ranks"] == b["final_ranks"], max_rank_abs_diff=_rank_diff(a["final_ranks"], b["final_ranks"]),
+        acc_a=100 * a["test_acc"], acc_b=100 * b["test_acc"], acc_diff_pp=100 * (b["test_acc"] - a["test_acc"]),
+        milestones=[
+            dict(epoch=ha["epoch"], ranks_a=ha["ranks"], ranks_b=hb["ranks"], same=ha["ranks"] == hb["ranks"],
+                 nmse_a=ha["nmse"], nmse_b=hb["nmse"], samples_a=ha["samples"], samples_b=hb["samples"])
+            for ha, hb in zip(a["history"], b["history"])
+        ],
+    )  # fmt: skip
+
+
 def summarize(runs: list[dict]) -> dict:
-    by = {p: [r for r in runs if r["procs"] == p] for p in (1, 2)}
+    worlds = {
+        "procs1": [r for r in runs if r["procs"] == 1 and r["shuffle_seed"] is None],
+        "procs2": [r for r in runs if r["procs"] == 2],
+        "procs1_reshuffled": [r for r in runs if r["procs"] == 1 and r["shuffle_seed"] is not None],
+    }
     out = {}
-    for p, rs in by.items():
+    for key, rs in worlds.items():
+        if not rs:
+            continue
         accs = [100 * r["test_acc"] for r in rs]
         ms = [m for r in rs for m in r["milestones_per_rank"][0]]
-        out[f"procs{p}"] = dict(
+        out[key] = dict(
             test_acc_mean=statistics.fmean(accs), test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
             fit_s_mean=statistics.fmean(r["fit_s"] for r in rs),
             epoch_s_median=statistics.median(e for r in rs for e in r["epoch_s"]),
@@ -252,38 +299,28 @@ def summarize(runs: list[dict]) -> dict:
             milestone_all_reduce_s_mean=statistics.fmean(m["all_reduce_s"] for m in ms) if ms else None,
             all_reduce_calls_per_milestone=ms[0]["all_reduce_calls"] if ms else None,
         )  # fmt: skip
-    seeds = sorted({r["seed"] for r in runs})
-    pairs = []
-    for s in seeds:
-        a = next(r for r in by[1] if r["seed"] == s)
-        b = next(r for r in by[2] if r["seed"] == s)
-        per_milestone = [
-            dict(epoch=ha["epoch"], ranks_1=ha["ranks"], ranks_2=hb["ranks"], same=ha["ranks"] == hb["ranks"],
-                 nmse_1=ha["nmse"], nmse_2=hb["nmse"], samples_1=ha["samples"], samples_2=hb["samples"])
-            for ha, hb in zip(a["history"], b["history"])
-        ]  # fmt: skip
-        pairs.append(
-            dict(
-                seed=s, final_ranks_1=a["final_ranks"], final_ranks_2=b["final_ranks"],
-                final_ranks_identical=a["final_ranks"] == b["final_ranks"],
-                max_rank_abs_diff=max(abs((a["final_ranks"][k] or 0) - (b["final_ranks"][k] or 0)) for k in a["final_ranks"]),
-                acc_1=100 * a["test_acc"], acc_2=100 * b["test_acc"], acc_diff_pp=100 * (b["test_acc"] - a["test_acc"]),
-                milestones=per_milestone,
-                ddp_ranks_agree=b["ranks_agree_across_processes"], ddp_weights_identical=b["weights_identical_across_processes"],
-            )
-        )  # fmt: skip
+    seeds = sorted({r["seed"] for r in worlds["procs1"]})
+    one = {r["seed"]: r for r in worlds["procs1"]}
+    two = {r["seed"]: r for r in worlds["procs2"]}
+    resh = {r["seed"]: r for r in worlds["procs1_reshuffled"]}
+    pairs = [dict(_compare(one[s], two[s]), ddp_ranks_agree=two[s]["ranks_agree_across_processes"],
+                  ddp_weights_identical=two[s]["weights_identical_across_processes"]) for s in seeds if s in two]  # fmt: skip
+    controls = [_compare(one[s], resh[s]) for s in seeds if s in resh]
     diffs = [p["acc_diff_pp"] for p in pairs]
-    noise = max(out["procs1"]["test_acc_std"], out["procs2"]["test_acc_std"])
+    noise = max(v["test_acc_std"] for v in out.values())
     mean_diff = statistics.fmean(diffs)
     verdict = dict(
         final_ranks_identical_all_seeds=all(p["final_ranks_identical"] for p in pairs),
+        max_rank_abs_diff_1p_vs_2p=max(p["max_rank_abs_diff"] for p in pairs),
+        max_rank_abs_diff_1p_vs_1p_reshuffled=max((c["max_rank_abs_diff"] for c in controls), default=None),
         ddp_processes_agree=all(p["ddp_ranks_agree"] and p["ddp_weights_identical"] for p in pairs),
         acc_diff_mean_pp=mean_diff,
         acc_diff_std_pp=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+        acc_diff_1p_reshuffled_pp=[c["acc_diff_pp"] for c in controls],
         seed_noise_std_pp=noise,
-        accuracy_within_noise=(abs(mean_diff) <= max(noise, 1e-9) * 2) if len(diffs) > 1 else None,
+        accuracy_within_noise=(abs(mean_diff) <= 2 * noise) if len(diffs) > 1 else None,
     )  # fmt: skip
-    return dict(per_world=out, pairs=pairs, verdict=verdict)
+    return dict(per_world=out, pairs_1p_vs_2p=pairs, controls_1p_vs_1p_reshuffled=controls, verdict=verdict)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -301,13 +338,26 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate(f"D={r['D']}", (m, r["all_reduce_s_median"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
     if "bert_base_48_layers" in result["allreduce"]:
         b = result["allreduce"]["bert_base_48_layers"]
-        ax.loglog([b["bytes"] / 2**20], [b["all_reduce_s_median"]], "k*", ms=10, label="48 layers of D=768 (BERT-base-like)")
+        ax.loglog([b["bytes"] / 2**20], [b["all_reduce_s_median"]], "k*", ms=10, label="48 layers of D=768 (BERT-base-like; x = their total)")
     ax.set_xlabel("statistics per layer (MiB, float64)")
     ax.set_ylabel("time (s), 2 gloo processes on the CPU")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def package_version() -> dict:
+    """The package's git commit and whether its sources differ from it (results provenance)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": git("status", "--porcelain", "factorize_plugin").splitlines()}
 
 
 def main() -> None:
@@ -322,12 +372,25 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the control runs (1 process, another order of the training batches)")
+    p.add_argument("--from-json", default=None, help="re-summarize a result file's training runs (no runs)")
     args = p.parse_args()
+    if args.from_json:
+        path = Path(args.from_json)
+        result = json.loads(path.read_text())
+        runs = result["training"]["runs"]
+        result["training"] = dict(runs=runs, **summarize(runs))
+        path.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["training"]["verdict"], indent=1))
+        plot(result, path.with_suffix(".png"))
+        return
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
     epochs = args.epochs or (3 if quick else 6)
     schedule = {1: 0.5, 2: 0.3} if epochs < 5 else SCHEDULE
-    cfg = dict(limit=args.limit or (2000 if quick else 6000), epochs=epochs, schedule=schedule)
+    cfg = dict(limit=args.limit or (2000 if quick else 6000), epochs=epochs, schedule=schedule, lr=args.lr)
     sizes = args.sizes or ([256, 1024] if quick else [256, 512, 1024, 2048, 4096])
     reps = args.reps or (3 if quick else 5)
 
@@ -335,16 +398,20 @@ def main() -> None:
 
     import torch
 
+    package = package_version()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
     t0 = time.perf_counter()
     runs = []
     if not args.skip_training:
         for seed in seeds:
-            for procs in (1, 2):
-                r = run_training(procs, seed, cfg, tmp)
+            for procs, shuffle in ((1, None), (2, None), (1, 1000 + seed)):
+                if shuffle is not None and not args.control:
+                    continue
+                r = run_training(procs, seed, cfg, tmp, shuffle_seed=shuffle)
                 runs.append(r)
+                what = f"procs={procs}" + ("" if shuffle is None else " reshuffled")
                 print(
-                    f"procs={procs} seed={seed}: test acc {100 * r['test_acc']:.2f} %, ranks {r['final_ranks']}, fit {r['fit_s']:.1f} s, "
+                    f"{what} seed={seed}: test acc {100 * r['test_acc']:.2f} %, ranks {r['final_ranks']}, fit {r['fit_s']:.1f} s, "
                     f"milestones {[(m['epoch'], round(m['hook_s'], 3), round(m['all_reduce_s'], 4)) for m in r['milestones_per_rank'][0]]}",
                     flush=True,
                 )  # fmt: skip
@@ -362,6 +429,7 @@ def main() -> None:
         config=dict(cfg, seeds=seeds, global_batch=GLOBAL_BATCH, targets=TARGETS, mode="param_budget", min_features=16,
                     model="MNISTClassifier(channels=(16, 32, 32), hidden=128)", dataset="fashion-mnist",
                     threads_per_process=1, allreduce_sizes=sizes, allreduce_reps=reps, backend="gloo"),
+        package=package,
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, load_avg_at_end=os.getloadavg()),
         total_wall_s=time.perf_counter() - t0,
         training=dict(runs=runs, **(summarize(runs) if runs else {})),
@@ -370,9 +438,12 @@ def main() -> None:
     if runs:
         s = result["training"]
         print("\nper world size:", json.dumps(s["per_world"], indent=1))
-        for pr in s["pairs"]:
-            print(f"seed {pr['seed']}: ranks 1p {pr['final_ranks_1']} | 2p {pr['final_ranks_2']} | acc {pr['acc_1']:.2f} vs {pr['acc_2']:.2f}")
+        for pr in s["pairs_1p_vs_2p"]:
+            print(f"seed {pr['seed']}: ranks 1p {pr['final_ranks_a']} | 2p {pr['final_ranks_b']} | acc {pr['acc_a']:.2f} vs {pr['acc_b']:.2f}")
+        for pr in s["controls_1p_vs_1p_reshuffled"]:
+            print(f"seed {pr['seed']}: ranks 1p {pr['final_ranks_a']} | 1p reshuffled {pr['final_ranks_b']} | acc {pr['acc_a']:.2f} vs {pr['acc_b']:.2f}")
         print("verdict:", json.dumps(s["verdict"], indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
     out = RESULTS / f"ddp_scaling{suffix}.json"

@@ -82,7 +82,8 @@ class LowRankFactorization(Callback):
         targets / exclude: fnmatch patterns over qualified module names (default: every Linear and
             Conv2d with at least ``min_params`` weights).
         min_params / min_features: skip layers with fewer weights, or whose min(in, out) features
-            (channels) is smaller (by default a 10-class head is left alone). Layers whose rank
+            is smaller (C_in * k_h * k_w and C_out for a convolution; by default a 10-class head is
+            left alone). Layers whose rank
             would not save multiply-adds stay dense.
         max_samples: cap on rows (tokens / output pixels) of statistics per layer and milestone.
         sample_fraction: share of each validation batch's rows used for statistics; ``"auto"`` keeps

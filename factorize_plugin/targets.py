@@ -44,8 +44,9 @@ def select_layers(
         exclude: patterns of names to leave alone.
         types: module types to consider (Linear / Conv2d; their factorized pairs always count).
         min_params: skip layers with fewer weights than this.
-        min_features: skip layers whose min(in, out) features (channels for a convolution) is
-            smaller, e.g. a classifier head with 10 outputs.
+        min_features: skip layers whose min(D, M) is smaller, with D, M the input and output
+            features of the layer's matrix (C_in * k_h * k_w and C_out for a convolution), e.g. a
+            classifier head with 10 outputs.
 
     Raises:
         ValueError: a pattern matches no module. TypeError / NotImplementedError: a layer named
@@ -73,7 +74,7 @@ def select_layers(
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             continue
         view = layer_view(module)
-        if view.params() < min_params or view.rank_base < min_features:
+        if view.params() < min_params or min(view.in_dim, view.out_dim) < min_features:
             continue
         chosen[name] = module
     return chosen
