@@ -54,12 +54,13 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
+
+from _common import package_version  # benchmarks/ is on sys.path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -437,19 +438,6 @@ def plot(result: dict, path: Path) -> None:
     top.set_xlabel("multiply-adds kept in the whole model", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def package_version() -> dict:
-    """The package's git commit and whether its sources differ from it (results provenance)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": git("status", "--porcelain", "factorize_plugin").splitlines()}
 
 
 def main() -> None:

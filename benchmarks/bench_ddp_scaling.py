@@ -47,6 +47,8 @@ import time
 import warnings
 from pathlib import Path
 
+from _common import package_version  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 RESULTS = HERE / "results"
@@ -345,19 +347,6 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def package_version() -> dict:
-    """The package's git commit and whether its sources differ from it (results provenance)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": git("status", "--porcelain", "factorize_plugin").splitlines()}
 
 
 def main() -> None:
