@@ -365,8 +365,8 @@ class LowRankFactorization(Callback):
             metrics[f"factorize/{r.name}/rank"] = float(r.new_rank if r.new_rank is not None else min(r.shape))
         changed = [r.nmse for r in reports if r.changed] or [0.0]
         metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
-        metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, sum(_dense_params(r) for r in reports))
-        metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(_dense_macs(r) for r in reports))
+        metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, sum(r.params_dense for r in reports))
+        metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
         # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
 
@@ -439,15 +439,6 @@ def _forward_inputs(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
     return model(batch)
-
-
-def _dense_params(r: LayerReport) -> int:
-    return r.shape[0] * r.shape[1]
-
-
-def _dense_macs(r: LayerReport) -> int:
-    per_position = r.macs_before / max(r.params_before, 1)
-    return round(_dense_params(r) * per_position)
 
 
 # ------------------------------------------------------------------ refusals

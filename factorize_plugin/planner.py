@@ -17,7 +17,8 @@ from .policies import LayerCandidate
 
 @dataclasses.dataclass
 class LayerReport:
-    """One layer's change. Ranks are None for a dense layer; multiply-adds are per sample."""
+    """One layer's change. Ranks are None for a dense layer; multiply-adds are per sample;
+    ``*_dense`` are the sizes of the original dense layer."""
 
     name: str
     kind: str
@@ -29,6 +30,8 @@ class LayerReport:
     params_after: int
     macs_before: int
     macs_after: int
+    params_dense: int
+    macs_dense: int
     samples: int
 
     @property
@@ -92,6 +95,8 @@ def apply_ranks(
                 params_after=view.params(new_rank),
                 macs_before=round(view.params(view.rank) * c.positions),
                 macs_after=round(view.params(new_rank) * c.positions),
+                params_dense=view.params(None),
+                macs_dense=round(view.params(None) * c.positions),
                 samples=c.samples,
             )
         )
@@ -109,9 +114,12 @@ def format_reports(reports: list[LayerReport]) -> str:
             f"{r.name[:28]:<28} {f'{r.shape[0]}x{r.shape[1]}':>11} {f'{old}->{new}':>11} {r.nmse:>8.4f} "
             f"{f'{r.params_before}->{r.params_after}':>17}"
         )
-    before = sum(r.params_before for r in reports) or 1
+    dense = sum(r.params_dense for r in reports) or 1
+    macs_dense = sum(r.macs_dense for r in reports) or 1
     after = sum(r.params_after for r in reports)
-    macs_b = sum(r.macs_before for r in reports) or 1
-    macs_a = sum(r.macs_after for r in reports)
-    lines.append(f"kept {after / before:.1%} of the targeted weights and {macs_a / macs_b:.1%} of their multiply-adds")
+    macs_after = sum(r.macs_after for r in reports)
+    lines.append(
+        f"kept {after / dense:.1%} of the targeted layers' dense weights and "
+        f"{macs_after / macs_dense:.1%} of their dense multiply-adds"
+    )
     return "\n".join(lines)
