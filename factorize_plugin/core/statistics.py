@@ -101,6 +101,7 @@ class MomentAccumulator:
     mean_y = _flushed("_mean_y")
     cxy = _flushed("_cxy")
     syy = _flushed("_syy")
+    del _flushed
 
     @property
     def device(self) -> Optional[torch.device]:
