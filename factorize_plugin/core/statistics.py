@@ -223,38 +223,35 @@ class MomentAccumulator:
         """Replaces the local moments by those of the union of all processes' samples.
 
         ``sum_fn`` sums a flat float64 tensor across processes (e.g. ``torch.distributed.all_reduce``
-        or Lightning's ``strategy.reduce(t, reduce_op="sum")``). Two collectives: first the counts
-        and sums (giving the global mean), then the second moments re-centered on the global mean.
-        Every process must call this, in the same order across accumulators.
+        or Lightning's ``strategy.reduce(t, reduce_op="sum")``). First the counts and sums (giving
+        the global mean), then each second-moment buffer, re-centered in place on the global mean
+        (two collectives, four with targets). Every process must call this, in the same order
+        across accumulators.
         """
         self._ensure_allocated()
         self.flush()
-        first = [self.count.reshape(1), self.mean_x * self.count]
+        first = [self._count.reshape(1), self._mean_x * self._count]
         if self.has_targets:
-            first.append(self.mean_y * self.count)
+            first.append(self._mean_y * self._count)
         flat = sum_fn(torch.cat(first))
-        n = flat[0]
         d = self.in_features
-        safe_n = n.clamp_min(1)
-        g_x = flat[1 : 1 + d] / safe_n
-        dx = self.mean_x - g_x
-        second = [(self.cxx + self.count * torch.outer(dx, dx)).reshape(-1)]
+        n = flat[0].clone()
+        g_x = flat[1 : 1 + d] / n.clamp_min(1)
+        # re-center the local second moments on the global mean, in place, and sum each buffer
+        local_n = float(self._count)
+        dx = self._mean_x - g_x
+        self._cxx.addr_(dx, dx, alpha=local_n)
+        self._cxx.view(-1).copy_(sum_fn(self._cxx.view(-1)))
         if self.has_targets:
-            g_y = flat[1 + d :] / safe_n
-            dy = self.mean_y - g_y
-            second += [
-                (self.cxy + self.count * torch.outer(dx, dy)).reshape(-1),
-                (self.syy + self.count * dy.square().sum()).reshape(1),
-            ]
-        flat2 = sum_fn(torch.cat(second))
+            g_y = flat[1 + d :] / n.clamp_min(1)
+            dy = self._mean_y - g_y
+            self._cxy.addr_(dx, dy, alpha=local_n)
+            self._cxy.view(-1).copy_(sum_fn(self._cxy.view(-1)))
+            self._syy.add_(local_n * dy.square().sum())
+            self._syy.view(1).copy_(sum_fn(self._syy.view(1)))
+            self._mean_y.copy_(g_y)
         self._count.copy_(n)
         self._mean_x.copy_(g_x)
-        self._cxx.copy_(flat2[: d * d].view(d, d))
-        if self.has_targets:
-            m = self.out_features
-            self._mean_y.copy_(g_y)
-            self._cxy.copy_(flat2[d * d : d * d + d * m].view(d, m))
-            self._syy.copy_(flat2[-1])
         return self
 
     def check(self, what: str = "inputs") -> None:
