@@ -22,9 +22,8 @@ _HOOK_FLAG = "_factorize_plugin_loading"
 def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
     """A pair of the right shape for ``module`` (weights are about to be overwritten)."""
     w = module.weight
-    d, m = (w.shape[1], w.shape[0]) if kind == "linear" else (None, None)
     if kind == "linear" and isinstance(module, nn.Linear):
-        pair = FactorizedLinear(d, m, rank, module.bias is not None, w.device, w.dtype)
+        pair = FactorizedLinear(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
     elif kind == "conv2d" and isinstance(module, nn.Conv2d):
         pair = FactorizedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, rank, module.stride, module.padding,

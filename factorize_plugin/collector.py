@@ -59,7 +59,7 @@ class ActivationCollector:
         self.views: dict[str, LayerView] = {name: layer_view(m) for name, m in self.layers.items()}
         self._auto = sample_fraction == "auto"
         self.fractions: dict[str, float] = {
-            name: min(1.0, self.AUTO_OVERHEAD * v.out_dim / v.in_dim) if sample_fraction == "auto" else float(sample_fraction)
+            name: min(1.0, self.AUTO_OVERHEAD * v.out_dim / v.in_dim) if self._auto else float(sample_fraction)
             for name, v in self.views.items()
         }
         if space not in ("input", "auto"):
@@ -116,7 +116,7 @@ class ActivationCollector:
                 total = count_rows(x, view)
                 batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
                 self.positions[name] = total / max(batch, 1)
-                # "auto" keeps every row until the layer has WARMUP_FACTOR x (statistics size) rows,
+                # "auto" keeps at least the rows still missing to WARMUP_FACTOR x (statistics size),
                 # so that small validation sets still give a well-determined covariance
                 want = total if fraction >= 1 else max(1, round(fraction * total))
                 if self._auto:

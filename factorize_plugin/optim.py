@@ -43,10 +43,11 @@ def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedPara
     """
     opt = _unwrap(optimizer)
     for old, new in swaps:
+        old_ids = {id(p) for p in old.values()}
         where: dict[int, tuple[int, int]] = {}  # id(old param) -> (group index, position)
         for g, group in enumerate(opt.param_groups):
             for i, p in enumerate(group["params"]):
-                if any(p is q for q in old.values()):
+                if id(p) in old_ids:
                     where[id(p)] = (g, i)
         if not where:
             continue  # the optimizer never held this layer (e.g. frozen)
@@ -58,7 +59,6 @@ def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedPara
             partner = _counterpart(name, old)
             slot = where.get(id(old[partner]), fallback) if partner is not None else fallback
             inserts.setdefault(slot, []).append(p)
-        old_ids = {id(p) for p in old.values()}
         new_groups = []
         for g, group in enumerate(opt.param_groups):
             params = []
