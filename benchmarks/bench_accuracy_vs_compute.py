@@ -244,7 +244,7 @@ def run_job(job: dict) -> list[dict]:
             out.append(_record(method, f, seed, model, dm, t0))
         return out
     if method == "oneshot":
-        from factorize_plugin.oneshot import factorize_model
+        from factorize_plugin.surgery.oneshot import factorize_model
 
         e_dense = cfg["oneshot_epoch"]
         dense = _model(seed, e_dense)

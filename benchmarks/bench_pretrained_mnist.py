@@ -48,12 +48,12 @@ from factorize_plugin.budget import (  # noqa: E402
     total_cost,
     uniform_ranks_for_budget,
 )
-from factorize_plugin.collector import ActivationCollector  # noqa: E402
+from factorize_plugin.surgery.collector import ActivationCollector  # noqa: E402
 from factorize_plugin.core import MomentAccumulator  # noqa: E402
 from factorize_plugin.layers import weight_matrix  # noqa: E402
-from factorize_plugin.planner import apply_ranks, build_candidates  # noqa: E402
-from factorize_plugin.policies import FixedRank  # noqa: E402
-from factorize_plugin.targets import select_layers  # noqa: E402
+from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates  # noqa: E402
+from factorize_plugin.surgery.policies import FixedRank  # noqa: E402
+from factorize_plugin.surgery.targets import select_layers  # noqa: E402
 from factorize_plugin.tasks.pretrained import (  # noqa: E402
     load_pretrained_digit_recognizer,
     preprocess_for_digit_recognizer,

@@ -1,54 +1,64 @@
-"""factorize_plugin: progressive, data-aware low-rank factorization of Linear/Conv2d layers."""
+"""factorize_plugin: progressive, data-aware low-rank factorization of Linear/Conv2d layers.
 
-from .core import (
-    ConvGeometry,
-    LowRankDecomposition,
-    LowRankSolution,
-    MomentAccumulator,
-    decompose,
-    factorize_conv2d,
-    factorize_matrix,
-    nmse_of,
-    resolve_rank,
-)
+``import factorize_plugin`` loads the math, the layers and the model-level tools (plain PyTorch);
+the Lightning callback and the CLI load on first use (``factorize_plugin.LowRankFactorization``).
+"""
 
-from .budget import ParamBudget, plan_budget
-from .callback import LowRankFactorization
-from .checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint, restore_structure
-from .collector import ActivationCollector
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .core import LowRankDecomposition, LowRankSolution, MomentAccumulator, decompose, factorize_conv2d, factorize_matrix
 from .layers import FactorizedConv2d, FactorizedLinear
-from .oneshot import factorize_model
-from .planner import LayerReport, format_reports
-from .policies import FixedRank, MaxNMSE, make_policy
-from .targets import select_layers
+from .surgery.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
+from .surgery.collector import ActivationCollector
+from .surgery.oneshot import factorize_model
+from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
+from .surgery.refactorize import refactorize
+from .surgery.reports import LayerReport, format_reports
+from .surgery.targets import select_layers
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "LowRankFactorization": "factorize_plugin.integration.callback",
+    "FactorizeCLI": "factorize_plugin.integration.cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'factorize_plugin' has no attribute {name!r}")
+
+
 __all__ = [
-    "ActivationCollector",
-    "FactorizedConv2d",
+    # core: the seed API and the streaming solver
+    "LowRankSolution",
+    "factorize_matrix",
+    "factorize_conv2d",
+    "MomentAccumulator",
+    "decompose",
+    "LowRankDecomposition",
+    # layers
     "FactorizedLinear",
+    "FactorizedConv2d",
+    # model surgery
+    "ActivationCollector",
+    "select_layers",
+    "RankPolicy",
     "FixedRank",
-    "LayerReport",
-    "LowRankFactorization",
     "MaxNMSE",
     "ParamBudget",
+    "refactorize",
     "factorize_model",
+    "LayerReport",
     "format_reports",
-    "make_policy",
-    "plan_budget",
     "enable_factorized_loading",
     "load_factorized",
     "load_factorized_checkpoint",
-    "restore_structure",
-    "select_layers",
-    "ConvGeometry",
-    "LowRankDecomposition",
-    "LowRankSolution",
-    "MomentAccumulator",
-    "decompose",
-    "factorize_conv2d",
-    "factorize_matrix",
-    "nmse_of",
-    "resolve_rank",
+    # Lightning (loaded on first use)
+    "LowRankFactorization",
+    "FactorizeCLI",
 ]

@@ -21,7 +21,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning_helpers import DDP_CALLBACK_KWARGS, DDP_MODEL_KWARGS, DDP_SCHEDULE, TinyNet, composed, state_dict_cpu, structure  # noqa: E402
 
-import factorize_plugin.callback as callback_module  # noqa: E402
+import factorize_plugin.integration.callback as callback_module  # noqa: E402
 from factorize_plugin import LowRankFactorization  # noqa: E402
 
 # Capture every rank's own factors right before the DDP wrapper is rebuilt: the new wrapper

@@ -17,7 +17,8 @@ from lightning_helpers import (
     TARGETS, TINY, Probe, TinyNet, composed, cosine_lr, no_hooks_left, optimizer_ids, state_dict_cpu, structure, trainable_ids,
 )  # fmt: skip
 
-import factorize_plugin.callback as callback_module
+import factorize_plugin.integration.callback as callback_module
+import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization
 
 
@@ -212,14 +213,14 @@ def test_accumulation_and_val_check_interval(n_batches, statistics):
 # --------------------------------------------------------------------------- modes
 def _spy_candidates(monkeypatch) -> list:
     seen = []
-    real = callback_module.build_candidates
+    real = refactorize_module.build_candidates
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(callback_module, "build_candidates", spy)
+    monkeypatch.setattr(refactorize_module, "build_candidates", spy)
     return seen
 
 
@@ -246,9 +247,6 @@ def test_param_budget_mode():
     """param_budget keeps the given fraction of the targeted layers' original dense weights.
     (Full sampling: with sample_fraction="auto" the 128 validation digits leave classifier.0 two
     rows of statistics, its error curve is flat zero, and the allocation rightly spends nothing.)"""
-    budget = pytest.importorskip("factorize_plugin.budget")
-    if not hasattr(budget, "ParamBudget"):
-        pytest.skip("ParamBudget not available yet")
     pl.seed_everything(0)
     model = TinyNet()
     dense = sum(model.get_submodule(n).weight.numel() for n in TARGETS)
@@ -358,7 +356,7 @@ def test_optimizer_edit_keeps_each_parameter_in_its_group():
     """Unit level: a factor of a weight takes the weight's group and place, the new bias the old
     bias's group ("no weight decay on biases" keeps its meaning); others keep their state."""
     from factorize_plugin.layers import FactorizedLinear
-    from factorize_plugin.optim import replace_in_optimizer
+    from factorize_plugin.surgery.optim import replace_in_optimizer
 
     lin, other = torch.nn.Linear(8, 6), torch.nn.Linear(6, 2)
     opt = torch.optim.AdamW(

@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, no_hooks_left, optimizer_ids, state_dict_cpu, structure, trainable_ids
 
-import factorize_plugin.callback as callback_module
+import factorize_plugin.integration.callback as callback_module
+import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization, load_factorized, load_factorized_checkpoint
 
 SCHEDULE = {2: 0.5, 4: 0.25}
@@ -183,18 +184,22 @@ def test_crash_between_solve_and_swap(reference, tmp_path, monkeypatch):
     """The swap of the second milestone dies after installing one layer: the model is put back as
     it was (no half-swapped model, optimizer consistent, no hooks left); the last checkpoint on disk
     loads and resumes to the uninterrupted run's weights."""
-    real = callback_module.apply_ranks
-    calls = []
+    real_refactorize, real_install = callback_module.refactorize, refactorize_module.install_factors
+    milestones, installs = [], []
 
-    def crashing(model, layers, candidates, ranks):
-        calls.append(1)
-        if len(calls) == 2:
-            first = dict(list(layers.items())[:1])
-            real(model, first, candidates, ranks)  # one layer swapped...
-            raise RuntimeError("injected crash between solve and swap")  # ...then the process "dies"
-        return real(model, layers, candidates, ranks)
+    def counting(*args, **kwargs):
+        milestones.append(1)
+        return real_refactorize(*args, **kwargs)
 
-    monkeypatch.setattr(callback_module, "apply_ranks", crashing)
+    def crashing(module, *factors):
+        if len(milestones) == 2:
+            installs.append(1)
+            if len(installs) == 2:  # one layer swapped, then the process "dies"
+                raise RuntimeError("injected crash between solve and swap")
+        return real_install(module, *factors)
+
+    monkeypatch.setattr(callback_module, "refactorize", counting)
+    monkeypatch.setattr(refactorize_module, "install_factors", crashing)
     crashed = run(ckpt_dir=tmp_path)
     assert "injected crash" in str(crashed.get("error"))
     model, trainer = crashed["model"], crashed["trainer"]
@@ -205,7 +210,7 @@ def test_crash_between_solve_and_swap(reference, tmp_path, monkeypatch):
 
     last = tmp_path / "epoch=3.ckpt"
     assert structure(load_factorized_checkpoint(TinyNet, str(last))) == R1
-    monkeypatch.setattr(callback_module, "apply_ranks", real)
+    monkeypatch.setattr(refactorize_module, "install_factors", real_install)
     resumed = run(ckpt_path=last)
     assert "error" not in resumed
     assert max_abs_diff(resumed["final"], reference["final"]) <= 1e-6

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from factorize_plugin.cli import main
+from factorize_plugin.integration.cli import run as main
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -16,7 +16,7 @@ from lightning_helpers import (
     structure,
 )  # fmt: skip
 
-import factorize_plugin.callback as callback_module
+import factorize_plugin.integration.callback as callback_module
 from factorize_plugin import LowRankFactorization, enable_factorized_loading, load_factorized, load_factorized_checkpoint
 
 HERE = Path(__file__).resolve().parent

@@ -186,7 +186,7 @@ def test_conv_pair_matches_factorized_matrix_for_every_option(opts):
     # The adapters see the same matrix; input_rows @ W + b is the convolution.
     w, bias = weight_matrix(pair)
     torch.testing.assert_close(w, wa @ wb)
-    rows = input_rows(pair, x, layer_view(pair))
+    rows = input_rows(x, layer_view(pair))
     flat = rows @ w + (0 if bias is None else bias)
     torch.testing.assert_close(flat.reshape(2, ref.shape[2], ref.shape[3], 8).permute(0, 3, 1, 2), out)
     # fold-back

@@ -9,23 +9,23 @@ import torch.nn as nn
 from helpers import correlated_inputs, measured_nmse
 from torch.utils.data import DataLoader, TensorDataset
 
-from factorize_plugin.budget import (
-    ParamBudget,
-    allocate,
-    current_cost,
+from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget
+from factorize_plugin.surgery.candidates import current_cost, total_cost
+from factorize_plugin.surgery.policies import ParamBudget
+from factorize_plugin.surgery.sensitivity import (
+    OutputProbe,
     measure_output_errors,
     measure_sensitivity,
     plan_budget,
-    total_cost,
-    uniform_ranks_for_budget,
 )
-from factorize_plugin.collector import ActivationCollector
+from factorize_plugin.surgery.collector import ActivationCollector
 from factorize_plugin.core import MomentAccumulator
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear, weight_matrix
-from factorize_plugin.oneshot import factorize_model
-from factorize_plugin.planner import apply_ranks, build_candidates, format_reports
-from factorize_plugin.policies import LayerCandidate
-from factorize_plugin.targets import select_layers
+from factorize_plugin.surgery.oneshot import factorize_model
+from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates
+from factorize_plugin.surgery.reports import format_reports
+from factorize_plugin.surgery.candidates import LayerCandidate
+from factorize_plugin.surgery.targets import select_layers
 
 
 
@@ -89,16 +89,19 @@ def test_max_nmse_and_budget_policies_end_to_end():
     before = sum(r.params_before for r in reports)
     assert sum(r.params_after for r in reports) <= 0.3 * before
     model = _mlp()
-    macs = factorize_model(model, _calib(), param_budget=0.3, budget_metric="macs", sensitivity=False)
+    macs = factorize_model(model, _calib(), ParamBudget(0.3, metric="macs", sensitivity=False))
     assert sum(r.macs_after for r in macs) <= 0.3 * sum(r.macs_before for r in macs)
 
 
 def test_progressive_second_call_lowers_ranks():
     model = _mlp()
     first = factorize_model(model, _calib(), rank=5)
-    second = factorize_model(model, _calib(seed=1), param_budget=0.5)
+    second = factorize_model(model, _calib(seed=1), param_budget=0.5 * sum(r.params_after for r in first) / sum(r.params_dense for r in first))
     assert [r.old_rank for r in second] == [r.new_rank for r in first]
+    # the budget is a fraction of the *dense* weights, also for already-factorized layers
     assert sum(r.params_after for r in second) <= 0.5 * sum(r.params_before for r in second)
+    within = factorize_model(model, _calib(seed=2), param_budget=0.9)  # already below 90% of dense: no change
+    assert not any(r.changed for r in within)
     assert all(r.old_rank == 5 and r.new_rank <= 5 for r in second)
     assert isinstance(model[0], FactorizedLinear)
 
@@ -115,15 +118,16 @@ class _TwoInputs(nn.Module):
 
 def test_calling_conventions_tuple_dict_and_input_fn():
     a, b = torch.randn(20, 6), torch.randn(20, 5)
-    reports = factorize_model(_TwoInputs(), [(a, b), [a, b]], rank=1)  # model(*batch)
+    # an input_fn returning a tuple: model(*args)
+    reports = factorize_model(_TwoInputs(), [(a, b), [a, b]], rank=1, input_fn=tuple)
     assert [r.samples for r in reports] == [40, 40]
     reports = factorize_model(_TwoInputs(), [{"a": a, "b": b}], rank=1)  # model(**batch)
     assert [r.samples for r in reports] == [20, 20]
-    # A labelled loader yields [x, y]: model(x, y) is wrong, input_fn picks the inputs.
+    # A labelled loader yields [x, y]: by default the model gets x, as in the callback.
     x, y = torch.randn(64, 16).double(), torch.randint(0, 8, (64,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    with pytest.raises(TypeError):
-        factorize_model(_mlp(), loader, rank=2)
+    reports = factorize_model(_mlp(), loader, rank=2)
+    assert reports[0].samples == 64
     reports = factorize_model(_mlp(), loader, rank=2, input_fn=lambda batch: batch[0])
     assert reports[0].samples == 64
 
@@ -244,11 +248,11 @@ def test_measured_budget_beats_uniform_where_unweighted_nmse_loses():
     unweighted = allocate(cands, budget)
     uniform = uniform_ranks_for_budget(cands, 0.25)
     assert uniform["quiet"] == uniform["loud"] and unweighted["quiet"] > unweighted["loud"]
-    measure_sensitivity(model, layers, cands, calib, n_probes=6)
+    measure_sensitivity(OutputProbe(model, layers, calib), cands, n_probes=6)
     measured = ParamBudget(0.25).choose(cands)
     assert total_cost(cands, measured) <= budget and measured["loud"] > measured["quiet"]
     err = measure_output_errors(
-        model, layers, cands, {"unweighted": unweighted, "uniform": uniform, "measured": measured}, held_out
+        OutputProbe(model, layers, held_out), cands, {"unweighted": unweighted, "uniform": uniform, "measured": measured}
     )
     # The failure mode: the unweighted NMSE allocation loses to uniform on the output ...
     assert err["unweighted"].relative > 1.5 * err["uniform"].relative
@@ -257,9 +261,9 @@ def test_measured_budget_beats_uniform_where_unweighted_nmse_loses():
     assert err["measured"].relative < 0.7 * err["uniform"].relative
     assert err["measured"].cosine > err["uniform"].cosine
     # plan_budget keeps the measured allocation here, and factorize_model installs it.
-    plan = plan_budget(model, layers, cands, calib, ParamBudget(0.25), measure=False)
+    plan = plan_budget(OutputProbe(model, layers, calib), cands, ParamBudget(0.25).allocate, 0.25, measure=False)
     assert plan.chosen == "budget" and plan.ranks == measured
-    reports = factorize_model(model, calib, param_budget=0.25, n_probes=6)
+    reports = factorize_model(model, calib, ParamBudget(0.25, n_probes=6))
     assert {r.name: r.new_rank for r in reports} == measured
 
 
@@ -269,7 +273,7 @@ def test_plan_budget_falls_back_to_uniform_when_measurement_misleads():
     wrong = {
         n: LayerCandidate(c.view, c.decomposition, weight=(1000.0 if n == "quiet" else 1.0)) for n, c in cands.items()
     }
-    plan = plan_budget(model, layers, wrong, calib, ParamBudget(0.25), measure=False)
+    plan = plan_budget(OutputProbe(model, layers, calib), wrong, ParamBudget(0.25).allocate, 0.25, measure=False)
     assert plan.chosen == "uniform" and plan.ranks == uniform_ranks_for_budget(cands, 0.25)
     assert plan.errors["uniform"].relative < plan.errors["budget"].relative
 
@@ -361,7 +365,7 @@ def test_pretrained_cnn_data_aware_beats_plain_svd(mnist, mnist_candidates):
 def test_pretrained_cnn_budget_at_least_as_good_as_uniform(mnist, mnist_candidates):
     model, calib, xe, ye, ref = mnist
     layers, cands, _ = mnist_candidates
-    measure_sensitivity(model, layers, cands, calib, n_probes=4)
+    measure_sensitivity(OutputProbe(model, layers, calib), cands, n_probes=4)
     for f in (0.1, 0.2):
         budget = ParamBudget(f).choose(cands)  # the allocation alone, without plan_budget's check
         uni = uniform_ranks_for_budget(cands, f)
@@ -377,7 +381,7 @@ def test_pretrained_cnn_factorize_model_end_to_end(mnist):
     model = copy.deepcopy(model)
     loader = DataLoader(TensorDataset(torch.cat(calib), torch.zeros(N_CALIB)), batch_size=BATCH)
     reports = factorize_model(
-        model, loader, targets=INNER, param_budget=0.2, input_fn=lambda b: b[0], n_probes=3, max_samples=20_000
+        model, loader, ParamBudget(0.2, n_probes=3), targets=INNER, input_fn=lambda b: b[0], max_samples=20_000
     )
     assert sum(r.params_after for r in reports) <= 0.2 * sum(r.params_before for r in reports)
     assert all(r.samples > 0 for r in reports)

@@ -8,20 +8,13 @@ import torch
 import torch.nn as nn
 from helpers import correlated_inputs
 
-from factorize_plugin.budget import (
-    ParamBudget,
-    allocate,
-    current_cost,
-    interpolate_output_curve,
-    probe_ranks,
-    total_cost,
-    uniform_ranks,
-    uniform_ranks_for_budget,
-)
+from factorize_plugin.surgery.allocation import allocate, uniform_ranks, uniform_ranks_for_budget
+from factorize_plugin.surgery.candidates import LayerCandidate, current_cost, total_cost
+from factorize_plugin.surgery.sensitivity import interpolate_output_curve, probe_ranks
 from factorize_plugin.core import MomentAccumulator, decompose
 from factorize_plugin.layers import FactorizedLinear, layer_view, weight_matrix
-from factorize_plugin.policies import FixedRank, LayerCandidate, MaxNMSE, make_policy
-from factorize_plugin.targets import select_layers
+from factorize_plugin.surgery.policies import FixedRank, MaxNMSE, ParamBudget, make_policy
+from factorize_plugin.surgery.targets import select_layers
 
 
 class _Block(nn.Module):
@@ -130,7 +123,8 @@ def test_ranks_only_go_down_for_factorized_layers():
     assert FixedRank(8).choose(c) == {"p": None}
     assert FixedRank(6).choose(c) == {"p": None}
     assert FixedRank(3).choose(c) == {"p": 3}
-    assert ParamBudget(0.5).choose(c) == {"p": 3}
+    assert ParamBudget(0.5).choose(c) == {"p": None}  # 0.5 of the dense 960 weights: the pair (384) fits already
+    assert ParamBudget(0.2).choose(c) == {"p": 3}  # 192 weights: rank 3 (3 * 64)
     assert ParamBudget(1.0).choose(c) == {"p": None}
 
 

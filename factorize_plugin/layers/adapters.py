@@ -93,7 +93,7 @@ def count_rows(x: torch.Tensor, view: LayerView) -> int:
     return n * h * w
 
 
-def input_rows(module: nn.Module, x: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+def input_rows(x: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's input as solver rows [rows, D]: tokens for Linear, patches for Conv2d.
     ``keep``: indices of the rows wanted (convolution patches are then gathered only there)."""
     if view.geometry is None:

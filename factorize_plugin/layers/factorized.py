@@ -77,6 +77,18 @@ class _FactorizedPair(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 self._make_pair(rank, like, like.requires_grad)
 
+    def snapshot(self) -> tuple[dict[str, nn.Module], int]:
+        """What ``restore`` needs to undo later resizes: the current children (a resize gives the
+        pair new children and leaves these, with their parameters, intact) and the rank."""
+        return dict(self._modules), self._rank
+
+    def restore(self, snapshot: tuple[dict[str, nn.Module], int]) -> None:
+        """Puts the pair back exactly as it was when ``snapshot`` was taken (same parameter objects)."""
+        children, rank = snapshot
+        for name, child in children.items():
+            setattr(self, name, child)
+        self._rank = rank
+
     def extra_repr(self) -> str:
         return f"rank={self._rank}"
 
@@ -217,3 +229,6 @@ class FactorizedConv2d(_FactorizedPair):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self._rank}"
+
+
+FACTORIZED_PAIRS = (FactorizedLinear, FactorizedConv2d)

@@ -12,8 +12,8 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .core.statistics import MomentAccumulator
-from .layers.adapters import LayerView, count_rows, input_rows, layer_view, weight_matrix
+from ..core.statistics import MomentAccumulator
+from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, weight_matrix
 
 
 class ActivationCollector:
@@ -124,7 +124,7 @@ class ActivationCollector:
                 if self.max_samples is not None:
                     want = min(want, self.max_samples - seen)
                 keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
-                rows = input_rows(module, x.detach(), view, keep)
+                rows = input_rows(x.detach(), view, keep)
                 if projection is not None:  # float64 inputs are projected in float64, others in float32
                     rows = rows @ projection if rows.dtype == torch.float64 else rows.float() @ projection32
                 stats.update(rows)

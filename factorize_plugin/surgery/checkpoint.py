@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Type, TypeVar, Union
 import torch
 import torch.nn as nn
 
-from .layers.factorized import EXTRA_STATE_TAG, FactorizedConv2d, FactorizedLinear
+from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear
 from .modules import set_submodule
 
 _SUFFIX = "._extra_state"
@@ -51,7 +51,7 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
             module = model.get_submodule(name)
         except AttributeError as err:
             raise KeyError(f"the state dict holds a factorized layer '{name}' that the model does not have") from err
-        if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+        if isinstance(module, FACTORIZED_PAIRS):
             continue  # resizes itself in set_extra_state
         set_submodule(model, name, _placeholder(module, entry[EXTRA_STATE_TAG], int(entry["rank"])))
         replaced.append(name)

@@ -68,9 +68,32 @@ def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedPara
                     params.append(p)
             new_groups.append(params)
         for group, params in zip(opt.param_groups, new_groups):  # all computed first: no half-edited optimizer
-            group["params"] = params
+            group["params"][:] = params  # in place: the list object is the one the optimizer knows
         for p in old.values():
             opt.state.pop(p, None)
+
+
+class OptimizerEdit:
+    """One optimizer's edits during a refactorization, with an undo: ``replace`` (see
+    ``replace_in_optimizer``) as often as needed, then ``commit`` or ``undo`` (which puts back every
+    param group's parameters and the state as they were when the edit began)."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = _unwrap(optimizer)
+        self._params = [list(g["params"]) for g in self.optimizer.param_groups]
+        self._state = dict(self.optimizer.state)
+
+    def replace(self, swaps: Iterable[tuple[NamedParams, NamedParams]]) -> None:
+        replace_in_optimizer(self.optimizer, swaps)
+
+    def undo(self) -> None:
+        for group, params in zip(self.optimizer.param_groups, self._params):
+            group["params"][:] = params
+        self.optimizer.state.clear()
+        self.optimizer.state.update(self._state)
+
+    def commit(self) -> None:
+        self._params, self._state = [], {}
 
 
 def param_group_names(optimizer, module: nn.Module) -> list[list[str]]:

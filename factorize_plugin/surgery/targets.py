@@ -6,11 +6,11 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-from .layers.adapters import FACTORIZABLE_TYPES, check_factorizable, layer_view
-from .layers.factorized import FactorizedConv2d, FactorizedLinear
+from ..layers.adapters import FACTORIZABLE_TYPES, check_factorizable, layer_view
+from ..layers.factorized import FACTORIZED_PAIRS
 from .modules import match_names
 
-_PAIRS = (FactorizedLinear, FactorizedConv2d)
+
 _WILDCARDS = set("*?[")
 
 
@@ -21,7 +21,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in pair_prefixes):
             continue
-        if isinstance(module, _PAIRS):
+        if isinstance(module, FACTORIZED_PAIRS):
             pair_prefixes.append(name + ".")
         out[name] = module
     return out
@@ -65,7 +65,7 @@ def select_layers(
             if not _WILDCARDS & set(pattern):
                 check_factorizable(cands[pattern], pattern)
     names = match_names(cands, targets, exclude)
-    allowed = tuple(types) + _PAIRS
+    allowed = tuple(types) + FACTORIZED_PAIRS
     chosen: dict[str, nn.Module] = {}
     for name in names:
         module = cands[name]

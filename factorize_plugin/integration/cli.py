@@ -6,12 +6,14 @@ goes under ``trainer.callbacks``. Example: ``factorize-plugin fit --config examp
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from .checkpoint import enable_factorized_loading
+from ..surgery.checkpoint import enable_factorized_loading
 
 
 class FactorizeCLI(LightningCLI):
@@ -22,7 +24,12 @@ class FactorizeCLI(LightningCLI):
         enable_factorized_loading(self.model)
 
 
-def main(args: Optional[list[str]] = None) -> FactorizeCLI:
+def run(args: Optional[list[str]] = None) -> FactorizeCLI:
+    """Runs the CLI on ``args`` (default: the command line) and returns the CLI object."""
+    # ``python -m`` puts the current directory on sys.path, a console script does not: do it here
+    # so that ``class_path: my_module.MyModel`` resolves the same way in both.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return FactorizeCLI(
         LightningModule,
         LightningDataModule,
@@ -31,3 +38,8 @@ def main(args: Optional[list[str]] = None) -> FactorizeCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """The console script's entry point: exits 0 after a successful run."""
+    run(args)

@@ -1,0 +1,1 @@
+"""Lightning integration: the callback decides when and where; the CLI runs YAML experiments."""

@@ -1,0 +1,411 @@
+"""The Lightning callback: progressive low-rank factorization during training.
+
+It owns no math and no model surgery. Its hooks decide *when* (milestones, which validation run's
+statistics) and *where* (which layers, which process): they collect statistics
+(``ActivationCollector``), all-reduce them, call the one transaction ``refactorize`` (solve,
+choose ranks, swap, edit the optimizers), rebuild the DDP wrapper, log, and checkpoint the
+callback's own state.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ..surgery.calling import InputFn, evaluating
+from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
+from ..surgery.collector import ActivationCollector
+from ..surgery.optim import param_group_names, restore_param_group_order
+from ..surgery.policies import RankPolicy
+from ..surgery.refactorize import refactorize
+from ..surgery.reports import LayerReport, format_reports
+from ..surgery.sensitivity import OutputProbe
+from ..surgery.targets import select_layers
+from .lightning_internals import preserved_metric_states, silenced_logging, start_method, validation_loaders
+from .schedule import Mode, ScheduleValue, describe, read_schedule
+
+_PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA", "Horovod", "Colossal", "Bagua")
+
+
+class LowRankFactorization(Callback):
+    """Factorizes (and then re-factorizes at lower ranks) Linear/Conv2d layers during ``fit``.
+
+    Args:
+        schedule: ``{epoch: value}``. From the start of ``epoch`` (0-based, as
+            ``trainer.current_epoch``) the chosen layers run at the new rank, fitted to the inputs
+            they saw during the validation run just before that epoch (key 0: a calibration pass over
+            validation batches before training starts). A value is a ``RankPolicy``
+            (``FixedRank(16)``, ``MaxNMSE(0.05)``, ``ParamBudget(0.3)``; in YAML a ``class_path`` /
+            ``init_args`` mapping) or a scalar read by ``mode``. With ``mode="rank"`` a scalar is an
+            int rank or a float in (0, 1) = fraction of each original layer's min(in, out) (the
+            model-level meaning of a fraction, as in ``factorize_model``; the core
+            ``factorize_matrix`` follows the reference implementation's instead).
+        mode: how scalar schedule values are read: ``"rank"``, ``"max_nmse"`` (per layer, the
+            smallest rank whose NMSE is at most the value) or ``"param_budget"`` (keep that fraction
+            of the targeted layers' original dense weights in total, allocated across layers).
+        targets / exclude: fnmatch patterns over qualified module names (default: every Linear and
+            Conv2d with at least ``min_params`` weights); a single string is one pattern.
+        min_params / min_features: skip layers with fewer weights, or whose min(in, out) features
+            is smaller (C_in * k_h * k_w and C_out for a convolution; by default a 10-class head is
+            left alone). Layers whose rank would not save multiply-adds stay dense.
+        max_samples: cap on rows (tokens / output pixels) of statistics per layer and milestone.
+        sample_fraction: share of each validation batch's rows used for statistics; ``"auto"`` keeps
+            their cost near 10% of the layer's forward cost (see ``ActivationCollector``).
+        budget_batches: validation batches on which a ``ParamBudget`` measures each layer's effect
+            on the network's output; 0 allocates by the layers' NMSE alone.
+        input_fn: turns a validation batch into the model's input for those measurements (default:
+            the first element of a tuple/list batch, a dict as keyword arguments, else the batch).
+        regularization: >= 0; moves the fit toward the plain SVD of the weights (few samples).
+        name: distinguishes two instances in a checkpoint (their ``state_key``); default: derived
+            from ``targets`` and ``exclude``, never from the schedule, so a schedule can be edited
+            between a run and its resume.
+        verbose: print a summary table on rank zero after each milestone.
+
+    Behaviour worth knowing:
+
+    * Statistics are collected only during the validation run(s) of the epoch before a milestone
+      (the last run wins, e.g. with ``val_check_interval=0.5``), never during the sanity check or
+      ``trainer.validate``. Without such a run after the epoch's last optimizer step (key 0,
+      ``check_val_every_n_epoch > 1``, a validation run that training steps followed, a resumed
+      run) the callback runs the validation batches itself before the swap (``validation_step``
+      with logging silenced and torchmetrics states left as they were); ``history`` records which.
+    * The swap happens in ``on_train_epoch_start``: no forward or backward is in flight and
+      gradient accumulation is at a boundary. If solving or swapping fails, the model and the
+      optimizers are left as they were before the milestone.
+    * Optimizer: the same optimizer and LR-scheduler objects continue (the schedule goes on); a
+      new parameter takes the param group and place of the one it replaces and starts with empty
+      state (Adam moments at zero); the old parameters' state is dropped; untouched parameters
+      keep theirs.
+    * DDP (``strategy="ddp"``, multi-node included: nothing assumes one machine): statistics are
+      summed over all ranks before solving (two sum all-reduces per layer, four for layers whose
+      statistics are not projected, in name order), so every rank computes the same factors from
+      the union of all ranks' validation data; rank 0's chosen ranks are broadcast; the
+      ``DistributedDataParallel`` wrapper is then rebuilt. ``ddp_spawn`` (and other start
+      methods that copy weights back into the main process) needs
+      ``enable_factorized_loading(model)`` in the main process before ``fit``.
+    * Checkpoints hold the factorized structure (in each pair's extra state), the callback's own
+      state (milestones done, ranks, history) and the optimizer's param groups by name:
+      ``trainer.fit(fresh_dense_model, ckpt_path=...)`` rebuilds the structure before the weights
+      load, puts the optimizer state on the right parameters and neither repeats nor skips a
+      milestone. A milestone that was missed (a run resumed past it) is applied at the next epoch
+      start, with a warning. For inference use ``load_factorized_checkpoint(cls, path)``.
+    * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value``, ``ranks``
+      and ``nmse`` and ``samples`` per layer, and ``statistics`` (``"validation"`` or
+      ``"calibration"``: where the statistics came from).
+    """
+
+    def __init__(
+        self,
+        schedule: dict[int, ScheduleValue],
+        mode: Mode = "rank",
+        targets: Optional[Union[str, list[str]]] = None,
+        exclude: Optional[Union[str, list[str]]] = None,
+        min_params: int = 1024,
+        min_features: int = 32,
+        max_samples: Optional[int] = 100_000,
+        sample_fraction: Union[float, str] = "auto",
+        budget_batches: int = 4,
+        input_fn: Optional[Callable[[Any], Any]] = None,
+        regularization: float = 0.0,
+        name: Optional[str] = None,
+        verbose: bool = True,
+    ) -> None:
+        self.mode = mode
+        self.schedule, self._policies = read_schedule(schedule, mode)
+        if regularization < 0:
+            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+        if budget_batches < 0:
+            raise ValueError(f"budget_batches must be >= 0, got {budget_batches}")
+        self.targets = _patterns(targets)
+        self.exclude = _patterns(exclude)
+        self.min_params = int(min_params)
+        self.min_features = int(min_features)
+        self.max_samples = max_samples
+        self.sample_fraction = sample_fraction
+        self.budget_batches = int(budget_batches)
+        self.input_fn: Optional[InputFn] = input_fn
+        self.regularization = float(regularization)
+        self.name = name
+        self.verbose = verbose
+        # state (checkpointed)
+        self.done: list[int] = []
+        self.ranks: dict[str, Optional[int]] = {}
+        self.history: list[dict[str, Any]] = []
+        self._restored_groups: Optional[list[list[list[str]]]] = None
+        # transient
+        self._target_names: list[str] = []
+        self._collector: Optional[ActivationCollector] = None
+        self._collected_for: Optional[int] = None
+        self._collected_at_step: Optional[int] = None  # trainer.global_step when that run ended
+        self._trainer: Optional[Trainer] = None
+        self._pl_module: Optional[LightningModule] = None
+
+    @property
+    def state_key(self) -> str:
+        if self.name is not None:
+            return self._generate_state_key(name=self.name)
+        return self._generate_state_key(targets=self.targets, exclude=self.exclude)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _check_strategy(trainer.strategy)
+        _check_callbacks(trainer.callbacks)
+        method = start_method(trainer.strategy)
+        if method is not None and not loading_enabled(pl_module):
+            raise RuntimeError(
+                f"with strategy='ddp_{method}' Lightning copies the trained weights back into the main process's "
+                "model, which stays dense unless it can rebuild the factorized structure: call "
+                "factorize_plugin.enable_factorized_loading(model) on the model in the main process before "
+                "trainer.fit (or use strategy='ddp')"
+            )
+        enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
+        self._target_names = list(self._select(pl_module))
+        self._trainer, self._pl_module = trainer, pl_module
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trainer, self._pl_module = trainer, pl_module
+        if self._restored_groups:
+            self._restore_optimizer_order(trainer, pl_module)
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            late = [e for e in self.schedule if e >= trainer.max_epochs and e not in self.done]
+            if late:
+                rank_zero_warn(
+                    f"LowRankFactorization: milestone(s) {late} are at or after max_epochs={trainer.max_epochs}: "
+                    "they will not run"
+                )
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch + 1):
+            return
+        self._drop_collector()
+        # A fresh collector per validation run: the last run before the milestone wins. Projected
+        # (x @ W) statistics are exact only while W stays as it was during the run: if an optimizer
+        # step follows it, on_train_epoch_start sees global_step moved and collects again.
+        self._collector = self._new_collector(pl_module).attach()
+        self._collected_for = trainer.current_epoch + 1
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._collector is not None and self._collector.attached:
+            self._collector.detach()
+            self._collected_at_step = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        due = self._due(epoch)
+        if not due:
+            return
+        milestone = due[-1]
+        if due != [epoch]:
+            rank_zero_warn(
+                f"LowRankFactorization: milestone(s) {due} were not applied when due (a run resumed past them?); "
+                f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, at epoch {epoch}"
+            )
+        collector, source = self._statistics(trainer, pl_module, epoch)
+        if trainer.world_size > 1:
+            for name in sorted(collector.stats):  # same collectives, same order, on every rank
+                collector.stats[name].all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        collector.check_nonempty()
+        layers = self._layers(pl_module)
+        policy = self._policies[milestone]
+        reports = refactorize(
+            pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
+            probe=self._probe(trainer, pl_module, layers, policy),
+            agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
+            regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
+        )  # fmt: skip
+        _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
+        self._record(trainer, pl_module, due, milestone, reports, source)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._drop_collector()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._drop_collector()  # no hook stays attached to the model after a failed fit
+
+    # ------------------------------------------------------- state and resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "done": list(self.done),
+            "ranks": dict(self.ranks),
+            "history": copy.deepcopy(self.history),
+            "param_groups": self._param_groups_by_name(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = list(state_dict.get("done", []))
+        self.ranks = dict(state_dict.get("ranks", {}))
+        self.history = list(state_dict.get("history", []))
+        self._restored_groups = state_dict.get("param_groups")
+
+    # ---------------------------------------------------------------- helpers
+    def _select(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
+        layers = select_layers(pl_module, self.targets, self.exclude, min_params=self.min_params, min_features=self.min_features)
+        if not layers:
+            raise ValueError(
+                f"no layer to factorize in {type(pl_module).__name__}: targets={self.targets}, exclude={self.exclude}, "
+                f"min_params={self.min_params}, min_features={self.min_features} leave none; lower them or widen the patterns"
+            )
+        return layers
+
+    def _layers(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
+        return {name: pl_module.get_submodule(name) for name in self._target_names}
+
+    def _due(self, epoch: int) -> list[int]:
+        """Milestones in force at ``epoch`` that have not been applied yet (normally just ``epoch``)."""
+        return [e for e in self.schedule if e <= epoch and e not in self.done]
+
+    def _new_collector(self, pl_module: LightningModule) -> ActivationCollector:
+        return ActivationCollector(self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto")
+
+    def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
+        """The statistics of the last validation run before ``epoch`` if no optimizer step followed
+        it (the same decision on every rank: same step), else those of a calibration pass now."""
+        fresh = self._collected_for == epoch and self._collected_at_step == trainer.global_step
+        collector = self._collector if fresh else None
+        self._collector, self._collected_for, self._collected_at_step = None, None, None
+        if collector is not None:
+            return collector, "validation"
+        return self._calibrate(trainer, pl_module), "calibration"
+
+    def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> ActivationCollector:
+        """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states kept)."""
+        loaders, limits = validation_loaders(trainer)
+        collector = self._new_collector(pl_module)
+        with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module):
+            for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
+                extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
+                for i, batch in enumerate(loader):
+                    if i >= limit:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
+                    with trainer.precision_plugin.val_step_context():
+                        pl_module.validation_step(batch, i, **extra)
+                    if self.max_samples is not None and min(collector.samples().values()) >= self.max_samples:
+                        break
+        return collector
+
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, policy: RankPolicy) -> Optional[OutputProbe]:
+        """A few validation batches to judge a policy's choices on the network's output, if it uses them."""
+        if not policy.uses_probe or self.budget_batches == 0:
+            return None
+        loaders, limits = validation_loaders(trainer)
+        batches = []
+        for i, batch in enumerate(loaders[0]):
+            if i >= min(self.budget_batches, limits[0]):
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
+
+    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str) -> None:
+        self.done.extend(due)
+        self.ranks = {r.name: r.new_rank for r in reports}
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "milestone": milestone,
+                "value": self.schedule[milestone],
+                "ranks": dict(self.ranks),
+                "nmse": {r.name: r.nmse for r in reports},
+                "samples": {r.name: r.samples for r in reports},
+                "statistics": source,
+            }
+        )
+        pl_module.log_dict(
+            _metrics(reports), on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
+        )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
+        if self.verbose:
+            rank_zero_info(
+                f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
+                + format_reports(reports)
+            )
+
+    def _restore_optimizer_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """configure_optimizers ran on the rebuilt model: put its parameters back in the saved order
+        so that the optimizer state (loaded next) lands on the right tensors."""
+        named = dict(pl_module.named_parameters())
+        if len(self._restored_groups) != len(trainer.optimizers):
+            raise RuntimeError(
+                f"the checkpoint holds {len(self._restored_groups)} optimizer(s), configure_optimizers built "
+                f"{len(trainer.optimizers)}: cannot restore the optimizer state onto the factorized parameters"
+            )
+        for opt, groups in zip(trainer.optimizers, self._restored_groups):
+            restore_param_group_order(opt, groups, named)
+        self._restored_groups = None
+
+    def _param_groups_by_name(self) -> Optional[list[list[list[str]]]]:
+        if self._trainer is None or self._pl_module is None or not self.done:
+            return None
+        return [param_group_names(opt, self._pl_module) for opt in self._trainer.optimizers]
+
+    def _drop_collector(self) -> None:
+        if self._collector is not None:
+            self._collector.detach()
+        self._collector, self._collected_for, self._collected_at_step = None, None, None
+
+
+def _patterns(patterns: Optional[Union[str, Sequence[str]]]) -> Optional[list[str]]:
+    return None if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _metrics(reports: list[LayerReport]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for r in reports:
+        metrics[f"factorize/{r.name}/nmse"] = r.nmse
+        metrics[f"factorize/{r.name}/rank"] = float(r.new_rank if r.new_rank is not None else min(r.shape))
+    changed = [r.nmse for r in reports if r.changed] or [0.0]
+    metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
+    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, sum(r.params_dense for r in reports))
+    metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
+    return metrics
+
+
+# ------------------------------------------------------------------ refusals
+def _class_names(obj: Any) -> list[str]:
+    return [k.__name__ for k in type(obj).__mro__]
+
+
+def _check_strategy(strategy: Any) -> None:
+    if any(s.lower() in n.lower() for s in _UNSUPPORTED_STRATEGIES for n in _class_names(strategy)):
+        raise NotImplementedError(
+            f"LowRankFactorization does not support {type(strategy).__name__} yet: it shards or replicates parameters "
+            "in ways that do not survive layers whose shapes change during training; use strategy='ddp' (or "
+            "'ddp_spawn' / a single device)"
+        )
+
+
+def _check_callbacks(callbacks: list) -> None:
+    copies = [type(c).__name__ for c in callbacks if set(_class_names(c)) & set(_PARAM_COPY_CALLBACKS)]
+    if copies:
+        raise ValueError(
+            f"LowRankFactorization cannot run with {copies}: they keep copies of the parameters, whose shapes "
+            "change at each milestone. Remove one of the two callbacks."
+        )
+
+
+def _rewrap_ddp(trainer: Trainer) -> None:
+    """After parameters changed, rebuild the DistributedDataParallel wrapper (a collective)."""
+    strategy = trainer.strategy
+    if not hasattr(strategy, "configure_ddp") or not isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        return
+    old = strategy.model
+    strategy.model = strategy.lightning_module
+    del old
+    strategy.configure_ddp()
+
+
+def _progress_printer(trainer: Trainer) -> Callable[[int, int, str], None]:
+    def progress(i: int, n: int, name: str) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(f"LowRankFactorization: solving layer {i + 1}/{n} ({name})")
+
+    return progress

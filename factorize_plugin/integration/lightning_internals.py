@@ -1,0 +1,85 @@
+"""The few private Lightning internals the callback relies on, each behind one small helper.
+
+``tests/test_lightning_internals.py`` checks every one of them against the installed Lightning,
+so that a Lightning release that moves them fails loudly there rather than deep inside a run.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn as nn
+from lightning.pytorch import LightningModule, Trainer
+
+
+def validation_loaders(trainer: Trainer) -> tuple[list, list]:
+    """The validation loaders exactly as Lightning's validation loop uses them (distributed sampler
+    under DDP, ``limit_val_batches`` applied) and their batch limits. Uses the fit loop's private
+    ``val_loop.setup_data()`` (idempotent: the loop reuses what it built) and ``_combined_loader``."""
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.setup_data()
+    combined = getattr(val_loop, "_combined_loader", None)
+    if combined is None:
+        raise RuntimeError(
+            "LowRankFactorization needs validation data to fit the factors: give the Trainer a val_dataloader "
+            "(or a datamodule with one), define validation_step, and keep limit_val_batches > 0"
+        )
+    loaders = list(combined.flattened)
+    limits = list(trainer.num_val_batches) or [float("inf")] * len(loaders)
+    return loaders, limits
+
+
+def start_method(strategy: Any) -> str | None:
+    """How the strategy starts its worker processes when Lightning's multiprocessing launcher
+    copies the trained weights back into the main process (``"spawn"``, ``"fork"``,
+    ``"forkserver"``: ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``), else None. Reads the
+    private ``_launcher`` / ``_start_method`` of the strategy."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(strategy, "_launcher", None)
+    method = getattr(strategy, "_start_method", None)
+    if isinstance(launcher, _MultiProcessingLauncher):
+        return getattr(launcher, "_start_method", method) or "spawn"
+    return method if method in ("spawn", "fork", "forkserver") else None
+
+
+class silenced_logging:
+    """Makes ``pl_module.log`` / ``log_dict`` no-ops while the callback runs validation batches itself."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.log = lambda *a, **k: None  # type: ignore[method-assign]
+        self.module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+
+    def __exit__(self, *exc) -> None:
+        del self.module.log
+        del self.module.log_dict
+
+
+class preserved_metric_states:
+    """Puts every torchmetrics ``Metric`` of the module back as it was (batches the callback runs
+    through ``validation_step`` may update metrics: they must not count). Uses the metrics'
+    ``metric_state`` and the private ``_update_count`` / ``_computed``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved: list = []
+
+    def __enter__(self) -> None:
+        from torchmetrics import Metric
+
+        for m in self.module.modules():
+            if isinstance(m, Metric):
+                state = {k: copy.deepcopy(v) for k, v in m.metric_state.items()}
+                self.saved.append((m, state, m._update_count, m._computed))
+
+    def __exit__(self, *exc) -> None:
+        for m, state, count, computed in self.saved:
+            for k, v in state.items():
+                setattr(m, k, v)
+            m._update_count = count
+            m._computed = computed
+        self.saved.clear()

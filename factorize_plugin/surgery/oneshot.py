@@ -1,0 +1,154 @@
+"""``factorize_model``: compress a PyTorch model in one call, without Lightning.
+
+    reports = factorize_model(model, calibration_batches, param_budget=0.3)
+    print(format_reports(reports))
+
+Calibration batches go through ``calling.call_model``: a tuple/list batch gives the model its
+first element (``(x, y)`` from a labelled loader), a dict is passed as keyword arguments, anything
+else as it is; ``input_fn`` overrides that.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
+from .collector import ActivationCollector
+from .policies import RankLike, RankPolicy, make_policy
+from .refactorize import refactorize
+from .reports import LayerReport
+from .sensitivity import OutputProbe
+from .targets import select_layers
+
+
+class _Prepared:
+    """The calibration batches moved to ``device``, afresh on every iteration."""
+
+    def __init__(self, source: Iterable, device: Optional[torch.device]) -> None:
+        self.source, self.device = source, device
+
+    def __iter__(self):
+        for b in self.source:
+            yield to_device(b, self.device)
+
+
+def _print_progress(i: int, n: int, name: str) -> None:
+    print(f"[factorize_model] solving layer {i + 1}/{n}: {name}", file=sys.stderr, flush=True)
+
+
+def _collect(model: nn.Module, layers, batches: Iterable, input_fn: Optional[InputFn], **collector_args) -> ActivationCollector:
+    with evaluating(model), ActivationCollector(layers, **collector_args) as collector:
+        n_batches = 0
+        for batch in batches:
+            call_model(model, batch, input_fn)
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("the calibration data yielded no batches")
+    collector.check_nonempty()
+    return collector
+
+
+def factorize_model(
+    model: nn.Module,
+    calibration: Iterable,
+    policy: Optional[RankPolicy] = None,
+    *,
+    rank: Optional[RankLike] = None,
+    max_nmse: Optional[float] = None,
+    param_budget: Optional[float] = None,
+    targets: Optional[Union[str, Sequence[str]]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    min_params: int = 0,
+    max_samples: Optional[int] = 200_000,
+    sample_fraction: Union[float, str] = 1.0,
+    space: str = "auto",
+    regularization: float = 0.0,
+    device: Optional[Union[torch.device, str]] = None,
+    input_fn: Optional[InputFn] = None,
+    output_fn: Callable[[Any], torch.Tensor] = output_tensor,
+    sensitivity_batches: Optional[int] = None,
+    progress: Union[bool, Callable[[int, int, str], None]] = False,
+) -> list[LayerReport]:
+    """Factorizes the model's Linear / Conv2d layers in place from statistics of their inputs on
+    ``calibration`` data, and returns one report per targeted layer.
+
+    Exactly one rank policy must be given (how much to compress is the caller's decision): a
+    ``policy`` object (``FixedRank``, ``MaxNMSE``, ``ParamBudget``, or your own ``RankPolicy``), or
+    one scalar shortcut:
+
+    * ``rank``: the same rank everywhere, an int or a float in (0, 1) as a fraction of each
+      layer's min(in, out) (channels for a convolution). This is the model-level meaning of a
+      fraction; the core ``factorize_matrix`` / ``factorize_conv2d`` follow the reference
+      implementation's meaning instead (a fraction of the input features D);
+    * ``max_nmse``: per layer, the smallest rank whose NMSE on the calibration data is at most this;
+    * ``param_budget``: ``ParamBudget(param_budget)``: keep this fraction in (0, 1] of the targeted
+      layers' dense weights in total, allocated by each layer's measured effect on the model's
+      output on the calibration batches (``ParamBudget(..., metric="macs")`` counts multiply-adds,
+      ``sensitivity=False`` skips the measurement).
+
+    A layer is left as it is where the chosen rank would not save multiply-adds (or would not
+    lower an already-factorized layer's rank). If anything fails, the model is left unchanged.
+
+    Args:
+        model: any ``nn.Module``. It runs in eval mode during calibration (dropout off, batch-norm
+            statistics frozen); afterwards every submodule has its own training mode back.
+        calibration: an iterable of batches (see the module docstring for how they are called).
+            With a measuring ``ParamBudget`` it is iterated again (a one-shot iterator is first
+            copied into a list).
+        targets / exclude: fnmatch patterns over qualified module names (``"encoder.*.fc1"``); a
+            single string is one pattern. Every ``targets`` pattern must match something
+            (ValueError), and a layer named exactly must be factorizable (TypeError). Default:
+            every Linear and Conv2d (groups=1).
+        min_params: skip layers with fewer weights.
+        max_samples / sample_fraction / space: passed to ``ActivationCollector`` (rows per layer;
+            share of each batch's rows; ``"auto"`` accumulates x @ W for layers with fewer outputs
+            than inputs, exact here since the weights do not change before solving).
+        regularization: alpha >= 0 of the solver (0: the exact data-optimal fit; large values
+            tend to the plain truncated SVD of the weights).
+        device: where calibration batches are moved (default: the device of the model's first
+            parameter). The model is not moved.
+        input_fn: turns a calibration batch into the model's input (default ``calling.default_inputs``).
+        output_fn: picks the tensor the model's output is judged by (default: the output, its
+            ``logits``, or its first tensor); used by a measuring ``ParamBudget``.
+        sensitivity_batches: a measuring ``ParamBudget`` uses only the first so many batches.
+        progress: True prints one line per solved layer to stderr; a callable gets (i, n, name).
+
+    Returns:
+        ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them).
+
+    Raises:
+        ValueError: not exactly one policy, a bad policy value, a pattern that matches nothing, no
+            layer selected, no calibration data, or NaN/inf in a layer's inputs (naming the layer).
+        TypeError: a layer named in ``targets`` has a type that cannot be factorized.
+        RuntimeError: a targeted layer never ran on the calibration data.
+    """
+    policy = make_policy(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy)
+    layers = select_layers(model, targets, exclude, min_params=min_params)
+    if not layers:
+        raise ValueError(
+            f"no Linear/Conv2d layer of {type(model).__name__} was selected to factorize "
+            f"(targets={targets!r}, exclude={exclude!r}, min_params={min_params})"
+        )
+    measuring = policy.uses_probe
+    if measuring and iter(calibration) is calibration:
+        calibration = list(calibration)
+    batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
+    progress_fn = _print_progress if progress is True else (progress or None)
+    collector = _collect(
+        model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space
+    )
+    probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if measuring else None
+    reports = refactorize(
+        model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
+        regularization=regularization, progress=progress_fn,
+    )  # fmt: skip
+    plan = getattr(policy, "last_plan", None)
+    if progress_fn is not None and plan is not None and plan.errors:
+        errs = ", ".join(f"{k}: {v.relative:.4g}" for k, v in plan.errors.items())
+        print(f"[factorize_model] relative output error on the calibration data: {errs}; keeping the {plan.chosen} "
+              "allocation", file=sys.stderr, flush=True)  # fmt: skip
+    return reports

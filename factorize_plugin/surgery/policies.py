@@ -1,0 +1,165 @@
+"""Rank policies: given every chosen layer's exact error curve, pick the new ranks.
+
+A policy returns, per layer, the new rank or None (leave the layer as it is). Ranks never go up:
+a rank not below the layer's current rank means no change, and a rank that would not save
+multiply-adds over the dense layer leaves a dense layer dense. Policies are plain dataclasses,
+so they can be passed from Python and written in YAML (``class_path`` / ``init_args``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Union
+
+from ..core.solver import resolve_rank
+from .allocation import allocate
+from .candidates import COST_METRICS, LayerCandidate, admissible, current_cost, dense_cost
+from .sensitivity import BudgetPlan, OutputProbe, plan_budget
+
+RankLike = Union[int, float]
+
+
+class RankPolicy:
+    """Base class: ``choose`` maps each layer's candidate to its new rank (None: unchanged).
+    ``probe``, where given, lets a policy judge choices on the network's output."""
+
+    def choose(
+        self, layers: Mapping[str, LayerCandidate], probe: Optional[OutputProbe] = None
+    ) -> dict[str, Optional[int]]:
+        raise NotImplementedError
+
+    @property
+    def uses_probe(self) -> bool:
+        """Whether ``choose`` makes use of a probe (callers skip building one otherwise)."""
+        return False
+
+    def order_key(self) -> tuple[str, float]:
+        """(kind, value) where, within one kind, a larger value compresses at least as much: a
+        schedule's milestones of one kind must not decrease."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class FixedRank(RankPolicy):
+    """The same rank everywhere: an int, or a float in (0, 1) as a fraction of each layer's
+    min(in, out) (features, or channels for a convolution). This is the model-level meaning of a
+    fraction; the core API's ``factorize_matrix`` follows the reference implementation's instead."""
+
+    rank: RankLike
+
+    def __post_init__(self) -> None:
+        resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates
+
+    def choose(self, layers, probe=None):
+        return {n: admissible(c.view, resolve_rank(self.rank, c.view.rank_base, c.view.rank_base)) for n, c in layers.items()}
+
+    def order_key(self) -> tuple[str, float]:
+        return ("int rank" if isinstance(self.rank, int) else "fractional rank", -float(self.rank))
+
+
+@dataclasses.dataclass
+class MaxNMSE(RankPolicy):
+    """Per layer, the smallest rank whose NMSE on the collected statistics is <= ``max_nmse``."""
+
+    max_nmse: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_nmse < 1.0:
+            raise ValueError(f"max_nmse must lie in [0, 1), got {self.max_nmse}")
+
+    def choose(self, layers, probe=None):
+        return {n: admissible(c.view, c.decomposition.smallest_rank(self.max_nmse)) for n, c in layers.items()}
+
+    def order_key(self) -> tuple[str, float]:
+        return ("max_nmse", float(self.max_nmse))
+
+
+def _check_fraction(fraction: float) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(
+            f"param_budget (the fraction of the targeted layers' dense weights to keep) must lie in (0, 1], got {fraction!r}"
+        )
+    return float(fraction)
+
+
+@dataclasses.dataclass
+class ParamBudget(RankPolicy):
+    """Keep ``fraction`` in (0, 1] of the targeted layers' *original dense* weights
+    (``metric="params"``) or multiply-adds per sample (``metric="macs"``) in total, also when some
+    layers are already factorized, spending them where they lower the network's error most.
+
+    Without a probe (or with ``sensitivity=False``) it minimizes sum_l weight_l * nmse_l(r_l), each
+    layer's exact NMSE curve. With a probe it first measures each layer's effect on the network's
+    output at ``n_probes`` ranks (``sensitivity.measure_sensitivity``: about ``n_probes`` extra
+    forward passes per layer and batch) and minimizes those curves; ``compare_uniform`` then also
+    measures the uniform allocation at no more cost and keeps whichever moves the output less (two
+    more passes). Ranks only go down and every changed layer keeps rank >= 1; if the layers are
+    already within the budget nothing changes. ``last_plan`` holds the latest measured plan.
+    """
+
+    fraction: float
+    metric: str = "params"
+    sensitivity: bool = True
+    n_probes: int = 8
+    compare_uniform: bool = True
+
+    def __post_init__(self) -> None:
+        self.fraction = _check_fraction(self.fraction)
+        if self.metric not in COST_METRICS:
+            raise ValueError(f"metric must be one of {COST_METRICS}, got {self.metric!r}")
+        if self.n_probes < 1:
+            raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
+        self.last_plan: Optional[BudgetPlan] = None
+
+    @property
+    def uses_probe(self) -> bool:
+        return self.sensitivity
+
+    def budget(self, layers: Mapping[str, LayerCandidate]) -> float:
+        return self.fraction * dense_cost(layers, self.metric)
+
+    def allocate(self, layers: Mapping[str, LayerCandidate]) -> dict[str, Optional[int]]:
+        """The allocation by the candidates' curves as they are (no measurement)."""
+        return allocate(layers, self.budget(layers), self.metric)
+
+    def choose(self, layers, probe=None):
+        self.last_plan = None
+        if not layers or self.budget(layers) >= current_cost(layers, self.metric) * (1 - 1e-12):
+            return {n: None for n in layers}
+        if probe is None or not self.sensitivity:
+            return self.allocate(layers)
+        self.last_plan = plan_budget(
+            probe, layers, self.allocate, self.fraction, self.metric, verify=self.compare_uniform, n_probes=self.n_probes
+        )
+        return dict(self.last_plan.ranks)
+
+    def order_key(self) -> tuple[str, float]:
+        return (f"param_budget ({self.metric})", -self.fraction)
+
+
+POLICY_ARGS = ("rank", "max_nmse", "param_budget")
+
+
+def make_policy(
+    rank: Optional[RankLike] = None,
+    max_nmse: Optional[float] = None,
+    param_budget: Optional[float] = None,
+    policy: Optional[RankPolicy] = None,
+) -> RankPolicy:
+    """The one policy given, as an object or by a scalar shortcut (``rank=`` -> ``FixedRank``,
+    ``max_nmse=`` -> ``MaxNMSE``, ``param_budget=`` -> ``ParamBudget``); ValueError unless exactly
+    one is given."""
+    given = {k: v for k, v in dict(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy).items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one rank policy out of policy=, rank=, max_nmse=, param_budget= (got {sorted(given) or 'none'})"
+        )
+    if policy is not None:
+        if not isinstance(policy, RankPolicy):
+            raise TypeError(f"policy must be a RankPolicy (FixedRank, MaxNMSE, ParamBudget), got {type(policy).__name__}")
+        return policy
+    if rank is not None:
+        return FixedRank(rank)
+    if max_nmse is not None:
+        return MaxNMSE(max_nmse)
+    return ParamBudget(param_budget)

@@ -1,0 +1,161 @@
+"""The one refactorization step, shared by ``factorize_model`` and the Lightning callback.
+
+``refactorize`` takes a model, the chosen layers with their collected statistics and a rank
+policy, and in one transaction: solves every layer exactly, lets the policy choose the ranks
+(judging on the network's output where it is given a probe), lets the processes agree on them,
+swaps every layer all-or-nothing, edits the optimizers in place, and returns one report per
+layer. If anything fails before it returns, the model and the optimizers are as they were.
+Plain PyTorch: no Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch.nn as nn
+
+from ..core.solver import decompose
+from ..core.statistics import MomentAccumulator
+from ..layers.adapters import install_factors, layer_view, weight_matrix
+from ..layers.factorized import FACTORIZED_PAIRS
+from .calling import evaluating
+from .candidates import LayerCandidate
+from .modules import set_submodule
+from .optim import OptimizerEdit
+from .policies import RankPolicy
+from .reports import LayerReport
+from .sensitivity import OutputProbe
+
+Ranks = dict[str, Optional[int]]
+Progress = Callable[[int, int, str], None]
+
+
+def build_candidates(
+    layers: Mapping[str, nn.Module],
+    stats: Mapping[str, MomentAccumulator],
+    positions: Optional[Mapping[str, float]] = None,
+    regularization: float = 0.0,
+    progress: Optional[Progress] = None,
+) -> dict[str, LayerCandidate]:
+    """Solves every layer exactly (all ranks at once). Errors name the layer."""
+    out = {}
+    for i, (name, module) in enumerate(layers.items()):
+        if progress is not None:
+            progress(i, len(layers), name)
+        try:
+            stats[name].check(f"inputs of layer '{name}'")
+            w, b = weight_matrix(module)
+            dec = decompose(stats[name], w, b, regularization)
+        except ValueError as err:
+            raise ValueError(f"cannot factorize layer '{name}': {err}") from err
+        out[name] = LayerCandidate(
+            layer_view(module), dec, float((positions or {}).get(name, 1.0)), samples=stats[name].num_samples
+        )
+    return out
+
+
+def _swap(
+    model: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks
+) -> Callable[[], None]:
+    """Installs the chosen ranks (None: unchanged) and returns what undoes it; on an error during
+    the swap every layer is put back as it was before raising."""
+    snapshots = {name: m.snapshot() for name, m in layers.items() if isinstance(m, FACTORIZED_PAIRS)}
+
+    def undo() -> None:
+        for name, module in layers.items():
+            if model.get_submodule(name) is not module:
+                set_submodule(model, name, module)
+            if name in snapshots:
+                module.restore(snapshots[name])
+
+    try:
+        for name, module in layers.items():
+            rank = ranks.get(name)
+            if rank is None:
+                continue
+            new = install_factors(module, *candidates[name].decomposition.factors(rank))
+            if new is not module:
+                set_submodule(model, name, new)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _reports(layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks) -> list[LayerReport]:
+    out = []
+    for name, module in layers.items():
+        c, rank = candidates[name], ranks.get(name)
+        new_rank = c.view.rank if rank is None else rank
+        nmse = 0.0 if rank is None else float(c.decomposition.nmse_curve[rank])
+        out.append(LayerReport.of(name, type(module).__name__, c.view, new_rank, nmse, c.positions, c.samples))
+    return out
+
+
+def apply_ranks(
+    model: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks
+) -> list[LayerReport]:
+    """Installs ``ranks`` (None: unchanged) from solved ``candidates``, all or nothing, and reports;
+    no optimizer is touched. The swap step of ``refactorize``, for experiments with given ranks."""
+    _swap(model, layers, candidates, ranks)
+    return _reports(layers, candidates, ranks)
+
+
+def refactorize(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    stats: Mapping[str, MomentAccumulator],
+    policy: RankPolicy,
+    *,
+    positions: Optional[Mapping[str, float]] = None,
+    optimizers: Sequence[Any] = (),
+    probe: Optional[OutputProbe] = None,
+    agree: Optional[Callable[[Ranks], Ranks]] = None,
+    regularization: float = 0.0,
+    progress: Optional[Progress] = None,
+) -> list[LayerReport]:
+    """Re-factorizes ``layers`` (qualified name -> module of ``model``) from their input ``stats``.
+
+    Args:
+        positions: output positions per sample of each layer (``ActivationCollector.positions``),
+            for multiply-add counts.
+        optimizers: edited in place (``optim.OptimizerEdit``): each new parameter takes the group and
+            place of the one it replaces and starts with empty state; the optimizer objects (and any
+            LR scheduler bound to them) continue.
+        probe: lets the policy judge its choices on the network's output (``ParamBudget``); the
+            model runs in eval mode and without grad meanwhile, and every submodule's mode is restored.
+        agree: called with the chosen ranks, returns the ranks every process installs (e.g. a
+            broadcast from rank 0 under DDP); must be called by every process.
+        regularization: the solver's alpha >= 0 (see ``core.decompose``).
+        progress: called as ``progress(i, n, name)`` before each layer is solved.
+
+    Returns:
+        One ``LayerReport`` per layer, in the order of ``layers``.
+    """
+    candidates = build_candidates(layers, stats, positions, regularization, progress)
+    if probe is not None:
+        with evaluating(model):
+            ranks = policy.choose(candidates, probe)
+    else:
+        ranks = policy.choose(candidates)
+    if agree is not None:
+        ranks = agree(ranks)
+    old_params = {name: dict(m.named_parameters()) for name, m in layers.items()}
+    edits = [OptimizerEdit(opt) for opt in optimizers]
+    undo = _swap(model, layers, candidates, ranks)
+    try:
+        swaps = []
+        for name in layers:
+            new = dict(model.get_submodule(name).named_parameters())
+            if [id(p) for p in new.values()] != [id(p) for p in old_params[name].values()]:
+                swaps.append((old_params[name], new))
+        for edit in edits:
+            edit.replace(swaps)
+    except BaseException:
+        for edit in edits:
+            edit.undo()
+        undo()
+        raise
+    for edit in edits:
+        edit.commit()
+    return _reports(layers, candidates, ranks)

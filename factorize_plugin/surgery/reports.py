@@ -1,0 +1,66 @@
+"""What a refactorization changed, one report per layer, and a plain-text table of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from ..layers.adapters import LayerView
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """One layer's change. Ranks are None for a dense layer; multiply-adds are per sample;
+    ``*_dense`` are the sizes of the original dense layer; ``nmse`` is the fit's error on the
+    collected statistics (0 if unchanged); ``note`` says why a layer was left alone, if it was."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    old_rank: Optional[int]
+    new_rank: Optional[int]
+    nmse: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    params_dense: int
+    macs_dense: int
+    samples: int
+    note: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.new_rank != self.old_rank
+
+    @classmethod
+    def of(cls, name: str, kind: str, view: LayerView, new_rank: Optional[int], nmse: float, positions: float, samples: int) -> "LayerReport":
+        return cls(
+            name=name, kind=kind, shape=(view.in_dim, view.out_dim), old_rank=view.rank, new_rank=new_rank, nmse=nmse,
+            params_before=view.params(view.rank), params_after=view.params(new_rank),
+            macs_before=round(view.params(view.rank) * positions), macs_after=round(view.params(new_rank) * positions),
+            params_dense=view.params(None), macs_dense=round(view.params(None) * positions), samples=samples,
+        )  # fmt: skip
+
+
+def format_reports(reports: Sequence[LayerReport]) -> str:
+    """A plain-text table of the reports plus totals against the dense layers."""
+    head = f"{'layer':<28} {'shape':>11} {'rank':>11} {'nmse':>8} {'params':>17}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        old = "dense" if r.old_rank is None else str(r.old_rank)
+        new = "dense" if r.new_rank is None else str(r.new_rank)
+        line = (
+            f"{r.name[:28]:<28} {f'{r.shape[0]}x{r.shape[1]}':>11} {f'{old}->{new}':>11} {r.nmse:>8.4f} "
+            f"{f'{r.params_before}->{r.params_after}':>17}"
+        )
+        lines.append(line + (f"  ({r.note})" if r.note else ""))
+    dense = sum(r.params_dense for r in reports) or 1
+    macs_dense = sum(r.macs_dense for r in reports) or 1
+    after = sum(r.params_after for r in reports)
+    macs_after = sum(r.macs_after for r in reports)
+    lines.append(
+        f"kept {after / dense:.1%} of the targeted layers' dense weights and {macs_after / macs_dense:.1%} of their "
+        "dense multiply-adds"
+    )
+    return "\n".join(lines)
