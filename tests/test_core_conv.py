@@ -87,9 +87,17 @@ def test_conv_progressive_pair_equals_product():
 
 
 def test_conv_dtype_and_fraction_rank():
+    # a fraction of D = C_in * k_h * k_w (the reference's meaning), capped by C_out
     conv = nn.Conv2d(8, 16, 3, padding=1)
-    sol = factorize_conv2d(_inputs(2, c=8).float(), conv.weight, biasA=conv.bias, padding=1)
-    assert sol.rank == 2 and sol.Wa.dtype == torch.float32  # 0.25 * min(8, 16)
+    x = _inputs(2, c=8).float()
+    sol = factorize_conv2d(x, conv.weight, biasA=conv.bias, padding=1)
+    # min(int(0.25 * 72), 16) = 16 = min(D, C_out): the default gives the dense kernel here
+    assert sol.rank == -1 and sol.Wb is None and sol.Wa.shape == (16, 8, 3, 3) and sol.Wa.dtype == torch.float32
+    assert sol.bias.shape == (16,) and sol.nmse < 1e-6
+    sol = factorize_conv2d(x, conv.weight, biasA=conv.bias, padding=1, rank=0.1)  # int(7.2) = 7
+    assert sol.rank == 7 and sol.Wa.shape == (7, 8, 3, 3) and sol.Wb.shape == (16, 7, 1, 1)
+    one = nn.Conv2d(8, 16, 1)
+    assert factorize_conv2d(x, one.weight, biasA=one.bias).rank == 2  # 0.25 * 8
 
 
 def test_conv_bad_input():
@@ -105,8 +113,8 @@ def test_conv_bad_input():
         factorize_conv2d(x[:0], conv.weight)
     with pytest.raises(TypeError, match="unknown"):
         factorize_conv2d(x, conv.weight, paddin=1)
-    with pytest.raises(ValueError, match="at least 1"):
-        factorize_conv2d(x, conv.weight, rank=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        factorize_conv2d(x, conv.weight, rank=-1)
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from factorize_plugin import LowRankSolution, MomentAccumulator, decompose, factorize_matrix, nmse_of
+from factorize_plugin import LowRankSolution, MomentAccumulator, decompose, factorize_matrix
+from factorize_plugin.core.solver import nmse_of
 from helpers import correlated_inputs, measured_nmse, optimal_nmse_reference
 
 
@@ -81,10 +82,22 @@ def test_rank_not_below_current_is_documented_no_change(layer):
     assert same.nmse == pytest.approx(0.0, abs=1e-10)
 
 
-def test_float_rank_is_fraction_of_min_dim(layer):
+def test_float_rank_is_fraction_of_input_features(layer):
+    # the reference's meaning: min(int(rank * D), Wa.shape[1]); D = 48 inputs, M = 40 outputs
     x, w, b = layer
-    sol = factorize_matrix(x, x @ w + b, w, bias=b)  # default 0.25 of min(48, 40)
-    assert sol.rank == 10
+    y = x @ w + b
+    assert factorize_matrix(x, y, w, bias=b).rank == 12  # default 0.25 of D = 48
+    assert factorize_matrix(x, y, w, bias=b, rank=0.5).rank == 24
+    dense = factorize_matrix(x, y, w, bias=b, rank=0.9)  # min(43, 40) = 40 = min(D, M): dense
+    assert dense.rank == -1 and dense.Wb is None and dense.Wa.shape == (48, 40)
+    pair = factorize_matrix(x, y, w, bias=b, rank=10)
+    y1 = x @ pair.Wa @ pair.Wb + pair.bias
+    assert factorize_matrix(x, y1, pair.Wa, pair.Wb, bias=pair.bias, rank=0.1).rank == 4
+    # capped by the pair's current rank 10: unchanged
+    same = factorize_matrix(x, y1, pair.Wa, pair.Wb, bias=pair.bias, rank=0.5)
+    assert same.rank == -1 and same.Wa is pair.Wa and same.Wb is pair.Wb
+    # floats >= 1 are truncated like the reference's int()
+    assert factorize_matrix(x, y, w, bias=b, rank=7.9).rank == 7
 
 
 def test_reported_nmse_with_bias_matches_measurement(layer):
@@ -157,10 +170,13 @@ def test_held_out_curve_matches_measurement(layer):
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        (dict(rank=0), ValueError, "at least 1"),
-        (dict(rank=-3), ValueError, "at least 1"),
-        (dict(rank=1.5), ValueError, r"\(0, 1\)"),
-        (dict(rank=0.0), ValueError, r"\(0, 1\)"),
+        (dict(rank=-3), ValueError, ">= 0"),
+        (dict(rank=-0.5), ValueError, ">= 0"),
+        (dict(rank=float("nan")), ValueError, "finite"),
+        (dict(rank=float("inf")), ValueError, "finite"),
+        (dict(rank=True), ValueError, "boolean"),
+        (dict(rank="4"), ValueError, "int or a float"),
+        (dict(rank=torch.tensor([2, 3])), ValueError, "one-element"),
         (dict(n_iters=-1), ValueError, "n_iters"),
     ],
 )
@@ -168,6 +184,16 @@ def test_bad_rank_and_iters(layer, kwargs, err, match):
     x, w, b = layer
     with pytest.raises(err, match=match):
         factorize_matrix(x, x @ w, w, **kwargs)
+
+
+def test_rank_zero_is_the_mean_as_in_the_reference(layer):
+    x, w, b = layer
+    y = x @ w + b
+    for rank in (0, 0.0, 0.01):  # 0.01 * 48 rounds to 0
+        sol = factorize_matrix(x, y, w, bias=b, rank=rank)
+        assert sol.rank == 0 and sol.Wa.shape == (48, 0) and sol.Wb.shape == (0, 40)
+        torch.testing.assert_close(sol.bias, y.mean(0))
+        assert sol.nmse == pytest.approx(1.0, rel=1e-9)
 
 
 def test_bad_shapes_and_values(layer):

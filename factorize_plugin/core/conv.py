@@ -8,6 +8,8 @@ and unfolds it with the convolution's own stride and dilation.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Iterator, Union
 
 import torch
@@ -18,12 +20,21 @@ IntPair = tuple[int, int]
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def _pair(v: Union[int, tuple, list], name: str) -> IntPair:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return (int(v[0]), int(v[1]))
-    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _pair(v: Union[int, tuple, list], name: str, minimum: int = 0) -> IntPair:
+    """``v`` as a pair of ints >= ``minimum``; ValueError naming ``name`` otherwise."""
+    if _is_int(v):
+        pair = (int(v), int(v))
+    elif isinstance(v, (tuple, list, torch.Size)) and len(v) == 2 and all(_is_int(i) for i in v):
+        pair = (int(v[0]), int(v[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (an int or a pair of ints), got {v!r}")
+    return pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +66,18 @@ class ConvGeometry:
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
         else:
-            padding = _pair(padding, "padding")
+            padding = _pair(padding, "padding", minimum=0)
         mode = kwargs.get("padding_mode", "zeros")
         if mode not in _PAD_MODES:
             raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {mode!r}")
-        stride = _pair(kwargs.get("stride", 1), "stride")
+        stride = _pair(kwargs.get("stride", 1), "stride", minimum=1)
         if padding == "same" and stride != (1, 1):
             raise ValueError("padding='same' requires stride 1 (as in torch.nn.Conv2d)")
         return cls(
-            kernel_size=_pair(tuple(kernel_size), "kernel_size"),
+            kernel_size=_pair(tuple(kernel_size), "kernel_size", minimum=1),
             stride=stride,
             padding=padding,
-            dilation=_pair(kwargs.get("dilation", 1), "dilation"),
+            dilation=_pair(kwargs.get("dilation", 1), "dilation", minimum=1),
             padding_mode=mode,
         )
 
@@ -148,7 +159,7 @@ def iter_conv_patches(x: torch.Tensor, geometry: ConvGeometry, max_rows: int = 1
 
 def conv_weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
     """[C_out, C_in, k_h, k_w] -> [C_in * k_h * k_w, C_out]."""
-    return weight.reshape(weight.shape[0], -1).T
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:])).T  # explicit: a 0-channel weight has no -1
 
 
 def matrix_to_conv_weight(mat: torch.Tensor, in_channels: int, kernel_size: IntPair) -> torch.Tensor:

@@ -22,6 +22,9 @@ output (y = x @ W + b) then Cxy = C W, B = W for every alpha, and only C is need
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 from typing import Optional, Union
 
 import torch
@@ -54,25 +57,81 @@ class LowRankSolution:
     nmse: float = 0.0
 
 
+def _as_rank_number(rank: object, name: str = "rank") -> Union[int, float]:
+    """A rank request as a plain ``int`` or ``float``: Python and NumPy integers and floats, and
+    0-d (or one-element) integer or floating tensors, are accepted (the reference implementation
+    casts with ``int()``); booleans, strings, NaN, inf and anything else raise ValueError."""
+    value = rank
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(
+                f"{name} must be an int or a float (or a one-element integer or floating tensor), "
+                f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        value = value.item()
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a float, got the boolean {rank!r}")
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {rank!r}")
+        return value
+    raise ValueError(f"{name} must be an int or a float, got {rank!r} ({type(rank).__name__})")
+
+
 def resolve_rank(rank: RankLike, in_features: int, out_features: int, name: str = "rank") -> int:
     """Turns a rank request into an int >= 1.
 
     An int is taken as is; a float in (0, 1) is a fraction of min(in_features, out_features),
-    rounded down but at least 1. Raises ValueError for anything else (0, negatives, floats >= 1,
-    booleans, NaN).
+    rounded down but at least 1. Integer-like values (NumPy integers, a 0-d integer tensor) count
+    as ints and NumPy floats or a 0-d floating tensor as floats. Raises ValueError for anything
+    else (0, negatives, floats >= 1, booleans, NaN).
+
+    This is the model-level meaning of a fraction (the callback, ``factorize_model``); the core
+    ``factorize_matrix`` / ``factorize_conv2d`` follow the reference implementation's instead.
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1), got {rank!r}")
-    if isinstance(rank, float):
-        if not 0.0 < rank < 1.0:
+    try:
+        value = _as_rank_number(rank, name)
+    except ValueError:
+        raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1), got {rank!r}") from None
+    if isinstance(value, float):
+        if not 0.0 < value < 1.0:
             raise ValueError(
                 f"{name}={rank!r}: a float rank is a fraction of min(in, out) and must lie in (0, 1); "
                 "pass an int for an absolute rank"
             )
-        return max(1, int(rank * min(in_features, out_features)))
-    if rank < 1:
-        raise ValueError(f"{name}={rank}: the rank must be at least 1")
-    return int(rank)
+        return max(1, int(value * min(in_features, out_features)))
+    if value < 1:
+        raise ValueError(f"{name}={value}: the rank must be at least 1")
+    return int(value)
+
+
+def _check_regularization(regularization: object) -> float:
+    if isinstance(regularization, torch.Tensor) and regularization.numel() == 1 and regularization.is_floating_point():
+        regularization = regularization.item()
+    if isinstance(regularization, bool) or not isinstance(regularization, numbers.Real):
+        raise ValueError(f"regularization must be a finite float >= 0, got {regularization!r}")
+    value = float(regularization)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"regularization must be a finite float >= 0 (0: the exact data-optimal fit; larger values "
+            f"move toward the truncated SVD of the weight), got {regularization!r}"
+        )
+    return value
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    """Raises ValueError naming ``name`` if the tensor holds NaN or inf."""
+    if not t.is_floating_point() and not t.is_complex():
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} contains NaN or inf values ({int(bad.sum())} of {t.numel()} entries): "
+            "the weights and biases to factorize must be finite"
+        )
 
 
 def _sqrt_metric(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,8 +178,12 @@ class LowRankDecomposition:
         regularization: float = 0.0,
     ) -> None:
         stats.check()
-        if regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        regularization = _check_regularization(regularization)
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be a [D, M] matrix, got shape {tuple(weight.shape)}")
+        _check_finite(weight, "weight")
+        if bias is not None:
+            _check_finite(bias, "bias")
         d, m = weight.shape
         dev = stats.device
         f64 = dict(dtype=torch.float64, device=dev)

@@ -10,12 +10,20 @@ all-reduces.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional
 
 import torch
 
 SumFn = Callable[[torch.Tensor], torch.Tensor]
 """Sums a flat float64 tensor across processes in place (and returns it)."""
+
+
+def _positive_int(value: object, name: str, what: str) -> int:
+    """``value`` as an int >= 1 (Python or NumPy integers), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 ({what}), got {value!r}")
+    return int(value)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -48,11 +56,9 @@ class MomentAccumulator:
         chunk_size: int = 8192,
         projection: Optional[torch.Tensor] = None,
     ) -> None:
-        if in_features < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features}")
-        self.in_features = int(in_features)
-        self.out_features = None if out_features is None else int(out_features)
-        self.chunk_size = int(chunk_size)
+        self.in_features = _positive_int(in_features, "in_features", "the last dimension of x")
+        self.out_features = None if out_features is None else _positive_int(out_features, "out_features", "the last dimension of y")
+        self.chunk_size = _positive_int(chunk_size, "chunk_size", "the number of rows merged per float64 chunk")
         if projection is not None and projection.shape[1] != in_features:
             raise ValueError(f"projection must be [D0, {in_features}], got {tuple(projection.shape)}")
         self.projection = None if projection is None else projection.detach().double()
