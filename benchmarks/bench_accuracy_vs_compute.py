@@ -92,9 +92,9 @@ def _init_worker(threads: int) -> None:
 
 
 def _data(cfg: dict, seed: int):
-    from factorize_plugin.tasks.mnist import MNISTDataModule
+    from examples.tasks.mnist import MNISTDataModule
 
-    from factorize_plugin.tasks.mnist import FASHION_MNIST_DIR, _load_fashion_mnist, _to_dataset
+    from examples.tasks.mnist import FASHION_MNIST_DIR, _load_fashion_mnist, _to_dataset
 
     dm = MNISTDataModule(source="fashion-mnist", batch_size=cfg["batch_size"], limit=cfg["limit"], seed=seed)
     dm.setup()
@@ -115,7 +115,7 @@ def _trainer(epochs: int, callbacks=()):
 def _model(seed: int, epochs: int, **over):
     import lightning.pytorch as pl
 
-    from factorize_plugin.tasks.mnist import MNISTClassifier
+    from examples.tasks.mnist import MNISTClassifier
 
     pl.seed_everything(seed, verbose=False)
     return MNISTClassifier(**dict(MODEL_KW, max_epochs_hint=epochs, **over))
@@ -487,7 +487,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     _quiet()
-    from factorize_plugin.tasks.mnist import MNISTClassifier  # noqa: F401 - fail early if missing
+    from examples.tasks.mnist import MNISTClassifier  # noqa: F401 - fail early if missing
 
     dm = _data(cfg, seeds[0])
     dense_ref = measure(_model(0, epochs))

@@ -67,7 +67,7 @@ def worker(cfg: dict, out_dir: str) -> None:
 
     import factorize_plugin.core.statistics as stats_mod
     from factorize_plugin import LowRankFactorization
-    from factorize_plugin.tasks.mnist import MNISTClassifier, MNISTDataModule
+    from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
 
     reduce_times: list[float] = []
     real_all_reduce = stats_mod.MomentAccumulator.all_reduce_

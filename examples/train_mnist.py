@@ -2,13 +2,18 @@
 
     python examples/train_mnist.py [--epochs 8] [--schedule 3:0.5,6:0.25] [--limit N]
 
-Trains the small CNN + MLP of ``factorize_plugin.tasks.mnist`` with ``LowRankFactorization``:
+Trains the small CNN + MLP of ``examples.tasks.mnist`` with ``LowRankFactorization``:
 dense for three epochs, then every large Linear/Conv2d is replaced by a low-rank pair fitted to
 the activations seen during the previous validation run, and later re-factorized at a lower
 rank. Prints validation accuracy and the share of weights / multiply-adds kept, epoch by epoch.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples.tasks
 
 import argparse
 import time
@@ -18,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from factorize_plugin import LowRankFactorization
-from factorize_plugin.tasks.mnist import MNISTClassifier, MNISTDataModule
+from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
 
 
 class EpochTable(Callback):

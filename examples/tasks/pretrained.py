@@ -94,7 +94,7 @@ def load_pretrained_digit_recognizer(map_location: str | torch.device = "cpu") -
 
     Expected input: float ``[B, 1, 28, 28]`` MNIST-style digits (white strokes on a black
     background) scaled to ``[0, 1]`` and then normalized with ``(x - 0.1307) / 0.3081``, which is what
-    :func:`preprocess_for_digit_recognizer` does to :class:`~factorize_plugin.tasks.MNISTDataModule`
+    :func:`preprocess_for_digit_recognizer` does to :class:`~examples.tasks.MNISTDataModule`
     images. Output: ``[B, 10]`` logits for the digits 0..9.
 
     The weights are loaded with ``load_state_dict(strict=True)``; parameters keep ``requires_grad=True``

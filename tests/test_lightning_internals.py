@@ -1,0 +1,59 @@
+"""The private Lightning / torchmetrics internals the callback relies on still exist and behave as
+``integration/lightning_internals.py`` assumes. A Lightning release that moves them fails here."""
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning_helpers import TinyNet
+
+from factorize_plugin.integration.lightning_internals import (
+    preserved_metric_states,
+    silenced_logging,
+    start_method,
+    validation_loaders,
+)
+
+
+class _LoaderProbe(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.loaders, self.limits = validation_loaders(trainer)
+
+
+def test_validation_loaders_are_the_loops_own_with_limits():
+    probe = _LoaderProbe()
+    model = TinyNet()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=2, callbacks=[probe],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model)
+    assert len(probe.loaders) == 1 and probe.limits == [2]
+    x, y = next(iter(probe.loaders[0]))
+    assert x.shape[1:] == (1, 8, 8) and y.dtype == torch.int64
+
+
+def test_start_method_of_each_ddp_flavour():
+    for strategy, expected in (("ddp_spawn", "spawn"), ("ddp_fork", "fork"), ("ddp", None)):
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False)
+        assert start_method(trainer.strategy) == expected, strategy
+    assert start_method(pl.Trainer(accelerator="cpu", devices=1, logger=False).strategy) is None
+
+
+def test_metric_state_is_put_back():
+    model = TinyNet()
+    metric = torchmetrics.MeanMetric()
+    model.extra_metric = metric
+    metric.update(torch.tensor([1.0, 3.0]))
+    assert metric._update_count == 1 and hasattr(metric, "_computed")
+    with preserved_metric_states(model):
+        metric.update(torch.tensor([100.0]))
+        assert float(metric.compute()) != 2.0
+    assert metric._update_count == 1 and float(metric.compute()) == 2.0
+
+
+def test_silenced_logging_restores_the_methods():
+    model = TinyNet()
+    with silenced_logging(model):
+        model.log("x", 1.0)  # outside a loop Lightning would raise here
+        model.log_dict({"x": 1.0})
+    assert model.log.__func__ is pl.LightningModule.log
