@@ -39,15 +39,10 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factorize_plugin.budget import (  # noqa: E402
-    ParamBudget,
-    allocate,
-    current_cost,
-    measure_output_errors,
-    measure_sensitivity,
-    total_cost,
-    uniform_ranks_for_budget,
-)
+from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget  # noqa: E402
+from factorize_plugin.surgery.candidates import current_cost, total_cost  # noqa: E402
+from factorize_plugin.surgery.policies import ParamBudget  # noqa: E402
+from factorize_plugin.surgery.sensitivity import OutputProbe, measure_output_errors, measure_sensitivity  # noqa: E402
 from factorize_plugin.surgery.collector import ActivationCollector  # noqa: E402
 from factorize_plugin.core import MomentAccumulator  # noqa: E402
 from factorize_plugin.layers import weight_matrix  # noqa: E402
@@ -144,7 +139,7 @@ def run(args) -> dict:
         svd = {n: identity_stats(weight_matrix(mod)[0].shape[0]) for n, mod in layers.items()}
         svd_cands = build_candidates(layers, svd, col.positions)
         t0 = time.time()
-        measured = measure_sensitivity(model, layers, cands, calib, n_probes=args.probes)
+        measured = measure_sensitivity(OutputProbe(model, layers, calib), cands, n_probes=args.probes)
         t_sens = time.time() - t0
         print(f"[{setting}] solved in {t_solve:.1f}s, sensitivity in {t_sens:.1f}s", flush=True)
         total = current_cost(cands)
@@ -156,7 +151,7 @@ def run(args) -> dict:
                 {n: type(c)(c.view, c.decomposition, c.positions) for n, c in cands.items()}, f * total
             )
             fixed = fixed_rank_for_budget(cands, f * total)
-            calib_err = measure_output_errors(model, layers, cands, {"budget": budget_ranks, "uniform": uniform}, calib)
+            calib_err = measure_output_errors(OutputProbe(model, layers, calib), cands, {"budget": budget_ranks, "uniform": uniform})
             picked = "uniform" if calib_err["uniform"].relative < calib_err["budget"].relative else "budget"
             row = {"fraction": f, "picked_by_plan_budget": picked,
                    "calibration_rel_error": {k: v.relative for k, v in calib_err.items()}}  # fmt: skip
