@@ -245,8 +245,8 @@ def test_max_nmse_mode(monkeypatch):
 
 def test_param_budget_mode():
     """param_budget keeps the given fraction of the targeted layers' original dense weights.
-    (Full sampling: with sample_fraction="auto" the 128 validation digits leave classifier.0 two
-    rows of statistics, its error curve is flat zero, and the allocation rightly spends nothing.)"""
+    (Full sampling: every row of the validation digits, so the statistics and the allocation do
+    not depend on which rows a sampled collection would draw.)"""
     pl.seed_everything(0)
     model = TinyNet()
     dense = sum(model.get_submodule(n).weight.numel() for n in TARGETS)
