@@ -1,0 +1,51 @@
+"""Rank policies are objects users pass from Python and write in YAML (class_path / init_args)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget
+from factorize_plugin.integration.cli import FactorizeCLI
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _callback_from_yaml(tmp_path, schedule) -> LowRankFactorization:
+    cfg = yaml.safe_load((EXAMPLES / "mnist.yaml").read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"]["schedule"] = schedule
+    cfg["trainer"]["logger"] = False
+    path = tmp_path / "policies.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = FactorizeCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(path)],
+    )  # fmt: skip
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LowRankFactorization)]
+    return cb
+
+
+def test_policy_objects_in_yaml(tmp_path):
+    cb = _callback_from_yaml(
+        tmp_path,
+        {
+            1: {"class_path": "factorize_plugin.FixedRank", "init_args": {"rank": 8}},
+            2: {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.3, "metric": "macs"}},
+        },
+    )
+    assert cb._policies == {1: FixedRank(8), 2: ParamBudget(0.3, metric="macs")}
+
+
+def test_yaml_policy_with_a_bad_value_is_refused(tmp_path):
+    with pytest.raises((SystemExit, ValueError)):
+        _callback_from_yaml(tmp_path, {1: {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 1.5}}})
+
+
+def test_python_schedule_mixes_policies_and_checks_their_order():
+    cb = LowRankFactorization({1: FixedRank(16), 2: MaxNMSE(0.05), 3: 8})
+    assert cb._policies == {1: FixedRank(16), 2: MaxNMSE(0.05), 3: FixedRank(8)}
+    with pytest.raises(ValueError, match="goes back up at epoch 3"):
+        LowRankFactorization({1: ParamBudget(0.3), 3: ParamBudget(0.5)})
+    with pytest.raises(ValueError, match="goes back up at epoch 2"):
+        LowRankFactorization({1: MaxNMSE(0.1), 2: MaxNMSE(0.01)})
