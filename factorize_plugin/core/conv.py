@@ -105,10 +105,6 @@ class ConvGeometry:
         ph, pw = self.padding
         return (pw, pw, ph, ph)
 
-    @property
-    def patch_size(self) -> int:
-        return self.kernel_size[0] * self.kernel_size[1]
-
 
 def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     """Unfolded input patches. ``x``: [N, C, H, W] -> [N * H_out * W_out, C * k_h * k_w], ordered so

@@ -178,18 +178,42 @@ class LowRankDecomposition:
         regularization: float = 0.0,
     ) -> None:
         stats.check()
-        regularization = _check_regularization(regularization)
+        self.regularization = _check_regularization(regularization)
         if weight.ndim != 2:
             raise ValueError(f"weight must be a [D, M] matrix, got shape {tuple(weight.shape)}")
         _check_finite(weight, "weight")
         if bias is not None:
             _check_finite(bias, "bias")
         d, m = weight.shape
-        dev = stats.device
-        f64 = dict(dtype=torch.float64, device=dev)
-        # With projected statistics (z = x @ W) the problem is solved in z-space with weight I;
-        # the input map W is applied to the first factor at the end.
-        self.input_map = None if stats.projection is None else stats.projection.to(dev)
+        self.in_features, self.out_features = d, m
+        self.max_rank = min(d, m)
+        self.weight = self._solving_weight(stats, weight)
+        self.bias = None if bias is None else bias.detach().to(dtype=torch.float64, device=stats.device)
+        self.mean_x = stats.mean_x.clone()
+
+        l_metric, evals, evecs = _sqrt_metric(self._metric(stats))
+        tgt = _targets(stats, self.weight, self.bias)
+        self.mean_y = tgt.mean_y.clone()
+        if stats.has_targets:
+            # B = W + A^+ (Cxy - C W): the least-squares (or ridge) solution closest to W.
+            cutoff = evals.max() * self.weight.shape[0] * torch.finfo(torch.float64).eps
+            inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+            resid = tgt.cxy - stats.cxx @ self.weight
+            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ resid))
+        else:
+            self.B = self.weight
+        self.V = self._output_directions(l_metric @ self.B)
+        self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
+        self.nmse_curve = self._curve(stats, tgt)
+
+    def _solving_weight(self, stats: MomentAccumulator, weight: torch.Tensor) -> torch.Tensor:
+        """W [D, M] in float64, checked against the statistics. With projected statistics
+        (z = x @ W) the problem is solved in z-space with weight I [M, M]; the input map W is
+        applied to the first factor at the end (``self.input_map``)."""
+        d, m = weight.shape
+        f64 = dict(dtype=torch.float64, device=stats.device)
+        self.input_map = None if stats.projection is None else stats.projection.to(stats.device)
+        d_space = d
         if self.input_map is not None:
             if self.input_map.shape != (d, m):
                 raise ValueError(f"the statistics are projected by a {tuple(self.input_map.shape)} map, not W {(d, m)}")
@@ -198,52 +222,39 @@ class LowRankDecomposition:
                     "the layer's weights changed after its projected statistics (x @ W) were collected: collect "
                     "them again right before solving, or collect input statistics instead"
                 )
-            weight = torch.eye(m, **f64)
-            d_space = m
-        else:
-            d_space = d
+            weight, d_space = torch.eye(m, **f64), m
         if d_space != stats.in_features:
             raise ValueError(f"weight has {d_space} input features but the statistics have {stats.in_features}")
         if stats.has_targets and m != stats.out_features:
             raise ValueError(f"weight has {m} output features but the statistics have {stats.out_features}")
-        self.weight = weight.detach().to(**f64)
-        self.bias = None if bias is None else bias.detach().to(**f64)
-        self.regularization = float(regularization)
-        self.mean_x = stats.mean_x.clone()
-        self.in_features, self.out_features = d, m
-        self.max_rank = min(d, m)
+        return weight.detach().to(**f64)
 
+    def _metric(self, stats: MomentAccumulator) -> torch.Tensor:
+        """A [D, D]: the input covariance C, plus the regularization. Explicit targets: a ridge
+        alpha * tr(C) / D * I. Implicit targets (the layer's own output): alpha * s * R with
+        s = tr(W^T C W) / |W|^2 and R the metric of W's input space, the same fit in input and
+        projected space. Large alpha moves the fit toward the truncated SVD of W in both cases."""
         c = stats.cxx
-        a = c
-        if regularization:
-            tiny = torch.finfo(torch.float64).tiny
-            if stats.has_targets:  # the ridge scale of the inputs
-                a = c + (self.regularization * (torch.diagonal(c).sum() / d).clamp_min(tiny)) * torch.eye(d, **f64)
-            else:  # A = C + alpha * s * R with s = tr(W^T C W) / |W|^2: the same fit in either space
-                w_eff = self.weight if self.input_map is None else self.input_map
-                s = ((self.weight * (c @ self.weight)).sum() / w_eff.square().sum()).clamp_min(tiny)
-                r = torch.eye(d, **f64) if self.input_map is None else self.input_map.T @ self.input_map
-                a = c + (self.regularization * s) * r
-        l_metric, evals, evecs = _sqrt_metric(a)
-
-        tgt = _targets(stats, self.weight, self.bias)
-        self.mean_y = tgt.mean_y.clone()
+        if not self.regularization:
+            return c
+        tiny = torch.finfo(torch.float64).tiny
+        d = c.shape[0]
+        eye = torch.eye(d, dtype=torch.float64, device=c.device)
         if stats.has_targets:
-            # B = W + A^+ (Cxy - C W): the least-squares (or ridge) solution closest to W.
-            cutoff = evals.max() * d * torch.finfo(torch.float64).eps
-            inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-            resid = tgt.cxy - c @ self.weight
-            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ resid))
-        else:
-            self.B = self.weight
-        _, self.singular_values, vh = torch.linalg.svd(l_metric @ self.B, full_matrices=False)
-        v = vh[: self.max_rank].T  # [M, k]; rows of vh are sorted by singular value
-        # fix each singular vector's sign (largest entry positive) so that equal statistics give
-        # equal factors on every process and run, not factors equal only up to sign
+            return c + (self.regularization * (torch.diagonal(c).sum() / d).clamp_min(tiny)) * eye
+        w_eff = self.weight if self.input_map is None else self.input_map
+        s = ((self.weight * (c @ self.weight)).sum() / w_eff.square().sum()).clamp_min(tiny)
+        r = eye if self.input_map is None else self.input_map.T @ self.input_map
+        return c + (self.regularization * s) * r
+
+    def _output_directions(self, metric_b: torch.Tensor) -> torch.Tensor:
+        """V [M, k]: the right singular vectors of L B (L: the square root of the metric), sorted by
+        singular value, each with its largest entry positive so that equal statistics give equal
+        factors on every process and run (not factors equal only up to sign)."""
+        _, _, vh = torch.linalg.svd(metric_b, full_matrices=False)
+        v = vh[: self.max_rank].T
         pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
-        self.V = (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
-        self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
-        self.nmse_curve = self._curve(stats, tgt)
+        return (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
 
     def _curve(self, stats: MomentAccumulator, tgt: _Targets) -> torch.Tensor:
         """NMSE at ranks 0..k on ``stats`` (bias fitted on the training statistics)."""
@@ -308,8 +319,8 @@ def decompose(
         weight: W [D, M], the current operator (``Wa @ Wb`` for an already-factorized layer).
         bias: [M] or None, the current bias (only used when the target is implicit).
         regularization: alpha >= 0; 0 gives the exact data-optimal fit, larger values move toward
-            the truncated SVD of W (useful with few calibration samples; choose it with ``nmse_on``
-            on held-out statistics).
+            the truncated SVD of W, for implicit and explicit targets alike (useful with few
+            calibration samples; choose it with ``nmse_on`` on held-out statistics).
     """
     return LowRankDecomposition(stats, weight, bias, regularization)
 
