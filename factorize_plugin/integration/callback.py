@@ -10,6 +10,7 @@ callback's own state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -23,8 +24,9 @@ from ..surgery.collector import ActivationCollector
 from ..surgery.optim import param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
 from ..surgery.refactorize import refactorize
-from ..surgery.reports import LayerReport, format_reports
+from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
+from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
 from ..surgery.targets import select_layers
 from .lightning_internals import preserved_metric_states, silenced_logging, start_method, validation_loaders
 from .schedule import Mode, ScheduleValue, describe, read_schedule
@@ -66,6 +68,17 @@ class LowRankFactorization(Callback):
             from ``targets`` and ``exclude``, never from the schedule, so a schedule can be edited
             between a run and its resume.
         verbose: print a summary table on rank zero after each milestone.
+        speed_guard: True (default): ``SpeedGuard()``: before a layer is replaced, the dense layer
+            and the candidate pair are timed (forward + backward + the optimizer's step, median of
+            repeats, cached by shape/rank/dtype/device/rows) on the inputs of a training batch of
+            the epoch before the milestone (for a milestone at epoch 0: the validation batches'
+            shape at the training loader's batch size), and the layer stays as it is unless the
+            pair is ``margin`` (1.15) x as fast; a ``ParamBudget`` spends its budget only on ranks
+            the guard allows. Under DDP rank 0 measures and every rank applies its decisions. The
+            report's note says why a layer stayed dense, and ``factorize/speedup`` logs the
+            changed layers' measured speedup. A ``SpeedGuard(...)`` sets margin and mode; False
+            switches it off: the same structure on every machine, at the risk of layers that run
+            slower than dense.
 
     Behaviour worth knowing:
 
@@ -115,8 +128,10 @@ class LowRankFactorization(Callback):
         regularization: float = 0.0,
         name: Optional[str] = None,
         verbose: bool = True,
+        speed_guard: Union[bool, SpeedGuard] = True,
     ) -> None:
         self.mode = mode
+        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
         self.schedule, self._policies = read_schedule(schedule, mode)
         if regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {regularization}")
@@ -147,6 +162,7 @@ class LowRankFactorization(Callback):
         self._collected_at_step: Optional[int] = None  # trainer.global_step when that run ended
         self._trainer: Optional[Trainer] = None
         self._pl_module: Optional[LightningModule] = None
+        self._train_inputs: Optional[InputRecorder] = None  # first training batch's input per layer
 
     @property
     def state_key(self) -> str:
@@ -156,6 +172,9 @@ class LowRankFactorization(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # every entry point (validate/test/predict(ckpt_path=...) too) may load a checkpoint whose
+        # structure differs from the live model's: rebuild it from the state dict before weights load
+        enable_factorized_loading(pl_module)
         if stage != "fit":
             return
         _check_strategy(trainer.strategy)
@@ -203,6 +222,7 @@ class LowRankFactorization(Callback):
         epoch = trainer.current_epoch
         due = self._due(epoch)
         if not due:
+            self._watch_training_inputs(pl_module, epoch)
             return
         milestone = due[-1]
         if due != [epoch]:
@@ -222,15 +242,19 @@ class LowRankFactorization(Callback):
             probe=self._probe(trainer, pl_module, layers, policy),
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
+            speed=self._speed_check(trainer, collector),
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         self._record(trainer, pl_module, due, milestone, reports, source)
+        self._watch_training_inputs(pl_module, epoch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_collector()
+        self._drop_training_inputs()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
+        self._drop_training_inputs()
 
     # ------------------------------------------------------- state and resume
     def state_dict(self) -> dict[str, Any]:
@@ -294,6 +318,39 @@ class LowRankFactorization(Callback):
                         break
         return collector
 
+    def _watch_training_inputs(self, pl_module: LightningModule, epoch: int) -> None:
+        """Before an epoch that precedes a milestone: record each layer's first training input
+        (a forward pre-hook that removes itself after one call) for the speed guard."""
+        self._drop_training_inputs()
+        if self.speed_guard is not None and self._due(epoch + 1):
+            self._train_inputs = InputRecorder(self._layers(pl_module), training_only=True).attach()
+
+    def _drop_training_inputs(self) -> None:
+        if self._train_inputs is not None:
+            self._train_inputs.detach()
+        self._train_inputs = None
+
+    def _speed_check(self, trainer: Trainer, collector: ActivationCollector) -> Optional[SpeedCheck]:
+        """The guard bound to this milestone: training inputs where they were recorded, else the
+        validation inputs at the training loader's batch size (rank 0 measures under DDP)."""
+        if self.speed_guard is None:
+            return None
+        seen = self._train_inputs.inputs if self._train_inputs is not None else {}
+        self._drop_training_inputs()
+        batch = getattr(trainer.train_dataloader, "batch_size", None) if trainer.train_dataloader is not None else None
+        inputs = {}
+        for name in self._target_names:
+            if name in seen:
+                inputs[name] = seen[name]
+            elif name in collector.inputs:
+                inputs[name] = dataclasses.replace(collector.inputs[name].with_batch(batch), requires_grad=True)
+        distributed = trainer.world_size > 1
+        return SpeedCheck(
+            self.speed_guard, inputs, trainer.optimizers,
+            broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
+            measure_here=trainer.is_global_zero,
+        )  # fmt: skip
+
     def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, policy: RankPolicy) -> Optional[OutputProbe]:
         """A few validation batches to judge a policy's choices on the network's output, if it uses them."""
         if not policy.uses_probe or self.budget_batches == 0:
@@ -317,6 +374,8 @@ class LowRankFactorization(Callback):
                 "ranks": dict(self.ranks),
                 "nmse": {r.name: r.nmse for r in reports},
                 "samples": {r.name: r.samples for r in reports},
+                "speedup": {r.name: r.speedup for r in reports if r.speedup is not None},
+                "notes": {r.name: r.note for r in reports if r.note},
                 "statistics": source,
             }
         )
@@ -366,6 +425,9 @@ def _metrics(reports: list[LayerReport]) -> dict[str, float]:
     metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
     metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, sum(r.params_dense for r in reports))
     metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
+    speed = measured_speedup(reports)
+    if speed is not None:
+        metrics["factorize/speedup"] = speed  # wall-clock of the changed layers, dense / factorized
     return metrics
 
 

@@ -2,17 +2,22 @@
 
 Every factorized pair stores ``{"factorize_plugin": kind, "rank": r}`` as its extra state. Before
 weights are copied, ``restore_structure`` replaces each dense layer named in such an entry by a
-pair of that rank (an existing pair resizes itself in ``set_extra_state``).
+pair of that rank (an existing pair resizes itself in ``set_extra_state``), and turns a pair back
+into a dense layer where the state dict holds that layer dense (a checkpoint from before a milestone).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import sys
 from typing import Any, Mapping, Optional, Type, TypeVar, Union
 
 import torch
 import torch.nn as nn
 
-from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear
+from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
+from ..layers.transposed import TransposedLinear
 from .modules import set_submodule
 
 _SUFFIX = "._extra_state"
@@ -24,6 +29,8 @@ def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
     w = module.weight
     if kind == "linear" and isinstance(module, nn.Linear):
         pair = FactorizedLinear(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
+    elif kind == "linear" and isinstance(module, TransposedLinear):  # Hugging Face Conv1D: weight [in, out]
+        pair = FactorizedLinear(w.shape[0], w.shape[1], rank, module.bias is not None, w.device, w.dtype)
     elif kind == "conv2d" and isinstance(module, nn.Conv2d):
         pair = FactorizedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, rank, module.stride, module.padding,
@@ -38,13 +45,25 @@ def factorized_entries(state_dict: Mapping[str, Any], prefix: str = "") -> dict[
     """Qualified name (relative to ``prefix``) -> extra state, for every factorized pair in it."""
     out = {}
     for key, value in state_dict.items():
-        if key.startswith(prefix) and key.endswith(_SUFFIX) and isinstance(value, dict) and EXTRA_STATE_TAG in value:
-            out[key[len(prefix) : -len(_SUFFIX)]] = value
+        entry = decode_extra_state(value) if key.startswith(prefix) and key.endswith(_SUFFIX) else None
+        if entry is not None:
+            out[key[len(prefix) : -len(_SUFFIX)]] = entry
     return out
 
 
+def _dense_in(state_dict: Mapping[str, Any], prefix: str, name: str) -> bool:
+    """Whether ``state_dict`` holds layer ``name`` as a plain dense layer (a ``weight`` of its own
+    and no factorized extra state)."""
+    key = f"{prefix}{name}."
+    return key + "weight" in state_dict and key + _SUFFIX[1:] not in state_dict
+
+
 def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Replaces dense layers by factorized pairs wherever ``state_dict`` holds one. Returns their names."""
+    """Gives ``model`` the structure ``state_dict`` holds, before any weight is copied: a dense
+    layer becomes a factorized pair wherever the state dict holds one, a pair becomes a dense layer
+    again wherever the state dict holds that layer dense (a checkpoint written before a milestone),
+    and a pair of another rank resizes itself in ``set_extra_state``. Returns the names of the
+    layers replaced here."""
     replaced = []
     for name, entry in factorized_entries(state_dict, prefix).items():
         try:
@@ -55,6 +74,11 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
             continue  # resizes itself in set_extra_state
         set_submodule(model, name, _placeholder(module, entry[EXTRA_STATE_TAG], int(entry["rank"])))
         replaced.append(name)
+    pairs = [(n, m) for n, m in model.named_modules() if n and isinstance(m, FACTORIZED_PAIRS)]
+    for name, pair in pairs:
+        if _dense_in(state_dict, prefix, name):
+            set_submodule(model, name, pair.to_dense())  # weights are about to be overwritten
+            replaced.append(name)
     return replaced
 
 
@@ -92,16 +116,62 @@ def load_factorized(model: M, state_dict: Union[Mapping[str, Any], str], strict:
     return model
 
 
+# instantiators Lightning itself trusts in hyperparameters (LightningCLI stores this one)
+_TRUSTED_INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module", "pytorch_lightning.cli.instantiate_module")
+
+
+def _imported_class(class_path: str) -> Optional[type]:
+    """The class ``class_path`` names if its module is already imported (nothing is imported here)."""
+    module_name, _, name = class_path.rpartition(".")
+    module = sys.modules.get(module_name)
+    return getattr(module, name, None) if module is not None else None
+
+
+def _instantiate(cls: Type[M], hparams: dict[str, Any]) -> M:
+    """Builds ``cls`` from checkpoint hyperparameters the way ``load_from_checkpoint`` does: through
+    the instantiator LightningCLI recorded (``_instantiator`` / ``_class_path``), else ``cls(**hparams)``
+    with only the arguments its ``__init__`` takes (unless it takes ``**kwargs``)."""
+    hparams = dict(hparams)
+    instantiator_path = hparams.pop("_instantiator", None)
+    class_path = hparams.get("_class_path")
+    if class_path is not None:
+        klass = _imported_class(class_path)
+        if not (isinstance(klass, type) and issubclass(klass, cls)):
+            raise ValueError(
+                f"the checkpoint was written by the command line for class {class_path!r}, which is not an already "
+                f"imported subclass of {cls.__name__}: import the module that defines it, then load again"
+            )
+    if instantiator_path is not None:
+        if instantiator_path not in _TRUSTED_INSTANTIATORS:
+            raise ValueError(
+                f"the checkpoint names the instantiator {instantiator_path!r}, which is not one LightningCLI writes: "
+                "refusing to run it"
+            )
+        module_name, _, name = instantiator_path.rpartition(".")
+        instantiator = getattr(importlib.import_module(module_name), name)
+        return instantiator(cls, hparams)
+    if class_path is not None:  # a `_class_path` without instantiator: build that class from the rest
+        hparams.pop("_class_path")
+        cls = _imported_class(class_path)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        hparams = {k: v for k, v in hparams.items() if k in params and k != "self"}
+    return cls(**hparams)
+
+
 def load_factorized_checkpoint(cls: Type[M], checkpoint_path: str, map_location: Optional[Any] = None, **kwargs) -> M:
     """``cls.load_from_checkpoint`` for a LightningModule whose checkpoint holds factorized layers.
 
-    Builds the module from the checkpoint's hyperparameters (as ``load_from_checkpoint`` does),
-    rebuilds the factorized structure, then loads the weights strictly.
+    Builds the module from the checkpoint's hyperparameters as ``load_from_checkpoint`` does (also
+    for checkpoints written through ``LightningCLI``, whose hyperparameters carry ``_class_path``;
+    ``cls`` may then be a base class such as ``LightningModule``), gives it the structure the
+    checkpoint holds (factorized pairs at their ranks, dense layers dense), then loads the weights
+    strictly. ``kwargs`` override hyperparameters.
     """
     ckpt = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=False)
-    hparams = dict(ckpt.get(getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters"), {}))
+    hparams = dict(ckpt.get(getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters"), {}) or {})
     hparams.update(kwargs)
-    model = cls(**hparams)
+    model = _instantiate(cls, hparams)
     if hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint(ckpt)
     return load_factorized(model, ckpt["state_dict"], strict=True)
