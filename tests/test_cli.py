@@ -101,3 +101,131 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "factorize-plugin"  # the venv's bin, whether or not it is on PATH
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fit" in out.stdout
+
+
+# ------------------------------------------------- the console script as users run it (issue 12)
+MY_TASK = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(pl.LightningModule):
+    def __init__(self, hidden: int = 64, lr: float = 0.01):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, n: int = 128):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 32, generator=g)
+        self.ds = TensorDataset(x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long())
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=32)
+
+    def val_dataloader(self):
+        return DataLoader(self.ds, batch_size=32)
+'''
+
+
+def _my_task_config(tmp_path) -> Path:
+    (tmp_path / "my_task.py").write_text(MY_TASK)
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": 2, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "factorize_plugin.LowRankFactorization", "init_args": {
+                "schedule": {1: 0.25}, "targets": "net.0", "min_params": 0, "min_features": 0, "speed_guard": False,
+            }}],
+        },
+        "model": {"class_path": "my_task.Net"},
+        "data": {"class_path": "my_task.Data"},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def console_fit(tmp_path_factory):
+    """``factorize-plugin fit --config config.yaml`` run from a directory holding ``my_task.py``."""
+    tmp_path = tmp_path_factory.mktemp("console")
+    script = Path(sys.executable).parent / "factorize-plugin"
+    config = _my_task_config(tmp_path)
+    out = subprocess.run(
+        [str(script), "fit", "--config", config.name], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    return out, tmp_path
+
+
+def test_console_script_fit_exits_0_and_imports_from_the_current_directory(console_fit):
+    out, tmp_path = console_fit
+    # exit status 0 and no "<...FactorizeCLI object at 0x...>" (main() returning the CLI object
+    # made the console-script wrapper print it and exit 1); my_task.py found in the cwd
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "object at 0x" not in out.stdout + out.stderr
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_cli_checkpoint_loads_with_load_factorized_checkpoint(console_fit, monkeypatch):
+    """LightningCLI stores ``_class_path`` / ``_instantiator`` in the hyperparameters; the loader
+    builds the class through them (also given a base class), then gets the factorized structure."""
+    out, tmp_path = console_fit
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    hparams = torch.load(path, weights_only=False)["hyper_parameters"]
+    assert hparams["_class_path"] == "my_task.Net"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    my_task = importlib.import_module("my_task")
+    from lightning.pytorch import LightningModule
+
+    from factorize_plugin import load_factorized_checkpoint
+
+    for cls in (my_task.Net, LightningModule):
+        model = load_factorized_checkpoint(cls, str(path))
+        assert type(model) is my_task.Net
+        assert isinstance(model.net[0], FactorizedLinear) and model.net[0].rank == 8  # 0.25 of min(32, 64)
+        assert isinstance(model.net[2], torch.nn.Linear)  # not targeted: dense
+
+
+def test_help_says_what_the_tool_does_with_an_example():
+    script = Path(sys.executable).parent / "factorize-plugin"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "LowRankFactorization" in out.stdout and "low-rank" in out.stdout
+    assert "factorize-plugin fit --config examples/mnist.yaml" in out.stdout
+    assert "Lightning Trainer command line tool" not in out.stdout
+
+
+def test_callback_arguments_have_help_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.callbacks.help", "factorize_plugin.LowRankFactorization"])
+    text = " ".join(capsys.readouterr().out.split())
+    for arg, words in {
+        "targets": "fnmatch patterns over qualified module names of the layers to factorize",
+        "exclude": "patterns of module names to leave dense",
+        "min_params": "skip layers with fewer weights",
+        "min_features": "skip layers whose min(in, out) features is smaller",
+    }.items():
+        assert f"--trainer.callbacks.{arg}" in text
+        help_text = text.split(f"--trainer.callbacks.{arg} {arg.upper()}", 2)[-1][:400]
+        assert words in help_text, arg

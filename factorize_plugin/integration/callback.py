@@ -27,6 +27,7 @@ from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
 from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
+from ..surgery.sharing import CallCounter, explicit_targets, resolve_silent, skip_report
 from ..surgery.targets import select_layers
 from .lightning_internals import preserved_metric_states, silenced_logging, start_method, validation_loaders
 from .schedule import Mode, ScheduleValue, describe, read_schedule
@@ -51,11 +52,15 @@ class LowRankFactorization(Callback):
         mode: how scalar schedule values are read: ``"rank"``, ``"max_nmse"`` (per layer, the
             smallest rank whose NMSE is at most the value) or ``"param_budget"`` (keep that fraction
             of the targeted layers' original dense weights in total, allocated across layers).
-        targets / exclude: fnmatch patterns over qualified module names (default: every Linear and
-            Conv2d with at least ``min_params`` weights); a single string is one pattern.
-        min_params / min_features: skip layers with fewer weights, or whose min(in, out) features
-            is smaller (C_in * k_h * k_w and C_out for a convolution; by default a 10-class head is
-            left alone). Layers whose rank would not save multiply-adds stay dense.
+        targets: fnmatch patterns over qualified module names of the layers to factorize, e.g.
+            ``["encoder.*.fc?"]`` (default: every Linear and Conv2d passing ``min_params`` and
+            ``min_features``); a single string is one pattern; each must match some module.
+        exclude: fnmatch patterns of module names to leave dense (a pattern matching nothing
+            warns); a single string is one pattern.
+        min_params: skip layers with fewer weights than this. Layers whose rank would not save
+            multiply-adds stay dense.
+        min_features: skip layers whose min(in, out) features is smaller (C_in * k_h * k_w and
+            C_out for a convolution; by default a 10-class head is left alone).
         max_samples: cap on rows (tokens / output pixels) of statistics per layer and milestone.
         sample_fraction: share of each validation batch's rows used for statistics; ``"auto"`` keeps
             their cost near 10% of the layer's forward cost (see ``ActivationCollector``).
@@ -163,6 +168,8 @@ class LowRankFactorization(Callback):
         self._trainer: Optional[Trainer] = None
         self._pl_module: Optional[LightningModule] = None
         self._train_inputs: Optional[InputRecorder] = None  # first training batch's input per layer
+        self.skipped: dict[str, str] = {}  # layers left out by default, with why (shown in the report)
+        self._counter: Optional[CallCounter] = None  # calls per layer during the sanity check
 
     @property
     def state_key(self) -> str:
@@ -204,6 +211,8 @@ class LowRankFactorization(Callback):
                 )
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking and trainer.state.fn == "fit" and self._counter is None:
+            self._counter = CallCounter(self._layers(pl_module)).attach()  # finds never-called layers early
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch + 1):
             return
         self._drop_collector()
@@ -214,6 +223,9 @@ class LowRankFactorization(Callback):
         self._collected_for = trainer.current_epoch + 1
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._counter is not None and self._counter.attached:
+            self._counter.detach()
+            self._leave_out_silent(pl_module, self._counter.silent(), "the sanity check")
         if self._collector is not None and self._collector.attached:
             self._collector.detach()
             self._collected_at_step = trainer.global_step
@@ -234,7 +246,7 @@ class LowRankFactorization(Callback):
         if trainer.world_size > 1:
             for name in sorted(collector.stats):  # same collectives, same order, on every rank
                 collector.stats[name].all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-        collector.check_nonempty()
+        self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
         layers = self._layers(pl_module)
         policy = self._policies[milestone]
         reports = refactorize(
@@ -273,13 +285,28 @@ class LowRankFactorization(Callback):
 
     # ---------------------------------------------------------------- helpers
     def _select(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
-        layers = select_layers(pl_module, self.targets, self.exclude, min_params=self.min_params, min_features=self.min_features)
+        self.skipped = {}
+        layers = select_layers(
+            pl_module, self.targets, self.exclude, min_params=self.min_params, min_features=self.min_features,
+            notes=self.skipped,
+        )  # fmt: skip
         if not layers:
             raise ValueError(
                 f"no layer to factorize in {type(pl_module).__name__}: targets={self.targets}, exclude={self.exclude}, "
                 f"min_params={self.min_params}, min_features={self.min_features} leave none; lower them or widen the patterns"
             )
         return layers
+
+    def _leave_out_silent(self, pl_module: LightningModule, silent: list[str], when: str) -> None:
+        """Layers never called during ``when``: an error if named explicitly, else left out with a note."""
+        if not silent:
+            return
+        notes = resolve_silent(pl_module, silent, explicit_targets(pl_module, self.targets), when)
+        self.skipped.update(notes)
+        self._target_names = [n for n in self._target_names if n not in notes]
+        rank_zero_warn(
+            "LowRankFactorization: leaving out " + "; ".join(f"layer '{n}' ({note})" for n, note in notes.items())
+        )
 
     def _layers(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
         return {name: pl_module.get_submodule(name) for name in self._target_names}
@@ -375,7 +402,7 @@ class LowRankFactorization(Callback):
                 "nmse": {r.name: r.nmse for r in reports},
                 "samples": {r.name: r.samples for r in reports},
                 "speedup": {r.name: r.speedup for r in reports if r.speedup is not None},
-                "notes": {r.name: r.note for r in reports if r.note},
+                "notes": {**{r.name: r.note for r in reports if r.note}, **self.skipped},
                 "statistics": source,
             }
         )
@@ -385,7 +412,7 @@ class LowRankFactorization(Callback):
         if self.verbose:
             rank_zero_info(
                 f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
-                + format_reports(reports)
+                + format_reports(reports + [skip_report(n, pl_module.get_submodule(n), note) for n, note in self.skipped.items()])
             )
 
     def _restore_optimizer_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
