@@ -13,6 +13,7 @@ from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, no_ho
 import factorize_plugin.integration.callback as callback_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization, load_factorized, load_factorized_checkpoint
+from factorize_plugin.layers import decode_extra_state
 
 SCHEDULE = {2: 0.5, 4: 0.25}
 MAX_EPOCHS = 5
@@ -137,7 +138,7 @@ def test_loading_a_factorized_checkpoint(reference):
 def test_checkpoint_holds_structure_and_callback_state(reference):
     ckpt = torch.load(reference["ckpt"][2], weights_only=True)  # plain types only: safe loading works
     sd = ckpt["state_dict"]
-    assert sd["classifier.0._extra_state"] == {"factorize_plugin": "linear", "rank": 16}
+    assert decode_extra_state(sd["classifier.0._extra_state"]) == {"factorize_plugin": "linear", "rank": 16}
     assert "classifier.0.weight" not in sd and sd["classifier.0.first.weight"].shape == (16, 256)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("LowRankFactorization")]
     assert state["done"] == [2] and state["ranks"] == R1

@@ -12,6 +12,7 @@ from factorize_plugin.layers import (
     FactorizedConv2d,
     FactorizedLinear,
     check_factorizable,
+    decode_extra_state,
     input_rows,
     install_factors,
     layer_view,
@@ -122,7 +123,7 @@ def test_set_factors_under_inference_mode_makes_usable_parameters():
 def test_linear_state_dict_round_trip_and_resize_on_load():
     src = FactorizedLinear.from_linear(nn.Linear(20, 12), *_factors(20, 12, 8))
     state = src.state_dict()
-    assert state["_extra_state"]["rank"] == 8
+    assert decode_extra_state(state["_extra_state"])["rank"] == 8
     dst = FactorizedLinear(20, 12, rank=16)
     dst.load_state_dict(state)  # rank 8 into rank 16: resized before the weights are copied
     assert dst.rank == 8 and dst.first.weight.shape == (8, 20)

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..surgery.calling import InputFn, evaluating
 from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
-from ..surgery.optim import param_group_names, restore_param_group_order
+from ..surgery.advice import no_change, oversized_ranks, unmatched_excludes
+from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
@@ -31,6 +32,7 @@ from ..surgery.sharing import CallCounter, explicit_targets, resolve_silent, ski
 from ..surgery.targets import select_layers
 from .lightning_internals import preserved_metric_states, silenced_logging, start_method, validation_loaders
 from .schedule import Mode, ScheduleValue, describe, read_schedule
+from .workflow import OutputShift, check_resumed_targets, check_validation
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA", "Horovod", "Colossal", "Bagua")
@@ -179,11 +181,18 @@ class LowRankFactorization(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # every entry point (validate/test/predict(ckpt_path=...) too) may load a checkpoint whose
-        # structure differs from the live model's: rebuild it from the state dict before weights load
-        enable_factorized_loading(pl_module)
         if stage != "fit":
+            # validate/test/predict(ckpt_path=...) may load a checkpoint whose structure differs from
+            # the live model's: rebuild it from the state dict before the weights load
+            enable_factorized_loading(pl_module)
             return
+        check_validation(trainer, pl_module)
+        if self._pl_module is not None and pl_module is not self._pl_module and (self.done or self.history):
+            rank_zero_info(
+                f"LowRankFactorization: a new fit on another model ({type(pl_module).__name__}): the schedule starts "
+                f"over (the previous fit's milestones {self.done} and history are dropped)"
+            )
+            self._reset_state()
         _check_strategy(trainer.strategy)
         _check_callbacks(trainer.callbacks)
         method = start_method(trainer.strategy)
@@ -197,9 +206,14 @@ class LowRankFactorization(Callback):
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
         self._target_names = list(self._select(pl_module))
         self._trainer, self._pl_module = trainer, pl_module
+        self._advise(unmatched_excludes(pl_module, self.exclude))
+        for epoch, policy in self._policies.items():
+            self._advise(oversized_ranks(policy, self._layers(pl_module), f"milestone {epoch}"))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer, self._pl_module = trainer, pl_module
+        for opt in trainer.optimizers:
+            check_parameter_caches(opt)  # refused before training, not at the first milestone
         if self._restored_groups:
             self._restore_optimizer_order(trainer, pl_module)
         if trainer.max_epochs is not None and trainer.max_epochs >= 0:
@@ -268,6 +282,10 @@ class LowRankFactorization(Callback):
         self._drop_collector()  # no hook stays attached to the model after a failed fit
         self._drop_training_inputs()
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == "fit":
+            check_resumed_targets(self.state_key, self._target_names, checkpoint)
+
     # ------------------------------------------------------- state and resume
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -275,6 +293,7 @@ class LowRankFactorization(Callback):
             "ranks": dict(self.ranks),
             "history": copy.deepcopy(self.history),
             "param_groups": self._param_groups_by_name(),
+            "targets": list(self._target_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -284,6 +303,14 @@ class LowRankFactorization(Callback):
         self._restored_groups = state_dict.get("param_groups")
 
     # ---------------------------------------------------------------- helpers
+    def _advise(self, message: Optional[str]) -> None:
+        if message is not None:
+            rank_zero_warn(f"LowRankFactorization: {message}")
+
+    def _reset_state(self) -> None:
+        self.done, self.ranks, self.history, self._restored_groups = [], {}, [], None
+        self._drop_collector()
+
     def _select(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
         self.skipped = {}
         layers = select_layers(

@@ -1,6 +1,7 @@
 """One matrix view of every layer type we factorize: Linear, Conv2d and their factorized pairs.
 
-The solver works on ``y = x @ W + b`` with W [D, M]; a Conv2d is that on its input patches
+The solver works on ``y = x @ W + b`` with W [D, M] (a Hugging Face ``Conv1D`` stores exactly that
+W; an nn.Linear stores W.T); a Conv2d is that on its input patches
 (D = C_in * k_h * k_w, M = C_out). Costs are per output position (per token / pixel).
 """
 
@@ -14,8 +15,9 @@ import torch.nn as nn
 
 from ..core.conv import ConvGeometry, conv_output_size, conv_patches, conv_patches_at, conv_weight_to_matrix
 from .factorized import FactorizedConv2d, FactorizedLinear
+from .transposed import TransposedLinear
 
-FACTORIZABLE_TYPES = (nn.Linear, nn.Conv2d, FactorizedLinear, FactorizedConv2d)
+FACTORIZABLE_TYPES = (nn.Linear, nn.Conv2d, TransposedLinear, FactorizedLinear, FactorizedConv2d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,8 @@ def check_factorizable(module: nn.Module, name: str = "") -> None:
     label = f"layer '{name}'" if name else "this layer"
     if not isinstance(module, FACTORIZABLE_TYPES):
         raise TypeError(
-            f"{label} is a {type(module).__name__}; only nn.Linear and nn.Conv2d (groups=1) can be factorized: "
+            f"{label} is a {type(module).__name__}; only nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D "
+            "can be factorized: "
             "remove it from the targets"
         )
     if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -66,6 +69,9 @@ def layer_view(module: nn.Module) -> LayerView:
     if isinstance(module, FactorizedLinear):
         d, m = module.in_features, module.out_features
         return LayerView(d, m, min(d, m), module.rank, None)
+    if isinstance(module, TransposedLinear):
+        d, m = module.weight.shape
+        return LayerView(d, m, min(d, m), None, None)
     conv = module.first if isinstance(module, FactorizedConv2d) else module
     c_in = conv.in_channels
     c_out = module.out_channels
@@ -81,6 +87,8 @@ def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tenso
     bias = None if module.bias is None else module.bias.detach().double()
     if isinstance(module, nn.Linear):
         return module.weight.detach().double().T, bias
+    if isinstance(module, TransposedLinear):
+        return module.weight.detach().double(), bias
     return conv_weight_to_matrix(module.weight.detach()).double(), bias
 
 
@@ -116,4 +124,6 @@ def install_factors(
         return module
     if isinstance(module, nn.Linear):
         return FactorizedLinear.from_linear(module, wa, wb, bias)
+    if isinstance(module, TransposedLinear):
+        return FactorizedLinear.from_transposed(module, wa, wb, bias)
     return FactorizedConv2d.from_conv(module, wa, wb, bias)

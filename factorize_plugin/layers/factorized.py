@@ -3,7 +3,10 @@
 Each is a pair: ``first`` maps the input into ``rank`` latent features (no bias), ``second`` maps
 them back out (with the original layer's bias). The rank lives in the module's extra state, so a
 state dict carries it and ``load_state_dict`` resizes the pair before the weights are copied
-(``set_extra_state`` of a parent runs before its children load).
+(``set_extra_state`` of a parent runs before its children load). The extra state is a small int64
+tensor ``[EXTRA_STATE_MAGIC, kind code, rank]`` rather than a dict, so that tensor-only formats
+(safetensors, Hugging Face ``save_pretrained``) can store it; ``decode_extra_state`` reads both it
+and the older ``{"factorize_plugin": kind, "rank": r}`` dict.
 """
 
 from __future__ import annotations
@@ -16,6 +19,26 @@ import torch.nn as nn
 from ..core.conv import conv_weight_to_matrix, matrix_to_conv_weight
 
 EXTRA_STATE_TAG = "factorize_plugin"
+EXTRA_STATE_MAGIC = 0x46504C47  # "FPLG": marks a factorized pair's extra-state tensor
+_KIND_CODES = {"linear": 1, "conv2d": 2}
+
+
+def encode_extra_state(kind: str, rank: int) -> torch.Tensor:
+    """The pair's extra state as an int64 tensor [3]: (magic, kind code, rank)."""
+    return torch.tensor([EXTRA_STATE_MAGIC, _KIND_CODES[kind], int(rank)], dtype=torch.int64)
+
+
+def decode_extra_state(value: Any) -> Optional[dict[str, Any]]:
+    """``{"factorize_plugin": kind, "rank": r}`` if ``value`` is a factorized pair's extra state
+    (tensor or legacy dict form), else None."""
+    if isinstance(value, dict):
+        return {EXTRA_STATE_TAG: value[EXTRA_STATE_TAG], "rank": int(value["rank"])} if EXTRA_STATE_TAG in value else None
+    if isinstance(value, torch.Tensor) and value.shape == (3,) and not value.is_floating_point():
+        magic, code, rank = (int(v) for v in value.tolist())
+        kinds = {c: k for k, c in _KIND_CODES.items()}
+        if magic == EXTRA_STATE_MAGIC and code in kinds:
+            return {EXTRA_STATE_TAG: kinds[code], "rank": rank}
+    return None
 
 
 class _FactorizedPair(nn.Module):
@@ -67,11 +90,14 @@ class _FactorizedPair(nn.Module):
         """(W [D, M], bias [M] or None) of the composed map, float64."""
         raise NotImplementedError
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {EXTRA_STATE_TAG: self.kind, "rank": self._rank}
+    def get_extra_state(self) -> torch.Tensor:
+        return encode_extra_state(self.kind, self._rank)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        rank = int(state["rank"])
+    def set_extra_state(self, state: Any) -> None:
+        decoded = decode_extra_state(state)
+        if decoded is None or decoded[EXTRA_STATE_TAG] != self.kind:
+            raise ValueError(f"not the extra state of a factorized {self.kind} layer: {state!r}")
+        rank = decoded["rank"]
         if rank != self._rank:
             like = self._like()
             with torch.inference_mode(False), torch.no_grad():
@@ -118,8 +144,31 @@ class FactorizedLinear(_FactorizedPair):
         layer.set_factors(wa, wb, bias)
         return layer
 
+    @classmethod
+    def from_transposed(cls, layer: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedLinear":
+        """The pair replacing a transposed linear layer (Hugging Face ``Conv1D``: weight [D, M],
+        ``y = x @ W + b``); it computes the same kind of map, ``y = x @ wa @ wb + bias``."""
+        w = layer.weight
+        d, m = w.shape
+        out = cls(d, m, wa.shape[1], layer.bias is not None, w.device, w.dtype)
+        out.requires_grad_(w.requires_grad)
+        out.set_factors(wa, wb, bias)
+        return out
+
     def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(self.in_features, rank, bias=False, **kw), nn.Linear(rank, self.out_features, bias=bias, **kw)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The composed dense weight [out_features, in_features] (``second.weight @ first.weight``),
+        computed on each access, for code that reads a Linear's weight instead of calling it (torch's
+        ``TransformerEncoderLayer`` fused inference path). Not a parameter; train ``first``/``second``."""
+        return self.second.weight @ self.first.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The output bias [out_features] (``second.bias``), or None."""
+        return self.second.bias
 
     def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
         self.first.weight.copy_(wa.T)

@@ -25,6 +25,8 @@ from .optim import OptimizerEdit
 from .policies import RankPolicy
 from .reports import LayerReport
 from .sensitivity import OutputProbe
+from .sharing import alias_names, check_optimizer
+from .speed import SpeedCheck, SpeedVerdict
 
 Ranks = dict[str, Optional[int]]
 Progress = Callable[[int, int, str], None]
@@ -60,11 +62,13 @@ def _swap(
     """Installs the chosen ranks (None: unchanged) and returns what undoes it; on an error during
     the swap every layer is put back as it was before raising."""
     snapshots = {name: m.snapshot() for name, m in layers.items() if isinstance(m, FACTORIZED_PAIRS)}
+    aliases = alias_names(model, layers)  # one module under several names is swapped under all of them
 
     def undo() -> None:
         for name, module in layers.items():
-            if model.get_submodule(name) is not module:
-                set_submodule(model, name, module)
+            for alias in aliases[name]:
+                if model.get_submodule(alias) is not module:
+                    set_submodule(model, alias, module)
             if name in snapshots:
                 module.restore(snapshots[name])
 
@@ -75,7 +79,8 @@ def _swap(
                 continue
             new = install_factors(module, *candidates[name].decomposition.factors(rank))
             if new is not module:
-                set_submodule(model, name, new)
+                for alias in aliases[name]:
+                    set_submodule(model, alias, new)
     except BaseException:
         undo()
         raise
@@ -113,6 +118,7 @@ def refactorize(
     agree: Optional[Callable[[Ranks], Ranks]] = None,
     regularization: float = 0.0,
     progress: Optional[Progress] = None,
+    speed: Optional[SpeedCheck] = None,
 ) -> list[LayerReport]:
     """Re-factorizes ``layers`` (qualified name -> module of ``model``) from their input ``stats``.
 
@@ -128,11 +134,18 @@ def refactorize(
             broadcast from rank 0 under DDP); must be called by every process.
         regularization: the solver's alpha >= 0 (see ``core.decompose``).
         progress: called as ``progress(i, n, name)`` before each layer is solved.
+        speed: a speed guard bound to this call (``speed.SpeedCheck``): a policy that respects rank
+            caps (``ParamBudget``) chooses only among ranks it allows; after ``agree`` every
+            changing layer is timed at its rank and stays as it is unless its pair is fast enough
+            (the report's ``note`` says why; its ``speedup`` holds the measured ratio).
 
     Returns:
         One ``LayerReport`` per layer, in the order of ``layers``.
     """
     candidates = build_candidates(layers, stats, positions, regularization, progress)
+    if speed is not None and policy.uses_rank_caps:
+        for name, cap in speed.caps(layers, candidates).items():
+            candidates[name].rank_cap = cap
     if probe is not None:
         with evaluating(model):
             ranks = policy.choose(candidates, probe)
@@ -140,8 +153,12 @@ def refactorize(
         ranks = policy.choose(candidates)
     if agree is not None:
         ranks = agree(ranks)
+    verdicts: dict[str, SpeedVerdict] = {}
+    if speed is not None:
+        ranks, verdicts = speed.check(layers, candidates, ranks)
     old_params = {name: dict(m.named_parameters()) for name, m in layers.items()}
     edits = [OptimizerEdit(opt) for opt in optimizers]
+    held = [[p for g in e.optimizer.param_groups for p in g["params"]] for e in edits]
     undo = _swap(model, layers, candidates, ranks)
     try:
         swaps = []
@@ -149,8 +166,9 @@ def refactorize(
             new = dict(model.get_submodule(name).named_parameters())
             if [id(p) for p in new.values()] != [id(p) for p in old_params[name].values()]:
                 swaps.append((old_params[name], new))
-        for edit in edits:
+        for edit, before in zip(edits, held):
             edit.replace(swaps)
+            check_optimizer(edit.optimizer, before, swaps)
     except BaseException:
         for edit in edits:
             edit.undo()
@@ -158,4 +176,10 @@ def refactorize(
         raise
     for edit in edits:
         edit.commit()
-    return _reports(layers, candidates, ranks)
+    reports = _reports(layers, candidates, ranks)
+    for r in reports:
+        if r.name in verdicts:
+            v = verdicts[r.name]
+            r.note = r.note or v.note
+            r.dense_seconds, r.pair_seconds, r.measured_rank = v.dense_seconds, v.pair_seconds, v.rank
+    return reports

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.adapters import install_factors
+from ..layers.transposed import TransposedLinear
 from .allocation import uniform_ranks_for_budget
 from .calling import InputFn, call_model, output_tensor
 from .candidates import LayerCandidate, max_rank
@@ -116,7 +117,7 @@ def _replaced_outputs(layers: Mapping[str, nn.Module], substitutes: Mapping[str,
 def _substitute(module: nn.Module, candidate: LayerCandidate, rank: int) -> nn.Module:
     """A throwaway module computing ``module``'s rank-``rank`` approximation (``module`` untouched)."""
     wa, wb, bias = candidate.decomposition.factors(rank)
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, (nn.Linear, nn.Conv2d, TransposedLinear)):  # a dense layer is left untouched
         return install_factors(module, wa, wb, bias)
     return install_factors(copy.deepcopy(module), wa, wb, bias)
 
