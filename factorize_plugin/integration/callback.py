@@ -86,6 +86,11 @@ class LowRankFactorization(Callback):
             changed layers' measured speedup. A ``SpeedGuard(...)`` sets margin and mode; False
             switches it off: the same structure on every machine, at the risk of layers that run
             slower than dense.
+        output_batches: validation batches (of the first loader) run before and after each
+            milestone's swap to measure how much the network's output moved: logged as
+            ``factorize/output_nmse`` = sum (after - before)^2 / sum (before - mean before)^2 over
+            the outputs (logits), summed over all ranks under DDP (a torchmetrics ``Metric``);
+            costs 2 forward passes per batch per milestone. 0 switches it off.
 
     Behaviour worth knowing:
 
@@ -136,8 +141,12 @@ class LowRankFactorization(Callback):
         name: Optional[str] = None,
         verbose: bool = True,
         speed_guard: Union[bool, SpeedGuard] = True,
+        output_batches: int = 2,
     ) -> None:
         self.mode = mode
+        if isinstance(output_batches, bool) or not isinstance(output_batches, int) or output_batches < 0:
+            raise ValueError(f"output_batches must be an int >= 0, got {output_batches!r}")
+        self.output_batches = output_batches
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
         self.schedule, self._policies = read_schedule(schedule, mode)
         if regularization < 0:
@@ -263,6 +272,7 @@ class LowRankFactorization(Callback):
         self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
         layers = self._layers(pl_module)
         policy = self._policies[milestone]
+        shift = OutputShift(trainer, pl_module, self.output_batches, self.input_fn) if self.output_batches else None
         reports = refactorize(
             pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
             probe=self._probe(trainer, pl_module, layers, policy),
@@ -272,6 +282,11 @@ class LowRankFactorization(Callback):
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         self._record(trainer, pl_module, due, milestone, reports, source)
+        if shift is not None:  # every rank: the metric's compute() is a collective under DDP
+            self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
+            pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
+                          sync_dist=trainer.world_size > 1)  # fmt: skip
+        self._advise(no_change(reports, f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"))
         self._watch_training_inputs(pl_module, epoch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping, Union
 
-from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, make_policy
+from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
 
 Mode = Literal["rank", "max_nmse", "param_budget"]
 ScheduleValue = Union[int, float, RankPolicy]
@@ -50,7 +50,7 @@ def read_schedule(schedule: Mapping[Any, ScheduleValue], mode: str) -> tuple[dic
         epoch = _epoch(key)
         if epoch in values:
             raise ValueError(f"schedule names epoch {epoch} twice (keys {[k for k in schedule if _epoch(k) == epoch]})")
-        values[epoch] = value
+        values[epoch] = value if isinstance(value, RankPolicy) else as_rank_like(value)  # numpy / 0-d tensor: plain
     values = dict(sorted(values.items()))
     policies = {e: v if isinstance(v, RankPolicy) else make_policy(**{mode: v}) for e, v in values.items()}
     last: dict[str, tuple[int, float]] = {}

@@ -11,17 +11,20 @@ else as it is; ``input_fn`` overrides that.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from .advice import no_change, oversized_ranks, unmatched_excludes
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
 from .policies import RankLike, RankPolicy, make_policy
 from .refactorize import refactorize
 from .reports import LayerReport
 from .sensitivity import OutputProbe
+from .speed import SpeedCheck, SpeedGuard, resolve_guard
 from .targets import select_layers
 
 
@@ -34,6 +37,11 @@ class _Prepared:
     def __iter__(self):
         for b in self.source:
             yield to_device(b, self.device)
+
+
+def _advise(message: Optional[str]) -> None:
+    if message is not None:
+        warnings.warn(f"factorize_model: {message}", UserWarning, stacklevel=3)
 
 
 def _print_progress(i: int, n: int, name: str) -> None:
@@ -72,6 +80,7 @@ def factorize_model(
     output_fn: Callable[[Any], torch.Tensor] = output_tensor,
     sensitivity_batches: Optional[int] = None,
     progress: Union[bool, Callable[[int, int, str], None]] = False,
+    speed_guard: Union[bool, SpeedGuard] = True,
 ) -> list[LayerReport]:
     """Factorizes the model's Linear / Conv2d layers in place from statistics of their inputs on
     ``calibration`` data, and returns one report per targeted layer.
@@ -91,7 +100,10 @@ def factorize_model(
       ``sensitivity=False`` skips the measurement).
 
     A layer is left as it is where the chosen rank would not save multiply-adds (or would not
-    lower an already-factorized layer's rank). If anything fails, the model is left unchanged.
+    lower an already-factorized layer's rank), and, with the speed guard on (the default), where
+    its pair does not measure ``margin`` (1.15) x as fast as the dense layer on this machine for
+    the calibration batches' shape, dtype and device (its report's ``note`` says so). If anything
+    fails, the model is left unchanged.
 
     Args:
         model: any ``nn.Module``. It runs in eval mode during calibration (dropout off, batch-norm
@@ -116,6 +128,11 @@ def factorize_model(
             ``logits``, or its first tensor); used by a measuring ``ParamBudget``.
         sensitivity_batches: a measuring ``ParamBudget`` uses only the first so many batches.
         progress: True prints one line per solved layer to stderr; a callable gets (i, n, name).
+        speed_guard: True (default): ``SpeedGuard(mode="inference")``, forward-only timings at the
+            calibration batches' rows; pass ``SpeedGuard(mode="train", ...)`` for a model that is
+            trained on afterwards (the rows of a training batch then matter: calibrate with
+            batches of that size), or False for the same structure on every machine (the guard's
+            decisions depend on the machine's timings).
 
     Returns:
         ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them).
@@ -127,16 +144,20 @@ def factorize_model(
         RuntimeError: a targeted layer never ran on the calibration data.
     """
     policy = make_policy(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy)
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    _advise(unmatched_excludes(model, exclude))
     layers = select_layers(model, targets, exclude, min_params=min_params)
     if not layers:
         raise ValueError(
             f"no Linear/Conv2d layer of {type(model).__name__} was selected to factorize "
             f"(targets={targets!r}, exclude={exclude!r}, min_params={min_params})"
         )
+    _advise(oversized_ranks(policy, layers))
     measuring = policy.uses_probe
     if measuring and iter(calibration) is calibration:
         calibration = list(calibration)
     batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
+    guard = resolve_guard(speed_guard, "inference")
     progress_fn = _print_progress if progress is True else (progress or None)
     collector = _collect(
         model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space
@@ -145,7 +166,9 @@ def factorize_model(
     reports = refactorize(
         model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
         regularization=regularization, progress=progress_fn,
+        speed=None if guard is None else SpeedCheck(guard, collector.inputs),
     )  # fmt: skip
+    _advise(no_change(reports, f"factorize_model({policy!r})"))
     plan = getattr(policy, "last_plan", None)
     if progress_fn is not None and plan is not None and plan.errors:
         errs = ", ".join(f"{k}: {v.relative:.4g}" for k, v in plan.errors.items())

@@ -6,6 +6,9 @@ step count at 0, SGD's momentum buffer empty), exactly as if they had been in th
 the start without receiving a gradient. Their param group (and so learning rate, weight decay,
 ...) is that of the parameter they stand in for: a factor of a weight goes where the weight was,
 the new bias where the old bias was (so a "no weight decay on biases" group keeps its meaning).
+``LBFGS`` keeps one flat curvature history over all its parameters: it is cleared at a swap (the
+next step is a plain gradient step, as its first one). An optimizer that copies its parameter list
+out of ``param_groups`` is refused (``check_parameter_caches``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,29 @@ def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedPara
             group["params"][:] = params  # in place: the list object is the one the optimizer knows
         for p in old.values():
             opt.state.pop(p, None)
+    if isinstance(opt, torch.optim.LBFGS):
+        # its curvature history (one flat vector over all parameters) and its cached element count
+        # are for the old sizes: it restarts from plain gradient steps, as at its first step
+        opt.state.clear()
+        opt._numel_cache = None
+
+
+def check_parameter_caches(optimizer) -> None:
+    """Raises before anything changes if the optimizer keeps its parameters in a list besides its
+    ``param_groups`` (a copy, not the group's own list as LBFGS's ``_params`` is): after a swap it
+    would go on updating the replaced layers' old parameters and never the new ones."""
+    opt = _unwrap(optimizer)
+    group_lists = {id(g["params"]) for g in opt.param_groups}
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    for attr, value in vars(opt).items():
+        if attr in ("param_groups", "state", "defaults") or id(value) in group_lists:
+            continue
+        if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) and id(v) in held for v in value):
+            raise ValueError(
+                f"{type(opt).__name__} keeps its parameters in `{attr}` besides its param_groups: after a milestone it "
+                "would keep updating the replaced layers' old parameters and never the factorized ones. Use an "
+                "optimizer that reads its param_groups at every step (SGD, Adam, AdamW, LBFGS, ...)"
+            )
 
 
 class OptimizerEdit:
@@ -80,6 +106,7 @@ class OptimizerEdit:
 
     def __init__(self, optimizer) -> None:
         self.optimizer = _unwrap(optimizer)
+        check_parameter_caches(self.optimizer)
         self._params = [list(g["params"]) for g in self.optimizer.param_groups]
         self._state = dict(self.optimizer.state)
 
@@ -91,6 +118,8 @@ class OptimizerEdit:
             group["params"][:] = params
         self.optimizer.state.clear()
         self.optimizer.state.update(self._state)
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            self.optimizer._numel_cache = None
 
     def commit(self) -> None:
         self._params, self._state = [], {}

@@ -9,7 +9,10 @@ so they can be passed from Python and written in YAML (``class_path`` / ``init_a
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Mapping, Optional, Union
+
+import torch
 
 from ..core.solver import resolve_rank
 from .allocation import allocate
@@ -33,10 +36,33 @@ class RankPolicy:
         """Whether ``choose`` makes use of a probe (callers skip building one otherwise)."""
         return False
 
+    @property
+    def uses_rank_caps(self) -> bool:
+        """Whether ``choose`` respects ``LayerCandidate.rank_cap`` (a speed guard then measures the
+        caps before choosing, so that a budget is spent only on ranks the guard allows)."""
+        return False
+
     def order_key(self) -> tuple[str, float]:
         """(kind, value) where, within one kind, a larger value compresses at least as much: a
         schedule's milestones of one kind must not decrease."""
         raise NotImplementedError
+
+
+def as_rank_like(value: object) -> object:
+    """A NumPy integer or 0-d integer tensor as a Python ``int``, a NumPy float or 0-d floating
+    tensor as a ``float`` (so that ranks compare, print and checkpoint as plain numbers); anything
+    else unchanged (``resolve_rank`` refuses what is not a rank)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype == torch.bool or value.is_complex():
+            return value
+        return float(value) if value.is_floating_point() else int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 @dataclasses.dataclass
@@ -48,6 +74,7 @@ class FixedRank(RankPolicy):
     rank: RankLike
 
     def __post_init__(self) -> None:
+        self.rank = as_rank_like(self.rank)  # numpy.int64(16), torch.tensor(16): the int 16
         resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates
 
     def choose(self, layers, probe=None):
@@ -114,6 +141,10 @@ class ParamBudget(RankPolicy):
     @property
     def uses_probe(self) -> bool:
         return self.sensitivity
+
+    @property
+    def uses_rank_caps(self) -> bool:
+        return True
 
     def budget(self, layers: Mapping[str, LayerCandidate]) -> float:
         return self.fraction * dense_cost(layers, self.metric)

@@ -1,0 +1,116 @@
+"""The callback's checks and measurements around everyday Lightning workflows (kept out of the
+hooks so that each hook stays a few lines): validation data at setup, targets changed between a
+run and its resume, a callback reused on a fresh model, the network output's shift at a milestone."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from ..surgery.calling import InputFn, call_model, evaluating, output_tensor
+from ..surgery.checkpoint import factorized_entries
+from .lightning_internals import validation_loaders
+from .output_metric import OutputNMSE
+
+_STATE_FIELDS = {"done", "ranks", "history"}
+
+
+def check_validation(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Raises at setup, before any training, if the fit has no validation batches to collect from.
+    Reads the fit loop's private ``_data_source`` (what ``val_dataloaders`` / the datamodule gave)."""
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    problems = []
+    if not is_overridden("validation_step", pl_module):
+        problems.append(f"{type(pl_module).__name__} defines no validation_step")
+    if source is not None and not source.is_defined():
+        problems.append("the Trainer got no val_dataloaders (and the model / datamodule has no val_dataloader)")
+    if trainer.limit_val_batches == 0:
+        problems.append("limit_val_batches=0")
+    if problems:
+        raise RuntimeError(
+            "LowRankFactorization needs validation data to fit the factors (each milestone is fitted to the inputs "
+            f"the layers see on validation batches), but {'; '.join(problems)}. Give the Trainer a val_dataloader "
+            "(or a datamodule with one), define validation_step, and keep limit_val_batches > 0"
+        )
+
+
+def _targets_of(state: Mapping[str, Any]) -> set[str]:
+    return set(state.get("targets") or state.get("ranks") or ())
+
+
+def check_resumed_targets(state_key: str, targets: list[str], checkpoint: Mapping[str, Any]) -> None:
+    """Raises (before training) if the targets changed since the run that wrote ``checkpoint`` in
+    a way that touches layers that are already factorized in it: a factorized layer left out of the
+    targets, or one claimed by a callback state stored under another key (targets/exclude changed)."""
+    states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items() if isinstance(v, Mapping) and _STATE_FIELDS <= set(v)}
+    factorized = set(factorized_entries(checkpoint.get("state_dict") or {}))
+    current = set(targets)
+    ours = states.get(state_key)
+    if ours is not None:
+        saved = _targets_of(ours)
+        changed = sorted((saved ^ current) & factorized)
+        if changed:
+            left, joined = sorted((saved - current) & factorized), sorted((current - saved) & factorized)
+            raise ValueError(
+                f"LowRankFactorization: the targets changed since the checkpoint was written (then {sorted(saved)}, now "
+                f"{sorted(current)}), and that touches layers already factorized in it: "
+                + "; ".join(
+                    s for s in (f"{left} would no longer be managed" if left else "", f"{joined} would join" if joined else "") if s
+                )
+                + ". Resume with the targets/exclude of the run that wrote the checkpoint"
+            )
+        return
+    claimed = {k: sorted(_targets_of(v) & current & factorized) for k, v in states.items()}
+    claimed = {k: v for k, v in claimed.items() if v}
+    if claimed:
+        raise ValueError(
+            f"LowRankFactorization: the checkpoint holds layers {sorted(set().union(*claimed.values()))}, already "
+            f"factorized by a LowRankFactorization whose state is stored under {sorted(claimed)}, but this callback's "
+            f"state key is {state_key!r}: its targets/exclude (or name) changed since the checkpoint was written "
+            f"(now targets {sorted(current)}). Resume with the targets/exclude of that run, or give both runs the same "
+            "name="
+        )
+
+
+class OutputShift:
+    """How much a milestone moves the network's output: the outputs of the first ``n_batches``
+    validation batches (of the first loader) before the swap, then after it, into an ``OutputNMSE``.
+    Costs 2 * ``n_batches`` forward passes per milestone (no grad, eval mode) and keeps the
+    reference outputs (and the batches) in memory until ``after`` is called."""
+
+    def __init__(self, trainer: Trainer, pl_module: LightningModule, n_batches: int, input_fn: Optional[InputFn]) -> None:
+        self.trainer, self.pl_module, self.input_fn = trainer, pl_module, input_fn
+        start = time.perf_counter()
+        loaders, limits = validation_loaders(trainer)
+        self.batches: list = []
+        with torch.random.fork_rng(devices=[]):  # iterating a loader draws its base seed from the global RNG
+            for i, batch in enumerate(loaders[0]):
+                if i >= min(n_batches, limits[0]):
+                    break
+                self.batches.append(trainer.strategy.batch_to_device(batch))
+        self.before = self._outputs()
+        self.seconds = time.perf_counter() - start
+
+    def _outputs(self) -> list[torch.Tensor]:
+        context: Callable[[], Any] = self.trainer.precision_plugin.val_step_context
+        out = []
+        with evaluating(self.pl_module):
+            for batch in self.batches:
+                with context():
+                    out.append(output_tensor(call_model(self.pl_module, batch, self.input_fn)).detach().clone())
+        return out
+
+    def after(self) -> float:
+        """The output NMSE after the swap (summed over all processes under DDP: a collective)."""
+        start = time.perf_counter()
+        metric = OutputNMSE().to(self.pl_module.device)
+        for before, after in zip(self.before, self._outputs()):
+            metric.update(after, before)
+        value = float(metric.compute())
+        self.batches, self.before = [], []
+        self.seconds += time.perf_counter() - start
+        return value
