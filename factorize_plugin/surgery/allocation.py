@@ -134,7 +134,7 @@ def uniform_ranks(candidates: Mapping[str, LayerCandidate], share: float) -> dic
     for n, c in candidates.items():
         v = c.view
         r = max(1, int(round(share * v.params(None) / (v.in_dim + v.out_dim))))
-        out[n] = admissible(v, min(r, c.decomposition.max_rank))
+        out[n] = admissible(v, min(r, c.decomposition.max_rank), c.rank_cap)
     return out
 
 

@@ -23,7 +23,8 @@ class LayerCandidate:
     of NMSE (1.0 when unmeasured); samples: rows the statistics hold; output_curve: float64
     [k + 1] or None, the measured (interpolated) relative error of the network's output at each
     rank 0..k when only this layer is changed (``sensitivity.measure_sensitivity``); where set,
-    the budget policy minimizes it instead of ``weight * nmse_curve``.
+    the budget policy minimizes it instead of ``weight * nmse_curve``; rank_cap: the largest rank
+    the speed guard allows (None: no limit, 0: none), which ``max_rank`` respects.
     """
 
     view: LayerView
@@ -32,12 +33,18 @@ class LayerCandidate:
     weight: float = 1.0
     samples: int = 0
     output_curve: Optional[torch.Tensor] = None
+    rank_cap: Optional[int] = None
 
 
-def admissible(view: LayerView, rank: int) -> Optional[int]:
+def admissible(view: LayerView, rank: int, cap: Optional[int] = None) -> Optional[int]:
     """``rank`` clipped to what the layer supports (min(D, M): a convolution's first factor may
-    have more channels than its input), or None where it means no change: not below a pair's
-    current rank, or a pair that would not save multiply-adds over the dense layer."""
+    have more channels than its input) and to ``cap`` (a speed guard's limit: 0 allows none), or
+    None where it means no change: not below a pair's current rank, or a pair that would not
+    save multiply-adds over the dense layer."""
+    if cap is not None:
+        if cap < 1:
+            return None
+        rank = min(rank, cap)
     rank = min(rank, view.in_dim, view.out_dim)
     if view.rank is not None and rank >= view.rank:
         return None
@@ -50,6 +57,8 @@ def max_rank(c: LayerCandidate) -> int:
     """The largest rank a policy may give the layer (0: it can only stay as it is)."""
     v = c.view
     top = min(v.in_dim, v.out_dim, c.decomposition.max_rank)
+    if c.rank_cap is not None:
+        top = min(top, max(0, c.rank_cap))
     if v.rank is not None:
         return min(top, v.rank - 1)
     return min(top, v.max_useful_rank)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..core.statistics import MomentAccumulator
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, weight_matrix
+from .speed import LayerInput
 
 
 class ActivationCollector:
@@ -77,6 +78,7 @@ class ActivationCollector:
         }
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
         self.positions: dict[str, float] = {name: 1.0 for name in self.layers}  # output positions per sample
+        self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
         self._handles: list = []
 
@@ -107,6 +109,8 @@ class ActivationCollector:
         projection32 = None if projection is None else projection.float()
 
         def hook(module: nn.Module, args: tuple) -> None:
+            if name not in self.inputs:
+                self.inputs[name] = LayerInput.of(args[0])
             seen = stats.num_samples
             if self.max_samples is not None and seen >= self.max_samples:
                 return

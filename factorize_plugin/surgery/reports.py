@@ -12,7 +12,9 @@ from ..layers.adapters import LayerView
 class LayerReport:
     """One layer's change. Ranks are None for a dense layer; multiply-adds are per sample;
     ``*_dense`` are the sizes of the original dense layer; ``nmse`` is the fit's error on the
-    collected statistics (0 if unchanged); ``note`` says why a layer was left alone, if it was."""
+    collected statistics (0 if unchanged); ``note`` says why a layer was left alone, if it was.
+    Where a speed guard timed the layer: ``dense_seconds`` / ``pair_seconds``, one step of the
+    dense layer and of the pair at ``measured_rank`` (``speedup`` = their ratio)."""
 
     name: str
     kind: str
@@ -28,6 +30,16 @@ class LayerReport:
     macs_dense: int
     samples: int
     note: str = ""
+    dense_seconds: Optional[float] = None
+    pair_seconds: Optional[float] = None
+    measured_rank: Optional[int] = None
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """Measured dense time / pair time at ``measured_rank`` (None: not measured)."""
+        if self.dense_seconds is None or self.pair_seconds is None:
+            return None
+        return self.dense_seconds / self.pair_seconds
 
     @property
     def changed(self) -> bool:
@@ -63,4 +75,16 @@ def format_reports(reports: Sequence[LayerReport]) -> str:
         f"kept {after / dense:.1%} of the targeted layers' dense weights and {macs_after / macs_dense:.1%} of their "
         "dense multiply-adds"
     )
+    speed = measured_speedup(reports)
+    if speed is not None:
+        lines.append(f"the changed layers measured {speed:.2f}x the speed of their dense versions (speed guard timings)")
     return "\n".join(lines)
+
+
+def measured_speedup(reports: Sequence[LayerReport]) -> Optional[float]:
+    """Total dense time / total pair time of the layers changed and timed at their new rank
+    (None if none was): the wall-clock counterpart of the multiply-adds kept."""
+    timed = [r for r in reports if r.changed and r.speedup is not None and r.measured_rank == r.new_rank]
+    if not timed:
+        return None
+    return sum(r.dense_seconds for r in timed) / sum(r.pair_seconds for r in timed)

@@ -1,0 +1,458 @@
+"""The speed guard: keep a layer dense unless its low-rank pair is measurably faster.
+
+Fewer multiply-adds do not always mean less time: small layers, few rows per batch, the optimizer
+step and the device decide. ``SpeedGuard`` times the dense layer against the candidate pair on the
+inputs the layer really gets (shape, dtype, device, autocast, rows of a training batch), for a
+training step (forward + backward + the optimizer's step on the layer's parameters) or for
+inference (forward only), and allows a rank only where the pair is at least ``margin`` times as
+fast. Measurements are batched (every distinct case of a refactorization is timed together,
+interleaved, median of ``repeats``) and cached by (layer shape, rank, dtype, device, input shape,
+step), so many layers of a few shapes cost a few measurements.
+
+``SpeedCheck`` binds a guard to one refactorization (the layers' recorded inputs, the optimizers,
+and under DDP a broadcast: one process measures, every process gets its decisions).
+Timings depend on the machine: switch the guard off (``speed_guard=False``) where the same
+structure must come out on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..core.conv import ConvGeometry, conv_output_size
+from ..layers.adapters import LayerView, layer_view
+from ..layers.factorized import FactorizedConv2d, FactorizedLinear
+from .candidates import LayerCandidate, max_rank
+
+MODES = ("train", "inference")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInput:
+    """What a layer receives: the input's shape, dtype and device, whether it requires grad, and
+    the autocast dtype in force at the call (None: no autocast)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    requires_grad: bool = False
+    autocast: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "LayerInput":
+        dev = x.device.type
+        auto = None
+        if dev in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(dev):
+            auto = torch.get_autocast_dtype(dev)
+        last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return cls(tuple(x.shape), x.dtype, str(x.device), bool(x.requires_grad), auto, last)
+
+    def with_batch(self, batch: Optional[int]) -> "LayerInput":
+        """The same input with ``batch`` samples (first dimension), e.g. a training batch's size."""
+        if batch is None or len(self.shape) < 2 or batch < 1:
+            return self
+        return dataclasses.replace(self, shape=(int(batch),) + self.shape[1:])
+
+    def rows(self, view: LayerView) -> int:
+        """Solver rows of this input: tokens for a Linear, output positions for a Conv2d."""
+        if view.geometry is None:
+            return math.prod(self.shape) // view.in_dim
+        n = self.shape[0] if len(self.shape) == 4 else 1
+        h, w = conv_output_size(tuple(self.shape[-2:]), view.geometry)
+        return n * h * w
+
+    def describe(self) -> str:
+        dtype = _dtype_name(self.dtype) if self.autocast is None else f"{_dtype_name(self.autocast)}-autocast"
+        return f"{torch.device(self.device).type}/{dtype}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer class and hyperparameters of the group holding a layer's weights; equal (and
+    cached alike) when class and implementation flags (foreach, fused) agree."""
+
+    cls: type
+    kwargs: tuple = dataclasses.field(compare=False, default=())
+    flags: tuple = ()
+
+    @classmethod
+    def of(cls, optimizers: Sequence[Any], param: nn.Parameter) -> Optional["OptimizerSpec"]:
+        for opt in optimizers:
+            opt = getattr(opt, "optimizer", opt)  # Lightning wraps optimizers
+            for group in getattr(opt, "param_groups", ()):
+                if any(p is param for p in group["params"]):
+                    kw = tuple((k, group[k]) for k in getattr(opt, "defaults", {}) if k in group)
+                    flags = tuple((k, group.get(k)) for k in ("foreach", "fused", "capturable", "differentiable") if k in group)
+                    return cls(type(opt), kw, flags)
+        return None
+
+    def __hash__(self) -> int:
+        return hash((self.cls, self.flags))
+
+    def build(self, params: list) -> Optional[torch.optim.Optimizer]:
+        try:
+            opt = self.cls(params, **dict(self.kwargs))
+            opt.step()  # fails now, not in the timing loop, for optimizers needing a closure
+            opt.zero_grad(set_to_none=True)
+            return opt
+        except Exception:  # an exotic optimizer: time the step without it (conservative for pairs)
+            return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingCase:
+    """One measurement: a layer of ``view``'s shape, dense (``rank=None``) or a pair at ``rank``,
+    on ``inputs``, for one ``mode`` step. ``bias``/``dtype``/``trainable``: the layer's own."""
+
+    view: LayerView
+    rank: Optional[int]
+    inputs: LayerInput
+    mode: str
+    bias: bool = True
+    dtype: torch.dtype = torch.float32
+    trainable: bool = True
+    optimizer: Optional[OptimizerSpec] = None
+
+    @property
+    def dense(self) -> "TimingCase":
+        return dataclasses.replace(self, rank=None)
+
+
+Timer = Callable[[Sequence[TimingCase]], list]
+"""Seconds per step of each case (``SpeedGuard(timer=...)`` replaces the clock, e.g. in tests)."""
+
+
+def _modules_for(case: TimingCase) -> nn.Module:
+    v, kw = case.view, dict(device=torch.device(case.inputs.device), dtype=case.dtype)
+    if v.geometry is None:
+        if case.rank is None:
+            return nn.Linear(v.in_dim, v.out_dim, bias=case.bias, **kw)
+        return FactorizedLinear(v.in_dim, v.out_dim, case.rank, bias=case.bias, **kw)
+    g: ConvGeometry = v.geometry
+    c_in = case.inputs.shape[-3]
+    args = dict(stride=g.stride, padding=g.padding, dilation=g.dilation, padding_mode=g.padding_mode, bias=case.bias)
+    if case.rank is None:
+        return nn.Conv2d(c_in, v.out_dim, g.kernel_size, **args, **kw)
+    return FactorizedConv2d(c_in, v.out_dim, g.kernel_size, case.rank, **args, **kw)
+
+
+def _runner(case: TimingCase) -> Callable[[], None]:
+    """One step of ``case`` as a closure (modules and inputs built once, with a private RNG)."""
+    dev = torch.device(case.inputs.device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.inference_mode(False):
+        torch.manual_seed(0)
+        module = _modules_for(case)
+        x = torch.randn(case.inputs.shape, device=dev, dtype=case.inputs.dtype)
+    if case.inputs.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    train = case.mode == "train"
+    module.requires_grad_(train and case.trainable)
+    x.requires_grad_(train and case.inputs.requires_grad)
+    auto = case.inputs.autocast
+    autocast = lambda: torch.autocast(dev.type, dtype=auto, enabled=auto is not None)  # noqa: E731
+    needs_backward = train and (case.trainable or case.inputs.requires_grad)
+    params = list(module.parameters())
+    opt = case.optimizer.build(params) if (needs_backward and case.trainable and case.optimizer is not None) else None
+
+    def step() -> None:
+        if not needs_backward:
+            with torch.inference_mode(), autocast():
+                module(x)
+            return
+        with torch.enable_grad(), autocast():
+            y = module(x)
+        y.backward(torch.ones_like(y))
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            for p in params:
+                p.grad = None
+        x.grad = None
+
+    return step
+
+
+def measure(cases: Sequence[TimingCase], repeats: int = 7, min_time: float = 0.003) -> list[float]:
+    """Median seconds per step of each case, measured together and interleaved (one sample of
+    each case per round, so slow drifts of the machine hit all cases alike). A sample runs enough
+    steps to last about ``min_time`` seconds."""
+    if not cases:
+        return []
+    runners = [_runner(c) for c in cases]
+    devices = {torch.device(c.inputs.device) for c in cases}
+
+    def sync() -> None:
+        for d in devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+    counts = []
+    for run in runners:
+        for _ in range(2):
+            run()
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        counts.append(max(1, min(10_000, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7)))))
+    samples: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, run in enumerate(runners):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(counts[i]):
+                run()
+            sync()
+            samples[i].append((time.perf_counter() - t0) / counts[i])
+    return [statistics.median(s) for s in samples]
+
+
+class SpeedGuard:
+    """Allows a layer's rank only where the pair is at least ``margin`` x as fast as the dense layer.
+
+    Args:
+        margin: required speedup (dense time / pair time). The default 1.15 keeps decisions stable
+            from run to run on a busy CPU, where medians of repeated timings still move by several
+            percent; layers within the margin of break-even stay dense.
+        mode: ``"train"`` times forward + backward + the optimizer's step on the layer's
+            parameters (what training with a factorized layer costs); ``"inference"`` times forward
+            only (for a model that is factorized and then deployed).
+        repeats / min_time: samples per case (median) and the seconds each sample lasts at least.
+        timer: replaces the clock: called with the cases to time, returns seconds per step of each
+            (tests use a deterministic one).
+
+    ``cache`` keeps every measured case; the same guard object reuses it across milestones.
+    """
+
+    def __init__(
+        self, margin: float = 1.15, mode: str = "train", repeats: int = 7, min_time: float = 0.003,
+        timer: Optional[Timer] = None,
+    ) -> None:  # fmt: skip
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+            raise ValueError(f"margin (the speedup a pair must reach) must be a positive number, got {margin!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.margin, self.mode, self.repeats, self.min_time = float(margin), mode, int(repeats), float(min_time)
+        self.timer = timer
+        self.cache: dict[TimingCase, float] = {}
+
+    def __repr__(self) -> str:
+        return f"SpeedGuard(margin={self.margin}, mode={self.mode!r})"
+
+    def seconds(self, cases: Sequence[TimingCase]) -> list[float]:
+        """Seconds per step of each case; the uncached ones are measured in one batch."""
+        todo = list(dict.fromkeys(c for c in cases if c not in self.cache))
+        if todo:
+            times = self.timer(todo) if self.timer is not None else measure(todo, self.repeats, self.min_time)
+            for c, t in zip(todo, times):
+                t = float(t)
+                if not (math.isfinite(t) and t > 0):
+                    raise ValueError(f"the speed guard's timer returned {t} seconds for {c}: expected a positive number")
+                self.cache[c] = t
+        return [self.cache[c] for c in cases]
+
+
+@dataclasses.dataclass
+class SpeedVerdict:
+    """The guard's decision on one layer at one milestone (plain data: broadcast under DDP)."""
+
+    rank: Optional[int]  # the rank that was measured (None: nothing to decide)
+    allowed: bool
+    dense_seconds: Optional[float] = None
+    pair_seconds: Optional[float] = None
+    note: str = ""
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.dense_seconds is None or self.pair_seconds is None:
+            return None
+        return self.dense_seconds / self.pair_seconds
+
+
+def _describe_step(mode: str, optimizer: Optional[OptimizerSpec]) -> str:
+    if mode == "inference":
+        return "forward"
+    return f"train step with {optimizer.cls.__name__}" if optimizer is not None else "forward+backward"
+
+
+class SpeedCheck:
+    """A ``SpeedGuard`` bound to one refactorization.
+
+    Args:
+        guard: the guard (its cache lives on).
+        inputs: name -> ``LayerInput`` the layer gets in the run being sped up (training batches
+            for the callback, calibration batches for ``factorize_model``).
+        optimizers: where a layer's optimizer is looked up (train mode).
+        broadcast: under DDP, ``broadcast(obj)`` returns the measuring process's ``obj`` on every
+            process (called by all of them in the same order); None in a single process.
+        measure_here: whether this process measures (rank 0); the others wait for its decisions.
+    """
+
+    def __init__(
+        self, guard: SpeedGuard, inputs: Mapping[str, LayerInput], optimizers: Sequence[Any] = (),
+        broadcast: Optional[Callable[[Any], Any]] = None, measure_here: bool = True,
+    ) -> None:  # fmt: skip
+        self.guard, self.inputs, self.optimizers = guard, dict(inputs), list(optimizers)
+        self.broadcast, self.measure_here = broadcast, measure_here
+        self.refused: dict[str, SpeedVerdict] = {}  # layers ``caps`` allowed no rank, and why
+
+    def _case(self, name: str, module: nn.Module, view: LayerView, rank: Optional[int]) -> Optional[TimingCase]:
+        inputs = self.inputs.get(name)
+        if inputs is None:
+            return None
+        weight = next(module.parameters())
+        bias = getattr(module.second if hasattr(module, "second") else module, "bias", None) is not None
+        opt = OptimizerSpec.of(self.optimizers, weight) if self.guard.mode == "train" else None
+        return TimingCase(view, rank, inputs, self.guard.mode, bias, weight.dtype, weight.requires_grad, opt)
+
+    def _agreed(self, compute: Callable[[], Any]) -> Any:
+        value = compute() if self.measure_here or self.broadcast is None else None
+        return value if self.broadcast is None else self.broadcast(value)
+
+    def _dense_view(self, c: LayerCandidate) -> LayerView:
+        return dataclasses.replace(c.view, rank=None)
+
+    def _ratios(self, asks: Mapping[str, tuple[TimingCase, int]]) -> dict[str, tuple[float, float]]:
+        """(dense seconds, pair seconds) per layer for the asked (case, rank), in one batch."""
+        cases = []
+        for case, rank in asks.values():
+            cases += [case.dense, dataclasses.replace(case, rank=rank)]
+        secs = self.guard.seconds(cases)
+        return {n: (secs[2 * i], secs[2 * i + 1]) for i, n in enumerate(asks)}
+
+    def caps(self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate]) -> dict[str, Optional[int]]:
+        """Per layer, the largest rank (up to what it may take) whose pair the guard allows: 0 if
+        none, None if it cannot be measured. Speed falls roughly monotonically with the rank, so
+        this is a bisection (to within 1/8 of the rank), all layers' probes of a round measured
+        together; ``check`` still verifies the rank finally chosen."""
+
+        def compute() -> tuple[dict[str, Optional[int]], dict[str, SpeedVerdict]]:
+            cases = {n: self._case(n, layers[n], self._dense_view(c), None) for n, c in candidates.items()}
+            out: dict[str, Optional[int]] = {n: (None if cases[n] is None else 0) for n in candidates}
+            refused: dict[str, SpeedVerdict] = {}
+            bounds = {n: (0, max_rank(c) + 1) for n, c in candidates.items() if cases[n] is not None and max_rank(c) >= 1}
+            first = True
+            while bounds:
+                asks = {n: (cases[n], hi - 1 if first else (lo + hi) // 2) for n, (lo, hi) in bounds.items()}
+                for n, (dense, pair) in self._ratios(asks).items():
+                    lo, hi = bounds[n]
+                    r = asks[n][1]
+                    if dense / pair >= self.guard.margin:
+                        lo = r
+                    else:
+                        hi = r
+                        refused[n] = self._verdict(candidates[n], asks[n][0], r, dense, pair)
+                    bounds[n] = (lo, hi)
+                first = False
+                for n, (lo, hi) in list(bounds.items()):
+                    if hi - lo <= max(1, lo // 8):
+                        out[n] = lo
+                        del bounds[n]
+            return out, {n: v for n, v in refused.items() if out[n] == 0}
+
+        caps, self.refused = self._agreed(compute)
+        return caps
+
+    def _verdict(self, c: LayerCandidate, case: TimingCase, rank: int, dense: float, pair: float) -> SpeedVerdict:
+        ok = dense / pair >= self.guard.margin
+        note = ""
+        if not ok:
+            keep = "kept dense" if c.view.rank is None else f"kept at rank {c.view.rank}"
+            note = (
+                f"{keep}: rank {rank} measured {dense / pair:.2f}x the dense layer's speed (needs {self.guard.margin:.2f}x) "
+                f"on {case.inputs.describe()} at {case.inputs.rows(case.view)} rows, {_describe_step(case.mode, case.optimizer)}"
+            )
+        return SpeedVerdict(rank, ok, dense, pair, note)
+
+    def check(
+        self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, Optional[int]]
+    ) -> tuple[dict[str, Optional[int]], dict[str, SpeedVerdict]]:
+        """Times every changing layer at its chosen rank; ranks whose pair is not ``margin`` x as
+        fast as the dense layer become None (the layer stays as it is) with a note saying why."""
+
+        def compute() -> dict[str, SpeedVerdict]:
+            asks, verdicts = {}, {}
+            for n, r in ranks.items():
+                if r is None:
+                    continue
+                case = self._case(n, layers[n], self._dense_view(candidates[n]), None)
+                if case is None:
+                    verdicts[n] = SpeedVerdict(r, False, note="kept as it is: speed not measured (no input was recorded for it)")
+                else:
+                    asks[n] = (case, r)
+            for n, (dense, pair) in self._ratios(asks).items():
+                verdicts[n] = self._verdict(candidates[n], *asks[n], dense, pair)
+            return verdicts
+
+        verdicts = self._agreed(compute)
+        for n, v in self.refused.items():  # no rank was allowed: they stay as they are, said why
+            if ranks.get(n) is None:
+                verdicts.setdefault(n, v)
+        out = {n: (r if r is None or verdicts[n].allowed else None) for n, r in ranks.items()}
+        return out, verdicts
+
+
+class InputRecorder:
+    """Records the first input each layer gets (``LayerInput``), then removes its hook from that
+    layer. ``training_only``: record only calls made with grad enabled on a module in training mode
+    (training steps, not validation)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], training_only: bool = True) -> None:
+        self.layers, self.training_only = dict(layers), training_only
+        self.inputs: dict[str, LayerInput] = {}
+        self._handles: dict[str, Any] = {}
+
+    def attach(self) -> "InputRecorder":
+        for name, module in self.layers.items():
+            if name not in self.inputs and name not in self._handles:
+                self._handles[name] = module.register_forward_pre_hook(self._hook(name))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            if self.training_only and not (module.training and torch.is_grad_enabled()):
+                return
+            self.inputs[name] = LayerInput.of(args[0])
+            handle = self._handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+
+        return hook
+
+    def detach(self) -> None:
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+
+def resolve_guard(speed_guard: Any, mode: str) -> Optional[SpeedGuard]:
+    """``True`` -> ``SpeedGuard(mode=mode)``, ``False``/None -> None, a ``SpeedGuard`` as it is."""
+    if speed_guard is True:
+        return SpeedGuard(mode=mode)
+    if speed_guard is False or speed_guard is None:
+        return None
+    if isinstance(speed_guard, SpeedGuard):
+        return speed_guard
+    raise TypeError(f"speed_guard must be True, False or a SpeedGuard, got {type(speed_guard).__name__}")
