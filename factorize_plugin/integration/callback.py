@@ -22,6 +22,7 @@ from ..surgery.calling import InputFn, evaluating
 from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
 from ..surgery.advice import no_change, oversized_ranks, unmatched_excludes
+from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
 from ..surgery.refactorize import refactorize
@@ -374,7 +375,8 @@ class LowRankFactorization(Callback):
         """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states kept)."""
         loaders, limits = validation_loaders(trainer)
         collector = self._new_collector(pl_module)
-        with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module):
+        with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
+                naming_failures(pl_module, "a validation batch"):  # fmt: skip
             for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
                 extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
                 for i, batch in enumerate(loader):

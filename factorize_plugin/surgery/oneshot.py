@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .advice import no_change, oversized_ranks, unmatched_excludes
+from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
 from .policies import RankLike, RankPolicy, make_policy
@@ -49,7 +50,7 @@ def _print_progress(i: int, n: int, name: str) -> None:
 
 
 def _collect(model: nn.Module, layers, batches: Iterable, input_fn: Optional[InputFn], **collector_args) -> ActivationCollector:
-    with evaluating(model), ActivationCollector(layers, **collector_args) as collector:
+    with evaluating(model), ActivationCollector(layers, **collector_args) as collector, naming_failures(model):
         n_batches = 0
         for batch in batches:
             call_model(model, batch, input_fn)
