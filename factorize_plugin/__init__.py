@@ -13,6 +13,7 @@ from .core import LowRankDecomposition, LowRankSolution, MomentAccumulator, deco
 from .layers import FactorizedConv2d, FactorizedLinear
 from .surgery.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
 from .surgery.collector import ActivationCollector
+from .surgery.hf import load_factorized_pretrained
 from .surgery.oneshot import factorize_model
 from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
 from .surgery.refactorize import refactorize
@@ -58,6 +59,7 @@ __all__ = [
     "enable_factorized_loading",
     "load_factorized",
     "load_factorized_checkpoint",
+    "load_factorized_pretrained",
     # Lightning (loaded on first use)
     "LowRankFactorization",
     "FactorizeCLI",
