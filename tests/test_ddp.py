@@ -41,7 +41,8 @@ def single_process_union_run() -> dict:
         pl.seed_everything(0)
         kwargs = dict(DDP_MODEL_KWARGS, batch_size=2 * DDP_MODEL_KWARGS["batch_size"], shuffle="union_of_2_ranks")
         model = TinyNet(**kwargs)
-        cb = LowRankFactorization(DDP_SCHEDULE, **DDP_CALLBACK_KWARGS)
+        # 4 validation batches of 32 = the union of the 2 ranks' first 2 batches (their output_batches)
+        cb = LowRankFactorization(DDP_SCHEDULE, **DDP_CALLBACK_KWARGS, output_batches=4)
 
         class Epoch0(pl.Callback):
             def on_train_epoch_end(self, trainer, pl_module):
@@ -83,6 +84,11 @@ def test_ddp_two_processes(tmp_path):
     for h in r0["history"]:
         assert h["samples"]["classifier.0"] == 128 and h["samples"]["features.2"] == 128 * 64  # 8x8 output positions per digit
     assert [h["ranks"] for h in r0["history"]] == [R1, R2]
+    # the speed guard (a fake clock that disagrees across ranks) measured on rank 0 only, once per
+    # milestone, and every rank applied rank 0's decisions (structure below) and reports them alike
+    assert len(r0["timer_calls"]) == 2 and r1["timer_calls"] == []
+    assert [h["speedup"] for h in r0["history"]] == [h["speedup"] for h in r1["history"]] == [dict.fromkeys(R1, 2.0)] * 2
+    assert all(not h["notes"] for h in r0["history"] + r1["history"])
 
     # equal, within float tolerance, to one process fitting on the union of the data
     single = single_process_union_run()
@@ -93,6 +99,10 @@ def test_ddp_two_processes(tmp_path):
     for h_ddp, h_one in zip(r0["history"], single["history"]):
         for name, v in h_ddp["nmse"].items():
             assert v == pytest.approx(h_one["nmse"][name], rel=1e-3, abs=1e-7), name
+    # the output NMSE metric's sum states are synced: one value on both ranks, the union's value
+    assert [h["output_nmse"] for h in r0["history"]] == [h["output_nmse"] for h in r1["history"]]
+    for h_ddp, h_one in zip(r0["history"], single["history"]):
+        assert h_ddp["output_nmse"] == pytest.approx(h_one["output_nmse"], rel=1e-3)
 
     # after another epoch of optimizer steps on the factorized model: still identical across
     # ranks (the rebuilt wrapper all-reduces the new parameters' gradients) and still the union run

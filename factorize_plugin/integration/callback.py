@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..surgery.calling import InputFn, evaluating
 from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
-from ..surgery.advice import no_change, oversized_ranks, unmatched_excludes
+from ..surgery.advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
@@ -196,7 +196,6 @@ class LowRankFactorization(Callback):
             # the live model's: rebuild it from the state dict before the weights load
             enable_factorized_loading(pl_module)
             return
-        check_validation(trainer, pl_module)
         if self._pl_module is not None and pl_module is not self._pl_module and (self.done or self.history):
             rank_zero_info(
                 f"LowRankFactorization: a new fit on another model ({type(pl_module).__name__}): the schedule starts "
@@ -205,6 +204,7 @@ class LowRankFactorization(Callback):
             self._reset_state()
         _check_strategy(trainer.strategy)
         _check_callbacks(trainer.callbacks)
+        check_validation(trainer, pl_module)
         method = start_method(trainer.strategy)
         if method is not None and not loading_enabled(pl_module):
             raise RuntimeError(
@@ -280,6 +280,7 @@ class LowRankFactorization(Callback):
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
             speed=self._speed_check(trainer, collector),
+            holdout=collector.holdout.pairs() if trainer.world_size == 1 else None,  # halves differ per rank
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         self._record(trainer, pl_module, due, milestone, reports, source)
@@ -288,6 +289,8 @@ class LowRankFactorization(Callback):
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
                           sync_dist=trainer.world_size > 1)  # fmt: skip
         self._advise(no_change(reports, f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"))
+        self._advise(optimistic_fits(reports, f"milestone {milestone}"))
+        self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         self._watch_training_inputs(pl_module, epoch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -359,7 +362,10 @@ class LowRankFactorization(Callback):
         return [e for e in self.schedule if e <= epoch and e not in self.done]
 
     def _new_collector(self, pl_module: LightningModule) -> ActivationCollector:
-        return ActivationCollector(self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto")
+        single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
+        return ActivationCollector(
+            self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto", holdout=single
+        )
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
         """The statistics of the last validation run before ``epoch`` if no optimizer step followed

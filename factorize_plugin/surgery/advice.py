@@ -62,3 +62,21 @@ def no_change(reports: Sequence[LayerReport], label: str = "") -> Optional[str]:
         "r * (in + out) against in * out dense, so e.g. a rank of 0.5 on a square layer saves nothing), or every "
         f"layer is already at or below it ({'; '.join(reasons)}). Choose lower ranks"
     )
+
+
+def optimistic_fits(reports: Sequence[LayerReport], label: str = "") -> Optional[str]:
+    """A message naming the layers whose held-out NMSE is much above the fitted one (few rows for
+    their width: the fitted NMSE is optimistic), else None."""
+    bad = {
+        r.name: (round(r.nmse, 3), round(r.heldout_nmse, 3), r.samples)
+        for r in reports
+        if r.heldout_nmse is not None and r.heldout_nmse > 2 * r.nmse + 0.02 and r.heldout_nmse - r.nmse > 0.05
+    }
+    if not bad:
+        return None
+    where = f"{label}: " if label else ""
+    return (
+        f"{where}the fitted NMSE is optimistic for layer(s) {{name: (fitted, held-out, rows)}} = {bad}: the statistics "
+        "hold few rows for the layers' input width, so the fit is measured on the rows it was fitted to. Collect "
+        "more rows (more or larger calibration / validation batches, sample_fraction=1.0) or raise regularization"
+    )

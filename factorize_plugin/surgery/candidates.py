@@ -33,6 +33,7 @@ class LayerCandidate:
     weight: float = 1.0
     samples: int = 0
     output_curve: Optional[torch.Tensor] = None
+    heldout_curve: Optional[torch.Tensor] = None  # NMSE on held-out rows at ranks 0..k (small sets)
     rank_cap: Optional[int] = None
 
 

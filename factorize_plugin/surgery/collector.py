@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..core.statistics import MomentAccumulator
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, weight_matrix
+from .holdout import HeldOutHalves
 from .speed import LayerInput
 
 
@@ -35,6 +36,8 @@ class ActivationCollector:
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
             the projected inputs x @ W (M x M) for layers with fewer outputs than inputs, which is
             exact only if the weights do not change between collection and solving.
+        holdout: also keep two disjoint halves of each layer's rows while it has few
+            (``holdout.HeldOutHalves``), for a held-out NMSE estimate.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
     ``torch.inference_mode()`` and autocast (autocast is disabled inside the hook).
@@ -50,6 +53,7 @@ class ActivationCollector:
         seed: int = 0,
         sample_fraction: Union[float, str] = 1.0,
         space: str = "input",
+        holdout: bool = True,
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -81,6 +85,8 @@ class ActivationCollector:
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
         self._handles: list = []
+        # two halves of a small set's rows, for an honest (held-out) error estimate
+        self.holdout = HeldOutHalves(self.stats, enabled=holdout)
 
     def attach(self) -> "ActivationCollector":
         if not self._handles:
@@ -132,6 +138,7 @@ class ActivationCollector:
                 if projection is not None:  # float64 inputs are projected in float64, others in float32
                     rows = rows @ projection if rows.dtype == torch.float64 else rows.float() @ projection32
                 stats.update(rows)
+                self.holdout.update(name, rows)
             self.calls[name] += 1
 
         return hook

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .advice import no_change, oversized_ranks, unmatched_excludes
+from .advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
@@ -26,6 +26,7 @@ from .refactorize import refactorize
 from .reports import LayerReport
 from .sensitivity import OutputProbe
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
+from .sharing import check_called
 from .targets import select_layers
 
 
@@ -57,7 +58,7 @@ def _collect(model: nn.Module, layers, batches: Iterable, input_fn: Optional[Inp
             n_batches += 1
     if n_batches == 0:
         raise ValueError("the calibration data yielded no batches")
-    collector.check_nonempty()
+    check_called(model, collector.samples(), "calibration")
     return collector
 
 
@@ -167,8 +168,9 @@ def factorize_model(
     reports = refactorize(
         model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
         regularization=regularization, progress=progress_fn,
-        speed=None if guard is None else SpeedCheck(guard, collector.inputs),
+        speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
     )  # fmt: skip
+    _advise(optimistic_fits(reports))
     _advise(no_change(reports, f"factorize_model({policy!r})"))
     plan = getattr(policy, "last_plan", None)
     if progress_fn is not None and plan is not None and plan.errors:

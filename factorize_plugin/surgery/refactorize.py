@@ -20,6 +20,7 @@ from ..layers.adapters import install_factors, layer_view, weight_matrix
 from ..layers.factorized import FACTORIZED_PAIRS
 from .calling import evaluating
 from .candidates import LayerCandidate
+from .holdout import Halves, heldout_curve
 from .modules import set_submodule
 from .optim import OptimizerEdit
 from .policies import RankPolicy
@@ -38,8 +39,10 @@ def build_candidates(
     positions: Optional[Mapping[str, float]] = None,
     regularization: float = 0.0,
     progress: Optional[Progress] = None,
+    holdout: Optional[Mapping[str, Halves]] = None,
 ) -> dict[str, LayerCandidate]:
-    """Solves every layer exactly (all ranks at once). Errors name the layer."""
+    """Solves every layer exactly (all ranks at once). Errors name the layer. With ``holdout``
+    (name -> two halves of a small set's rows) also a held-out NMSE curve (one more solve)."""
     out = {}
     for i, (name, module) in enumerate(layers.items()):
         if progress is not None:
@@ -48,11 +51,13 @@ def build_candidates(
             stats[name].check(f"inputs of layer '{name}'")
             w, b = weight_matrix(module)
             dec = decompose(stats[name], w, b, regularization)
+            heldout = heldout_curve((holdout or {}).get(name), w, b, regularization)
         except ValueError as err:
             raise ValueError(f"cannot factorize layer '{name}': {err}") from err
         out[name] = LayerCandidate(
-            layer_view(module), dec, float((positions or {}).get(name, 1.0)), samples=stats[name].num_samples
-        )
+            layer_view(module), dec, float((positions or {}).get(name, 1.0)), samples=stats[name].num_samples,
+            heldout_curve=heldout,
+        )  # fmt: skip
     return out
 
 
@@ -94,6 +99,8 @@ def _reports(layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCand
         new_rank = c.view.rank if rank is None else rank
         nmse = 0.0 if rank is None else float(c.decomposition.nmse_curve[rank])
         out.append(LayerReport.of(name, type(module).__name__, c.view, new_rank, nmse, c.positions, c.samples))
+        if rank is not None and c.heldout_curve is not None:
+            out[-1].heldout_nmse = float(c.heldout_curve[rank])
     return out
 
 
@@ -119,6 +126,7 @@ def refactorize(
     regularization: float = 0.0,
     progress: Optional[Progress] = None,
     speed: Optional[SpeedCheck] = None,
+    holdout: Optional[Mapping[str, Halves]] = None,
 ) -> list[LayerReport]:
     """Re-factorizes ``layers`` (qualified name -> module of ``model``) from their input ``stats``.
 
@@ -134,6 +142,8 @@ def refactorize(
             broadcast from rank 0 under DDP); must be called by every process.
         regularization: the solver's alpha >= 0 (see ``core.decompose``).
         progress: called as ``progress(i, n, name)`` before each layer is solved.
+        holdout: name -> two disjoint halves of the layer's rows (``ActivationCollector.holdout.pairs()``):
+            each report then also carries ``heldout_nmse`` (a fit on one half measured on the other).
         speed: a speed guard bound to this call (``speed.SpeedCheck``): a policy that respects rank
             caps (``ParamBudget``) chooses only among ranks it allows; after ``agree`` every
             changing layer is timed at its rank and stays as it is unless its pair is fast enough
@@ -142,7 +152,7 @@ def refactorize(
     Returns:
         One ``LayerReport`` per layer, in the order of ``layers``.
     """
-    candidates = build_candidates(layers, stats, positions, regularization, progress)
+    candidates = build_candidates(layers, stats, positions, regularization, progress, holdout)
     if speed is not None and policy.uses_rank_caps:
         for name, cap in speed.caps(layers, candidates).items():
             candidates[name].rank_cap = cap

@@ -33,6 +33,7 @@ class LayerReport:
     dense_seconds: Optional[float] = None
     pair_seconds: Optional[float] = None
     measured_rank: Optional[int] = None
+    heldout_nmse: Optional[float] = None  # NMSE on held-out rows (small sets only, see surgery.holdout)
 
     @property
     def speedup(self) -> Optional[float]:
