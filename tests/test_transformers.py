@@ -304,3 +304,13 @@ def test_gpt_example_short_run_lowers_ranks_and_leaves_the_tied_head():
     assert ranks["net.blocks.0.mlp.fc"] == 8 and ranks["net.blocks.0.attn.qkv"] == 8  # 0.25 of 32
     assert "net.head" in result["notes"]
     assert result["steps"] == 6 and len(result["curve"]) == 3 and all(e["tokens_per_s"] > 0 for e in result["epochs"])
+
+
+def test_factorize_model_names_a_training_only_layer_and_the_reason():
+    from factorize_plugin import factorize_model
+
+    model = TrainOnlyBranch()
+    x = torch.randint(0, 256, (2, 8))
+    with pytest.raises(RuntimeError, match=r"'aux'.*training mode") as err:
+        factorize_model(model, [x], rank=8, min_params=256, speed_guard=False)
+    assert "compile" not in str(err.value) and type(model.body) is nn.Linear
