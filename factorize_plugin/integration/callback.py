@@ -123,7 +123,9 @@ class LowRankFactorization(Callback):
       start, with a warning. For inference use ``load_factorized_checkpoint(cls, path)``.
     * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value``, ``ranks``
       and ``nmse`` and ``samples`` per layer, and ``statistics`` (``"validation"`` or
-      ``"calibration"``: where the statistics came from).
+      ``"calibration"``: where the statistics came from), ``heldout_nmse`` per layer (small
+      statistics only: a fit on half the rows measured on the other half; ``max_nmse`` uses the
+      fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``).
     """
 
     def __init__(
