@@ -77,7 +77,15 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
     pairs = [(n, m) for n, m in model.named_modules() if n and isinstance(m, FACTORIZED_PAIRS)]
     for name, pair in pairs:
         if _dense_in(state_dict, prefix, name):
-            set_submodule(model, name, pair.to_dense())  # weights are about to be overwritten
+            dense = pair.to_dense()  # its weights are about to be overwritten
+            held = tuple(getattr(state_dict[f"{prefix}{name}.weight"], "shape", ()))
+            if held != tuple(dense.weight.shape):
+                raise ValueError(
+                    f"the state dict holds layer '{name}' dense with a weight of shape {held}, but a "
+                    f"{type(dense).__name__} of this pair's sizes has {tuple(dense.weight.shape)} (a layer of another "
+                    "type, e.g. a transposed Conv1D?): load it into a freshly built model instead"
+                )
+            set_submodule(model, name, dense)
             replaced.append(name)
     return replaced
 
