@@ -60,7 +60,8 @@ def no_change(reports: Sequence[LayerReport], label: str = "") -> Optional[str]:
     return (
         f"{where}changed no layer: at the chosen ranks no targeted layer would get cheaper (a pair of rank r costs "
         "r * (in + out) against in * out dense, so e.g. a rank of 0.5 on a square layer saves nothing), or every "
-        f"layer is already at or below it ({'; '.join(reasons)}). Choose lower ranks"
+        f"layer is already at or below it, or a layer's note says why it stayed ({'; '.join(reasons)}). Choose lower "
+        "ranks"
     )
 
 
