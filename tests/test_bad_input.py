@@ -160,3 +160,17 @@ def test_callback_history_holds_the_held_out_nmse():
     held = cb.history[0]["heldout_nmse"]
     assert set(held) <= set(cb.history[0]["nmse"]) and held  # 128 validation digits: a small set
     assert all(v >= 0 for v in held.values())
+
+
+def test_callback_calibration_batch_of_the_wrong_shape_names_the_layer():
+    """Key 0 calibrates before training (no sanity check here): 7x7 images reach classifier.0 with
+    144 features instead of 256, and the error says where."""
+
+    class SmallImages(TinyNet):
+        def val_dataloader(self):
+            x = torch.rand(64, 1, 7, 7)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=32)
+
+    cb = LowRankFactorization({0: 0.5}, **TINY)
+    with pytest.raises(RuntimeError, match=r"a validation batch does not fit layer 'classifier\.0' \(Linear, in_features=256\).*\(32, 144\)"):
+        trainer([cb], max_epochs=1, num_sanity_val_steps=0).fit(SmallImages())
