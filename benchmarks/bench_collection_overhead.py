@@ -38,7 +38,7 @@ def run(model: nn.Module, batches: list[torch.Tensor], max_samples: int | None, 
     start = time.perf_counter()
     with torch.inference_mode():
         if collect:
-            with ActivationCollector(layers, max_samples=max_samples, sample_fraction="auto") as col:
+            with ActivationCollector(layers, max_samples=max_samples, sample_fraction="auto", space="auto") as col:
                 for x in batches:
                     model(x)
             assert min(col.samples().values()) > 0

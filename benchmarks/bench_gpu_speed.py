@@ -6,7 +6,11 @@ For transformer-sized Linear layers (4096->16384, 16384->4096) at rank fractions
 for 3x3 convolutions of 64..512 channels at 1/4 rank, times dense and factorized (two matmuls /
 KxK conv + 1x1 conv) forward+backward with CUDA events, and reports the measured speedup beside
 the ideal multiply-add ratio. The rows where the measured speedup is below 1 are where the
-callback should not factorize. Needs a CUDA GPU; exits with a message otherwise.
+callback should not factorize. Each row also carries the speed guard's own decision on the same
+layer, rank and input (``SpeedGuard`` in train mode with AdamW, margin 1.15: its measured ratio,
+whether it would factorize, and the note it writes when it keeps the layer dense), so the first GPU
+run records which layers the defaults keep dense and why. Needs a CUDA GPU; exits with a message
+otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ import torch
 import torch.nn as nn
 
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
+from factorize_plugin.layers.adapters import layer_view
+from factorize_plugin.surgery.speed import LayerInput, OptimizerSpec, SpeedGuard, TimingCase
+
+GUARD = SpeedGuard(mode="train")
+
+
+def guard_decision(dense: nn.Module, x: torch.Tensor, rank: int) -> dict:
+    """What the speed guard (defaults, train mode, AdamW) decides for ``dense`` at ``rank`` on ``x``."""
+    view = layer_view(dense)
+    inputs = LayerInput.of(x)
+    case = TimingCase(view, rank, inputs, "train", dense.bias is not None, dense.weight.dtype, True, OptimizerSpec(torch.optim.AdamW))
+    t_dense, t_pair = GUARD.seconds([case.dense, case])
+    ratio = t_dense / t_pair
+    allowed = ratio >= GUARD.margin
+    note = "" if allowed else (
+        f"kept dense: rank {rank} measured {ratio:.2f}x the dense layer's speed (needs {GUARD.margin:.2f}x) on "
+        f"{inputs.describe()} at {inputs.rows(view)} rows, train step with AdamW"
+    )
+    return dict(guard_speedup=ratio, guard_factorizes=allowed, guard_note=note)
 
 
 def _time(module: nn.Module, x: torch.Tensor, iters: int) -> float:
@@ -48,7 +71,8 @@ def linear_rows(iters: int, tokens: int) -> list[dict]:
             t = _time(fact, x, iters)
             ideal = d * m / (r * (d + m))
             rows.append(dict(kind="linear", shape=[d, m], rank=r, tokens=tokens, dense_ms=t_dense, factorized_ms=t,
-                             speedup=t_dense / t, ideal=ideal, fraction_of_ideal=t_dense / t / ideal))
+                             speedup=t_dense / t, ideal=ideal, fraction_of_ideal=t_dense / t / ideal,
+                             **guard_decision(dense, x, r)))
     return rows
 
 
@@ -65,7 +89,8 @@ def conv_rows(iters: int, batch: int) -> list[dict]:
         t = _time(fact, x, iters)
         ideal = c * c * 9 / (r * (c * 9 + c))
         rows.append(dict(kind="conv3x3", channels=c, hw=hw, rank=r, batch=batch, dense_ms=t_dense, factorized_ms=t,
-                         speedup=t_dense / t, ideal=ideal, fraction_of_ideal=t_dense / t / ideal))
+                         speedup=t_dense / t, ideal=ideal, fraction_of_ideal=t_dense / t / ideal,
+                         **guard_decision(dense, x, r)))
     return rows
 
 
@@ -83,8 +108,12 @@ def main() -> None:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in rows if not r["guard_factorizes"]]
+    print(f"speed guard (margin {GUARD.margin}, train mode): keeps {len(kept)} of {len(rows)} layers dense")
+    for r in kept:
+        print("  ", r.get("shape") or f"conv3x3 {r['channels']} channels", r["guard_note"])
     result = dict(benchmark="gpu_speed", device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bfloat16",
-                  quick=args.quick, rows=rows)
+                  quick=args.quick, guard=dict(margin=GUARD.margin, mode=GUARD.mode, optimizer="AdamW"), rows=rows)
     (out / "gpu_speed.json").write_text(json.dumps(result, indent=2))
 
 
