@@ -18,6 +18,7 @@ from .surgery.oneshot import factorize_model
 from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
 from .surgery.refactorize import refactorize
 from .surgery.reports import LayerReport, format_reports
+from .surgery.speed import SpeedGuard
 from .surgery.targets import select_layers
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "factorize_model",
     "LayerReport",
     "format_reports",
+    "SpeedGuard",
     "enable_factorized_loading",
     "load_factorized",
     "load_factorized_checkpoint",

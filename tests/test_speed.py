@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 from lightning_helpers import TINY, TinyNet, structure
 
-from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, factorize_model, format_reports
+from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, SpeedGuard, factorize_model, format_reports
 from factorize_plugin.layers.adapters import layer_view
 from factorize_plugin.surgery.allocation import allocate
 from factorize_plugin.surgery.candidates import LayerCandidate, admissible, max_rank
-from factorize_plugin.surgery.speed import LayerInput, SpeedGuard, TimingCase, measure
+from factorize_plugin.surgery.speed import LayerInput, TimingCase, measure
 
 OVERHEAD = 40_000  # fixed cost per layer call in the fake timer's units: small layers lose
 
