@@ -11,6 +11,7 @@ from factorize_plugin.integration.lightning_internals import (
     silenced_logging,
     start_method,
     validation_loaders,
+    validation_source_defined,
 )
 
 
@@ -57,3 +58,22 @@ def test_silenced_logging_restores_the_methods():
         model.log("x", 1.0)  # outside a loop Lightning would raise here
         model.log_dict({"x": 1.0})
     assert model.log.__func__ is pl.LightningModule.log
+
+
+class _SourceProbe(pl.Callback):
+    def setup(self, trainer, pl_module, stage):
+        self.defined = validation_source_defined(trainer)
+
+
+def test_validation_source_is_readable_at_setup():
+    for with_val in (True, False):
+        model = TinyNet()
+        if not with_val:
+            model.val_dataloader = None
+        probe = _SourceProbe()
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[probe],
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(model)
+        assert probe.defined is with_val

@@ -30,6 +30,14 @@ def validation_loaders(trainer: Trainer) -> tuple[list, list]:
     return loaders, limits
 
 
+def validation_source_defined(trainer: Trainer) -> bool | None:
+    """Whether the fit got validation data (``val_dataloaders``, the model's or the datamodule's
+    ``val_dataloader``), None if Lightning does not say. Reads the fit loop's private
+    ``val_loop._data_source``; usable from ``Callback.setup``, before the loaders are built."""
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    return None if source is None else bool(source.is_defined())
+
+
 def start_method(strategy: Any) -> str | None:
     """How the strategy starts its worker processes when Lightning's multiprocessing launcher
     copies the trained weights back into the main process (``"spawn"``, ``"fork"``,

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..surgery.calling import InputFn, call_model, evaluating, output_tensor
 from ..surgery.checkpoint import factorized_entries
-from .lightning_internals import validation_loaders
+from .lightning_internals import validation_loaders, validation_source_defined
 from .output_metric import OutputNMSE
 
 _STATE_FIELDS = {"done", "ranks", "history"}
@@ -21,12 +21,11 @@ _STATE_FIELDS = {"done", "ranks", "history"}
 
 def check_validation(trainer: Trainer, pl_module: LightningModule) -> None:
     """Raises at setup, before any training, if the fit has no validation batches to collect from.
-    Reads the fit loop's private ``_data_source`` (what ``val_dataloaders`` / the datamodule gave)."""
-    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    """
     problems = []
     if not is_overridden("validation_step", pl_module):
         problems.append(f"{type(pl_module).__name__} defines no validation_step")
-    if source is not None and not source.is_defined():
+    if validation_source_defined(trainer) is False:
         problems.append("the Trainer got no val_dataloaders (and the model / datamodule has no val_dataloader)")
     if trainer.limit_val_batches == 0:
         problems.append("limit_val_batches=0")

@@ -57,6 +57,12 @@ def no_change(reports: Sequence[LayerReport], label: str = "") -> Optional[str]:
         cap = useful if r.old_rank is None else min(useful, r.old_rank - 1)
         reasons.append(f"{r.name}: {r.note or f'largest rank that saves multiply-adds {cap}'}")
     where = f"{label} " if label else ""
+    if all("measured" in r.note for r in reports):  # every layer kept dense by the speed guard
+        return (
+            f"{where}changed no layer: the speed guard measured every candidate pair slower than its dense layer "
+            f"({'; '.join(reasons)}). Lower the ranks, time on the rows you train with, or pass speed_guard=False "
+            "to factorize for size alone"
+        )
     return (
         f"{where}changed no layer: at the chosen ranks no targeted layer would get cheaper (a pair of rank r costs "
         "r * (in + out) against in * out dense, so e.g. a rank of 0.5 on a square layer saves nothing), or every "
