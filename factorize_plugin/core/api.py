@@ -230,18 +230,8 @@ def factorize_conv2d(
     convolution is a matrix product on its input patches, with D = C_in * k_h * k_w input
     features and M = C_out outputs, so ``rank`` means what it means in ``factorize_matrix``.
 
-    Rank semantics (those of the reference implementation, Composer 0.32.1 ``factorize_core``; the
-    callback and ``factorize_model`` keep their own meaning of a fraction, see ``resolve_rank``):
-
-    - ``rank`` below 1 (a float, e.g. the default 0.25) is a fraction of the **input features**
-      D: ``k = min(int(rank * D), Wa.shape[1])``, i.e. capped by M for a dense matrix and by the
-      current rank d of a pair. Any other number is truncated with ``int()`` (``2.7`` is 2).
-      Python and NumPy integers and floats and one-element tensors are accepted.
-    - ``k >= min(D, M)``: factorizing cannot shrink the layer, so the result is the best **dense**
-      map (``Wb`` None, ``rank`` -1), also when the input was a pair.
-    - otherwise, for a pair and ``k >= d``: the pair is returned **unchanged** (the same ``Wa`` and
-      ``Wb`` objects, ``rank`` -1).
-    - otherwise the best rank-``k`` pair, ``rank`` = k.
+    Rank semantics: exactly those of ``factorize_matrix`` (the reference implementation's), with
+    D = C_in * k_h * k_w; the dense result is one kernel.
 
     So, as in the reference, the default ``rank=0.25`` is a quarter of C_in * k_h * k_w, and
     gives the **dense** kernel for many 3 x 3 convolutions: whenever ``int(2.25 * C_in) >= C_out``

@@ -37,12 +37,12 @@ def is_explicit(pattern: str) -> bool:
     return not _WILDCARDS & set(pattern)
 
 
-def all_module_names(model: nn.Module) -> dict[str, nn.Module]:
-    """Every qualified name of every submodule, aliases included, without the insides of
-    factorized pairs (their ``first`` / ``second``)."""
+def all_module_names(model: nn.Module, aliases: bool = True) -> dict[str, nn.Module]:
+    """Every qualified name of every submodule (with ``aliases=False`` only the first name of each),
+    without the insides of factorized pairs (their ``first`` / ``second``)."""
     out: dict[str, nn.Module] = {}
     pair_prefixes: list[str] = []
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in model.named_modules(remove_duplicate=not aliases):
         if not name or any(name.startswith(p) for p in pair_prefixes):
             continue
         if isinstance(module, FACTORIZED_PAIRS):

@@ -10,23 +10,10 @@ from ..layers.adapters import FACTORIZABLE_TYPES, check_factorizable, layer_view
 from ..layers.factorized import FACTORIZED_PAIRS
 from ..layers.transposed import TransposedLinear
 from .modules import match_names
-from .sharing import explicit_targets, primary_names, screen_layers
+from .sharing import all_module_names, explicit_targets, primary_names, screen_layers
 
 
 _WILDCARDS = set("*?[")
-
-
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules, without the insides of factorized pairs (their ``first``/``second``)."""
-    out: dict[str, nn.Module] = {}
-    pair_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in pair_prefixes):
-            continue
-        if isinstance(module, FACTORIZED_PAIRS):
-            pair_prefixes.append(name + ".")
-        out[name] = module
-    return out
 
 
 def select_layers(
@@ -63,7 +50,7 @@ def select_layers(
         explicitly cannot be factorized (unsupported type, grouped convolution); ValueError: one
         that is unsafe to swap (the reasons ``notes`` lists).
     """
-    cands = _candidates(model)
+    cands = all_module_names(model, aliases=False)
     primary = primary_names(model)  # every name, aliases included -> the name in cands
     if targets is not None:
         if isinstance(targets, str):
