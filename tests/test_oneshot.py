@@ -198,8 +198,11 @@ def test_layer_that_never_runs_and_empty_calibration():
         def forward(self, x):
             return self.used(x)
 
-    with pytest.raises(RuntimeError, match="unused"):
-        factorize_model(_Skip().double(), _calib(), rank=2, speed_guard=False)
+    with pytest.raises(RuntimeError, match="'unused' was named as a target but was never called"):
+        factorize_model(_Skip().double(), _calib(), rank=2, targets=["used", "unused"], speed_guard=False)
+    reports = factorize_model(_Skip().double(), _calib(), rank=2, speed_guard=False)  # default targets: a note
+    assert [(r.name, r.changed) for r in reports] == [("used", True), ("unused", False)]
+    assert "never called during calibration" in reports[1].note
     with pytest.raises(ValueError, match="no batches"):
         factorize_model(_mlp(), [], rank=2, speed_guard=False)
 

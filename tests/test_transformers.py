@@ -311,6 +311,12 @@ def test_factorize_model_names_a_training_only_layer_and_the_reason():
 
     model = TrainOnlyBranch()
     x = torch.randint(0, 256, (2, 8))
+    # named: an error naming the layer and the likely reason, nothing swapped
     with pytest.raises(RuntimeError, match=r"'aux'.*training mode") as err:
-        factorize_model(model, [x], rank=8, min_params=256, speed_guard=False)
+        factorize_model(model, [x], rank=8, targets=["aux", "body"], min_params=256, speed_guard=False)
     assert "compile" not in str(err.value) and type(model.body) is nn.Linear
+    # default targets: left out with a note in its report, the others factorized
+    reports = factorize_model(model, [x], rank=8, min_params=256, speed_guard=False)
+    by_name = {r.name: r for r in reports}
+    assert not by_name["aux"].changed and "never called during calibration" in by_name["aux"].note
+    assert "training mode" in by_name["aux"].note and by_name["body"].new_rank == 8

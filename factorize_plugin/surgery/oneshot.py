@@ -26,7 +26,7 @@ from .refactorize import refactorize
 from .reports import LayerReport
 from .sensitivity import OutputProbe
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
-from .sharing import check_called
+from .sharing import explicit_targets, resolve_silent, skip_report
 from .targets import select_layers
 
 
@@ -58,7 +58,6 @@ def _collect(model: nn.Module, layers, batches: Iterable, input_fn: Optional[Inp
             n_batches += 1
     if n_batches == 0:
         raise ValueError("the calibration data yielded no batches")
-    check_called(model, collector.samples(), "calibration")
     return collector
 
 
@@ -143,12 +142,14 @@ def factorize_model(
         ValueError: not exactly one policy, a bad policy value, a pattern that matches nothing, no
             layer selected, no calibration data, or NaN/inf in a layer's inputs (naming the layer).
         TypeError: a layer named in ``targets`` has a type that cannot be factorized.
-        RuntimeError: a targeted layer never ran on the calibration data.
+        RuntimeError: a layer named in ``targets`` never ran on the calibration data (a default
+            target that never ran is left out, its report's ``note`` says why).
     """
     policy = make_policy(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy)
     exclude = [exclude] if isinstance(exclude, str) else exclude
     _advise(unmatched_excludes(model, exclude))
-    layers = select_layers(model, targets, exclude, min_params=min_params)
+    skipped: dict[str, str] = {}
+    layers = select_layers(model, targets, exclude, min_params=min_params, notes=skipped)
     if not layers:
         raise ValueError(
             f"no Linear/Conv2d layer of {type(model).__name__} was selected to factorize "
@@ -164,12 +165,18 @@ def factorize_model(
     collector = _collect(
         model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space
     )
+    silent = [name for name, n in collector.samples().items() if n == 0]
+    skipped.update(resolve_silent(model, silent, explicit_targets(model, targets), "calibration"))
+    layers = {name: m for name, m in layers.items() if name not in skipped}
+    if not layers:
+        raise RuntimeError(f"no targeted layer ran on the calibration data: {skipped}")
     probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if measuring else None
     reports = refactorize(
         model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
         regularization=regularization, progress=progress_fn,
         speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
     )  # fmt: skip
+    reports += [skip_report(name, model.get_submodule(name), note) for name, note in skipped.items()]
     _advise(optimistic_fits(reports))
     _advise(no_change(reports, f"factorize_model({policy!r})"))
     plan = getattr(policy, "last_plan", None)

@@ -266,14 +266,3 @@ def resolve_silent(
             )
         notes[name] = f"never called during {when}: {reason}"
     return notes
-
-
-def check_called(model: nn.Module, samples: Mapping[str, int], when: str) -> None:
-    """Raises, naming each layer and the likely reason, if a layer recorded no rows during ``when``."""
-    silent = [name for name, n in samples.items() if n == 0]
-    if silent:
-        reasons = "; ".join(f"'{n}': {silent_reason(model, n)}" for n in silent)
-        raise RuntimeError(
-            f"layer(s) never called during {when}, so they cannot be factorized from their inputs: {reasons}. "
-            "Exclude them from the targets"
-        )
