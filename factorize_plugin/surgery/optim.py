@@ -110,6 +110,11 @@ class OptimizerEdit:
         self._params = [list(g["params"]) for g in self.optimizer.param_groups]
         self._state = dict(self.optimizer.state)
 
+    @property
+    def params_before(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer held when the edit began, in group order."""
+        return [p for params in self._params for p in params]
+
     def replace(self, swaps: Iterable[tuple[NamedParams, NamedParams]]) -> None:
         replace_in_optimizer(self.optimizer, swaps)
 

@@ -168,7 +168,6 @@ def refactorize(
         ranks, verdicts = speed.check(layers, candidates, ranks)
     old_params = {name: dict(m.named_parameters()) for name, m in layers.items()}
     edits = [OptimizerEdit(opt) for opt in optimizers]
-    held = [[p for g in e.optimizer.param_groups for p in g["params"]] for e in edits]
     undo = _swap(model, layers, candidates, ranks)
     try:
         swaps = []
@@ -176,9 +175,9 @@ def refactorize(
             new = dict(model.get_submodule(name).named_parameters())
             if [id(p) for p in new.values()] != [id(p) for p in old_params[name].values()]:
                 swaps.append((old_params[name], new))
-        for edit, before in zip(edits, held):
+        for edit in edits:
             edit.replace(swaps)
-            check_optimizer(edit.optimizer, before, swaps)
+            check_optimizer(edit.optimizer, edit.params_before, swaps)
     except BaseException:
         for edit in edits:
             edit.undo()

@@ -10,10 +10,8 @@ from ..layers.adapters import FACTORIZABLE_TYPES, check_factorizable, layer_view
 from ..layers.factorized import FACTORIZED_PAIRS
 from ..layers.transposed import TransposedLinear
 from .modules import match_names
-from .sharing import all_module_names, explicit_targets, primary_names, screen_layers
+from .sharing import all_module_names, explicit_targets, is_explicit, primary_names, screen_layers
 
-
-_WILDCARDS = set("*?[")
 
 
 def select_layers(
@@ -61,7 +59,7 @@ def select_layers(
                     f"target pattern {pattern!r} matches no module of {type(model).__name__}; module names look like "
                     f"{list(cands)[:6]}"
                 )
-            if not _WILDCARDS & set(pattern):
+            if is_explicit(pattern):
                 check_factorizable(cands[primary[pattern]], pattern)
     names = list(dict.fromkeys(primary[n] for n in match_names(primary, targets, exclude)))
     allowed = tuple(types) + FACTORIZED_PAIRS + ((TransposedLinear,) if nn.Linear in types else ())
