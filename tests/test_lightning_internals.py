@@ -9,6 +9,7 @@ from lightning_helpers import TinyNet
 from factorize_plugin.integration.lightning_internals import (
     preserved_metric_states,
     silenced_logging,
+    first_validation_batches,
     start_method,
     validation_loaders,
     validation_source_defined,
@@ -18,6 +19,9 @@ from factorize_plugin.integration.lightning_internals import (
 class _LoaderProbe(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self.loaders, self.limits = validation_loaders(trainer)
+        state = torch.random.get_rng_state()
+        self.batches = first_validation_batches(trainer, 5)
+        self.rng_kept = torch.equal(state, torch.random.get_rng_state())
 
 
 def test_validation_loaders_are_the_loops_own_with_limits():
@@ -31,6 +35,8 @@ def test_validation_loaders_are_the_loops_own_with_limits():
     assert len(probe.loaders) == 1 and probe.limits == [2]
     x, y = next(iter(probe.loaders[0]))
     assert x.shape[1:] == (1, 8, 8) and y.dtype == torch.int64
+    # the first batches, capped by limit_val_batches, without touching the training run's RNG
+    assert len(probe.batches) == 2 and torch.equal(probe.batches[0][0], x) and probe.rng_kept
 
 
 def test_start_method_of_each_ddp_flavour():

@@ -31,7 +31,13 @@ from ..surgery.sensitivity import OutputProbe
 from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
 from ..surgery.sharing import CallCounter, explicit_targets, resolve_silent, skip_report
 from ..surgery.targets import select_layers
-from .lightning_internals import preserved_metric_states, silenced_logging, start_method, validation_loaders
+from .lightning_internals import (
+    first_validation_batches,
+    preserved_metric_states,
+    silenced_logging,
+    start_method,
+    validation_loaders,
+)
 from .schedule import Mode, ScheduleValue, describe, read_schedule
 from .workflow import OutputShift, check_resumed_targets, check_validation
 
@@ -282,7 +288,7 @@ class LowRankFactorization(Callback):
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
             speed=self._speed_check(trainer, collector),
-            holdout=collector.holdout.pairs() if trainer.world_size == 1 else None,  # halves differ per rank
+            holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         self._record(trainer, pl_module, due, milestone, reports, source)
@@ -434,12 +440,7 @@ class LowRankFactorization(Callback):
         """A few validation batches to judge a policy's choices on the network's output, if it uses them."""
         if not policy.uses_probe or self.budget_batches == 0:
             return None
-        loaders, limits = validation_loaders(trainer)
-        batches = []
-        for i, batch in enumerate(loaders[0]):
-            if i >= min(self.budget_batches, limits[0]):
-                break
-            batches.append(trainer.strategy.batch_to_device(batch))
+        batches = first_validation_batches(trainer, self.budget_batches)
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str) -> None:

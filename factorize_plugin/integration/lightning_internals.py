@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
 
@@ -28,6 +29,20 @@ def validation_loaders(trainer: Trainer) -> tuple[list, list]:
     loaders = list(combined.flattened)
     limits = list(trainer.num_val_batches) or [float("inf")] * len(loaders)
     return loaders, limits
+
+
+def first_validation_batches(trainer: Trainer, n: int) -> list:
+    """The first ``n`` batches of the first validation loader (fewer under ``limit_val_batches``),
+    on the model's device. The global RNG is left as it was: iterating a loader draws its base seed
+    from it, and these extra passes must not change the training run's random stream."""
+    loaders, limits = validation_loaders(trainer)
+    batches: list = []
+    with torch.random.fork_rng(devices=[]):
+        for i, batch in enumerate(loaders[0]):
+            if i >= min(n, limits[0]):
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+    return batches
 
 
 def validation_source_defined(trainer: Trainer) -> bool | None:

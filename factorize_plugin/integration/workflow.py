@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..surgery.calling import InputFn, call_model, evaluating, output_tensor
 from ..surgery.checkpoint import factorized_entries
-from .lightning_internals import validation_loaders, validation_source_defined
+from .lightning_internals import first_validation_batches, validation_source_defined
 from .output_metric import OutputNMSE
 
 _STATE_FIELDS = {"done", "ranks", "history"}
@@ -84,13 +84,7 @@ class OutputShift:
     def __init__(self, trainer: Trainer, pl_module: LightningModule, n_batches: int, input_fn: Optional[InputFn]) -> None:
         self.trainer, self.pl_module, self.input_fn = trainer, pl_module, input_fn
         start = time.perf_counter()
-        loaders, limits = validation_loaders(trainer)
-        self.batches: list = []
-        with torch.random.fork_rng(devices=[]):  # iterating a loader draws its base seed from the global RNG
-            for i, batch in enumerate(loaders[0]):
-                if i >= min(n_batches, limits[0]):
-                    break
-                self.batches.append(trainer.strategy.batch_to_device(batch))
+        self.batches = first_validation_batches(trainer, n_batches)
         self.before = self._outputs()
         self.seconds = time.perf_counter() - start
 
