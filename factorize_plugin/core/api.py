@@ -24,9 +24,11 @@ def _require_tensor(value: object, name: str, expected: str) -> torch.Tensor:
     return value
 
 
-def _check_weight(value: object, name: str, expected: str) -> torch.Tensor:
+def _check_weight(value: object, name: str, expected: str, optional: bool = False) -> Optional[torch.Tensor]:
     """A weight or bias must be a finite floating-point tensor (an integer one would give integer
-    factors and a wrong NMSE): TypeError / ValueError naming it otherwise."""
+    factors and a wrong NMSE): TypeError / ValueError naming it otherwise. ``optional``: None passes."""
+    if optional and value is None:
+        return None
     t = _require_tensor(value, name, expected)
     if not t.is_floating_point():
         raise TypeError(
@@ -172,10 +174,8 @@ def factorize_matrix(
     X = _check_data(X, "X", "the inputs [..., D]")
     Y = _check_data(Y, "Y", "the original layer's outputs on X, [..., M], e.g. X @ W + bias")
     Wa = _check_weight(Wa, "Wa", "the weight W [D, M], or the first factor [D, d] of a pair")
-    if Wb is not None:
-        Wb = _check_weight(Wb, "Wb", "the second factor [d, M] of a pair, or None")
-    if bias is not None:
-        bias = _check_weight(bias, "bias", "the layer's bias [M], or None")
+    Wb = _check_weight(Wb, "Wb", "the second factor [d, M] of a pair, or None", optional=True)
+    bias = _check_weight(bias, "bias", "the layer's bias [M], or None", optional=True)
     if X.ndim < 2 or Y.ndim < 2:
         raise ValueError(f"X and Y must have at least 2 dimensions ([N, D], [N, M]); got {tuple(X.shape)}, {tuple(Y.shape)}")
     if X.shape[:-1] != Y.shape[:-1]:
@@ -286,12 +286,9 @@ def factorize_conv2d(
     _check_n_iters(n_iters)
     X = _check_data(X, "X", "the inputs [N, C_in, H, W]")
     Wa = _check_weight(Wa, "Wa", "the conv weight [C_out, C_in, k_h, k_w], or the first factor [d, C_in, k_h, k_w] of a pair")
-    if Wb is not None:
-        Wb = _check_weight(Wb, "Wb", "the second factor [C_out, d, 1, 1] of a pair, or None")
-    if biasA is not None:
-        biasA = _check_weight(biasA, "biasA", "the bias of W [C_out], or of the first factor [d] of a pair")
-    if biasB is not None:
-        biasB = _check_weight(biasB, "biasB", "the bias of the second factor [C_out]")
+    Wb = _check_weight(Wb, "Wb", "the second factor [C_out, d, 1, 1] of a pair, or None", optional=True)
+    biasA = _check_weight(biasA, "biasA", "the bias of W [C_out], or of the first factor [d] of a pair", optional=True)
+    biasB = _check_weight(biasB, "biasB", "the bias of the second factor [C_out]", optional=True)
     if Wa.ndim != 4:
         raise ValueError(f"Wa must be a 4-D conv weight, got shape {tuple(Wa.shape)}")
     geometry = ConvGeometry.from_kwargs(tuple(Wa.shape[2:]), **conv2d_kwargs)
