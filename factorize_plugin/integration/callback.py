@@ -251,7 +251,7 @@ class LowRankFactorization(Callback):
         # A fresh collector per validation run: the last run before the milestone wins. Projected
         # (x @ W) statistics are exact only while W stays as it was during the run: if an optimizer
         # step follows it, on_train_epoch_start sees global_step moved and collects again.
-        self._collector = self._new_collector(pl_module).attach()
+        self._collector = self._new_collector(pl_module, list(trainer.num_val_batches)).attach()
         self._collected_for = trainer.current_epoch + 1
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -369,11 +369,14 @@ class LowRankFactorization(Callback):
         """Milestones in force at ``epoch`` that have not been applied yet (normally just ``epoch``)."""
         return [e for e in self.schedule if e <= epoch and e not in self.done]
 
-    def _new_collector(self, pl_module: LightningModule) -> ActivationCollector:
+    def _new_collector(self, pl_module: LightningModule, batch_limits: list) -> ActivationCollector:
+        """A collector for a run over loaders of ``batch_limits`` batches (inf where unknown)."""
         single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
+        finite = [n for n in batch_limits if n < float("inf")]
         return ActivationCollector(
-            self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto", holdout=single
-        )
+            self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto", holdout=single,
+            expected_batches=int(sum(finite)) or None,
+        )  # fmt: skip
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
         """The statistics of the last validation run before ``epoch`` if no optimizer step followed
@@ -388,7 +391,7 @@ class LowRankFactorization(Callback):
     def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> ActivationCollector:
         """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states kept)."""
         loaders, limits = validation_loaders(trainer)
-        collector = self._new_collector(pl_module)
+        collector = self._new_collector(pl_module, limits)
         with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
                 naming_failures(pl_module, "a validation batch"):  # fmt: skip
             for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):

@@ -28,10 +28,13 @@ class ActivationCollector:
             a random subset. ``None``: no cap.
         sample_fraction: share of each batch's rows to keep, drawn at random. ``"auto"`` keeps the
             float64 statistics' cost near ``AUTO_OVERHEAD`` of the layer's own forward cost
-            (fraction = min(1, AUTO_OVERHEAD * M / D)) once the layer has ``WARMUP_FACTOR`` times
-            as many rows as its statistics have features (all rows are kept until then);
-            convolution patches are then gathered only at the sampled positions. 1.0 (default)
-            keeps every row.
+            (fraction = min(1, AUTO_OVERHEAD * M / D)), but at least ``WARMUP_FACTOR`` times as
+            many rows as its statistics have features, so that a short run still gives a
+            well-determined covariance; convolution patches are then gathered only at the sampled
+            positions. 1.0 (default) keeps every row.
+        expected_batches: with ``"auto"``, the number of batches the run will have (Lightning's
+            ``num_val_batches``, a calibration list's length): those minimum rows are then drawn
+            evenly from every batch instead of all from the first ones.
         seed: for the random subsets.
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
             the projected inputs x @ W (M x M) for layers with fewer outputs than inputs, which is
@@ -43,8 +46,9 @@ class ActivationCollector:
     ``torch.inference_mode()`` and autocast (autocast is disabled inside the hook).
     """
 
-    AUTO_OVERHEAD = 0.1
-    WARMUP_FACTOR = 4
+    AUTO_OVERHEAD = 0.05
+    WARMUP_FACTOR = 2
+    BUFFER_ROWS = 1024
 
     def __init__(
         self,
@@ -54,6 +58,7 @@ class ActivationCollector:
         sample_fraction: Union[float, str] = 1.0,
         space: str = "input",
         holdout: bool = True,
+        expected_batches: Optional[int] = None,
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -63,6 +68,7 @@ class ActivationCollector:
         self.max_samples = max_samples
         self.views: dict[str, LayerView] = {name: layer_view(m) for name, m in self.layers.items()}
         self._auto = sample_fraction == "auto"
+        self.expected_batches = expected_batches if expected_batches and expected_batches < float("inf") else None
         self.fractions: dict[str, float] = {
             name: min(1.0, self.AUTO_OVERHEAD * v.out_dim / v.in_dim) if self._auto else float(sample_fraction)
             for name, v in self.views.items()
@@ -74,7 +80,7 @@ class ActivationCollector:
             for name, v in self.views.items()
             if space == "auto" and v.out_dim < v.in_dim
         }
-        self.stats: dict[str, MomentAccumulator] = {
+        self._stats: dict[str, MomentAccumulator] = {
             name: MomentAccumulator(v.out_dim, projection=self.projections[name])
             if name in self.projections
             else MomentAccumulator(v.in_dim)
@@ -84,9 +90,20 @@ class ActivationCollector:
         self.positions: dict[str, float] = {name: 1.0 for name in self.layers}  # output positions per sample
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
+        self._buffers: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        self._buffered_rows: dict[str, int] = dict.fromkeys(self.layers, 0)
+        self._projections32: dict[str, torch.Tensor] = {}
         self._handles: list = []
         # two halves of a small set's rows, for an honest (held-out) error estimate
-        self.holdout = HeldOutHalves(self.stats, enabled=holdout)
+        self.holdout = HeldOutHalves(self._stats, enabled=holdout)
+
+    @property
+    def stats(self) -> dict[str, MomentAccumulator]:
+        """Every row each layer kept, by name (a layer with held-out halves: their union)."""
+        for name in self._buffers:
+            self._drain(name)
+        unions = {name: self.holdout.union(name) for name in self._stats}
+        return {name: s if unions[name] is None else unions[name] for name, s in self._stats.items()}
 
     def attach(self) -> "ActivationCollector":
         if not self._handles:
@@ -98,6 +115,8 @@ class ActivationCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for name in self._buffers:
+            self._drain(name)
 
     def __enter__(self) -> "ActivationCollector":
         return self.attach()
@@ -110,38 +129,82 @@ class ActivationCollector:
         return bool(self._handles)
 
     def _hook_for(self, name: str):
-        view, stats, fraction = self.views[name], self.stats[name], self.fractions[name]
-        projection = self.projections.get(name)
-        projection32 = None if projection is None else projection.float()
+        view, fraction, width = self.views[name], self.fractions[name], self._stats[name].in_features
 
         def hook(module: nn.Module, args: tuple) -> None:
             if name not in self.inputs:
                 self.inputs[name] = LayerInput.of(args[0])
-            seen = stats.num_samples
+            seen = self._rows(name)
             if self.max_samples is not None and seen >= self.max_samples:
                 return
-            x = args[0]
-            device_type = x.device.type if x.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
-            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
-                total = count_rows(x, view)
-                batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
-                self.positions[name] = total / max(batch, 1)
-                # "auto" keeps at least the rows still missing to WARMUP_FACTOR x (statistics size),
-                # so that small validation sets still give a well-determined covariance
-                want = total if fraction >= 1 else max(1, round(fraction * total))
-                if self._auto:
-                    want = min(total, max(want, self.WARMUP_FACTOR * stats.in_features - seen))
-                if self.max_samples is not None:
-                    want = min(want, self.max_samples - seen)
-                keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
-                rows = input_rows(x.detach(), view, keep)
-                if projection is not None:  # float64 inputs are projected in float64, others in float32
-                    rows = rows @ projection if rows.dtype == torch.float64 else rows.float() @ projection32
-                stats.update(rows)
-                self.holdout.update(name, rows)
+            # no autocast or grad concerns here: only indexing and copies (the products are in _drain)
+            x = args[0].detach()
+            total = count_rows(x, view)
+            batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
+            self.positions[name] = total / max(batch, 1)
+            want = total if fraction >= 1 else max(1, round(fraction * total))
+            if self._auto:
+                want = min(total, max(want, self._minimum_rows(width, seen)))
+            if self.max_samples is not None:
+                want = min(want, self.max_samples - seen)
+            keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
+            rows = input_rows(x, view, keep)
+            if keep is None and view.geometry is None:
+                rows = rows.clone()  # a view of the activation, which may be changed in place later
+            self._buffer(name, rows)
             self.calls[name] += 1
 
         return hook
+
+    def _rows(self, name: str) -> int:
+        return self._stats[name].num_samples + self.holdout.rows(name) + self._buffered_rows[name]
+
+    def _buffer(self, name: str, rows: torch.Tensor) -> None:
+        """Keeps ``rows`` [n, D] of layer ``name`` until ``BUFFER_ROWS`` are waiting: the hook then
+        does a few tensor operations per call, and the projection and the two held-out halves
+        see a few large blocks instead of many small ones."""
+        buffer = self._buffers[name]
+        if buffer and buffer[-1].dtype != rows.dtype:
+            self._drain(name)
+        buffer.append(rows)
+        self._buffered_rows[name] += rows.shape[0]
+        if self._buffered_rows[name] >= self.BUFFER_ROWS:
+            self._drain(name)
+
+    def _drain(self, name: str) -> None:
+        """Moves the buffered rows of ``name`` into its statistics (projected first, for "auto" space:
+        float64 rows in float64, others in float32)."""
+        buffer = self._buffers[name]
+        if not buffer:
+            return
+        device_type = buffer[0].device.type if buffer[0].device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+        # float64 buffers made here must not be inference tensors; autocast must not touch the products
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
+            rows = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
+            buffer.clear()
+            self._buffered_rows[name] = 0
+            projection = self.projections.get(name)
+            if projection is not None:
+                if rows.dtype == torch.float64:
+                    rows = rows @ projection.to(rows.device)
+                else:
+                    rows = rows.float() @ self._projection32(name, rows.device)
+            if not self.holdout.update(name, rows):
+                self._stats[name].update(rows)
+
+    def _projection32(self, name: str, device: torch.device) -> torch.Tensor:
+        cached = self._projections32.get(name)
+        if cached is None or cached.device != device:
+            cached = self._projections32[name] = self.projections[name].to(device, torch.float32)
+        return cached
+
+    def _minimum_rows(self, width: int, seen: int) -> int:
+        """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: an even
+        share per expected batch, else all that are still missing (from the first batches)."""
+        missing = self.WARMUP_FACTOR * width - seen
+        if self.expected_batches is None or missing <= 0:
+            return missing
+        return -(-self.WARMUP_FACTOR * width // self.expected_batches)
 
     def _sample_rows(self, total: int, want: int, images: int) -> torch.Tensor:
         """``want`` random row indices out of ``total``. For convolutions the rows come from a random
@@ -155,7 +218,7 @@ class ActivationCollector:
         return chosen[pos // per_image] * per_image + pos % per_image
 
     def samples(self) -> dict[str, int]:
-        return {name: s.num_samples for name, s in self.stats.items()}
+        return {name: self._rows(name) for name in self._stats}
 
     def check_nonempty(self) -> None:
         """Raises if any layer saw no samples (e.g. its hook was bypassed by ``torch.compile``)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Sized, Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -163,8 +163,9 @@ def factorize_model(
     guard = resolve_guard(speed_guard, "inference")
     progress_fn = _print_progress if progress is True else (progress or None)
     collector = _collect(
-        model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space
-    )
+        model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space,
+        expected_batches=len(calibration) if isinstance(calibration, Sized) else None,
+    )  # fmt: skip
     silent = [name for name, n in collector.samples().items() if n == 0]
     skipped.update(resolve_silent(model, silent, explicit_targets(model, targets), "calibration"))
     layers = {name: m for name, m in layers.items() if name not in skipped}
