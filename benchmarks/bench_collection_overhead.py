@@ -6,12 +6,22 @@ on every targeted layer, for an MLP and a CNN, interleaved in one process; repor
 kept into the float64 statistics (nothing is left pending for the solve to pay).
 
     python benchmarks/bench_collection_overhead.py [--quick] [--out benchmarks/results]
+
+On this CPU about a quarter of a plain validation run of the CNN is kernel time for page faults:
+glibc returns large freed blocks to the system and faults them in again on the next batch, and
+the collection's own temporaries add to that churn. Run it a second time with a steady heap,
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 \
+        python benchmarks/bench_collection_overhead.py
+
+to see the collection's own cost (written to collection_overhead_steady_malloc.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -87,9 +97,12 @@ def main() -> None:
                 "seconds_off": statistics.median(off),
                 "seconds_on": statistics.median(on),
             }
-            row["ratio"] = row["seconds_on"] / row["seconds_off"]
+            # median of the interleaved pairs' ratios: robust to the machine's drift between pairs
+            row["ratio"] = statistics.median(b / a for a, b in zip(off, on))
+            row["pair_ratios"] = [round(b / a, 3) for a, b in zip(off, on)]
             rows.append(row)
             print(f"{name:4} batches={n_batches:>3} cap={cap!s:>6}: off {row['seconds_off']:.3f}s on {row['seconds_on']:.3f}s ratio {row['ratio']:.2f}x")
+    malloc = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -99,10 +112,12 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "malloc": malloc or "glibc defaults",
         "quick": args.quick,
         "rows": rows,
     }
-    (out / ("collection_overhead_quick.json" if args.quick else "collection_overhead.json")).write_text(json.dumps(result, indent=2))
+    name = "collection_overhead" + ("_steady_malloc" if malloc else "") + ("_quick" if args.quick else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

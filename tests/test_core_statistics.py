@@ -97,13 +97,15 @@ def test_empty_and_nonfinite_statistics_are_refused():
 
 
 @pytest.mark.parametrize("d", [255, 256, 300, 1030])
-def test_gram_computes_only_the_upper_blocks_and_equals_the_full_product(d):
-    from factorize_plugin.core.statistics import gram
+def test_add_gram_computes_only_the_upper_blocks_and_adds_the_full_product(d):
+    from factorize_plugin.core.statistics import add_gram_
 
-    x = torch.randn(64, d, generator=torch.Generator().manual_seed(d))
-    g = gram(x)
-    torch.testing.assert_close(g, x.T @ x, rtol=1e-5, atol=1e-3)
-    assert torch.equal(g, g.T)  # mirrored, not recomputed
+    g = torch.Generator().manual_seed(d)
+    x, start = torch.randn(64, d, generator=g), torch.randn(d, d, generator=g, dtype=torch.float64)
+    out = add_gram_(start.clone(), x)
+    torch.testing.assert_close(out, start + (x.T @ x).double(), rtol=1e-6, atol=1e-4)
+    alone = add_gram_(torch.zeros(d, d, dtype=torch.float64), x)
+    assert torch.equal(alone, alone.T)  # mirrored, not recomputed
 
 
 def test_wide_float32_chunks_with_an_offset_keep_float32_precision_of_the_spread():

@@ -32,26 +32,26 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 GRAM_BLOCK = 128
-"""Column block of ``gram``: products of fewer columns lose BLAS efficiency."""
+"""Column block of ``add_gram_``: products of fewer columns lose BLAS efficiency."""
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """``x.T @ x`` ([D, D] from x [n, D]), computing only the blocks on and above the diagonal.
+def add_gram_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out += x.T @ x`` (out [D, D], float64; x [n, D]), computing only the blocks on and above
+    the diagonal and adding each straight into ``out`` (no [D, D] temporary in x's dtype).
 
-    The product is symmetric, so up to 8 column blocks of >= ``GRAM_BLOCK`` columns and a mirror of
-    the off-diagonal blocks cost about 0.6 of the full product on a CPU (D=1024, 8,192 rows); the
-    entries are the same dot products as in ``x.T @ x``.
+    The product is symmetric, so up to 8 column blocks of >= ``GRAM_BLOCK`` columns, each also
+    added mirrored below the diagonal, cost about 0.6 of the full product on a CPU (D=1024,
+    8,192 rows); the entries are the same dot products as in ``x.T @ x``.
     """
     d = x.shape[1]
     blocks = min(8, d // GRAM_BLOCK)
     if blocks < 2:
-        return x.T @ x
-    out = x.new_empty(d, d)
+        return out.add_(x.T @ x)
     edges = [i * d // blocks for i in range(blocks + 1)]
     for lo, hi in zip(edges[:-1], edges[1:]):
         upper = x[:, lo:hi].T @ x[:, lo:]  # [hi - lo, d - lo]
-        out[lo:hi, lo:] = upper
-        out[hi:, lo:hi] = upper[:, hi - lo :].T
+        out[lo:hi, lo:].add_(upper)
+        out[hi:, lo:hi].add_(upper[:, hi - lo :].T)
     return out
 
 
@@ -224,12 +224,12 @@ class MomentAccumulator:
         n = n_a + n_b
         delta = mean_b - self._mean_x
         w = n_a * n_b / n
-        self._cxx.add_(gram(x).double()).addr_(resid, resid, alpha=-n_b).addr_(delta, delta, alpha=w)
+        add_gram_(self._cxx, x).addr_(resid, resid, alpha=-n_b).addr_(delta, delta, alpha=w)
         self._mean_x.add_(delta, alpha=n_b / n)
         if y is not None:
             y, resid_y, mean_yb = _shifted(y)
             delta_y = mean_yb - self._mean_y
-            self._cxy.add_((x.T @ y.to(x.dtype)).double()).addr_(resid, resid_y, alpha=-n_b).addr_(delta, delta_y, alpha=w)
+            self._cxy.add_(x.T @ y.to(x.dtype)).addr_(resid, resid_y, alpha=-n_b).addr_(delta, delta_y, alpha=w)
             self._syy.add_(
                 torch.linalg.vecdot(y.reshape(-1), y.reshape(-1)).double() - n_b * resid_y.square().sum() + w * delta_y.square().sum()
             )
