@@ -166,3 +166,24 @@ def test_load_factorized_pretrained_refuses_a_dense_directory(tmp_path):
     gpt2().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds no factorized layer"):
         load_factorized_pretrained(GPT2LMHeadModel, str(tmp_path))
+
+
+def test_a_square_conv1d_pair_loaded_from_a_dense_state_dict_is_a_conv1d_again():
+    """GPT-2's attn.c_proj is a square Conv1D (weight [in, out]): folded back from a dense
+    checkpoint it must become a Conv1D again; an nn.Linear ([out, in]) would take the same-shaped
+    weight transposed, silently."""
+    from factorize_plugin import load_factorized
+
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    x = torch.randint(0, V, (2, 16))
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    factorize_model(model, [{"input_ids": x}], rank=0.25, targets=["*.attn.c_proj"], speed_guard=False)
+    assert isinstance(model.transformer.h[0].attn.c_proj, FactorizedLinear)
+    load_factorized(model, dense_state)
+    layer = model.transformer.h[0].attn.c_proj
+    assert isinstance(layer, Conv1D) and layer.weight.shape == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, want)

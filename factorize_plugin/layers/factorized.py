@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..core.conv import conv_weight_to_matrix, matrix_to_conv_weight
+from .transposed import conv1d_class
 
 EXTRA_STATE_TAG = "factorize_plugin"
 EXTRA_STATE_MAGIC = 0x46504C47  # "FPLG": marks a factorized pair's extra-state tensor
@@ -123,9 +124,13 @@ class FactorizedLinear(_FactorizedPair):
     """``Linear(in_features, rank, bias=False)`` followed by ``Linear(rank, out_features, bias)``.
 
     Accepts inputs [..., in_features] and returns [..., out_features], like ``nn.Linear``.
+    ``transposed_from``: the Hugging Face ``Conv1D`` class when the pair replaced one (weight
+    stored [in, out]), so that ``to_dense`` gives that layer back rather than an ``nn.Linear``
+    (whose [out, in] weight a square Conv1D's state dict would fill transposed, silently).
     """
 
     kind = "linear"
+    transposed_from: Optional[type] = None
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -153,6 +158,7 @@ class FactorizedLinear(_FactorizedPair):
         out = cls(d, m, wa.shape[1], layer.bias is not None, w.device, w.dtype)
         out.requires_grad_(w.requires_grad)
         out.set_factors(wa, wb, bias)
+        out.transposed_from = conv1d_class(type(layer))
         return out
 
     def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
@@ -182,13 +188,21 @@ class FactorizedLinear(_FactorizedPair):
         b = None if self.second.bias is None else self.second.bias.detach().double()
         return w, b
 
-    def to_dense(self) -> nn.Linear:
-        """Folds the pair back into one ``nn.Linear`` computing the same function."""
+    def to_dense(self) -> nn.Module:
+        """Folds the pair back into one ``nn.Linear`` computing the same function (into the
+        ``Conv1D`` it replaced, weight [in, out], when ``transposed_from`` is set)."""
         like = self._like()
-        dense = nn.Linear(self.in_features, self.out_features, self.second.bias is not None, like.device, like.dtype)
         w, b = self.matrix()
+        if self.transposed_from is not None:
+            if b is None:
+                raise ValueError("a Conv1D always has a bias: this pair has none, so it cannot be folded back into one")
+            dense = self.transposed_from(self.out_features, self.in_features).to(like.device, like.dtype)  # Conv1D(nf, nx)
+            weight = w  # Conv1D holds W [in, out] itself
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, self.second.bias is not None, like.device, like.dtype)
+            weight = w.T
         with torch.no_grad():
-            dense.weight.copy_(w.T)
+            dense.weight.copy_(weight)
             if b is not None:
                 dense.bias.copy_(b)
         return dense.requires_grad_(like.requires_grad)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch.nn as nn
 
 
-def _conv1d_class(cls: type) -> Optional[type]:
+def conv1d_class(cls: type) -> Optional[type]:
     """The ``transformers`` ``Conv1D`` class in ``cls``'s MRO, or None."""
     for k in cls.__mro__:
         if k.__name__ == "Conv1D" and k.__module__.split(".")[0] == "transformers":
@@ -24,13 +24,13 @@ def _conv1d_class(cls: type) -> Optional[type]:
 
 class _TransposedMeta(type):
     def __instancecheck__(cls, obj: object) -> bool:
-        if not isinstance(obj, nn.Module) or _conv1d_class(type(obj)) is None:
+        if not isinstance(obj, nn.Module) or conv1d_class(type(obj)) is None:
             return False
         w = getattr(obj, "weight", None)
         return getattr(w, "ndim", 0) == 2 and getattr(obj, "nf", None) == w.shape[1]
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return isinstance(sub, type) and _conv1d_class(sub) is not None
+        return isinstance(sub, type) and conv1d_class(sub) is not None
 
 
 class TransposedLinear(metaclass=_TransposedMeta):
@@ -45,7 +45,7 @@ def plain_forward_class(module: nn.Module) -> Optional[type]:
     its class does not override that class's ``forward``; None if it computes something else."""
     cls = type(module)
     bases = [b for b in (nn.Linear, nn.Conv2d) if issubclass(cls, b)]
-    conv1d = _conv1d_class(cls)
+    conv1d = conv1d_class(cls)
     if conv1d is not None:
         bases.append(conv1d)
     for base in bases:

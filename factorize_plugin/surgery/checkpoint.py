@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
-from ..layers.transposed import TransposedLinear
+from ..layers.transposed import TransposedLinear, conv1d_class
 from .modules import set_submodule
 
 _SUFFIX = "._extra_state"
@@ -31,6 +31,7 @@ def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
         pair = FactorizedLinear(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
     elif kind == "linear" and isinstance(module, TransposedLinear):  # Hugging Face Conv1D: weight [in, out]
         pair = FactorizedLinear(w.shape[0], w.shape[1], rank, module.bias is not None, w.device, w.dtype)
+        pair.transposed_from = conv1d_class(type(module))
     elif kind == "conv2d" and isinstance(module, nn.Conv2d):
         pair = FactorizedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, rank, module.stride, module.padding,
@@ -83,7 +84,7 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
                 raise ValueError(
                     f"the state dict holds layer '{name}' dense with a weight of shape {held}, but a "
                     f"{type(dense).__name__} of this pair's sizes has {tuple(dense.weight.shape)} (a layer of another "
-                    "type, e.g. a transposed Conv1D?): load it into a freshly built model instead"
+                    "type?): load it into a freshly built model instead"
                 )
             set_submodule(model, name, dense)
             replaced.append(name)
