@@ -72,7 +72,8 @@ class LowRankFactorization(Callback):
             C_out for a convolution; by default a 10-class head is left alone).
         max_samples: cap on rows (tokens / output pixels) of statistics per layer and milestone.
         sample_fraction: share of each validation batch's rows used for statistics; ``"auto"`` keeps
-            their cost near 10% of the layer's forward cost (see ``ActivationCollector``).
+            their cost near 5% of the layer's forward cost, with at least 2x the statistics' width
+            in rows, drawn evenly over the run's batches (see ``ActivationCollector``).
         budget_batches: validation batches on which a ``ParamBudget`` measures each layer's effect
             on the network's output; 0 allocates by the layers' NMSE alone.
         input_fn: turns a validation batch into the model's input for those measurements (default:
