@@ -277,7 +277,7 @@ class Probe(pl.Callback):
         self.adam_end[e] = self._adam(trainer, pl_module)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        hooks = sum(len(pl_module.get_submodule(n)._forward_pre_hooks) for n in self.names)
+        hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in map(pl_module.get_submodule, self.names))
         self.val_hooks.append((trainer.current_epoch, trainer.sanity_checking, hooks))
 
 

@@ -122,8 +122,10 @@ def test_two_milestones_on_real_digits(tmp_path):
 def test_calibration_at_key_0_and_precisions():
     """Key 0 factorizes before the first training step from one calibration pass over the
     validation data; under bf16-mixed and fp16-mixed the statistics stay float64 and are not
-    computed under autocast: the first conv (whose input is the float32 data itself) gets
-    exactly the factors of the 32-bit run. Calibration leaves the module's metric states alone."""
+    computed under autocast: the first conv (whose input is the float32 data itself) gets the
+    factors of the 32-bit run to float32 round-off (the 32-bit run takes its projected rows from
+    the conv's own float32 output, the mixed runs project the float32 inputs themselves, since
+    their outputs are bf16/fp16). Calibration leaves the module's metric states alone."""
     results = {}
     precisions = {
         "32-true": dict(precision="32-true"),
@@ -161,7 +163,7 @@ def test_calibration_at_key_0_and_precisions():
     ref_nmse, ref_w = results["32-true"]
     for label in ("bf16-mixed", "16-mixed"):
         nmse, w = results[label]
-        assert nmse["features.0"] == pytest.approx(ref_nmse["features.0"], rel=1e-12, abs=1e-15), label
+        assert nmse["features.0"] == pytest.approx(ref_nmse["features.0"], rel=1e-6, abs=1e-9), label
         assert torch.allclose(w, ref_w, rtol=0, atol=1e-6), label
         for n in TARGETS:  # deeper layers see autocast outputs: close, not equal
             assert nmse[n] == pytest.approx(ref_nmse[n], rel=0.1, abs=2e-3), (label, n)
@@ -350,7 +352,7 @@ def test_nan_activations_name_the_layer_and_leave_the_model_intact():
     after = state_dict_cpu(model)
     assert after.keys() == saved["sd"].keys() and all(torch.equal(after[k], saved["sd"][k]) for k in after)
     assert optimizer_ids(trainer.optimizers[0]) == trainable_ids(model)
-    assert all(not model.get_submodule(n)._forward_pre_hooks for n in TARGETS)
+    assert all(not model.get_submodule(n)._forward_pre_hooks and not model.get_submodule(n)._forward_hooks for n in TARGETS)
 
 
 def test_optimizer_edit_keeps_each_parameter_in_its_group():

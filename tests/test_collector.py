@@ -136,10 +136,10 @@ def test_detach_removes_hooks():
     net = _Net()
     col = ActivationCollector({"fc": net.fc}).attach()
     col.attach()  # idempotent
-    assert col.attached and len(net.fc._forward_pre_hooks) == 1
+    assert col.attached and len(net.fc._forward_hooks) == 1
     net(*_inputs())
     col.detach()
-    assert not col.attached and len(net.fc._forward_pre_hooks) == 0
+    assert not col.attached and len(net.fc._forward_hooks) == 0
     n = col.stats["fc"].num_samples
     net(*_inputs())
     assert col.stats["fc"].num_samples == n
@@ -236,3 +236,40 @@ def test_expected_batches_spreads_the_minimum_rows_over_the_whole_run():
     assert n_front >= floor and n_even >= floor
     assert mean_front < 5.0  # the minimum all from the first 8 batches
     assert abs(mean_even - 9.5) < 0.3  # an even share of every batch
+
+
+def test_projected_rows_come_from_the_layer_output_and_equal_projected_inputs():
+    """space="auto" takes z = x @ W from the layer's own output less its bias (no patches, no
+    product) where that output is full precision; the rows equal the projected inputs."""
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(8, 4, 3, padding=1, stride=2).double(), nn.Linear(24, 6).double()
+    img, seq = torch.randn(3, 8, 9, 7, dtype=torch.float64), torch.randn(5, 2, 24, dtype=torch.float64)
+    col = ActivationCollector({"conv": conv, "lin": lin}, max_samples=None, space="auto", holdout=False)
+    with col:
+        conv(img)
+        lin(seq)
+    patches = F.unfold(img, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 72)
+    for name, rows, layer in (("conv", patches, conv), ("lin", seq.reshape(-1, 24), lin)):
+        w = layer.weight.reshape(layer.weight.shape[0], -1).T
+        _check(col.stats[name], rows @ w)
+    # under autocast the output is bf16: the float32 projection of the inputs is used instead
+    lin32 = nn.Linear(24, 6)
+    x = torch.randn(40, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16), ActivationCollector({"lin": lin32}, max_samples=None, space="auto") as auto:
+        lin32(x)
+    _check(auto.stats["lin"], x.double() @ lin32.weight.double().T, seen_dtype=torch.float32)
+
+
+def test_sampled_output_rows_are_the_same_positions_as_sampled_input_rows():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 4, 3, padding=1).double()
+    img = torch.randn(6, 8, 10, 10, dtype=torch.float64)
+    cols = {}
+    for space in ("input", "auto"):
+        with ActivationCollector({"conv": conv}, max_samples=None, space=space, sample_fraction=0.3, seed=5) as cols[space]:
+            conv(img)
+    full, proj = cols["input"].stats["conv"], cols["auto"].stats["conv"]
+    w = conv.weight.reshape(4, -1).T
+    assert full.num_samples == proj.num_samples == round(0.3 * 600)
+    torch.testing.assert_close(proj.mean_x, full.mean_x @ w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(proj.cxx, w.T @ full.cxx @ w, rtol=1e-9, atol=1e-9)

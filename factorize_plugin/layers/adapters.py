@@ -114,6 +114,19 @@ def input_rows(x: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] = 
     return conv_patches_at(x, view.geometry, keep.to(x.device))
 
 
+def output_rows(y: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's output as rows [rows, M], in the order of ``input_rows`` (tokens; for Conv2d
+    the output positions, image by image): row i is the layer's output for input row i."""
+    if view.geometry is None:
+        rows = y.reshape(-1, view.out_dim)
+        return rows if keep is None else rows[keep.to(rows.device)]
+    y = y.reshape(-1, view.out_dim, y.shape[-2] * y.shape[-1])  # [N, M, positions]
+    if keep is None:
+        return y.transpose(1, 2).reshape(-1, view.out_dim)
+    keep = keep.to(y.device)
+    return y[keep // y.shape[2], :, keep % y.shape[2]]
+
+
 def install_factors(
     module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> nn.Module:

@@ -13,9 +13,25 @@ import torch
 import torch.nn as nn
 
 from ..core.statistics import MomentAccumulator
-from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, weight_matrix
+from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
 from .holdout import HeldOutHalves
 from .speed import LayerInput
+
+
+def _autocast_type(device: torch.device) -> str:
+    return device.type if device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+
+
+def _exact_output(x: torch.Tensor, output: object) -> bool:
+    """Whether the layer's output is its full-precision product with its weights: a float32 or
+    float64 tensor of the input's dtype, computed outside autocast (whose bf16/fp16 products
+    would be less precise than projecting the inputs in float32)."""
+    return (
+        isinstance(output, torch.Tensor)
+        and output.dtype in (torch.float32, torch.float64)
+        and output.dtype == x.dtype
+        and not torch.is_autocast_enabled(_autocast_type(x.device))
+    )
 
 
 class ActivationCollector:
@@ -75,11 +91,10 @@ class ActivationCollector:
         }
         if space not in ("input", "auto"):
             raise ValueError(f"space must be 'input' or 'auto', got {space!r}")
-        self.projections: dict[str, torch.Tensor] = {
-            name: weight_matrix(self.layers[name])[0]
-            for name, v in self.views.items()
-            if space == "auto" and v.out_dim < v.in_dim
-        }
+        projected = [name for name, v in self.views.items() if space == "auto" and v.out_dim < v.in_dim]
+        matrices = {name: weight_matrix(self.layers[name]) for name in projected}
+        self.projections: dict[str, torch.Tensor] = {name: w for name, (w, _) in matrices.items()}
+        self._biases = {name: b for name, (_, b) in matrices.items()}  # z = y - b from the layer's output
         self._stats: dict[str, MomentAccumulator] = {
             name: MomentAccumulator(v.out_dim, projection=self.projections[name])
             if name in self.projections
@@ -90,8 +105,9 @@ class ActivationCollector:
         self.positions: dict[str, float] = {name: 1.0 for name in self.layers}  # output positions per sample
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
-        self._buffers: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        self._buffered_rows: dict[str, int] = dict.fromkeys(self.layers, 0)
+        # rows waiting for _drain, by (name, already projected)
+        self._buffers: dict[tuple[str, bool], list[torch.Tensor]] = {(n, p): [] for n in self.layers for p in (False, True)}
+        self._buffered_rows: dict[tuple[str, bool], int] = dict.fromkeys(self._buffers, 0)
         self._projections32: dict[str, torch.Tensor] = {}
         self._handles: list = []
         # two halves of a small set's rows, for an honest (held-out) error estimate
@@ -100,7 +116,7 @@ class ActivationCollector:
     @property
     def stats(self) -> dict[str, MomentAccumulator]:
         """Every row each layer kept, by name (a layer with held-out halves: their union)."""
-        for name in self._buffers:
+        for name in self.layers:
             self._drain(name)
         unions = {name: self.holdout.union(name) for name in self._stats}
         return {name: s if unions[name] is None else unions[name] for name, s in self._stats.items()}
@@ -108,14 +124,14 @@ class ActivationCollector:
     def attach(self) -> "ActivationCollector":
         if not self._handles:
             for name, module in self.layers.items():
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(name)))
+                self._handles.append(module.register_forward_hook(self._hook_for(name)))
         return self
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for name in self._buffers:
+        for name in self.layers:
             self._drain(name)
 
     def __enter__(self) -> "ActivationCollector":
@@ -130,8 +146,9 @@ class ActivationCollector:
 
     def _hook_for(self, name: str):
         view, fraction, width = self.views[name], self.fractions[name], self._stats[name].in_features
+        bias = self._biases.get(name)
 
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name not in self.inputs:
                 self.inputs[name] = LayerInput.of(args[0])
             seen = self._rows(name)
@@ -148,49 +165,59 @@ class ActivationCollector:
             if self.max_samples is not None:
                 want = min(want, self.max_samples - seen)
             keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
-            rows = input_rows(x, view, keep)
-            if keep is None and view.geometry is None:
-                rows = rows.clone()  # a view of the activation, which may be changed in place later
-            self._buffer(name, rows)
+            if name in self.projections and _exact_output(x, output):
+                # the projected rows z = x @ W are the layer's own output less its bias: no patches
+                # to gather and no product to compute
+                rows = output_rows(output.detach(), view, keep)
+                rows = rows.clone() if bias is None else rows - bias.to(rows.device, rows.dtype)
+                self._buffer(name, rows, projected=True)
+            else:
+                rows = input_rows(x, view, keep)
+                if keep is None and view.geometry is None:
+                    rows = rows.clone()  # a view of the activation, which may be changed in place later
+                self._buffer(name, rows, projected=False)
             self.calls[name] += 1
 
         return hook
 
     def _rows(self, name: str) -> int:
-        return self._stats[name].num_samples + self.holdout.rows(name) + self._buffered_rows[name]
+        waiting = self._buffered_rows[(name, False)] + self._buffered_rows[(name, True)]
+        return self._stats[name].num_samples + self.holdout.rows(name) + waiting
 
-    def _buffer(self, name: str, rows: torch.Tensor) -> None:
-        """Keeps ``rows`` [n, D] of layer ``name`` until ``BUFFER_ROWS`` are waiting: the hook then
-        does a few tensor operations per call, and the projection and the two held-out halves
-        see a few large blocks instead of many small ones."""
-        buffer = self._buffers[name]
+    def _buffer(self, name: str, rows: torch.Tensor, projected: bool) -> None:
+        """Keeps ``rows`` [n, D] (or [n, M] when ``projected``) of layer ``name`` until
+        ``BUFFER_ROWS`` are waiting: the hook then does a few tensor operations per call, and the
+        projection and the two held-out halves see a few large blocks instead of many small ones."""
+        key = (name, projected)
+        buffer = self._buffers[key]
         if buffer and buffer[-1].dtype != rows.dtype:
             self._drain(name)
         buffer.append(rows)
-        self._buffered_rows[name] += rows.shape[0]
-        if self._buffered_rows[name] >= self.BUFFER_ROWS:
+        self._buffered_rows[key] += rows.shape[0]
+        if self._buffered_rows[key] >= self.BUFFER_ROWS:
             self._drain(name)
 
     def _drain(self, name: str) -> None:
-        """Moves the buffered rows of ``name`` into its statistics (projected first, for "auto" space:
-        float64 rows in float64, others in float32)."""
-        buffer = self._buffers[name]
-        if not buffer:
-            return
-        device_type = buffer[0].device.type if buffer[0].device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
-        # float64 buffers made here must not be inference tensors; autocast must not touch the products
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
-            rows = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
-            buffer.clear()
-            self._buffered_rows[name] = 0
-            projection = self.projections.get(name)
-            if projection is not None:
-                if rows.dtype == torch.float64:
-                    rows = rows @ projection.to(rows.device)
-                else:
-                    rows = rows.float() @ self._projection32(name, rows.device)
-            if not self.holdout.update(name, rows):
-                self._stats[name].update(rows)
+        """Moves the buffered rows of ``name`` into its statistics (input rows projected first, for
+        "auto" space: float64 rows in float64, others in float32)."""
+        for projected in (False, True):
+            buffer = self._buffers[(name, projected)]
+            if not buffer:
+                continue
+            device_type = _autocast_type(buffer[0].device)
+            # float64 buffers made here must not be inference tensors; autocast must not touch the products
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
+                rows = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
+                buffer.clear()
+                self._buffered_rows[(name, projected)] = 0
+                projection = self.projections.get(name)
+                if projection is not None and not projected:
+                    if rows.dtype == torch.float64:
+                        rows = rows @ projection.to(rows.device)
+                    else:
+                        rows = rows.float() @ self._projection32(name, rows.device)
+                if not self.holdout.update(name, rows):
+                    self._stats[name].update(rows)
 
     def _projection32(self, name: str, device: torch.device) -> torch.Tensor:
         cached = self._projections32.get(name)
