@@ -53,8 +53,10 @@ class ActivationCollector:
             evenly from every batch instead of all from the first ones.
         seed: for the random subsets.
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
-            the projected inputs x @ W (M x M) for layers with fewer outputs than inputs, which is
-            exact only if the weights do not change between collection and solving.
+            the projected inputs z = x @ W (M x M) for layers with fewer outputs than inputs, which is
+            exact only if the weights do not change between collection and solving. z is read off
+            the layer's own output (less its bias) when that is float32/float64 and computed
+            outside autocast, else the inputs are projected in float32.
         holdout: also keep two disjoint halves of each layer's rows while it has few
             (``holdout.HeldOutHalves``), for a held-out NMSE estimate.
 
