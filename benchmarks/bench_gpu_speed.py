@@ -1,6 +1,8 @@
 """Forward+backward throughput of dense vs factorized layers on a GPU, in bf16 (issue 7, item 3).
 
     python benchmarks/bench_gpu_speed.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_gpu_speed.py --dry-run   # tiny float32 layers on the CPU: checks the script
+
 
 For transformer-sized Linear layers (4096->16384, 16384->4096) at rank fractions 1/4 and 1/8, and
 for 3x3 convolutions of 64..512 channels at 1/4 rank, times dense and factorized (two matmuls /
@@ -10,13 +12,16 @@ callback should not factorize. Each row also carries the speed guard's own decis
 layer, rank and input (``SpeedGuard`` in train mode with AdamW, margin 1.15: its measured ratio,
 whether it would factorize, and the note it writes when it keeps the layer dense), so the first GPU
 run records which layers the defaults keep dense and why. Needs a CUDA GPU; exits with a message
-otherwise.
+otherwise. ``--dry-run`` runs the same code on tiny float32 layers on the CPU (timed with
+``perf_counter``), so that a session with a GPU does not spend its device time on a broken script
+(``tests/test_examples.py`` runs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -45,29 +50,34 @@ def guard_decision(dense: nn.Module, x: torch.Tensor, rank: int) -> dict:
 
 
 def _time(module: nn.Module, x: torch.Tensor, iters: int) -> float:
-    """Median milliseconds of forward+backward."""
+    """Median milliseconds of forward+backward (CUDA events on a GPU, perf_counter on the CPU)."""
     for _ in range(3):
         module(x).float().sum().backward()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        module(x).float().sum().backward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            module(x).float().sum().backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            module(x).float().sum().backward()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def linear_rows(iters: int, tokens: int) -> list[dict]:
+def linear_rows(iters: int, tokens: int, shapes, **dev) -> list[dict]:
     rows = []
-    for d, m in ((4096, 16384), (16384, 4096)):
-        dense = nn.Linear(d, m, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for d, m in shapes:
+        dense = nn.Linear(d, m, **dev)
+        x = torch.randn(tokens, d, **dev, requires_grad=True)
         t_dense = _time(dense, x, iters)
         for frac in (4, 8):
             r = min(d, m) // frac
-            fact = FactorizedLinear(d, m, r, device="cuda", dtype=torch.bfloat16)
+            fact = FactorizedLinear(d, m, r, **dev)
             t = _time(fact, x, iters)
             ideal = d * m / (r * (d + m))
             rows.append(dict(kind="linear", shape=[d, m], rank=r, tokens=tokens, dense_ms=t_dense, factorized_ms=t,
@@ -76,16 +86,15 @@ def linear_rows(iters: int, tokens: int) -> list[dict]:
     return rows
 
 
-def conv_rows(iters: int, batch: int) -> list[dict]:
+def conv_rows(iters: int, batch: int, channels, size, **dev) -> list[dict]:
     rows = []
-    for c in (64, 128, 256, 512):
-        hw = 56 if c <= 128 else 28
-        dense = nn.Conv2d(c, c, 3, padding=1, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        x = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    for c in channels:
+        hw = size(c)
+        dense = nn.Conv2d(c, c, 3, padding=1, **dev).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, c, hw, hw, **dev).to(memory_format=torch.channels_last).requires_grad_()
         t_dense = _time(dense, x, iters)
         r = c // 4
-        fact = FactorizedConv2d(c, c, 3, r, padding=1, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        fact = FactorizedConv2d(c, c, 3, r, padding=1, **dev).to(memory_format=torch.channels_last)
         t = _time(fact, x, iters)
         ideal = c * c * 9 / (r * (c * 9 + c))
         rows.append(dict(kind="conv3x3", channels=c, hw=hw, rank=r, batch=batch, dense_ms=t_dense, factorized_ms=t,
@@ -94,16 +103,27 @@ def conv_rows(iters: int, batch: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="tiny float32 layers on the CPU (checks the script)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu_speed.py needs a CUDA GPU; none is visible here")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    iters = 10 if args.quick else 50
-    rows = linear_rows(iters, 2048 if args.quick else 8192) + conv_rows(iters, 32 if args.quick else 128)
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        dev = dict(device="cpu", dtype=torch.float32)
+        iters = 3
+        rows = linear_rows(iters, 64, ((32, 128), (128, 32)), **dev) + conv_rows(iters, 2, (8, 16), lambda c: 8, **dev)
+        device_name = "cpu (dry run)"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_gpu_speed.py needs a CUDA GPU; none is visible here (--dry-run checks it on the CPU)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        dev = dict(device="cuda", dtype=torch.bfloat16)
+        iters = 10 if args.quick else 50
+        rows = linear_rows(iters, 2048 if args.quick else 8192, ((4096, 16384), (16384, 4096)), **dev) + conv_rows(
+            iters, 32 if args.quick else 128, (64, 128, 256, 512), lambda c: 56 if c <= 128 else 28, **dev
+        )
+        device_name = torch.cuda.get_device_name()
     for r in rows:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     out = Path(args.out)
@@ -112,9 +132,10 @@ def main() -> None:
     print(f"speed guard (margin {GUARD.margin}, train mode): keeps {len(kept)} of {len(rows)} layers dense")
     for r in kept:
         print("  ", r.get("shape") or f"conv3x3 {r['channels']} channels", r["guard_note"])
-    result = dict(benchmark="gpu_speed", device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bfloat16",
+    result = dict(benchmark="gpu_speed", device=device_name, torch=torch.__version__, dtype=str(dev["dtype"]).replace("torch.", ""),
                   quick=args.quick, guard=dict(margin=GUARD.margin, mode=GUARD.mode, optimizer="AdamW"), rows=rows)
-    (out / "gpu_speed.json").write_text(json.dumps(result, indent=2))
+    (out / ("gpu_speed_dry_run.json" if args.dry_run else "gpu_speed.json")).write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
