@@ -267,6 +267,23 @@ def test_param_budget_mode():
     assert probe.start[2] != probe.start[1]
 
 
+
+def test_budget_probe_and_output_shift_share_one_fetch_of_the_validation_batches(monkeypatch):
+    """At a param_budget milestone with output_batches > 0 the first validation batches are read
+    once, and each of the two measurements gets its own count of them."""
+    import factorize_plugin.integration.callback as callback_module
+    import factorize_plugin.integration.workflow as workflow_module
+
+    calls = []
+    real = callback_module.first_validation_batches
+    for module in (callback_module, workflow_module):  # wherever it is imported
+        monkeypatch.setattr(module, "first_validation_batches", lambda t, n: calls.append(n) or real(t, n), raising=False)
+    pl.seed_everything(0)
+    cb = LowRankFactorization({1: 0.5}, mode="param_budget", **TINY, budget_batches=2, output_batches=1)
+    make_trainer([cb], max_epochs=2).fit(TinyNet())
+    assert calls == [2]
+    assert 0 <= cb.history[0]["output_nmse"] < 1
+
 # --------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(
     "schedule, mode",

@@ -282,10 +282,14 @@ class LowRankFactorization(Callback):
         self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
         layers = self._layers(pl_module)
         policy = self._policies[milestone]
-        shift = OutputShift(trainer, pl_module, self.output_batches, self.input_fn) if self.output_batches else None
+        # one fetch of the first validation batches serves the budget probe and the output shift
+        probing = policy.uses_probe and self.budget_batches > 0
+        need = max(self.output_batches, self.budget_batches if probing else 0)
+        batches = first_validation_batches(trainer, need) if need else []
+        shift = OutputShift(trainer, pl_module, batches[: self.output_batches], self.input_fn) if self.output_batches else None
         reports = refactorize(
             pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
-            probe=self._probe(trainer, pl_module, layers, policy),
+            probe=self._probe(trainer, pl_module, layers, batches[: self.budget_batches]) if probing else None,
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
             speed=self._speed_check(trainer, collector),
@@ -440,11 +444,8 @@ class LowRankFactorization(Callback):
             measure_here=trainer.is_global_zero,
         )  # fmt: skip
 
-    def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, policy: RankPolicy) -> Optional[OutputProbe]:
-        """A few validation batches to judge a policy's choices on the network's output, if it uses them."""
-        if not policy.uses_probe or self.budget_batches == 0:
-            return None
-        batches = first_validation_batches(trainer, self.budget_batches)
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, batches: list) -> OutputProbe:
+        """Judges a policy's choices by the network's output on a few validation ``batches``."""
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str) -> None:

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..surgery.calling import InputFn, call_model, evaluating, output_tensor
 from ..surgery.checkpoint import factorized_entries
-from .lightning_internals import first_validation_batches, validation_source_defined
+from .lightning_internals import validation_source_defined
 from .output_metric import OutputNMSE
 
 _STATE_FIELDS = {"done", "ranks", "history"}
@@ -76,15 +76,15 @@ def check_resumed_targets(state_key: str, targets: list[str], checkpoint: Mappin
 
 
 class OutputShift:
-    """How much a milestone moves the network's output: the outputs of the first ``n_batches``
-    validation batches (of the first loader) before the swap, then after it, into an ``OutputNMSE``.
-    Costs 2 * ``n_batches`` forward passes per milestone (no grad, eval mode) and keeps the
-    reference outputs (and the batches) in memory until ``after`` is called."""
+    """How much a milestone moves the network's output on ``batches`` (the first validation
+    batches, ``first_validation_batches``): the outputs before the swap, then after it, into an
+    ``OutputNMSE``. Costs 2 * len(batches) forward passes per milestone (no grad, eval mode) and
+    keeps the reference outputs (and the batches) in memory until ``after`` is called."""
 
-    def __init__(self, trainer: Trainer, pl_module: LightningModule, n_batches: int, input_fn: Optional[InputFn]) -> None:
+    def __init__(self, trainer: Trainer, pl_module: LightningModule, batches: list, input_fn: Optional[InputFn]) -> None:
         self.trainer, self.pl_module, self.input_fn = trainer, pl_module, input_fn
         start = time.perf_counter()
-        self.batches = first_validation_batches(trainer, n_batches)
+        self.batches = batches
         self.before = self._outputs()
         self.seconds = time.perf_counter() - start
 
