@@ -121,3 +121,4 @@ def test_wide_float32_chunks_with_an_offset_keep_float32_precision_of_the_spread
     spread = float((x - mean).abs().max())
     torch.testing.assert_close(acc.mean_x, mean, rtol=0, atol=1e-6 * spread)
     torch.testing.assert_close(acc.cxx, cxx, rtol=1e-5, atol=1e-5 * float(cxx.abs().max()))
+

@@ -243,7 +243,8 @@ class MomentAccumulator:
             raise ValueError("cannot merge accumulators of different feature sizes")
         if other.num_samples == 0:
             return self
-        self._ensure_allocated()
+        if not self._allocated:  # an accumulator without a device of its own adopts the other's
+            self._allocate(self._device or other.device or torch.device("cpu"))
         self.flush()
         n_a, n_b = self._count.item(), other.count.item()
         n = n_a + n_b
