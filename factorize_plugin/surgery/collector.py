@@ -1,8 +1,10 @@
-"""Forward hooks that stream each chosen layer's inputs into float64 moment accumulators.
+"""Forward hooks that stream each chosen layer's inputs (or, in the projected space, its outputs)
+into float64 moment accumulators.
 
 Memory per layer is that of one ``MomentAccumulator``: 8 * (D^2 + D + 1) bytes, with D the
 layer's input features (C_in * k_h * k_w for a convolution), whatever the number of samples;
-with ``space="auto"``, 8 * (K^2 + K + 1) with K = min(D, M) (plus a float64 copy of W).
+with ``space="auto"``, 8 * (K^2 + K + 1) with K = min(D, M) (plus a float64 copy of W). Twice that
+while a layer has few rows (the held-out halves), plus up to ``BUFFER_ROWS`` waiting rows.
 """
 
 from __future__ import annotations
