@@ -271,7 +271,6 @@ def test_param_budget_mode():
 def test_budget_probe_and_output_shift_share_one_fetch_of_the_validation_batches(monkeypatch):
     """At a param_budget milestone with output_batches > 0 the first validation batches are read
     once, and each of the two measurements gets its own count of them."""
-    import factorize_plugin.integration.callback as callback_module
     import factorize_plugin.integration.workflow as workflow_module
 
     calls = []
@@ -409,8 +408,6 @@ def test_no_validation_data_is_refused_clearly():
 def test_collectors_know_how_many_validation_batches_are_coming(monkeypatch):
     """The calibration pass (key 0) and the validation run before milestone 1 both tell the
     collector the run's length, so that "auto" sampling spreads its minimum rows over every batch."""
-    import factorize_plugin.integration.callback as callback_module
-
     seen = []
     real = callback_module.ActivationCollector
 

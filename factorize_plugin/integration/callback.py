@@ -24,7 +24,6 @@ from ..surgery.collector import ActivationCollector
 from ..surgery.advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
-from ..surgery.policies import RankPolicy
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe

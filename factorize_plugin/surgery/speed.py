@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..core.conv import ConvGeometry, conv_output_size
-from ..layers.adapters import LayerView, layer_view
+from ..layers.adapters import LayerView
 from ..layers.factorized import FactorizedConv2d, FactorizedLinear
 from .candidates import LayerCandidate, max_rank
 
