@@ -24,14 +24,17 @@ class _LoaderProbe(pl.Callback):
         self.rng_kept = torch.equal(state, torch.random.get_rng_state())
 
 
+def _fit_one_epoch(model: pl.LightningModule, probe: pl.Callback, batches: int) -> None:
+    """One quiet epoch of ``batches`` training and validation batches, with ``probe`` attached."""
+    pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=batches, callbacks=[probe],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model)  # fmt: skip
+
+
 def test_validation_loaders_are_the_loops_own_with_limits():
     probe = _LoaderProbe()
-    model = TinyNet()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=2, callbacks=[probe],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(model)
+    _fit_one_epoch(TinyNet(), probe, batches=2)
     assert len(probe.loaders) == 1 and probe.limits == [2]
     x, y = next(iter(probe.loaders[0]))
     assert x.shape[1:] == (1, 8, 8) and y.dtype == torch.int64
@@ -77,9 +80,5 @@ def test_validation_source_is_readable_at_setup():
         if not with_val:
             model.val_dataloader = None
         probe = _SourceProbe()
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[probe],
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        trainer.fit(model)
+        _fit_one_epoch(model, probe, batches=1)
         assert probe.defined is with_val

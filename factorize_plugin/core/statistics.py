@@ -26,7 +26,7 @@ def _positive_int(value: object, name: str, what: str) -> int:
     return int(value)
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
+def work_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 data is multiplied in float64; everything else in float32 (after centering)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -186,14 +186,14 @@ class MomentAccumulator:
         if x.shape[0] >= self.chunk_size:
             self.flush()
             for start in range(0, x.shape[0], self.chunk_size):
-                xc = x[start : start + self.chunk_size].to(self._device, _work_dtype(x))
-                yc = None if y is None else y[start : start + self.chunk_size].to(self._device, _work_dtype(y))
+                xc = x[start : start + self.chunk_size].to(self._device, work_dtype(x))
+                yc = None if y is None else y[start : start + self.chunk_size].to(self._device, work_dtype(y))
                 self._merge_chunk(xc, yc)
             return self
         self._pending.append(
             (
-                x.to(self._device, _work_dtype(x), copy=True),
-                None if y is None else y.to(self._device, _work_dtype(y), copy=True),
+                x.to(self._device, work_dtype(x), copy=True),
+                None if y is None else y.to(self._device, work_dtype(y), copy=True),
             )
         )
         self._pending_rows += x.shape[0]

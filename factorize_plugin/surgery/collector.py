@@ -14,10 +14,10 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..core.statistics import MomentAccumulator
+from ..core.statistics import MomentAccumulator, work_dtype
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
 from .holdout import HeldOutHalves
-from .speed import LayerInput
+from .speed import LayerInput, autocast_dtype
 
 
 def _autocast_type(device: torch.device) -> str:
@@ -32,7 +32,7 @@ def _exact_output(x: torch.Tensor, output: object) -> bool:
         isinstance(output, torch.Tensor)
         and output.dtype in (torch.float32, torch.float64)
         and output.dtype == x.dtype
-        and not torch.is_autocast_enabled(_autocast_type(x.device))
+        and autocast_dtype(x.device) is None
     )
 
 
@@ -63,7 +63,7 @@ class ActivationCollector:
             (``holdout.HeldOutHalves``), for a held-out NMSE estimate.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
-    ``torch.inference_mode()`` and autocast (autocast is disabled inside the hook).
+    ``torch.inference_mode()`` and autocast (the statistics' products are computed with autocast off).
     """
 
     AUTO_OVERHEAD = 0.05
@@ -112,7 +112,10 @@ class ActivationCollector:
         # rows waiting for _drain, by (name, already projected)
         self._buffers: dict[tuple[str, bool], list[torch.Tensor]] = {(n, p): [] for n in self.layers for p in (False, True)}
         self._buffered_rows: dict[tuple[str, bool], int] = dict.fromkeys(self._buffers, 0)
-        self._projections32: dict[str, torch.Tensor] = {}
+        # rows this process kept per layer, counted here for the hooks: the accumulators' counts are
+        # device tensors, and reading them in every hook call would synchronize with a GPU
+        self._kept: dict[str, int] = dict.fromkeys(self.layers, 0)
+        self._projection_copies: dict[tuple, torch.Tensor] = {}
         self._handles: list = []
         # two halves of a small set's rows, for an honest (held-out) error estimate
         self.holdout = HeldOutHalves(self._stats, enabled=holdout)
@@ -155,7 +158,7 @@ class ActivationCollector:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name not in self.inputs:
                 self.inputs[name] = LayerInput.of(args[0])
-            seen = self._rows(name)
+            seen = self._kept[name]
             if self.max_samples is not None and seen >= self.max_samples:
                 return
             # no autocast or grad concerns here: only indexing and copies (the products are in _drain)
@@ -184,10 +187,6 @@ class ActivationCollector:
 
         return hook
 
-    def _rows(self, name: str) -> int:
-        waiting = self._buffered_rows[(name, False)] + self._buffered_rows[(name, True)]
-        return self._stats[name].num_samples + self.holdout.rows(name) + waiting
-
     def _buffer(self, name: str, rows: torch.Tensor, projected: bool) -> None:
         """Keeps ``rows`` [n, D] (or [n, M] when ``projected``) of layer ``name`` until
         ``BUFFER_ROWS`` are waiting: the hook then does a few tensor operations per call, and the
@@ -198,6 +197,7 @@ class ActivationCollector:
             self._drain(name)
         buffer.append(rows)
         self._buffered_rows[key] += rows.shape[0]
+        self._kept[name] += rows.shape[0]
         if self._buffered_rows[key] >= self.BUFFER_ROWS:
             self._drain(name)
 
@@ -214,20 +214,17 @@ class ActivationCollector:
                 rows = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
                 buffer.clear()
                 self._buffered_rows[(name, projected)] = 0
-                projection = self.projections.get(name)
-                if projection is not None and not projected:
-                    if rows.dtype == torch.float64:
-                        rows = rows @ projection.to(rows.device)
-                    else:
-                        rows = rows.float() @ self._projection32(name, rows.device)
+                if name in self.projections and not projected:
+                    rows = rows.to(work_dtype(rows)) @ self._projection_for(name, rows)
                 if not self.holdout.update(name, rows):
                     self._stats[name].update(rows)
 
-    def _projection32(self, name: str, device: torch.device) -> torch.Tensor:
-        cached = self._projections32.get(name)
-        if cached is None or cached.device != device:
-            cached = self._projections32[name] = self.projections[name].to(device, torch.float32)
-        return cached
+    def _projection_for(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """W of layer ``name`` on the rows' device, in the dtype they are multiplied in (cached)."""
+        key = (name, rows.device, work_dtype(rows))
+        if key not in self._projection_copies:
+            self._projection_copies[key] = self.projections[name].to(rows.device, key[2])
+        return self._projection_copies[key]
 
     def _minimum_rows(self, width: int, seen: int) -> int:
         """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: an even
@@ -249,7 +246,9 @@ class ActivationCollector:
         return chosen[pos // per_image] * per_image + pos % per_image
 
     def samples(self) -> dict[str, int]:
-        return {name: self._rows(name) for name in self._stats}
+        """Rows in each layer's statistics (after a DDP ``all_reduce_``: of every process)."""
+        waiting = {name: self._buffered_rows[(name, False)] + self._buffered_rows[(name, True)] for name in self._stats}
+        return {name: s.num_samples + self.holdout.rows(name) + waiting[name] for name, s in self._stats.items()}
 
     def check_nonempty(self) -> None:
         """Raises if any layer saw no samples (e.g. its hook was bypassed by ``torch.compile``)."""

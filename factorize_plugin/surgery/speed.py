@@ -34,6 +34,14 @@ from .candidates import LayerCandidate, max_rank
 MODES = ("train", "inference")
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device`` at this moment, None without autocast."""
+    dev = device.type
+    if dev in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerInput:
     """What a layer receives: the input's shape, dtype and device, whether it requires grad, and
@@ -48,12 +56,8 @@ class LayerInput:
 
     @classmethod
     def of(cls, x: torch.Tensor) -> "LayerInput":
-        dev = x.device.type
-        auto = None
-        if dev in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(dev):
-            auto = torch.get_autocast_dtype(dev)
         last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return cls(tuple(x.shape), x.dtype, str(x.device), bool(x.requires_grad), auto, last)
+        return cls(tuple(x.shape), x.dtype, str(x.device), bool(x.requires_grad), autocast_dtype(x.device), last)
 
     def with_batch(self, batch: Optional[int]) -> "LayerInput":
         """The same input with ``batch`` samples (first dimension), e.g. a training batch's size."""
