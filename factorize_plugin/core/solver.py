@@ -11,7 +11,15 @@ C = cov(x) (sums, [D, D]), Cxy [D, M], Syy = sum ||y - mean_y||^2:
 
 where B is any least-squares solution (C B = Cxy) and L^T L = C. The minimizer of rank r is
 therefore P = B V_r V_r^T, with V_r the top-r right singular vectors of L B (reduced-rank
-regression, Eckart-Young in the metric of C): a closed form, exact, and one SVD gives every rank.
+regression, Eckart-Young in the metric of C): a closed form, exact, and one decomposition gives
+every rank. V is found from the smaller side: the eigenvectors of B^T C B [M, M] when M <= D (no
+[D, D] decomposition at all when the target is the layer's own output), else from L B B^T L^T
+[D, D] with L a Cholesky factor of C.
+
+Without a bias (``fit_bias=False``: the layer has none, and its pair gets none) the same holds in
+the uncentered moments C + n mean_x mean_x^T (and likewise for Cxy, Syy): the exact minimizer of
+sum || y_n - x_n @ P ||^2. The NMSE's denominator stays the centered Syy in both cases, so the
+curve is the installed layer's error, comparable between layers with and without a bias.
 
 Regularization ``alpha`` replaces C by A = C + alpha * tr(C)/D * I in that metric and in B (which
 becomes the ridge solution shrunk toward the original W). ``alpha = 0`` is the data-optimal fit;
@@ -134,39 +142,66 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _sqrt_metric(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For symmetric PSD A [D, D]: returns (L [D, D] with L^T L = A, eigenvalues, eigenvectors)."""
+def _metric_root(a: torch.Tensor) -> torch.Tensor:
+    """R [D, D] with R^T R = A (symmetric PSD): the Cholesky factor, or from the eigendecomposition
+    where A is singular (fewer independent rows than features)."""
+    chol, info = torch.linalg.cholesky_ex(a, upper=True)
+    if int(info) == 0:
+        return chol
     evals, evecs = torch.linalg.eigh(a)
-    evals = evals.clamp_min(0.0)
-    return evals.sqrt()[:, None] * evecs.T, evals, evecs
+    return evals.clamp_min(0.0).sqrt()[:, None] * evecs.T
 
 
 @dataclasses.dataclass
-class _Targets:
-    """Centered target moments implied by the statistics: Cxy [D, M], Syy, mean_y [M]."""
+class _Moments:
+    """The data as the fit sees it: second moments about the fit's origin (the means when a bias is
+    fitted, zero when not), and ``total`` = sum ||y - mean_y||^2, the NMSE's denominator.
 
+    count: n; mean_x [D], mean_y [M]: the origin; cxx [D, D], cxy [D, M], syy: the moments about it.
+    """
+
+    count: torch.Tensor
+    mean_x: torch.Tensor
+    mean_y: torch.Tensor
+    cxx: torch.Tensor
     cxy: torch.Tensor
     syy: torch.Tensor
-    mean_y: torch.Tensor
+    total: torch.Tensor
 
 
-def _targets(stats: MomentAccumulator, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> _Targets:
+def _moments(
+    stats: MomentAccumulator, weight: torch.Tensor, bias: Optional[torch.Tensor], fit_bias: bool
+) -> _Moments:
+    """The moments of ``stats`` for a fit with or without a bias; without explicit targets the
+    target is x @ weight + bias (bias None: no bias)."""
+    n = stats.count
     if stats.has_targets:
-        return _Targets(stats.cxy, stats.syy, stats.mean_y)
-    cw = stats.cxx @ weight
-    mean_y = stats.mean_x @ weight
-    if bias is not None:
-        mean_y = mean_y + bias
-    return _Targets(cw, (weight * cw).sum(), mean_y)
+        cxx, cxy, syy, mean_y = stats.cxx, stats.cxy, stats.syy, stats.mean_y
+    else:
+        cxx = stats.cxx
+        cxy = cxx @ weight
+        syy = (weight * cxy).sum()
+        mean_y = stats.mean_x @ weight
+        if bias is not None:
+            mean_y = mean_y + bias
+    if fit_bias:
+        return _Moments(n, stats.mean_x, mean_y, cxx, cxy, syy, syy)
+    mx = stats.mean_x
+    return _Moments(
+        n, torch.zeros_like(mx), torch.zeros_like(mean_y),
+        cxx + n * torch.outer(mx, mx), cxy + n * torch.outer(mx, mean_y), syy + n * mean_y.square().sum(), syy,
+    )  # fmt: skip
 
 
 class LowRankDecomposition:
-    """The exact solution at every rank, from one SVD.
+    """The exact solution at every rank, from one symmetric eigendecomposition of the smaller side.
 
-    ``P(r) = B @ V[:, :r] @ V[:, :r].T`` with the bias fitted jointly. Build it with ``decompose``.
+    ``P(r) = B @ V[:, :r] @ V[:, :r].T``, with a bias fitted jointly (``fit_bias``) or none. Build it
+    with ``decompose``.
 
     Attributes:
         max_rank: k = min(D, M), the largest rank the curve covers.
+        fit_bias: whether the factors come with a fitted bias (else ``factors`` returns None for it).
         nmse_curve: float64 [k + 1], the NMSE at ranks 0..k on the statistics it was fitted to.
     """
 
@@ -176,6 +211,7 @@ class LowRankDecomposition:
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         regularization: float = 0.0,
+        fit_bias: bool = True,
     ) -> None:
         stats.check()
         self.regularization = _check_regularization(regularization)
@@ -187,24 +223,26 @@ class LowRankDecomposition:
         d, m = weight.shape
         self.in_features, self.out_features = d, m
         self.max_rank = min(d, m)
+        self.fit_bias = bool(fit_bias)
         self.weight = self._solving_weight(stats, weight)
         self.bias = None if bias is None else bias.detach().to(dtype=torch.float64, device=stats.device)
-        self.mean_x = stats.mean_x.clone()
 
-        l_metric, evals, evecs = _sqrt_metric(self._metric(stats))
-        tgt = _targets(stats, self.weight, self.bias)
-        self.mean_y = tgt.mean_y.clone()
+        mom = _moments(stats, self.weight, self.bias, self.fit_bias)
+        self.mean_x, self.mean_y = mom.mean_x.clone(), mom.mean_y.clone()
+        self._explicit = stats.has_targets
         if stats.has_targets:
             # B = W + A^+ (Cxy - C W): the least-squares (or ridge) solution closest to W.
-            cutoff = evals.max() * self.weight.shape[0] * torch.finfo(torch.float64).eps
+            evals, evecs = torch.linalg.eigh(self._metric(mom.cxx))
+            cutoff = evals.max().clamp_min(0.0) * self.weight.shape[0] * torch.finfo(torch.float64).eps
             inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-            resid = tgt.cxy - stats.cxx @ self.weight
-            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ resid))
+            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ (mom.cxy - mom.cxx @ self.weight)))
+            cb = mom.cxx @ self.B
         else:
             self.B = self.weight
-        self.V = self._output_directions(l_metric @ self.B)
+            cb = mom.cxy if self.bias is None or self.fit_bias else mom.cxx @ self.B  # C W when the target is x W
+        self.V = self._output_directions(mom.cxx, self.B, cb)
         self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
-        self.nmse_curve = self._curve(stats, tgt)
+        self.nmse_curve = self._curve(mom, cb @ self.V)
 
     def _solving_weight(self, stats: MomentAccumulator, weight: torch.Tensor) -> torch.Tensor:
         """W [D, M] in float64, checked against the statistics. With projected statistics
@@ -229,46 +267,69 @@ class LowRankDecomposition:
             raise ValueError(f"weight has {m} output features but the statistics have {stats.out_features}")
         return weight.detach().to(**f64)
 
-    def _metric(self, stats: MomentAccumulator) -> torch.Tensor:
-        """A [D, D]: the input covariance C, plus the regularization. Explicit targets: a ridge
-        alpha * tr(C) / D * I. Implicit targets (the layer's own output): alpha * s * R with
+    def _regularizer(self, c: torch.Tensor) -> Optional[torch.Tensor]:
+        """What the regularization adds to the metric C [D, D] (None at alpha = 0). Explicit targets:
+        a ridge alpha * tr(C) / D * I. Implicit targets (the layer's own output): alpha * s * R with
         s = tr(W^T C W) / |W|^2 and R the metric of W's input space, the same fit in input and
         projected space. Large alpha moves the fit toward the truncated SVD of W in both cases."""
-        c = stats.cxx
         if not self.regularization:
-            return c
+            return None
         tiny = torch.finfo(torch.float64).tiny
         d = c.shape[0]
         eye = torch.eye(d, dtype=torch.float64, device=c.device)
-        if stats.has_targets:
-            return c + (self.regularization * (torch.diagonal(c).sum() / d).clamp_min(tiny)) * eye
+        if self._explicit:
+            return (self.regularization * (torch.diagonal(c).sum() / d).clamp_min(tiny)) * eye
         w_eff = self.weight if self.input_map is None else self.input_map
         s = ((self.weight * (c @ self.weight)).sum() / w_eff.square().sum()).clamp_min(tiny)
         r = eye if self.input_map is None else self.input_map.T @ self.input_map
-        return c + (self.regularization * s) * r
+        return (self.regularization * s) * r
 
-    def _output_directions(self, metric_b: torch.Tensor) -> torch.Tensor:
-        """V [M, k]: the right singular vectors of L B (L: the square root of the metric), sorted by
-        singular value, each with its largest entry positive so that equal statistics give equal
-        factors on every process and run (not factors equal only up to sign)."""
-        _, _, vh = torch.linalg.svd(metric_b, full_matrices=False)
-        v = vh[: self.max_rank].T
+    def _metric(self, c: torch.Tensor) -> torch.Tensor:
+        """A [D, D]: the metric of the fit, C plus the regularization (``_regularizer``)."""
+        extra = self._regularizer(c)
+        return c if extra is None else c + extra
+
+    def _output_directions(self, c: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+        """V [M, k]: the right singular vectors of L B (L^T L = A, the metric built on C [D, D];
+        ``cb`` = C B), sorted by singular value, each with its largest entry positive so that equal
+        statistics give equal factors on every process and run (not factors equal only up to sign).
+
+        M <= D: the eigenvectors of B^T A B [M, M]. M > D: from the eigenvectors U of T T^T [D, D]
+        with T = R B (R^T R = A), V = T^T U / sigma, re-orthonormalized (QR keeps each leading
+        span, and completes the directions the data does not reach)."""
+        d, m = b.shape
+        extra = self._regularizer(c)
+        if m <= d:
+            gram = b.T @ (cb if extra is None else cb + extra @ b)
+            _, v = torch.linalg.eigh((gram + gram.T) / 2)
+            v = v.flip(-1)
+        else:
+            t = _metric_root(c if extra is None else c + extra) @ b
+            gram = t @ t.T
+            evals, u = torch.linalg.eigh((gram + gram.T) / 2)
+            u, sigma = u.flip(-1), evals.flip(-1).clamp_min(0.0).sqrt()
+            floor = sigma[0] * max(d, m) * torch.finfo(torch.float64).eps
+            v = (t.T @ u) / torch.where(sigma > floor, sigma, torch.full_like(sigma, math.inf))
+            v = torch.linalg.qr(v).Q
+        v = v[:, : self.max_rank]
         pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
         return (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
 
-    def _curve(self, stats: MomentAccumulator, tgt: _Targets) -> torch.Tensor:
-        """NMSE at ranks 0..k on ``stats`` (bias fitted on the training statistics)."""
-        q = (stats.cxx @ self.G * self.G).sum(0)  # g_i^T C g_i
-        cross = (self.G * (tgt.cxy @ self.V)).sum(0)  # g_i^T Cxy v_i
-        n = stats.count
-        dx = stats.mean_x - self.mean_x
-        dy = tgt.mean_y - self.mean_y
+    def _curve(self, mom: _Moments, cg: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """NMSE at ranks 0..k on the moments ``mom`` (the bias, if any, fitted on the training
+        statistics); ``cg`` = mom.cxx @ G when the caller has it."""
+        cg = mom.cxx @ self.G if cg is None else cg
+        q = (cg * self.G).sum(0)  # g_i^T C g_i
+        cross = (self.G * (mom.cxy @ self.V)).sum(0)  # g_i^T Cxy v_i
+        n = mom.count
+        dx = mom.mean_x - self.mean_x
+        dy = mom.mean_y - self.mean_y
         a = dx @ self.G  # [k]
         per_rank = q - 2 * cross + n * (a.square() - 2 * a * (dy @ self.V))
         zero = per_rank.new_zeros(1)
-        err = tgt.syy + n * dy.square().sum() + torch.cat([zero, per_rank.cumsum(0)])
+        err = mom.syy + n * dy.square().sum() + torch.cat([zero, per_rank.cumsum(0)])
         err = err.clamp_min(0.0)
-        denom = tgt.syy
+        denom = mom.total
         if denom <= 0:
             return torch.where(err > 0, torch.ones_like(err), torch.zeros_like(err))
         return err / denom
@@ -276,20 +337,20 @@ class LowRankDecomposition:
     def nmse_on(self, stats: MomentAccumulator) -> torch.Tensor:
         """NMSE at ranks 0..k on other (e.g. held-out) statistics of the same layer: [k + 1]."""
         stats.check("held-out inputs")
-        return self._curve(stats, _targets(stats, self.weight, self.bias))
+        return self._curve(_moments(stats, self.weight, self.bias, self.fit_bias))
 
     def smallest_rank(self, max_nmse: float) -> int:
         """The smallest rank >= 1 whose NMSE on the fitted statistics is <= ``max_nmse``."""
         ok = (self.nmse_curve[1:] <= max_nmse).nonzero()
         return int(ok[0].item()) + 1 if len(ok) else self.max_rank
 
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Wa [D, rank], Wb [rank, M], bias [M]) in float64; Wa's columns and Wb's rows carry
-        equal norms, which keeps later gradient training well balanced."""
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(Wa [D, rank], Wb [rank, M], bias [M] or None without ``fit_bias``) in float64; Wa's
+        columns and Wb's rows carry equal norms, which keeps later gradient training well balanced."""
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
         g, v = self.G[:, :rank], self.V[:, :rank]
-        bias = self.mean_y - self.mean_x @ g @ v.T
+        bias = self.mean_y - self.mean_x @ g @ v.T if self.fit_bias else None
         if self.input_map is not None:
             g = self.input_map @ g
         norms = g.norm(dim=0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
@@ -297,9 +358,9 @@ class LowRankDecomposition:
         wb = norms[:, None] * v.T
         return wa, wb, bias
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B [D, M], bias [M]): the best full-rank map and its bias, float64."""
-        bias = self.mean_y - self.mean_x @ self.B
+    def dense(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(B [D, M], bias [M] or None without ``fit_bias``): the best full-rank map, float64."""
+        bias = self.mean_y - self.mean_x @ self.B if self.fit_bias else None
         return (self.B if self.input_map is None else self.input_map @ self.B), bias
 
 
@@ -308,6 +369,8 @@ def decompose(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     regularization: float = 0.0,
+    *,
+    fit_bias: bool = True,
 ) -> LowRankDecomposition:
     """Solves the low-rank problem for every rank at once.
 
@@ -321,8 +384,11 @@ def decompose(
         regularization: alpha >= 0; 0 gives the exact data-optimal fit, larger values move toward
             the truncated SVD of W, for implicit and explicit targets alike (useful with few
             calibration samples; choose it with ``nmse_on`` on held-out statistics).
+        fit_bias: True: the factors come with the jointly fitted best bias; False: no bias, the
+            exact optimum of sum ||y - x @ Wa @ Wb||^2 (for a layer that has no bias, whose pair
+            gets none). The NMSE is that of the map as returned in both cases.
     """
-    return LowRankDecomposition(stats, weight, bias, regularization)
+    return LowRankDecomposition(stats, weight, bias, regularization, fit_bias)
 
 
 def nmse_of(
@@ -343,9 +409,9 @@ def nmse_of(
     else:
         tw = target_weight.detach().to(dev, torch.float64)
         tb = None if target_bias is None else target_bias.detach().to(dev, torch.float64)
-    tgt = _targets(stats, tw, tb)
-    err = (stats.cxx @ w * w).sum() - 2 * (w * tgt.cxy).sum() + tgt.syy
-    err = err + stats.count * (tgt.mean_y - stats.mean_x @ w - b).square().sum()
+    mom = _moments(stats, tw, tb, fit_bias=True)
+    err = (mom.cxx @ w * w).sum() - 2 * (w * mom.cxy).sum() + mom.syy
+    err = err + mom.count * (mom.mean_y - mom.mean_x @ w - b).square().sum()
     err = float(err.clamp_min(0.0))
-    denom = float(tgt.syy)
+    denom = float(mom.total)
     return err / denom if denom > 0 else (0.0 if err == 0 else 1.0)

@@ -88,4 +88,4 @@ def heldout_curve(
     if halves is None:
         return None
     a, b = halves
-    return decompose(a, weight, bias, regularization).nmse_on(b)
+    return decompose(a, weight, bias, regularization, fit_bias=bias is not None).nmse_on(b)

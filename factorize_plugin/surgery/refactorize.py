@@ -50,7 +50,7 @@ def build_candidates(
         try:
             stats[name].check(f"inputs of layer '{name}'")
             w, b = weight_matrix(module)
-            dec = decompose(stats[name], w, b, regularization)
+            dec = decompose(stats[name], w, b, regularization, fit_bias=b is not None)  # no bias: the pair gets none
             heldout = heldout_curve((holdout or {}).get(name), w, b, regularization)
         except ValueError as err:
             raise ValueError(f"cannot factorize layer '{name}': {err}") from err
