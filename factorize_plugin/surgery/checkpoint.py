@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
 from ..layers.transposed import TransposedLinear, conv1d_class
 from .modules import set_submodule
+from .sharing import alias_names
 
 _SUFFIX = "._extra_state"
 _HOOK_FLAG = "_factorize_plugin_loading"
@@ -63,18 +64,24 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
     """Gives ``model`` the structure ``state_dict`` holds, before any weight is copied: a dense
     layer becomes a factorized pair wherever the state dict holds one, a pair becomes a dense layer
     again wherever the state dict holds that layer dense (a checkpoint written before a milestone),
-    and a pair of another rank resizes itself in ``set_extra_state``. Returns the names of the
-    layers replaced here."""
+    and a pair of another rank resizes itself in ``set_extra_state``. A module reachable under
+    several names (``self.b = self.a``) is replaced under all of them by one new module (the state
+    dict holds it under each name). Returns the names of the layers replaced here."""
     replaced = []
+
+    def replace(name: str, old: nn.Module, new: nn.Module) -> None:
+        for alias in alias_names(model, {name: old})[name]:
+            set_submodule(model, alias, new)
+        replaced.append(name)
+
     for name, entry in factorized_entries(state_dict, prefix).items():
         try:
             module = model.get_submodule(name)
         except AttributeError as err:
             raise KeyError(f"the state dict holds a factorized layer '{name}' that the model does not have") from err
         if isinstance(module, FACTORIZED_PAIRS):
-            continue  # resizes itself in set_extra_state
-        set_submodule(model, name, _placeholder(module, entry[EXTRA_STATE_TAG], int(entry["rank"])))
-        replaced.append(name)
+            continue  # resizes itself in set_extra_state (an alias of a layer replaced above lands here too)
+        replace(name, module, _placeholder(module, entry[EXTRA_STATE_TAG], int(entry["rank"])))
     pairs = [(n, m) for n, m in model.named_modules() if n and isinstance(m, FACTORIZED_PAIRS)]
     for name, pair in pairs:
         if _dense_in(state_dict, prefix, name):
@@ -86,8 +93,7 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
                     f"{type(dense).__name__} of this pair's sizes has {tuple(dense.weight.shape)} (a layer of another "
                     "type?): load it into a freshly built model instead"
                 )
-            set_submodule(model, name, dense)
-            replaced.append(name)
+            replace(name, pair, dense)
     return replaced
 
 
