@@ -295,8 +295,8 @@ class LowRankDecomposition:
         statistics give equal factors on every process and run (not factors equal only up to sign).
 
         M <= D: the eigenvectors of B^T A B [M, M]. M > D: from the eigenvectors U of T T^T [D, D]
-        with T = R B (R^T R = A), V = T^T U / sigma, re-orthonormalized (QR keeps each leading
-        span, and completes the directions the data does not reach)."""
+        with T = R B (R^T R = A), V = T^T U / sigma; where the data reaches fewer than D directions
+        (sigma = 0), V is completed by a QR decomposition, which keeps each leading span."""
         d, m = b.shape
         extra = self._regularizer(c)
         if m <= d:
@@ -309,8 +309,10 @@ class LowRankDecomposition:
             evals, u = torch.linalg.eigh((gram + gram.T) / 2)
             u, sigma = u.flip(-1), evals.flip(-1).clamp_min(0.0).sqrt()
             floor = sigma[0] * max(d, m) * torch.finfo(torch.float64).eps
-            v = (t.T @ u) / torch.where(sigma > floor, sigma, torch.full_like(sigma, math.inf))
-            v = torch.linalg.qr(v).Q
+            reached = sigma > floor
+            v = (t.T @ u) / torch.where(reached, sigma, torch.full_like(sigma, math.inf))
+            if not bool(reached.all()):
+                v = torch.linalg.qr(v).Q
         v = v[:, : self.max_rank]
         pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
         return (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
