@@ -51,8 +51,9 @@ class ActivationCollector:
             well-determined covariance; convolution patches are then gathered only at the sampled
             positions. 1.0 (default) keeps every row.
         expected_batches: with ``"auto"``, the number of batches the run will have (Lightning's
-            ``num_val_batches``, a calibration list's length): those minimum rows are then drawn
-            evenly from every batch instead of all from the first ones.
+            ``num_val_batches`` summed over its loaders, a calibration list's length): those
+            minimum rows are then drawn evenly from every batch instead of all from the first
+            ones (what a small batch cannot give, the batches after it do).
         seed: for the random subsets.
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
             the projected inputs z = x @ W (M x M) for layers with fewer outputs than inputs, which is
@@ -168,7 +169,7 @@ class ActivationCollector:
             self.positions[name] = total / max(batch, 1)
             want = total if fraction >= 1 else max(1, round(fraction * total))
             if self._auto:
-                want = min(total, max(want, self._minimum_rows(width, seen)))
+                want = min(total, max(want, self._minimum_rows(width, seen, self.calls[name])))
             if self.max_samples is not None:
                 want = min(want, self.max_samples - seen)
             keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
@@ -226,13 +227,15 @@ class ActivationCollector:
             self._projection_copies[key] = self.projections[name].to(rows.device, key[2])
         return self._projection_copies[key]
 
-    def _minimum_rows(self, width: int, seen: int) -> int:
-        """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: an even
-        share per expected batch, else all that are still missing (from the first batches)."""
+    def _minimum_rows(self, width: int, seen: int, calls: int) -> int:
+        """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: the rows
+        still missing shared evenly over the calls still expected (one per expected batch; the
+        share grows when earlier batches were too small to give theirs, e.g. a short last batch or
+        a second loader's larger batches), else all that are missing (from the first batches)."""
         missing = self.WARMUP_FACTOR * width - seen
         if self.expected_batches is None or missing <= 0:
             return missing
-        return -(-self.WARMUP_FACTOR * width // self.expected_batches)
+        return -(-missing // max(1, self.expected_batches - calls))
 
     def _sample_rows(self, total: int, want: int, images: int) -> torch.Tensor:
         """``want`` random row indices out of ``total``. For convolutions the rows come from a random
