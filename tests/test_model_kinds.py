@@ -235,9 +235,9 @@ def test_kept_multiply_adds_count_a_skipped_tied_head_at_every_position():
     by_name = {r.name: r for r in reports}
     assert "tied" in by_name["head"].note
     assert by_name["head"].macs_dense == T * 32 * 100
-    # by hand: every layer's multiply-adds per sequence are its weights (+ bias) times T
-    dense = T * ((32 * 128 + 128) + (128 * 32 + 32) + 32 * 100)
-    after = T * ((32 * 4 + 4 * 128 + 128) + (128 * 4 + 4 * 32 + 32) + 32 * 100)
+    # by hand: every layer's multiply-adds per sequence are its weights (biases are additions) times T
+    dense = T * (32 * 128 + 128 * 32 + 32 * 100)
+    after = T * ((32 * 4 + 4 * 128) + (128 * 4 + 4 * 32) + 32 * 100)
     assert sum(r.macs_dense for r in reports) == dense and sum(r.macs_after for r in reports) == after
     assert f"{after / dense:.1%} of their dense multiply-adds" in format_reports(reports)
 
@@ -265,8 +265,8 @@ def test_callback_summary_counts_a_skipped_tied_head_at_every_position(caplog):
     with caplog.at_level("INFO"):
         _trainer(cb, epochs=1).fit(GPTTask(), tokens, tokens)
     assert "net.head" in cb.skipped
-    dense = 8 * ((32 * 128 + 128) + (128 * 32 + 32) + 32 * 100)
-    after = 8 * ((32 * 4 + 4 * 128 + 128) + (128 * 4 + 4 * 32 + 32) + 32 * 100)
+    dense = 8 * (32 * 128 + 128 * 32 + 32 * 100)
+    after = 8 * ((32 * 4 + 4 * 128) + (128 * 4 + 4 * 32) + 32 * 100)
     assert f"{after / dense:.1%} of their dense multiply-adds" in caplog.text
 
 

@@ -295,7 +295,7 @@ class LowRankFactorization(Callback):
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
-        self._record(trainer, pl_module, due, milestone, reports, source)
+        self._record(trainer, pl_module, due, milestone, reports, source, collector.positions)
         if shift is not None:  # every rank: the metric's compute() is a collective under DDP
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
@@ -379,7 +379,7 @@ class LowRankFactorization(Callback):
         finite = [n for n in batch_limits if n < float("inf")]
         return ActivationCollector(
             self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto", holdout=single,
-            expected_batches=int(sum(finite)) or None,
+            expected_batches=int(sum(finite)) or None, counted={n: pl_module.get_submodule(n) for n in self.skipped},
         )  # fmt: skip
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
@@ -447,7 +447,7 @@ class LowRankFactorization(Callback):
         """Judges a policy's choices by the network's output on a few validation ``batches``."""
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str) -> None:
+    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str, positions: dict[str, float]) -> None:
         self.done.extend(due)
         self.ranks = {r.name: r.new_rank for r in reports}
         self.history.append(
@@ -469,7 +469,7 @@ class LowRankFactorization(Callback):
         if self.verbose:
             rank_zero_info(
                 f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
-                + format_reports(reports + [skip_report(n, pl_module.get_submodule(n), note) for n, note in self.skipped.items()])
+                + format_reports(reports + [skip_report(n, pl_module.get_submodule(n), note, positions.get(n, 1.0)) for n, note in self.skipped.items()])
             )
 
     def _restore_optimizer_order(self, trainer: Trainer, pl_module: LightningModule) -> None:

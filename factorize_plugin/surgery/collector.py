@@ -62,6 +62,9 @@ class ActivationCollector:
             outside autocast, else the inputs are projected in float32.
         holdout: also keep two disjoint halves of each layer's rows while it has few
             (``holdout.HeldOutHalves``), for a held-out NMSE estimate.
+        counted: layers left dense (a tied head, ...) whose output positions per sample are
+            recorded in ``positions`` too, without statistics: the reports count their
+            multiply-adds per position like those of the factorized layers.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
     ``torch.inference_mode()`` and autocast (the statistics' products are computed with autocast off).
@@ -80,6 +83,7 @@ class ActivationCollector:
         space: str = "input",
         holdout: bool = True,
         expected_batches: Optional[int] = None,
+        counted: Mapping[str, nn.Module] = {},
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -107,7 +111,9 @@ class ActivationCollector:
             for name, v in self.views.items()
         }
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
-        self.positions: dict[str, float] = {name: 1.0 for name in self.layers}  # output positions per sample
+        self.counted = {name: m for name, m in counted.items() if name not in self.layers}
+        # output positions per sample (tokens, pixels) of the layers and of the counted ones
+        self.positions: dict[str, float] = {name: 1.0 for name in [*self.layers, *self.counted]}
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
         # rows waiting for _drain, by (name, already projected)
@@ -133,6 +139,8 @@ class ActivationCollector:
         if not self._handles:
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
+            for name, module in self.counted.items():
+                self._handles.append(module.register_forward_pre_hook(self._position_hook(name, layer_view(module))))
         return self
 
     def detach(self) -> None:
@@ -185,6 +193,14 @@ class ActivationCollector:
                     rows = rows.clone()  # a view of the activation, which may be changed in place later
                 self._buffer(name, rows, projected=False)
             self.calls[name] += 1
+
+        return hook
+
+    def _position_hook(self, name: str, view: LayerView):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
+            self.positions[name] = count_rows(x, view) / max(batch, 1)
 
         return hook
 

@@ -165,6 +165,7 @@ def factorize_model(
     collector = _collect(
         model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space,
         expected_batches=len(calibration) if isinstance(calibration, Sized) else None,
+        counted={name: model.get_submodule(name) for name in skipped},
     )  # fmt: skip
     silent = [name for name, n in collector.samples().items() if n == 0]
     skipped.update(resolve_silent(model, silent, explicit_targets(model, targets), "calibration"))
@@ -177,7 +178,9 @@ def factorize_model(
         regularization=regularization, progress=progress_fn,
         speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
     )  # fmt: skip
-    reports += [skip_report(name, model.get_submodule(name), note) for name, note in skipped.items()]
+    reports += [
+        skip_report(name, model.get_submodule(name), note, collector.positions.get(name, 1.0)) for name, note in skipped.items()
+    ]
     _advise(optimistic_fits(reports))
     _advise(no_change(reports, f"factorize_model({policy!r})"))
     plan = getattr(policy, "last_plan", None)

@@ -150,10 +150,12 @@ def explicit_targets(model: nn.Module, targets: Optional[Sequence[str]]) -> set[
     return {primary[p] for p in targets if is_explicit(p) and p in primary}
 
 
-def skip_report(name: str, module: nn.Module, note: str) -> LayerReport:
-    """A report for a layer left alone: unchanged rank, no samples, with the reason as its note."""
+def skip_report(name: str, module: nn.Module, note: str, positions: float = 1.0) -> LayerReport:
+    """A report for a layer left alone: unchanged rank, no samples, with the reason as its note;
+    ``positions``: its output positions per sample (``ActivationCollector(counted=...)``), which
+    its multiply-adds are counted at, as those of the factorized layers beside it."""
     view = layer_view(module)
-    report = LayerReport.of(name, type(module).__name__, view, view.rank, 0.0, 1.0, 0)
+    report = LayerReport.of(name, type(module).__name__, view, view.rank, 0.0, positions, 0)
     report.note = note
     return report
 
