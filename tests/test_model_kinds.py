@@ -85,6 +85,17 @@ def test_factorize_model_on_a_nested_tensor_encoder_matches_the_plain_path():
         assert torch.allclose(nested(x, mask)[~mask], plain(x, mask)[~mask], atol=1e-5)
 
 
+def test_param_budget_measures_a_nested_tensor_encoder_as_the_plain_path():
+    nested = PaddedEncoder(nested=True).eval()
+    plain = copy.deepcopy(nested)
+    plain.enc.enable_nested_tensor = plain.enc.use_nested_tensor = False
+    kwargs = dict(param_budget=0.4, targets="enc.layers.*.linear*", speed_guard=False, input_fn=lambda b: (b[0], b[1]))
+    got = factorize_model(nested, _padded_batches(), **kwargs)
+    want = factorize_model(plain, _padded_batches(), **kwargs)
+    assert [r.new_rank for r in got] == [r.new_rank for r in want]
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 class EncoderTask(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..core.statistics import MomentAccumulator, work_dtype
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
+from . import fastpath
 from .holdout import HeldOutHalves
 from .speed import LayerInput, autocast_dtype
 
@@ -137,6 +138,7 @@ class ActivationCollector:
 
     def attach(self) -> "ActivationCollector":
         if not self._handles:
+            fastpath.hold()  # hooked transformer layers cannot take nested tensors (see fastpath)
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
             for name, module in self.counted.items():
@@ -144,6 +146,8 @@ class ActivationCollector:
         return self
 
     def detach(self) -> None:
+        if self._handles:
+            fastpath.release()
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..layers.adapters import layer_view
 from ..layers.factorized import FACTORIZED_PAIRS
 from ..layers.transposed import plain_forward_class
+from . import fastpath
 from .reports import LayerReport
 
 _WILDCARDS = set("*?[")
@@ -197,6 +198,7 @@ class CallCounter:
 
     def attach(self) -> "CallCounter":
         if not self._handles:
+            fastpath.hold()  # hooked transformer layers cannot take nested tensors (see fastpath)
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
@@ -208,6 +210,8 @@ class CallCounter:
         return hook
 
     def detach(self) -> None:
+        if self._handles:
+            fastpath.release()
         for h in self._handles:
             h.remove()
         self._handles.clear()
