@@ -319,6 +319,8 @@ class LowRankFactorization(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
         self._drop_training_inputs()
+        if self._counter is not None:
+            self._counter.detach()
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":

@@ -202,7 +202,9 @@ class ActivationCollector:
 
     def _position_hook(self, name: str, view: LayerView):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
             batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
             self.positions[name] = count_rows(x, view) / max(batch, 1)
 
