@@ -84,7 +84,7 @@ class ActivationCollector:
         space: str = "input",
         holdout: bool = True,
         expected_batches: Optional[int] = None,
-        counted: Mapping[str, nn.Module] = {},
+        counted: Optional[Mapping[str, nn.Module]] = None,
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -112,7 +112,7 @@ class ActivationCollector:
             for name, v in self.views.items()
         }
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
-        self.counted = {name: m for name, m in counted.items() if name not in self.layers}
+        self.counted = {name: m for name, m in (counted or {}).items() if name not in self.layers}
         # output positions per sample (tokens, pixels) of the layers and of the counted ones
         self.positions: dict[str, float] = {name: 1.0 for name in [*self.layers, *self.counted]}
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)

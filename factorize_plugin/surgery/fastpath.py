@@ -4,8 +4,9 @@ In eval mode without grad, ``nn.TransformerEncoder`` (``enable_nested_tensor=Tru
 turns a batch with a ``src_key_padding_mask`` into a nested tensor for its layers' fused path; but
 a ``TransformerEncoderLayer`` leaves that path as soon as one of its submodules has a forward hook,
 and its plain path cannot take the nested tensor ("NestedTensorImpl doesn't support sizes"). So
-while the library's hooks are attached (statistics, call counts, substituted outputs, failure
-naming) ``torch.backends.mha`` 's fast path is switched off (``fastpath_off``): the encoder runs as
+while the library's hooks are attached (statistics, call counts, substituted outputs)
+``torch.backends.mha``'s fast path is switched off (``hold`` / ``release``, ``fastpath_off``),
+which also stops the encoder's nested-tensor conversion: it runs as
 with ``enable_nested_tensor=False``, as it does in training mode (padded positions are computed,
 and their rows enter the statistics as they enter training). The previous setting is back once
 the last holder lets go.
