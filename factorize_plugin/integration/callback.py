@@ -24,6 +24,7 @@ from ..surgery.collector import ActivationCollector
 from ..surgery.advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
+from ..surgery.preflight import check_not_meta
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
@@ -38,7 +39,7 @@ from .lightning_internals import (
     validation_loaders,
 )
 from .schedule import Mode, ScheduleValue, describe, read_schedule
-from .workflow import OutputShift, check_resumed_targets, check_validation
+from .workflow import OutputShift, check_resumed_targets, check_validation, output_measurable
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA", "Horovod", "Colossal", "Bagua")
@@ -74,7 +75,8 @@ class LowRankFactorization(Callback):
             their cost near 5% of the layer's forward cost, with at least 2x the statistics' width
             in rows, drawn evenly over the run's batches (see ``ActivationCollector``).
         budget_batches: validation batches on which a ``ParamBudget`` measures each layer's effect
-            on the network's output; 0 allocates by the layers' NMSE alone.
+            on the network's output; 0 allocates by the layers' NMSE alone (needed for a module
+            without ``forward``: otherwise refused before training).
         input_fn: turns a validation batch into the model's input for those measurements (default:
             the first element of a tuple/list batch, a dict as keyword arguments, else the batch).
         regularization: >= 0; moves the fit toward the plain SVD of the weights (few samples).
@@ -97,7 +99,8 @@ class LowRankFactorization(Callback):
             milestone's swap to measure how much the network's output moved: logged as
             ``factorize/output_nmse`` = sum (after - before)^2 / sum (before - mean before)^2 over
             the outputs (logits), summed over all ranks under DDP (a torchmetrics ``Metric``);
-            costs 2 forward passes per batch per milestone. 0 switches it off.
+            costs 2 forward passes per batch per milestone. 0 switches it off. A module without
+            ``forward`` (all logic in the steps) cannot be measured: skipped, with a warning.
 
     Behaviour worth knowing:
 
@@ -190,6 +193,7 @@ class LowRankFactorization(Callback):
         self._train_inputs: Optional[InputRecorder] = None  # first training batch's input per layer
         self.skipped: dict[str, str] = {}  # layers left out by default, with why (shown in the report)
         self._counter: Optional[CallCounter] = None  # calls per layer during the sanity check
+        self._output_batches = output_batches  # 0 for a module without forward (see output_measurable)
 
     @property
     def state_key(self) -> str:
@@ -213,6 +217,9 @@ class LowRankFactorization(Callback):
         _check_strategy(trainer.strategy)
         _check_callbacks(trainer.callbacks)
         check_validation(trainer, pl_module)
+        check_not_meta(pl_module, "LowRankFactorization")
+        measurable = output_measurable(pl_module, self._policies, self.budget_batches, self.output_batches)
+        self._output_batches = self.output_batches if measurable else 0
         method = start_method(trainer.strategy)
         if method is not None and not loading_enabled(pl_module):
             raise RuntimeError(
@@ -283,9 +290,9 @@ class LowRankFactorization(Callback):
         policy = self._policies[milestone]
         # one fetch of the first validation batches serves the budget probe and the output shift
         probing = policy.uses_probe and self.budget_batches > 0
-        need = max(self.output_batches, self.budget_batches if probing else 0)
+        need = max(self._output_batches, self.budget_batches if probing else 0)
         batches = first_validation_batches(trainer, need) if need else []
-        shift = OutputShift(trainer, pl_module, batches[: self.output_batches], self.input_fn) if self.output_batches else None
+        shift = OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn) if self._output_batches else None
         reports = refactorize(
             pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
             probe=self._probe(trainer, pl_module, layers, batches[: self.budget_batches]) if probing else None,
@@ -295,7 +302,7 @@ class LowRankFactorization(Callback):
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
-        self._record(trainer, pl_module, due, milestone, reports, source)
+        self._record(trainer, pl_module, due, milestone, reports, source, collector.positions)
         if shift is not None:  # every rank: the metric's compute() is a collective under DDP
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
@@ -312,6 +319,8 @@ class LowRankFactorization(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
         self._drop_training_inputs()
+        if self._counter is not None:
+            self._counter.detach()
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":
@@ -379,7 +388,7 @@ class LowRankFactorization(Callback):
         finite = [n for n in batch_limits if n < float("inf")]
         return ActivationCollector(
             self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto", holdout=single,
-            expected_batches=int(sum(finite)) or None,
+            expected_batches=int(sum(finite)) or None, counted={n: pl_module.get_submodule(n) for n in self.skipped},
         )  # fmt: skip
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
@@ -447,7 +456,7 @@ class LowRankFactorization(Callback):
         """Judges a policy's choices by the network's output on a few validation ``batches``."""
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str) -> None:
+    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str, positions: dict[str, float]) -> None:
         self.done.extend(due)
         self.ranks = {r.name: r.new_rank for r in reports}
         self.history.append(
@@ -469,7 +478,7 @@ class LowRankFactorization(Callback):
         if self.verbose:
             rank_zero_info(
                 f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
-                + format_reports(reports + [skip_report(n, pl_module.get_submodule(n), note) for n, note in self.skipped.items()])
+                + format_reports(reports + [skip_report(n, pl_module.get_submodule(n), note, positions.get(n, 1.0)) for n, note in self.skipped.items()])
             )
 
     def _restore_optimizer_order(self, trainer: Trainer, pl_module: LightningModule) -> None:

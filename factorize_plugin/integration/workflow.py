@@ -9,10 +9,12 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..surgery.calling import InputFn, call_model, evaluating, output_tensor
 from ..surgery.checkpoint import factorized_entries
+from ..surgery.policies import RankPolicy
 from .lightning_internals import validation_source_defined
 from .output_metric import OutputNMSE
 
@@ -35,6 +37,31 @@ def check_validation(trainer: Trainer, pl_module: LightningModule) -> None:
             f"the layers see on validation batches), but {'; '.join(problems)}. Give the Trainer a val_dataloader "
             "(or a datamodule with one), define validation_step, and keep limit_val_batches > 0"
         )
+
+
+def output_measurable(pl_module: LightningModule, policies: Mapping[int, RankPolicy], budget_batches: int, output_batches: int) -> bool:
+    """Whether the module's output can be measured on a batch (``pl_module(input_fn(batch))``: it
+    defines ``forward``); checked at setup. Without ``forward`` (all logic in the steps) a measuring
+    ``ParamBudget`` is refused before training; the output-shift metric (only a metric) is skipped
+    with a warning (returns False)."""
+    if is_overridden("forward", pl_module, parent=LightningModule):
+        return True
+    name = type(pl_module).__name__
+    measuring = sorted(epoch for epoch, policy in policies.items() if policy.uses_probe)
+    if measuring and budget_batches > 0:
+        raise ValueError(
+            f"LowRankFactorization: {name} defines no forward, but the ParamBudget of milestone(s) {measuring} "
+            f"measures each layer's effect on the output of {name}(input_fn(batch)) on budget_batches={budget_batches} "
+            "validation batches. Define forward (training_step / validation_step can call it), or set "
+            "budget_batches=0 to allocate by the layers' NMSE alone"
+        )
+    if output_batches > 0:
+        rank_zero_warn(
+            f"LowRankFactorization: {name} defines no forward, so the output shift at each milestone "
+            f"(factorize/output_nmse, output_batches={output_batches}) cannot be measured and is skipped. Define "
+            "forward to get it, or set output_batches=0 to silence this warning"
+        )
+    return False
 
 
 def _targets_of(state: Mapping[str, Any]) -> set[str]:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..core.statistics import MomentAccumulator, work_dtype
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
+from . import fastpath
 from .holdout import HeldOutHalves
 from .speed import LayerInput, autocast_dtype
 
@@ -51,8 +52,9 @@ class ActivationCollector:
             well-determined covariance; convolution patches are then gathered only at the sampled
             positions. 1.0 (default) keeps every row.
         expected_batches: with ``"auto"``, the number of batches the run will have (Lightning's
-            ``num_val_batches``, a calibration list's length): those minimum rows are then drawn
-            evenly from every batch instead of all from the first ones.
+            ``num_val_batches`` summed over its loaders, a calibration list's length): those
+            minimum rows are then drawn evenly from every batch instead of all from the first
+            ones (what a small batch cannot give, the batches after it do).
         seed: for the random subsets.
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
             the projected inputs z = x @ W (M x M) for layers with fewer outputs than inputs, which is
@@ -61,6 +63,9 @@ class ActivationCollector:
             outside autocast, else the inputs are projected in float32.
         holdout: also keep two disjoint halves of each layer's rows while it has few
             (``holdout.HeldOutHalves``), for a held-out NMSE estimate.
+        counted: layers left dense (a tied head, ...) whose output positions per sample are
+            recorded in ``positions`` too, without statistics: the reports count their
+            multiply-adds per position like those of the factorized layers.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
     ``torch.inference_mode()`` and autocast (the statistics' products are computed with autocast off).
@@ -79,6 +84,7 @@ class ActivationCollector:
         space: str = "input",
         holdout: bool = True,
         expected_batches: Optional[int] = None,
+        counted: Optional[Mapping[str, nn.Module]] = None,
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -106,7 +112,9 @@ class ActivationCollector:
             for name, v in self.views.items()
         }
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
-        self.positions: dict[str, float] = {name: 1.0 for name in self.layers}  # output positions per sample
+        self.counted = {name: m for name, m in (counted or {}).items() if name not in self.layers}
+        # output positions per sample (tokens, pixels) of the layers and of the counted ones
+        self.positions: dict[str, float] = {name: 1.0 for name in [*self.layers, *self.counted]}
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
         # rows waiting for _drain, by (name, already projected)
@@ -130,11 +138,16 @@ class ActivationCollector:
 
     def attach(self) -> "ActivationCollector":
         if not self._handles:
+            fastpath.hold()  # hooked transformer layers cannot take nested tensors (see fastpath)
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
+            for name, module in self.counted.items():
+                self._handles.append(module.register_forward_pre_hook(self._position_hook(name, layer_view(module))))
         return self
 
     def detach(self) -> None:
+        if self._handles:
+            fastpath.release()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -168,7 +181,7 @@ class ActivationCollector:
             self.positions[name] = total / max(batch, 1)
             want = total if fraction >= 1 else max(1, round(fraction * total))
             if self._auto:
-                want = min(total, max(want, self._minimum_rows(width, seen)))
+                want = min(total, max(want, self._minimum_rows(width, seen, self.calls[name])))
             if self.max_samples is not None:
                 want = min(want, self.max_samples - seen)
             keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
@@ -184,6 +197,16 @@ class ActivationCollector:
                     rows = rows.clone()  # a view of the activation, which may be changed in place later
                 self._buffer(name, rows, projected=False)
             self.calls[name] += 1
+
+        return hook
+
+    def _position_hook(self, name: str, view: LayerView):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
+            self.positions[name] = count_rows(x, view) / max(batch, 1)
 
         return hook
 
@@ -226,13 +249,15 @@ class ActivationCollector:
             self._projection_copies[key] = self.projections[name].to(rows.device, key[2])
         return self._projection_copies[key]
 
-    def _minimum_rows(self, width: int, seen: int) -> int:
-        """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: an even
-        share per expected batch, else all that are still missing (from the first batches)."""
+    def _minimum_rows(self, width: int, seen: int, calls: int) -> int:
+        """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: the rows
+        still missing shared evenly over the calls still expected (one per expected batch; the
+        share grows when earlier batches were too small to give theirs, e.g. a short last batch or
+        a second loader's larger batches), else all that are missing (from the first batches)."""
         missing = self.WARMUP_FACTOR * width - seen
         if self.expected_batches is None or missing <= 0:
             return missing
-        return -(-self.WARMUP_FACTOR * width // self.expected_batches)
+        return -(-missing // max(1, self.expected_batches - calls))
 
     def _sample_rows(self, total: int, want: int, images: int) -> torch.Tensor:
         """``want`` random row indices out of ``total``. For convolutions the rows come from a random

@@ -22,6 +22,7 @@ from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
 from .policies import RankLike, RankPolicy, make_policy
+from .preflight import check_not_compiled, check_not_meta, uncompiled
 from .refactorize import refactorize
 from .reports import LayerReport
 from .sensitivity import OutputProbe
@@ -108,7 +109,10 @@ def factorize_model(
 
     Args:
         model: any ``nn.Module``. It runs in eval mode during calibration (dropout off, batch-norm
-            statistics frozen); afterwards every submodule has its own training mode back.
+            statistics frozen); afterwards every submodule has its own training mode back. A
+            ``torch.compile``'d model: the module it wraps is calibrated (eagerly) and changed (the
+            compiled model recompiles on its next call); a compiled submodule or a parameter on
+            the meta device is refused (ValueError) before anything runs.
         calibration: an iterable of batches (see the module docstring for how they are called).
             With a measuring ``ParamBudget`` it is iterated again (a one-shot iterator is first
             copied into a list).
@@ -146,6 +150,9 @@ def factorize_model(
             target that never ran is left out, its report's ``note`` says why).
     """
     policy = make_policy(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy)
+    model = uncompiled(model)
+    check_not_compiled(model, "factorize_model")
+    check_not_meta(model, "factorize_model")
     exclude = [exclude] if isinstance(exclude, str) else exclude
     _advise(unmatched_excludes(model, exclude))
     skipped: dict[str, str] = {}
@@ -165,6 +172,7 @@ def factorize_model(
     collector = _collect(
         model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space,
         expected_batches=len(calibration) if isinstance(calibration, Sized) else None,
+        counted={name: model.get_submodule(name) for name in skipped},
     )  # fmt: skip
     silent = [name for name, n in collector.samples().items() if n == 0]
     skipped.update(resolve_silent(model, silent, explicit_targets(model, targets), "calibration"))
@@ -177,7 +185,9 @@ def factorize_model(
         regularization=regularization, progress=progress_fn,
         speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
     )  # fmt: skip
-    reports += [skip_report(name, model.get_submodule(name), note) for name, note in skipped.items()]
+    reports += [
+        skip_report(name, model.get_submodule(name), note, collector.positions.get(name, 1.0)) for name, note in skipped.items()
+    ]
     _advise(optimistic_fits(reports))
     _advise(no_change(reports, f"factorize_model({policy!r})"))
     plan = getattr(policy, "last_plan", None)

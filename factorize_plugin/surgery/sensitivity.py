@@ -31,6 +31,7 @@ from ..layers.transposed import TransposedLinear
 from .allocation import uniform_ranks_for_budget
 from .calling import InputFn, call_model, output_tensor
 from .candidates import LayerCandidate, max_rank
+from .fastpath import fastpath_off
 
 
 @dataclasses.dataclass
@@ -123,13 +124,15 @@ def _substitute(module: nn.Module, candidate: LayerCandidate, rank: int) -> nn.M
 
 
 def _measure(probe: OutputProbe, variants: Mapping[Any, Mapping[str, nn.Module]]) -> dict[Any, OutputErrorSum]:
-    """For each variant ({layer: substitute}), the output error against the unmodified model."""
+    """For each variant ({layer: substitute}), the output error against the unmodified model (both
+    run with torch's transformer fast path off: a hooked layer cannot take it, see ``fastpath``)."""
     sums = {key: OutputErrorSum() for key in variants}
-    for batch in probe:
-        ref = probe.output(batch)
-        for key, subs in variants.items():
-            with _replaced_outputs(probe.layers, subs):
-                sums[key].add(ref, probe.output(batch))
+    with fastpath_off():
+        for batch in probe:
+            ref = probe.output(batch)
+            for key, subs in variants.items():
+                with _replaced_outputs(probe.layers, subs):
+                    sums[key].add(ref, probe.output(batch))
     if variants and next(iter(sums.values())).n == 0:
         raise ValueError("no batches to measure the model's output on")
     return sums

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..layers.adapters import layer_view
 from ..layers.factorized import FACTORIZED_PAIRS
 from ..layers.transposed import plain_forward_class
+from . import fastpath
 from .reports import LayerReport
 
 _WILDCARDS = set("*?[")
@@ -150,10 +151,12 @@ def explicit_targets(model: nn.Module, targets: Optional[Sequence[str]]) -> set[
     return {primary[p] for p in targets if is_explicit(p) and p in primary}
 
 
-def skip_report(name: str, module: nn.Module, note: str) -> LayerReport:
-    """A report for a layer left alone: unchanged rank, no samples, with the reason as its note."""
+def skip_report(name: str, module: nn.Module, note: str, positions: float = 1.0) -> LayerReport:
+    """A report for a layer left alone: unchanged rank, no samples, with the reason as its note;
+    ``positions``: its output positions per sample (``ActivationCollector(counted=...)``), which
+    its multiply-adds are counted at, as those of the factorized layers beside it."""
     view = layer_view(module)
-    report = LayerReport.of(name, type(module).__name__, view, view.rank, 0.0, 1.0, 0)
+    report = LayerReport.of(name, type(module).__name__, view, view.rank, 0.0, positions, 0)
     report.note = note
     return report
 
@@ -195,6 +198,7 @@ class CallCounter:
 
     def attach(self) -> "CallCounter":
         if not self._handles:
+            fastpath.hold()  # hooked transformer layers cannot take nested tensors (see fastpath)
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
@@ -206,6 +210,8 @@ class CallCounter:
         return hook
 
     def detach(self) -> None:
+        if self._handles:
+            fastpath.release()
         for h in self._handles:
             h.remove()
         self._handles.clear()
