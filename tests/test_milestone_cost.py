@@ -30,10 +30,8 @@ def _stats(d: int, w: torch.Tensor, projected: bool, rows: int = 6144) -> Moment
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)], ids=str)
-@pytest.mark.parametrize("bias", [True, False])
-def test_gpt_shapes_reach_the_previous_optimum(shape: tuple[int, int], bias: bool) -> None:
-    d, m = shape
+@pytest.mark.parametrize("d, m, bias", [(1024, 3072, True), (1024, 1024, False), (1024, 4096, False), (4096, 1024, True)])
+def test_gpt_shapes_reach_the_previous_optimum(d: int, m: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(m)
     w = torch.randn(d, m, generator=g) / d**0.5
     b = torch.randn(m, generator=g) if bias else None
