@@ -9,7 +9,6 @@ callback's own state.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -37,7 +36,8 @@ from .lightning_internals import (
     start_method,
     validation_loaders,
 )
-from .schedule import Mode, ScheduleValue, describe, read_schedule
+from .callback_state import STATE_VERSION, migrate_state, plain
+from .schedule import Mode, ScheduleValue, describe, plain_value, read_schedule
 from .workflow import OutputShift, check_resumed_targets, check_validation
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
@@ -133,6 +133,8 @@ class LowRankFactorization(Callback):
       statistics only: a fit on half the rows measured on the other half; ``max_nmse`` uses the
       fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``).
     """
+
+    STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
 
     def __init__(
         self,
@@ -319,15 +321,18 @@ class LowRankFactorization(Callback):
 
     # ------------------------------------------------------- state and resume
     def state_dict(self) -> dict[str, Any]:
+        """Plain data only (loadable with torch's safe ``weights_only`` unpickler), with a ``version``."""
         return {
+            "version": STATE_VERSION,
             "done": list(self.done),
             "ranks": dict(self.ranks),
-            "history": copy.deepcopy(self.history),
+            "history": plain(self.history, "history"),
             "param_groups": self._param_groups_by_name(),
             "targets": list(self._target_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = migrate_state(state_dict)  # a state written by an earlier release, brought up to date
         self.done = list(state_dict.get("done", []))
         self.ranks = dict(state_dict.get("ranks", {}))
         self.history = list(state_dict.get("history", []))
@@ -454,7 +459,7 @@ class LowRankFactorization(Callback):
             {
                 "epoch": trainer.current_epoch,
                 "milestone": milestone,
-                "value": self.schedule[milestone],
+                "value": plain_value(self.schedule[milestone]),
                 "ranks": dict(self.ranks),
                 "nmse": {r.name: r.nmse for r in reports},
                 "samples": {r.name: r.samples for r in reports},
