@@ -10,7 +10,7 @@ callback's own state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -23,6 +23,7 @@ from ..surgery.collector import ActivationCollector
 from ..surgery.advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
+from ..surgery import settings
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
@@ -154,29 +155,22 @@ class LowRankFactorization(Callback):
         speed_guard: Union[bool, SpeedGuard] = True,
         output_batches: int = 2,
     ) -> None:
-        self.mode = mode
-        if isinstance(output_batches, bool) or not isinstance(output_batches, int) or output_batches < 0:
-            raise ValueError(f"output_batches must be an int >= 0, got {output_batches!r}")
-        self.output_batches = output_batches
-        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
+        # every setting checked here, before any training (one shared checker per setting)
         self.schedule, self._policies = read_schedule(schedule, mode)
-        if regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-        if budget_batches < 0:
-            raise ValueError(f"budget_batches must be >= 0, got {budget_batches}")
-        self.targets = _patterns(targets)
-        self.exclude = _patterns(exclude)
-        self.min_params = int(min_params)
-        self.min_features = int(min_features)
-        self.max_samples = max_samples
-        self.sample_fraction = sample_fraction
-        self.budget_batches = int(budget_batches)
-        self.input_fn: Optional[InputFn] = input_fn
-        self.regularization = float(regularization)
-        self.name = name
-        self.verbose = verbose
+        self.mode = mode
+        self.output_batches = settings.check_whole("output_batches", output_batches, 0)
+        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
+        self.targets = settings.check_patterns("targets", targets)
+        self.exclude = settings.check_patterns("exclude", exclude)
+        self.min_params = settings.check_min_params(min_params)
+        self.min_features = settings.check_min_features(min_features)
+        self.max_samples = settings.check_max_samples(max_samples)
+        self.sample_fraction = settings.check_sample_fraction(sample_fraction)
+        self.budget_batches = settings.check_whole("budget_batches", budget_batches, 0)
+        self.input_fn: Optional[InputFn] = settings.check_callable("input_fn", input_fn)
+        self.regularization = settings.check_regularization(regularization)
+        self.name = settings.check_name(name)
+        self.verbose = settings.check_flag("verbose", verbose)
         # state (checkpointed)
         self.done: list[int] = []
         self.ranks: dict[str, Optional[int]] = {}
@@ -499,10 +493,6 @@ class LowRankFactorization(Callback):
         if self._collector is not None:
             self._collector.detach()
         self._collector, self._collected_for, self._collected_at_step = None, None, None
-
-
-def _patterns(patterns: Optional[Union[str, Sequence[str]]]) -> Optional[list[str]]:
-    return None if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
 
 
 def _metrics(reports: list[LayerReport]) -> dict[str, float]:

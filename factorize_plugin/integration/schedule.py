@@ -6,6 +6,7 @@ from typing import Any, Literal, Mapping, Union
 
 from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
 from ..surgery.policy_spec import policy_spec
+from ..surgery.settings import check_choice
 
 Mode = Literal["rank", "max_nmse", "param_budget"]
 ScheduleValue = Union[int, float, RankPolicy]
@@ -42,8 +43,7 @@ def read_schedule(schedule: Mapping[Any, ScheduleValue], mode: str) -> tuple[dic
     within each kind of policy (int ranks, fractional ranks, error targets, budgets) no milestone
     may compress less than the one before.
     """
-    if mode not in POLICY_ARGS:
-        raise ValueError(f"mode must be one of {POLICY_ARGS}, got {mode!r}")
+    check_choice("mode", mode, POLICY_ARGS)
     if not schedule:
         raise ValueError("schedule is empty: give at least one milestone {epoch: value}")
     values: dict[int, ScheduleValue] = {}
