@@ -214,3 +214,15 @@ def test_policy_spec_round_trip(policy):
 def test_policy_spec_refuses_what_is_not_a_policy():
     with pytest.raises(ValueError, match="does not name a RankPolicy"):
         policy_from_spec({"class_path": "collections.OrderedDict", "init_args": {}})
+
+
+def test_state_dict_turns_numbers_plain_and_names_what_cannot_be_saved():
+    import numpy as np
+
+    cb = LowRankFactorization({1: 0.5}, **TINY)
+    cb.history = [{"milestone": 1, "nmse": {"fc": np.float64(0.25)}, "samples": {"fc": torch.tensor(7)}}]
+    state = cb.state_dict()
+    assert type(state["history"][0]["nmse"]["fc"]) is float and state["history"][0]["samples"]["fc"] == 7
+    cb.history[0]["extra"] = object()
+    with pytest.raises(TypeError, match=r"history\[0\]\['extra'\] holds a object.*weights_only"):
+        cb.state_dict()

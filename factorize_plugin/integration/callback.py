@@ -128,7 +128,9 @@ class LowRankFactorization(Callback):
       load, puts the optimizer state on the right parameters and neither repeats nor skips a
       milestone. A milestone that was missed (a run resumed past it) is applied at the next epoch
       start, with a warning. For inference use ``load_factorized_checkpoint(cls, path)``.
-    * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value``, ``ranks``
+    * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value`` (a number, or
+      a policy as its ``{"class_path": ..., "init_args": ...}``: plain data, so checkpoints load
+      under torch's safe ``weights_only`` unpickler), ``ranks``
       and ``nmse`` and ``samples`` per layer, and ``statistics`` (``"validation"`` or
       ``"calibration"``: where the statistics came from), ``heldout_nmse`` per layer (small
       statistics only: a fit on half the rows measured on the other half; ``max_nmse`` uses the

@@ -28,8 +28,10 @@ STATE_VERSION = 1
 def plain(obj: Any, where: str = "state") -> Any:
     """``obj`` as plain data (new containers throughout: a deep copy). Policies become their spec,
     NumPy / 0-d tensor numbers Python numbers; anything else is a TypeError naming ``where``."""
-    if isinstance(obj, PLAIN_SCALARS):
+    if type(obj) in PLAIN_SCALARS:  # exact types: numpy.float64 is a float subclass the safe unpickler refuses
         return obj
+    if isinstance(obj, str):
+        return str(obj)
     if isinstance(obj, RankPolicy):
         return policy_spec(obj)
     if isinstance(obj, Mapping):

@@ -30,7 +30,7 @@ def class_path(cls: type) -> str:
 def _plain_field(value: Any) -> Any:
     """A field as plain data: numbers as Python numbers, containers element-wise, anything else
     (a user's object) as its repr: a record, never a reason for a checkpoint not to load."""
-    if isinstance(value, PLAIN_SCALARS):
+    if type(value) in PLAIN_SCALARS:  # exact types: numpy.float64 is a float subclass the safe unpickler refuses
         return value
     value = as_rank_like(value)  # numpy / 0-d tensor numbers
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
