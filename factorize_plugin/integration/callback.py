@@ -9,9 +9,8 @@ callback's own state.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -25,6 +24,7 @@ from ..surgery.advice import no_change, optimistic_fits, oversized_ranks, unmatc
 from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
 from ..surgery.preflight import check_not_meta
+from ..surgery import settings
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
@@ -38,7 +38,8 @@ from .lightning_internals import (
     start_method,
     validation_loaders,
 )
-from .schedule import Mode, ScheduleValue, describe, read_schedule
+from .callback_state import STATE_VERSION, migrate_state, plain
+from .schedule import Mode, ScheduleValue, describe, plain_value, read_schedule
 from .workflow import OutputShift, check_resumed_targets, check_validation, output_measurable
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
@@ -130,12 +131,16 @@ class LowRankFactorization(Callback):
       load, puts the optimizer state on the right parameters and neither repeats nor skips a
       milestone. A milestone that was missed (a run resumed past it) is applied at the next epoch
       start, with a warning. For inference use ``load_factorized_checkpoint(cls, path)``.
-    * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value``, ``ranks``
+    * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value`` (a number, or
+      a policy as its ``{"class_path": ..., "init_args": ...}``: plain data, so checkpoints load
+      under torch's safe ``weights_only`` unpickler), ``ranks``
       and ``nmse`` and ``samples`` per layer, and ``statistics`` (``"validation"`` or
       ``"calibration"``: where the statistics came from), ``heldout_nmse`` per layer (small
       statistics only: a fit on half the rows measured on the other half; ``max_nmse`` uses the
       fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``).
     """
+
+    STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
 
     def __init__(
         self,
@@ -155,29 +160,22 @@ class LowRankFactorization(Callback):
         speed_guard: Union[bool, SpeedGuard] = True,
         output_batches: int = 2,
     ) -> None:
-        self.mode = mode
-        if isinstance(output_batches, bool) or not isinstance(output_batches, int) or output_batches < 0:
-            raise ValueError(f"output_batches must be an int >= 0, got {output_batches!r}")
-        self.output_batches = output_batches
-        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
+        # every setting checked here, before any training (one shared checker per setting)
         self.schedule, self._policies = read_schedule(schedule, mode)
-        if regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-        if budget_batches < 0:
-            raise ValueError(f"budget_batches must be >= 0, got {budget_batches}")
-        self.targets = _patterns(targets)
-        self.exclude = _patterns(exclude)
-        self.min_params = int(min_params)
-        self.min_features = int(min_features)
-        self.max_samples = max_samples
-        self.sample_fraction = sample_fraction
-        self.budget_batches = int(budget_batches)
-        self.input_fn: Optional[InputFn] = input_fn
-        self.regularization = float(regularization)
-        self.name = name
-        self.verbose = verbose
+        self.mode = mode
+        self.output_batches = settings.check_whole("output_batches", output_batches, 0)
+        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
+        self.targets = settings.check_patterns("targets", targets)
+        self.exclude = settings.check_patterns("exclude", exclude)
+        self.min_params = settings.check_min_params(min_params)
+        self.min_features = settings.check_min_features(min_features)
+        self.max_samples = settings.check_max_samples(max_samples)
+        self.sample_fraction = settings.check_sample_fraction(sample_fraction)
+        self.budget_batches = settings.check_whole("budget_batches", budget_batches, 0)
+        self.input_fn: Optional[InputFn] = settings.check_callable("input_fn", input_fn)
+        self.regularization = settings.check_regularization(regularization)
+        self.name = settings.check_name(name)
+        self.verbose = settings.check_flag("verbose", verbose)
         # state (checkpointed)
         self.done: list[int] = []
         self.ranks: dict[str, Optional[int]] = {}
@@ -328,15 +326,18 @@ class LowRankFactorization(Callback):
 
     # ------------------------------------------------------- state and resume
     def state_dict(self) -> dict[str, Any]:
+        """Plain data only (loadable with torch's safe ``weights_only`` unpickler), with a ``version``."""
         return {
+            "version": STATE_VERSION,
             "done": list(self.done),
             "ranks": dict(self.ranks),
-            "history": copy.deepcopy(self.history),
+            "history": plain(self.history, "history"),
             "param_groups": self._param_groups_by_name(),
             "targets": list(self._target_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = migrate_state(state_dict)  # a state written by an earlier release, brought up to date
         self.done = list(state_dict.get("done", []))
         self.ranks = dict(state_dict.get("ranks", {}))
         self.history = list(state_dict.get("history", []))
@@ -463,7 +464,7 @@ class LowRankFactorization(Callback):
             {
                 "epoch": trainer.current_epoch,
                 "milestone": milestone,
-                "value": self.schedule[milestone],
+                "value": plain_value(self.schedule[milestone]),
                 "ranks": dict(self.ranks),
                 "nmse": {r.name: r.nmse for r in reports},
                 "samples": {r.name: r.samples for r in reports},
@@ -503,10 +504,6 @@ class LowRankFactorization(Callback):
         if self._collector is not None:
             self._collector.detach()
         self._collector, self._collected_for, self._collected_at_step = None, None, None
-
-
-def _patterns(patterns: Optional[Union[str, Sequence[str]]]) -> Optional[list[str]]:
-    return None if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
 
 
 def _metrics(reports: list[LayerReport]) -> dict[str, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal, Mapping, Union
 
 from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
+from ..surgery.policy_spec import policy_spec
+from ..surgery.settings import check_choice
 
 Mode = Literal["rank", "max_nmse", "param_budget"]
 ScheduleValue = Union[int, float, RankPolicy]
@@ -41,8 +43,7 @@ def read_schedule(schedule: Mapping[Any, ScheduleValue], mode: str) -> tuple[dic
     within each kind of policy (int ranks, fractional ranks, error targets, budgets) no milestone
     may compress less than the one before.
     """
-    if mode not in POLICY_ARGS:
-        raise ValueError(f"mode must be one of {POLICY_ARGS}, got {mode!r}")
+    check_choice("mode", mode, POLICY_ARGS)
     if not schedule:
         raise ValueError("schedule is empty: give at least one milestone {epoch: value}")
     values: dict[int, ScheduleValue] = {}
@@ -71,4 +72,10 @@ def describe(value: ScheduleValue, mode: str) -> str:
     return repr(value) if isinstance(value, RankPolicy) else f"{mode}={value}"
 
 
-__all__ = ["Mode", "RankLike", "ScheduleValue", "describe", "read_schedule"]
+def plain_value(value: ScheduleValue) -> Union[RankLike, dict[str, Any]]:
+    """A schedule value as a history / checkpoint records it: a number as it is, a policy as its
+    ``policy_spec`` (class path and fields, no run state: loadable under safe loading)."""
+    return policy_spec(value) if isinstance(value, RankPolicy) else value
+
+
+__all__ = ["Mode", "RankLike", "ScheduleValue", "describe", "plain_value", "read_schedule"]

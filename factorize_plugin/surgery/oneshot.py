@@ -23,6 +23,7 @@ from .calling import InputFn, call_model, evaluating, model_device, output_tenso
 from .collector import ActivationCollector
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
+from . import settings
 from .refactorize import refactorize
 from .reports import LayerReport
 from .sensitivity import OutputProbe
@@ -153,7 +154,18 @@ def factorize_model(
     model = uncompiled(model)
     check_not_compiled(model, "factorize_model")
     check_not_meta(model, "factorize_model")
-    exclude = [exclude] if isinstance(exclude, str) else exclude
+    # every setting checked before the calibration data is read (the callback's checkers)
+    targets, exclude = settings.check_patterns("targets", targets), settings.check_patterns("exclude", exclude)
+    min_params = settings.check_min_params(min_params)
+    max_samples = settings.check_max_samples(max_samples)
+    sample_fraction = settings.check_sample_fraction(sample_fraction)
+    space = settings.check_space(space)
+    regularization = settings.check_regularization(regularization)
+    device = settings.check_device(device)
+    input_fn = settings.check_callable("input_fn", input_fn)
+    output_fn = settings.check_callable("output_fn", output_fn, optional=False)
+    sensitivity_batches = settings.check_optional_whole("sensitivity_batches", sensitivity_batches, 1, "all batches")
+    progress = settings.check_progress(progress)
     _advise(unmatched_excludes(model, exclude))
     skipped: dict[str, str] = {}
     layers = select_layers(model, targets, exclude, min_params=min_params, notes=skipped)

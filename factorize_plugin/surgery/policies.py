@@ -18,6 +18,7 @@ from ..core.solver import resolve_rank
 from .allocation import allocate
 from .candidates import COST_METRICS, LayerCandidate, admissible, current_cost, dense_cost
 from .sensitivity import BudgetPlan, OutputProbe, plan_budget
+from .settings import check_choice, check_flag, check_max_nmse, check_param_budget, check_whole
 
 RankLike = Union[int, float]
 
@@ -91,22 +92,13 @@ class MaxNMSE(RankPolicy):
     max_nmse: float
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.max_nmse < 1.0:
-            raise ValueError(f"max_nmse must lie in [0, 1), got {self.max_nmse}")
+        self.max_nmse = check_max_nmse(self.max_nmse)
 
     def choose(self, layers, probe=None):
         return {n: admissible(c.view, c.decomposition.smallest_rank(self.max_nmse)) for n, c in layers.items()}
 
     def order_key(self) -> tuple[str, float]:
         return ("max_nmse", float(self.max_nmse))
-
-
-def _check_fraction(fraction: float) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(
-            f"param_budget (the fraction of the targeted layers' dense weights to keep) must lie in (0, 1], got {fraction!r}"
-        )
-    return float(fraction)
 
 
 @dataclasses.dataclass
@@ -131,11 +123,11 @@ class ParamBudget(RankPolicy):
     compare_uniform: bool = True
 
     def __post_init__(self) -> None:
-        self.fraction = _check_fraction(self.fraction)
-        if self.metric not in COST_METRICS:
-            raise ValueError(f"metric must be one of {COST_METRICS}, got {self.metric!r}")
-        if self.n_probes < 1:
-            raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
+        self.fraction = check_param_budget(self.fraction)
+        self.metric = check_choice("metric", self.metric, COST_METRICS)
+        self.sensitivity = check_flag("sensitivity", self.sensitivity)
+        self.n_probes = check_whole("n_probes", self.n_probes, 1, "output measurements per layer")
+        self.compare_uniform = check_flag("compare_uniform", self.compare_uniform)
         self.last_plan: Optional[BudgetPlan] = None
 
     @property

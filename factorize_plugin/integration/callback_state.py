@@ -1,0 +1,71 @@
+"""The callback's checkpointed state as plain data, with a version and its migrations.
+
+Lightning loads checkpoints with torch's safe ``weights_only`` unpickler: the state may hold only
+numbers, strings, bools, None, lists, tuples and dicts. ``plain`` turns what the callback records
+into that (a rank policy into its ``policy_spec``); ``migrate_state`` brings a state written by an
+earlier release up to ``STATE_VERSION``.
+
+Versions:
+    0 (no ``version`` key): ``done``, ``ranks``, ``history``, ``param_groups``, ``targets``; a
+      history ``value`` was the schedule value itself (a number, or a policy object, which made
+      the checkpoint unloadable under safe loading).
+    1: the same fields plus ``version``; every history ``value`` is a number or a policy spec.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping
+
+import torch
+
+from ..surgery.policies import RankPolicy
+from ..surgery.policy_spec import PLAIN_SCALARS, policy_spec
+
+STATE_VERSION = 1
+
+
+def plain(obj: Any, where: str = "state") -> Any:
+    """``obj`` as plain data (new containers throughout: a deep copy). Policies become their spec,
+    NumPy / 0-d tensor numbers Python numbers; anything else is a TypeError naming ``where``."""
+    if type(obj) in PLAIN_SCALARS:  # exact types: numpy.float64 is a float subclass the safe unpickler refuses
+        return obj
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, RankPolicy):
+        return policy_spec(obj)
+    if isinstance(obj, Mapping):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, torch.Tensor) and obj.ndim == 0:
+        return obj.item()
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    raise TypeError(
+        f"LowRankFactorization: {where} holds a {type(obj).__name__}, which a checkpoint loaded with torch's safe "
+        "weights_only unpickler cannot hold; record numbers, strings, lists or dicts"
+    )
+
+
+def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A state of any earlier version as one of ``STATE_VERSION`` (ValueError for a newer one)."""
+    version = state.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"LowRankFactorization: the checkpoint's callback state has version {version!r}, not an int >= 0")
+    if version > STATE_VERSION:
+        raise ValueError(
+            f"LowRankFactorization: the checkpoint's callback state has version {version}, newer than this release "
+            f"reads ({STATE_VERSION}): upgrade factorize_plugin to resume from it"
+        )
+    state = dict(state)
+    if version == 0:  # history values could be policy objects; every other field was plain already
+        state = {"done": [], "ranks": {}, "history": [], "param_groups": None, "targets": None, **state}
+        state["history"] = plain(list(state["history"]), "history")
+    state["version"] = STATE_VERSION
+    return state
+
+
+__all__ = ["STATE_VERSION", "migrate_state", "plain"]
