@@ -236,13 +236,13 @@ class LowRankDecomposition:
             cutoff = evals.max().clamp_min(0.0) * self.weight.shape[0] * torch.finfo(torch.float64).eps
             inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
             self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ (mom.cxy - mom.cxx @ self.weight)))
-            cb = mom.cxx @ self.B
+            same_cross = False
         else:
             self.B = self.weight
-            cb = mom.cxy if self.bias is None or self.fit_bias else mom.cxx @ self.B  # C W when the target is x W
-        self.V = self._output_directions(mom.cxx, self.B, cb)
-        self.G = self.B @ self.V  # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
-        self.nmse_curve = self._curve(mom, cb @ self.V)
+            same_cross = self.bias is None or self.fit_bias  # Cxy = C W: the target is x W (+ a fitted bias)
+        # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
+        self.V, self.G, cg = self._directions(mom.cxx, self.B, mom.cxy if same_cross else None)
+        self.nmse_curve = self._curve(mom, cg, cg if same_cross else None)
 
     def _solving_weight(self, stats: MomentAccumulator, weight: torch.Tensor) -> torch.Tensor:
         """W [D, M] in float64, checked against the statistics. With projected statistics
@@ -289,40 +289,55 @@ class LowRankDecomposition:
         extra = self._regularizer(c)
         return c if extra is None else c + extra
 
-    def _output_directions(self, c: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-        """V [M, k]: the right singular vectors of L B (L^T L = A, the metric built on C [D, D];
-        ``cb`` = C B), sorted by singular value, each with its largest entry positive so that equal
-        statistics give equal factors on every process and run (not factors equal only up to sign).
+    def _directions(
+        self, c: torch.Tensor, b: torch.Tensor, cb: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(V [M, k], G = B V [D, k], C G [D, k]): V holds the right singular vectors of L B (L^T L = A,
+        the metric built on C [D, D]; ``cb`` = C B if the caller has it), sorted by singular value,
+        each with its largest entry positive so that equal statistics give equal factors on every
+        process and run (not factors equal only up to sign).
 
-        M <= D: the eigenvectors of B^T A B [M, M]. M > D: from the eigenvectors U of T T^T [D, D]
-        with T = R B (R^T R = A), V = T^T U / sigma; where the data reaches fewer than D directions
-        (sigma = 0), V is completed by a QR decomposition, which keeps each leading span."""
+        M <= D: the eigenvectors of B^T A B [M, M]. M > D: with R^T R = A and S = B B^T [D, D], the
+        eigenvectors U of R S R^T = (R B)(R B)^T give Y = R^T U / sigma, V = B^T Y and G = S Y;
+        where the data reaches fewer than D directions (sigma = 0), V is completed by a QR
+        decomposition, which keeps each leading span."""
         d, m = b.shape
         extra = self._regularizer(c)
         if m <= d:
+            cb = c @ b if cb is None else cb
             gram = b.T @ (cb if extra is None else cb + extra @ b)
             _, v = torch.linalg.eigh((gram + gram.T) / 2)
-            v = v.flip(-1)
+            v = v.flip(-1)[:, : self.max_rank]
+            g, cg = b @ v, cb @ v
         else:
-            t = _metric_root(c if extra is None else c + extra) @ b
-            gram = t @ t.T
+            root = _metric_root(c if extra is None else c + extra)
+            bbt = b @ b.T
+            gram = root @ bbt @ root.T
             evals, u = torch.linalg.eigh((gram + gram.T) / 2)
             u, sigma = u.flip(-1), evals.flip(-1).clamp_min(0.0).sqrt()
             floor = sigma[0] * max(d, m) * torch.finfo(torch.float64).eps
             reached = sigma > floor
-            v = (t.T @ u) / torch.where(reached, sigma, torch.full_like(sigma, math.inf))
-            if not bool(reached.all()):
+            y = (root.T @ u) / torch.where(reached, sigma, torch.full_like(sigma, math.inf))
+            v = b.T @ y
+            if bool(reached.all()):
+                g = bbt @ y
+            else:
                 v = torch.linalg.qr(v).Q
-        v = v[:, : self.max_rank]
+                g = b @ v
+            cg = c @ g
         pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
-        return (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
+        flip = torch.where(pivot < 0, -1.0, 1.0).to(v)
+        return (v * flip).contiguous(), g * flip, cg * flip
 
-    def _curve(self, mom: _Moments, cg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _curve(
+        self, mom: _Moments, cg: Optional[torch.Tensor] = None, cxy_v: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """NMSE at ranks 0..k on the moments ``mom`` (the bias, if any, fitted on the training
-        statistics); ``cg`` = mom.cxx @ G when the caller has it."""
+        statistics); ``cg`` = mom.cxx @ G and ``cxy_v`` = mom.cxy @ V when the caller has them."""
         cg = mom.cxx @ self.G if cg is None else cg
+        cxy_v = mom.cxy @ self.V if cxy_v is None else cxy_v
         q = (cg * self.G).sum(0)  # g_i^T C g_i
-        cross = (self.G * (mom.cxy @ self.V)).sum(0)  # g_i^T Cxy v_i
+        cross = (self.G * cxy_v).sum(0)  # g_i^T Cxy v_i
         n = mom.count
         dx = mom.mean_x - self.mean_x
         dy = mom.mean_y - self.mean_y
