@@ -328,6 +328,6 @@ class ModelSpeedCheck:
         trial = min(failed, key=lambda t: t.layers)
         return (
             f"{keep}: the model's training step measured {trial.speedup:.2f}x today's speed with the {trial.layers} "
-            f"changes saving most multiply-adds, rank {rank} here among them (needs {result.margin:.2f}x); applied the "
+            f"change{'s' if trial.layers > 1 else ''} saving most multiply-adds, rank {rank} here among them (needs {result.margin:.2f}x); applied the "
             f"{result.kept} of {len(result.order)} saving most"
         )
