@@ -84,17 +84,26 @@ class LowRankFactorization(Callback):
             from ``targets`` and ``exclude``, never from the schedule, so a schedule can be edited
             between a run and its resume.
         verbose: print a summary table on rank zero after each milestone.
-        speed_guard: True (default): ``SpeedGuard()``: before a layer is replaced, the dense layer
-            and the candidate pair are timed (forward + backward + the optimizer's step, median of
-            repeats, cached by shape/rank/dtype/device/rows) on the inputs of a training batch of
-            the epoch before the milestone (for a milestone at epoch 0: the validation batches'
-            shape at the training loader's batch size), and the layer stays as it is unless the
-            pair is ``margin`` (1.15) x as fast; a ``ParamBudget`` spends its budget only on ranks
-            the guard allows. Under DDP rank 0 measures and every rank applies its decisions. The
-            report's note says why a layer stayed dense, and ``factorize/speedup`` logs the
-            changed layers' measured speedup. A ``SpeedGuard(...)`` sets margin and mode; False
-            switches it off: the same structure on every machine, at the risk of layers that run
-            slower than dense.
+        speed_guard: True (default): ``SpeedGuard(scope="model")``: after the ranks are chosen and
+            agreed, the model's own training step (``training_step`` forward + backward on the
+            first training batch of the epoch before the milestone, a validation batch where there
+            is none, under the trainer's precision context and device, plus the optimizer's step
+            on copies of the optimizers) is timed with today's structure and with the candidate
+            one; the candidates saving the fewest multiply-adds are dropped (a bisection) until the
+            whole step is ``margin`` (1.15) x as fast as today's, or none remain. Weights,
+            ``.grad``, buffers (BatchNorm statistics), the RNG streams, torchmetrics states and the
+            optimizers' state are left bit-identical; logging is silenced meanwhile. Under DDP rank
+            0 measures (on the LightningModule, outside the DDP wrapper: no collective) and every
+            rank applies its decision. ``factorize/speedup`` logs the whole-model ratio of the
+            applied structure to the one before (1.0: nothing changed), also in
+            ``history[-1]["speedup_model"]`` with each timing in ``"speed_trials"``; a dropped
+            layer's note says why. ``SpeedGuard(scope="layer")`` times each layer alone instead
+            (dense layer vs pair, forward + backward + the optimizer's step, on the inputs of a
+            training batch) and keeps a layer dense unless its pair is ``margin`` x as fast; a
+            ``ParamBudget`` then spends its budget only on ranks it allows, and ``history``'s
+            ``"speedup"`` holds each layer's ratio. Manual optimization uses the per-layer scope
+            (its ``training_step`` steps the real optimizers). False switches the guard off: the
+            same structure on every machine, at the risk of a model that runs slower than dense.
         output_batches: validation batches (of the first loader) run before and after each
             milestone's swap to measure how much the network's output moved: logged as
             ``factorize/output_nmse`` = sum (after - before)^2 / sum (before - mean before)^2 over
