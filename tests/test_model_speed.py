@@ -210,3 +210,15 @@ def test_model_speed_check_without_candidates_times_nothing():
     check = ModelSpeedCheck(nn.Linear(2, 2), forward=lambda: None, clock=lambda s, m: calls.append(1) or 1.0)
     ranks, verdicts = check.check({}, {}, {"a": None})
     assert ranks == {"a": None} and verdicts == {} and calls == [] and check.result is None
+
+
+def test_the_real_clock_decides_and_reports():
+    """No fake: the default clock times TinyNet's real step (the verdict depends on this machine)."""
+    cb = LowRankFactorization(SCHEDULE, **dict(TINY, speed_guard=SpeedGuard(repeats=2, min_time=0.0)))
+    trainer, model = _fit(cb)
+    h = cb.history[-1]
+    assert h["speed_trials"] and all(t["seconds"] > 0 and t["speedup"] > 0 for t in h["speed_trials"])
+    kept = [n for n, r in structure(model).items() if r is not None]
+    assert h["speedup_model"] == (1.0 if not kept else next(t["speedup"] for t in h["speed_trials"] if t["layers"] == len(kept)))
+    assert h["speedup_model"] >= 1.15 or not kept
+    assert float(trainer.callback_metrics["factorize/speedup"]) == pytest.approx(h["speedup_model"])
