@@ -222,3 +222,40 @@ def test_the_real_clock_decides_and_reports():
     assert h["speedup_model"] == (1.0 if not kept else next(t["speedup"] for t in h["speed_trials"] if t["layers"] == len(kept)))
     assert h["speedup_model"] >= 1.15 or not kept
     assert float(trainer.callback_metrics["factorize/speedup"]) == pytest.approx(h["speedup_model"])
+
+
+def test_the_step_runs_on_the_epochs_first_training_batch_else_a_validation_batch():
+    """Milestone 0: no training batch yet, a validation batch (64 rows); milestone 1: the first
+    training batch of epoch 0 (32 rows), the same tensor the training loop got."""
+    seen: list[int] = []
+    model = TinyNet(batch_size=32, val_batch_size=64)
+    real = model.training_step
+    batches: list = []
+
+    last: list = []
+
+    def training_step(batch, batch_idx):
+        seen.append(batch[0].shape[0])
+        last[:] = [batch[0]]
+        return real(batch, batch_idx)
+
+    class FirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 0 and batch_idx == 0:
+                batches.append(batch[0].clone())
+
+    model.training_step = training_step
+    sizes: dict[int, set] = {}
+
+    def clock(step, model):
+        seen.clear()
+        step()
+        sizes.setdefault(model.trainer.current_epoch, set()).update(seen)
+        if model.trainer.current_epoch == 1:
+            assert torch.equal(last[0], batches[0])
+        return 1.0
+
+    cb = LowRankFactorization({0: 0.5, 1: 0.25}, **dict(TINY, speed_guard=SpeedGuard(clock=clock)))
+    _fit(cb, model, callbacks=(FirstBatch(),))
+    assert sizes == {0: {64}, 1: {32}}
+    assert cb._train_batch is None  # released after the milestone
