@@ -259,3 +259,15 @@ def test_the_step_runs_on_the_epochs_first_training_batch_else_a_validation_batc
     _fit(cb, model, callbacks=(FirstBatch(),))
     assert sizes == {0: {64}, 1: {32}}
     assert cb._train_batch is None  # released after the milestone
+
+
+def test_verbose_prints_the_whole_model_decision(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    clock = WholeModelClock({"features.2": -0.3, "classifier.0": 0.2, "classifier.2": 0.2})
+    cb = LowRankFactorization(SCHEDULE, **dict(TINY, verbose=True, speed_guard=SpeedGuard(timer=slow_pairs_timer, clock=clock)))
+    _fit(cb)
+    text = caplog.text
+    assert "the model's training step (forward + backward + optimizer step) took 1e+03 ms" in text
+    assert "3 of 3: 0.91x, 1 of 3: 1.43x, 2 of 3: 1.11x (needs 1.15x); applied 1 of 3, 1.43x today's speed" in text

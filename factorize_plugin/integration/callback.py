@@ -318,6 +318,8 @@ class LowRankFactorization(Callback):
             self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
             pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,
                           sync_dist=trainer.world_size > 1)  # fmt: skip
+            if self.verbose:
+                rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
         if shift is not None:  # every rank: the metric's compute() is a collective under DDP
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,

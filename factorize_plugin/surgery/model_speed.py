@@ -174,6 +174,16 @@ class ModelSpeedResult:
     def history(self) -> list[dict[str, float]]:
         return [dataclasses.asdict(t) for t in self.trials]
 
+    def describe(self) -> str:
+        """One line: what was timed and decided."""
+        tried = ", ".join(f"{t.layers} of {len(self.order)}: {t.speedup:.2f}x" for t in self.trials)
+        step = "forward + backward + optimizer step" if self.optimizer_timed else "forward + backward"
+        return (
+            f"the model's training step ({step}) took {self.seconds_before * 1e3:.3g} ms with today's structure; "
+            f"with the candidates saving most multiply-adds: {tried} (needs {self.margin:.2f}x); applied {self.kept} "
+            f"of {len(self.order)}, {self.speedup:.2f}x today's speed"
+        )
+
 
 class ModelSpeedCheck:
     """Decides which changing layers to apply from the model's whole training step.
