@@ -203,8 +203,6 @@ class ModelSpeedCheck:
     ``result`` holds the last decision (``ModelSpeedResult``), None when nothing was to decide.
     """
 
-    uses_caps = False
-
     def __init__(
         self, model: nn.Module, forward: Callable[[], Any], optimizers: Sequence[Any] = (), margin: float = 1.15,
         clock: Optional[ModelClock] = None, repeats: int = 7, min_time: float = 0.003,

@@ -13,6 +13,10 @@ step), so many layers of a few shapes cost a few measurements.
 and under DDP a broadcast: one process measures, every process gets its decisions).
 Timings depend on the machine: switch the guard off (``speed_guard=False``) where the same
 structure must come out on every machine.
+
+This is the guard's per-layer scope (``SpeedGuard(scope="layer")``, what ``factorize_model``
+uses). The callback's default scope, ``"model"``, times the model's whole training step instead
+(``model_speed.ModelSpeedCheck``): layers alone are host-bound on a GPU, the whole model is not.
 """
 
 from __future__ import annotations
