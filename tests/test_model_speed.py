@@ -271,3 +271,36 @@ def test_verbose_prints_the_whole_model_decision(caplog):
     text = caplog.text
     assert "the model's training step (forward + backward + optimizer step) took 1e+03 ms" in text
     assert "3 of 3: 0.91x, 1 of 3: 1.43x, 2 of 3: 1.11x (needs 1.15x); applied 1 of 3, 1.43x today's speed" in text
+
+
+def test_a_failing_timing_raises_and_leaves_the_model_as_it_was():
+    def clock(step, model):
+        if any(isinstance(m, PAIRS) for m in model.modules()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        step()
+        return 1.0
+
+    pl.seed_everything(0)
+    model = TinyNet(batch_size=32, val_batch_size=64)
+    cb = LowRankFactorization(SCHEDULE, **dict(TINY, speed_guard=SpeedGuard(clock=clock)))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="whole-model speed check failed .*out of memory.*scope='layer'"):
+        trainer.fit(model)
+    assert all(r is None for r in structure(model).values())
+    assert {id(p) for p in model.parameters()} == {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+
+
+def test_a_param_budget_is_spent_freely_then_the_whole_model_decides():
+    from factorize_plugin import ParamBudget
+
+    clock = WholeModelClock({n: -0.2 for n in LAYERS})
+    timer_calls: list = []
+    cb = LowRankFactorization(
+        {1: ParamBudget(0.5, sensitivity=False)},
+        **dict(TINY, speed_guard=SpeedGuard(timer=lambda cases: timer_calls.append(cases) or [1.0] * len(cases), clock=clock)),
+    )  # fmt: skip
+    _, model = _fit(cb)
+    assert timer_calls == []  # no per-layer caps in the whole-model scope
+    changed = [n for n, r in structure(model).items() if r is not None]
+    assert changed and cb.history[-1]["speedup_model"] == pytest.approx(1 / (1 - 0.2 * len(changed)))
