@@ -44,26 +44,29 @@ TINY = dict(dim=64, layers=2, heads=4, block=32, sequences=8)
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 
 
-def previous_directions(self: LowRankDecomposition, c: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """The previous solver's step: L from the D x D eigendecomposition of the metric, V from the SVD of L B."""
+def previous_directions(self: LowRankDecomposition, c: torch.Tensor, b: torch.Tensor, cb) -> tuple:
+    """The previous solver's step: L from the D x D eigendecomposition of the metric, V from the SVD
+    of L B, then G = B V and C G as it computed them."""
     extra = self._regularizer(c)
     evals, evecs = torch.linalg.eigh(c if extra is None else c + extra)
     root = evals.clamp_min(0.0).sqrt()[:, None] * evecs.T
     _, _, vh = torch.linalg.svd(root @ b, full_matrices=False)
     v = vh[: self.max_rank].T
     pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
-    return (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
+    v = (v * torch.where(pivot < 0, -1.0, 1.0).to(v)).contiguous()
+    g = b @ v
+    return v, g, (c @ b if cb is None else cb) @ v
 
 
 @contextlib.contextmanager
 def solver(kind: str):
-    current = LowRankDecomposition._output_directions
+    current = LowRankDecomposition._directions
     if kind == "previous":
-        LowRankDecomposition._output_directions = previous_directions
+        LowRankDecomposition._directions = previous_directions
     try:
         yield
     finally:
-        LowRankDecomposition._output_directions = current
+        LowRankDecomposition._directions = current
 
 
 def collect(cfg: dict, device: torch.device) -> tuple[dict, ActivationCollector]:

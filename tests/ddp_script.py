@@ -25,15 +25,20 @@ import factorize_plugin.integration.callback as callback_module  # noqa: E402
 from factorize_plugin import LowRankFactorization  # noqa: E402
 from factorize_plugin.surgery.speed import SpeedGuard  # noqa: E402
 
-timer_calls: list[int] = []
+clock_calls: list[list] = []
 
 
-def rank_dependent_timer(cases):
-    """A speed guard's fake clock that disagrees across ranks: on rank 0 every pair is 2x as fast as
-    its dense layer, on rank 1 every pair is slower. Agreed decisions = rank 0's (and rank 1 never times)."""
-    timer_calls.append(len(cases))
-    slow = int(os.environ.get("LOCAL_RANK", "0")) != 0
-    return [1.0 if c.rank is None else (2.0 if slow else 0.5) for c in cases]
+def rank_dependent_clock(step, model):
+    """The whole-model speed check's fake clock, which disagrees across ranks: on rank 0 the
+    training step costs 0.1 + each target's rank fraction (1 dense), so lower ranks are faster; on
+    rank 1 the inverse. It runs the real step once (rank 0's training_step alone, no collective).
+    Agreed decisions = rank 0's (and rank 1 never times)."""
+    step()
+    s = structure(model)
+    clock_calls.append(sorted(n for n, r in s.items() if r is not None))
+    fraction = {"features.2": 16, "classifier.0": 32, "classifier.2": 10}
+    seconds = 0.1 + sum(1.0 if r is None else r / fraction[n] for n, r in s.items())
+    return seconds if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 1.0 / seconds
 
 # Capture every rank's own factors right before the DDP wrapper is rebuilt: the new wrapper
 # broadcasts rank 0's parameters, which would hide ranks that solved different problems.
@@ -76,7 +81,7 @@ def main(out: str) -> None:
     ckpt_dir = os.path.join(out, "ckpt")
     pl.seed_everything(0)
     model = TinyNet(**DDP_MODEL_KWARGS)
-    cb = LowRankFactorization(DDP_SCHEDULE, **dict(DDP_CALLBACK_KWARGS, speed_guard=SpeedGuard(timer=rank_dependent_timer)))
+    cb = LowRankFactorization(DDP_SCHEDULE, **dict(DDP_CALLBACK_KWARGS, speed_guard=SpeedGuard(clock=rank_dependent_clock)))
     first = Record()
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = make_trainer([cb, first, ckpt])
@@ -91,7 +96,7 @@ def main(out: str) -> None:
         "structure": structure(model),
         "final": state_dict_cpu(model),
         "val_batches": list(trainer.num_val_batches),
-        "timer_calls": list(timer_calls),
+        "clock_calls": list(clock_calls),
     }
 
     before_rewrap.clear()

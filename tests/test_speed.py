@@ -147,12 +147,13 @@ def test_rank_caps_in_allocation_and_admissible():
 
 
 def test_callback_times_training_rows_and_optimizer_and_logs_speedup():
-    """Milestone 0: validation inputs (64 rows) at the training batch size (32); milestone 1: the
+    """The per-layer scope (the callback's default is the whole model's step, tests/test_model_speed.py).
+    Milestone 0: validation inputs (64 rows) at the training batch size (32); milestone 1: the
     recorded first training batch; train mode with the model's own optimizer (Adam)."""
     timer = SlowConvTimer()
     pl.seed_everything(0)
     model = TinyNet(batch_size=32, val_batch_size=64)
-    kwargs = dict(TINY, speed_guard=SpeedGuard(timer=timer))
+    kwargs = dict(TINY, speed_guard=SpeedGuard(timer=timer, scope="layer"))
     cb = LowRankFactorization({0: 0.5, 1: 0.25}, **kwargs)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
@@ -197,7 +198,8 @@ def test_real_guard_runs_on_a_model_with_adam_and_conv():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(margin=0), "margin"), (dict(margin=float("nan")), "margin"), (dict(mode="fast"), "mode"), (dict(repeats=0), "repeats")],
+    [(dict(margin=0), "margin"), (dict(margin=float("nan")), "margin"), (dict(mode="fast"), "mode"), (dict(repeats=0), "repeats"),
+     (dict(scope="layers"), "scope")],
 )
 def test_bad_guard_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -28,9 +28,11 @@ from ..surgery import settings
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
+from ..surgery.model_speed import ModelSpeedCheck
 from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
 from ..surgery.sharing import CallCounter, explicit_targets, resolve_silent, skip_report
 from ..surgery.targets import select_layers
+from .speed_step import model_speed_check
 from .lightning_internals import (
     first_validation_batches,
     preserved_metric_states,
@@ -85,17 +87,26 @@ class LowRankFactorization(Callback):
             from ``targets`` and ``exclude``, never from the schedule, so a schedule can be edited
             between a run and its resume.
         verbose: print a summary table on rank zero after each milestone.
-        speed_guard: True (default): ``SpeedGuard()``: before a layer is replaced, the dense layer
-            and the candidate pair are timed (forward + backward + the optimizer's step, median of
-            repeats, cached by shape/rank/dtype/device/rows) on the inputs of a training batch of
-            the epoch before the milestone (for a milestone at epoch 0: the validation batches'
-            shape at the training loader's batch size), and the layer stays as it is unless the
-            pair is ``margin`` (1.15) x as fast; a ``ParamBudget`` spends its budget only on ranks
-            the guard allows. Under DDP rank 0 measures and every rank applies its decisions. The
-            report's note says why a layer stayed dense, and ``factorize/speedup`` logs the
-            changed layers' measured speedup. A ``SpeedGuard(...)`` sets margin and mode; False
-            switches it off: the same structure on every machine, at the risk of layers that run
-            slower than dense.
+        speed_guard: True (default): ``SpeedGuard(scope="model")``: after the ranks are chosen and
+            agreed, the model's own training step (``training_step`` forward + backward on the
+            first training batch of the epoch before the milestone, a validation batch where there
+            is none, under the trainer's precision context and device, plus the optimizer's step
+            on copies of the optimizers) is timed with today's structure and with the candidate
+            one; the candidates saving the fewest multiply-adds are dropped (a bisection) until the
+            whole step is ``margin`` (1.15) x as fast as today's, or none remain. Weights,
+            ``.grad``, buffers (BatchNorm statistics), the RNG streams, torchmetrics states and the
+            optimizers' state are left bit-identical; logging is silenced meanwhile. Under DDP rank
+            0 measures (on the LightningModule, outside the DDP wrapper: no collective) and every
+            rank applies its decision. ``factorize/speedup`` logs the whole-model ratio of the
+            applied structure to the one before (1.0: nothing changed), also in
+            ``history[-1]["speedup_model"]`` with each timing in ``"speed_trials"``; a dropped
+            layer's note says why. ``SpeedGuard(scope="layer")`` times each layer alone instead
+            (dense layer vs pair, forward + backward + the optimizer's step, on the inputs of a
+            training batch) and keeps a layer dense unless its pair is ``margin`` x as fast; a
+            ``ParamBudget`` then spends its budget only on ranks it allows, and ``history``'s
+            ``"speedup"`` holds each layer's ratio. Manual optimization uses the per-layer scope
+            (its ``training_step`` steps the real optimizers). False switches the guard off: the
+            same structure on every machine, at the risk of a model that runs slower than dense.
         output_batches: validation batches (of the first loader) run before and after each
             milestone's swap to measure how much the network's output moved: logged as
             ``factorize/output_nmse`` = sum (after - before)^2 / sum (before - mean before)^2 over
@@ -164,7 +175,7 @@ class LowRankFactorization(Callback):
         self.schedule, self._policies = read_schedule(schedule, mode)
         self.mode = mode
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
-        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train")
+        self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
         self.targets = settings.check_patterns("targets", targets)
         self.exclude = settings.check_patterns("exclude", exclude)
         self.min_params = settings.check_min_params(min_params)
@@ -192,6 +203,8 @@ class LowRankFactorization(Callback):
         self.skipped: dict[str, str] = {}  # layers left out by default, with why (shown in the report)
         self._counter: Optional[CallCounter] = None  # calls per layer during the sanity check
         self._output_batches = output_batches  # 0 for a module without forward (see output_measurable)
+
+    _train_batch: Optional[list] = None  # while watching: [] until the epoch's first training batch is kept
 
     @property
     def state_key(self) -> str:
@@ -267,6 +280,10 @@ class LowRankFactorization(Callback):
             self._collector.detach()
             self._collected_at_step = trainer.global_step
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._train_batch is not None and not self._train_batch:
+            self._train_batch.append(batch)  # on the device: the whole-model speed check's batch
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         due = self._due(epoch)
@@ -291,16 +308,23 @@ class LowRankFactorization(Callback):
         need = max(self._output_batches, self.budget_batches if probing else 0)
         batches = first_validation_batches(trainer, need) if need else []
         shift = OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn) if self._output_batches else None
+        speed = self._speed_check(trainer, pl_module, collector, batches)
         reports = refactorize(
             pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
             probe=self._probe(trainer, pl_module, layers, batches[: self.budget_batches]) if probing else None,
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
-            speed=self._speed_check(trainer, collector),
+            speed=speed,
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
         )  # fmt: skip
         _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         self._record(trainer, pl_module, due, milestone, reports, source, collector.positions)
+        if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
+            self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
+            pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,
+                          sync_dist=trainer.world_size > 1)  # fmt: skip
+            if self.verbose:
+                rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
         if shift is not None:  # every rank: the metric's compute() is a collective under DDP
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
@@ -421,22 +445,40 @@ class LowRankFactorization(Callback):
         return collector
 
     def _watch_training_inputs(self, pl_module: LightningModule, epoch: int) -> None:
-        """Before an epoch that precedes a milestone: record each layer's first training input
-        (a forward pre-hook that removes itself after one call) for the speed guard."""
+        """Before an epoch that precedes a milestone: keep its first training batch (whole-model
+        scope) or record each layer's first training input (per-layer scope: a forward pre-hook
+        that removes itself after one call) for the speed guard."""
         self._drop_training_inputs()
-        if self.speed_guard is not None and self._due(epoch + 1):
+        if self.speed_guard is None or not self._due(epoch + 1):
+            return
+        if self._model_scope(pl_module):
+            self._train_batch = []
+        else:
             self._train_inputs = InputRecorder(self._layers(pl_module), training_only=True).attach()
 
     def _drop_training_inputs(self) -> None:
         if self._train_inputs is not None:
             self._train_inputs.detach()
-        self._train_inputs = None
+        self._train_inputs, self._train_batch = None, None
 
-    def _speed_check(self, trainer: Trainer, collector: ActivationCollector) -> Optional[SpeedCheck]:
-        """The guard bound to this milestone: training inputs where they were recorded, else the
-        validation inputs at the training loader's batch size (rank 0 measures under DDP)."""
+    def _model_scope(self, pl_module: LightningModule) -> bool:
+        """Whether the whole model's training step decides (manual optimization: its training_step
+        steps the real optimizers, so layers are timed alone)."""
+        return self.speed_guard is not None and self.speed_guard.scope != "layer" and pl_module.automatic_optimization
+
+    def _speed_check(
+        self, trainer: Trainer, pl_module: LightningModule, collector: ActivationCollector, batches: list
+    ) -> Optional[Union[SpeedCheck, ModelSpeedCheck]]:
+        """The guard bound to this milestone (rank 0 measures under DDP). Whole-model scope: the
+        training step on the epoch's first training batch, else on a validation batch. Per layer:
+        training inputs where they were recorded, else the validation inputs at the training
+        loader's batch size."""
         if self.speed_guard is None:
             return None
+        if self._model_scope(pl_module):
+            batch = self._train_batch[0] if self._train_batch else batches[0] if batches else first_validation_batches(trainer, 1)[0]
+            self._drop_training_inputs()
+            return model_speed_check(trainer, pl_module, self.speed_guard, batch)
         seen = self._train_inputs.inputs if self._train_inputs is not None else {}
         self._drop_training_inputs()
         batch = getattr(trainer.train_dataloader, "batch_size", None) if trainer.train_dataloader is not None else None

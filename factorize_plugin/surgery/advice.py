@@ -57,6 +57,12 @@ def no_change(reports: Sequence[LayerReport], label: str = "") -> Optional[str]:
         cap = useful if r.old_rank is None else min(useful, r.old_rank - 1)
         reasons.append(f"{r.name}: {r.note or f'largest rank that saves multiply-adds {cap}'}")
     where = f"{label} " if label else ""
+    if all("model's training step measured" in r.note for r in reports):  # the whole-model decision
+        return (
+            f"{where}changed no layer: the speed guard measured the model's training step no faster with the "
+            f"candidates, down to the single change saving most multiply-adds ({'; '.join(reasons)}). Lower the "
+            "ranks, or pass speed_guard=False to factorize for size alone"
+        )
     if all("measured" in r.note for r in reports):  # every layer kept dense by the speed guard
         return (
             f"{where}changed no layer: the speed guard measured every candidate pair slower than its dense layer "

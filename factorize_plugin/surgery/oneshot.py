@@ -138,7 +138,8 @@ def factorize_model(
             calibration batches' rows; pass ``SpeedGuard(mode="train", ...)`` for a model that is
             trained on afterwards (the rows of a training batch then matter: calibrate with
             batches of that size), or False for the same structure on every machine (the guard's
-            decisions depend on the machine's timings).
+            decisions depend on the machine's timings). Layers are timed alone here (scope
+            ``"layer"``; ``scope="model"`` is refused: there is no training step to time).
 
     Returns:
         ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them).
@@ -180,6 +181,11 @@ def factorize_model(
         calibration = list(calibration)
     batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
     guard = resolve_guard(speed_guard, "inference")
+    if guard is not None and guard.scope == "model":
+        raise ValueError(
+            "factorize_model times layers alone: SpeedGuard(scope='model') needs a training step to time (the "
+            "LowRankFactorization callback); pass SpeedGuard(scope='layer') or leave scope unset"
+        )
     progress_fn = _print_progress if progress is True else (progress or None)
     collector = _collect(
         model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space,

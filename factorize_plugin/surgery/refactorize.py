@@ -10,7 +10,7 @@ Plain PyTorch: no Lightning.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -27,6 +27,7 @@ from .policies import RankPolicy
 from .reports import LayerReport
 from .sensitivity import OutputProbe
 from .sharing import alias_names, check_optimizer
+from .model_speed import ModelSpeedCheck
 from .speed import SpeedCheck, SpeedVerdict
 
 Ranks = dict[str, Optional[int]]
@@ -125,7 +126,7 @@ def refactorize(
     agree: Optional[Callable[[Ranks], Ranks]] = None,
     regularization: float = 0.0,
     progress: Optional[Progress] = None,
-    speed: Optional[SpeedCheck] = None,
+    speed: Optional[Union[SpeedCheck, ModelSpeedCheck]] = None,
     holdout: Optional[Mapping[str, Halves]] = None,
 ) -> list[LayerReport]:
     """Re-factorizes ``layers`` (qualified name -> module of ``model``) from their input ``stats``.
@@ -147,7 +148,10 @@ def refactorize(
         speed: a speed guard bound to this call (``speed.SpeedCheck``): a policy that respects rank
             caps (``ParamBudget``) chooses only among ranks it allows; after ``agree`` every
             changing layer is timed at its rank and stays as it is unless its pair is fast enough
-            (the report's ``note`` says why; its ``speedup`` holds the measured ratio).
+            (the report's ``note`` says why; its ``speedup`` holds the measured ratio). A
+            ``model_speed.ModelSpeedCheck`` instead times the model's whole training step with the
+            candidates installed (through this call's swap, undone after each timing) and drops
+            those saving the fewest multiply-adds until it is fast enough (no per-layer caps).
 
     Returns:
         One ``LayerReport`` per layer, in the order of ``layers``.
@@ -165,7 +169,7 @@ def refactorize(
         ranks = agree(ranks)
     verdicts: dict[str, SpeedVerdict] = {}
     if speed is not None:
-        ranks, verdicts = speed.check(layers, candidates, ranks)
+        ranks, verdicts = speed.check(layers, candidates, ranks, install=lambda r: _swap(model, layers, candidates, r))
     old_params = {name: dict(m.named_parameters()) for name, m in layers.items()}
     edits = [OptimizerEdit(opt) for opt in optimizers]
     undo = _swap(model, layers, candidates, ranks)

@@ -13,6 +13,10 @@ step), so many layers of a few shapes cost a few measurements.
 and under DDP a broadcast: one process measures, every process gets its decisions).
 Timings depend on the machine: switch the guard off (``speed_guard=False``) where the same
 structure must come out on every machine.
+
+This is the guard's per-layer scope (``SpeedGuard(scope="layer")``, what ``factorize_model``
+uses). The callback's default scope, ``"model"``, times the model's whole training step instead
+(``model_speed.ModelSpeedCheck``): layers alone are host-bound on a GPU, the whole model is not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..layers.factorized import FactorizedConv2d, FactorizedLinear
 from .candidates import LayerCandidate, max_rank
 
 MODES = ("train", "inference")
+SCOPES = ("model", "layer")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -235,29 +240,42 @@ class SpeedGuard:
         mode: ``"train"`` times forward + backward + the optimizer's step on the layer's
             parameters (what training with a factorized layer costs); ``"inference"`` times forward
             only (for a model that is factorized and then deployed).
+        scope: what is timed to decide. ``"model"``: the model's own training step (forward +
+            backward on a recorded training batch, the optimizer's step on copies) with today's
+            structure and with the candidate one; the candidates saving the fewest multiply-adds
+            are dropped until the whole step is ``margin`` x as fast, or none remain
+            (``model_speed.ModelSpeedCheck``; the callback only: it has a training step).
+            ``"layer"``: each layer alone, dense against its pair (right for large layers and for
+            one-shot inference; pessimistic on a GPU for mid-sized layers, whose isolated step is
+            bound by host-side work). None (default): where the guard is used decides: ``"model"``
+            in ``LowRankFactorization``, ``"layer"`` in ``factorize_model``.
         repeats / min_time: samples per case (median) and the seconds each sample lasts at least.
-        timer: replaces the clock: called with the cases to time, returns seconds per step of each
-            (tests use a deterministic one).
+        timer: replaces the per-layer clock: called with the cases to time, returns seconds per
+            step of each (tests use a deterministic one).
+        clock: replaces the whole-model clock: ``clock(step, model)`` returns seconds per training
+            step of ``model`` as it is now, ``step()`` runs one (see ``model_speed.ModelClock``).
 
     ``cache`` keeps every measured case; the same guard object reuses it across milestones.
     """
 
     def __init__(
         self, margin: float = 1.15, mode: str = "train", repeats: int = 7, min_time: float = 0.003,
-        timer: Optional[Timer] = None,
+        timer: Optional[Timer] = None, scope: Optional[str] = None, clock: Optional[Callable] = None,
     ) -> None:  # fmt: skip
         if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
             raise ValueError(f"margin (the speedup a pair must reach) must be a positive number, got {margin!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES} or None (the caller's default), got {scope!r}")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.margin, self.mode, self.repeats, self.min_time = float(margin), mode, int(repeats), float(min_time)
-        self.timer = timer
+        self.timer, self.scope, self.clock = timer, scope, clock
         self.cache: dict[TimingCase, float] = {}
 
     def __repr__(self) -> str:
-        return f"SpeedGuard(margin={self.margin}, mode={self.mode!r})"
+        return f"SpeedGuard(margin={self.margin}, mode={self.mode!r}, scope={self.scope!r})"
 
     def seconds(self, cases: Sequence[TimingCase]) -> list[float]:
         """Seconds per step of each case; the uncached ones are measured in one batch."""
@@ -385,10 +403,12 @@ class SpeedCheck:
         return SpeedVerdict(rank, ok, dense, pair, note)
 
     def check(
-        self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, Optional[int]]
+        self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, Optional[int]],
+        install: Any = None,
     ) -> tuple[dict[str, Optional[int]], dict[str, SpeedVerdict]]:
         """Times every changing layer at its chosen rank; ranks whose pair is not ``margin`` x as
-        fast as the dense layer become None (the layer stays as it is) with a note saying why."""
+        fast as the dense layer become None (the layer stays as it is) with a note saying why.
+        ``install`` (the swap, used by the whole-model check) is not needed here."""
 
         def compute() -> dict[str, SpeedVerdict]:
             asks, verdicts = {}, {}
@@ -451,10 +471,11 @@ class InputRecorder:
         return bool(self._handles)
 
 
-def resolve_guard(speed_guard: Any, mode: str) -> Optional[SpeedGuard]:
-    """``True`` -> ``SpeedGuard(mode=mode)``, ``False``/None -> None, a ``SpeedGuard`` as it is."""
+def resolve_guard(speed_guard: Any, mode: str, scope: Optional[str] = None) -> Optional[SpeedGuard]:
+    """``True`` -> ``SpeedGuard(mode=mode, scope=scope)``, ``False``/None -> None, a ``SpeedGuard``
+    as it is."""
     if speed_guard is True:
-        return SpeedGuard(mode=mode)
+        return SpeedGuard(mode=mode, scope=scope)
     if speed_guard is False or speed_guard is None:
         return None
     if isinstance(speed_guard, SpeedGuard):
