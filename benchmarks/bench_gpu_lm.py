@@ -279,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         summarize(result)
         json_path.write_text(json.dumps(result, indent=1, default=str))
     result["benchmark_seconds"] = time.perf_counter() - t_start
+    summarize(result)
     json_path.write_text(json.dumps(result, indent=1, default=str))
     plot(result, png_path)
     print(json.dumps(result["summary"], indent=1))
@@ -321,7 +322,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     s = result["setup"]
     ax.set_title(f"GPT LM, {s['device']}, {s['precision']}, {s['steps']} steps", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if result["runs"]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
