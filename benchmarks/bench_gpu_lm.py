@@ -1,6 +1,6 @@
 """The GPT LM on one GPU, bf16-mixed: what the callback does to a real training run (issue 20, item 3).
 
-    python benchmarks/bench_gpu_lm.py [--steps 800] [--budget-s 330] [--out benchmarks/results]
+    python benchmarks/bench_gpu_lm.py [--steps 800 | --quick] [--budget-s 330] [--out benchmarks/results]
     python benchmarks/bench_gpu_lm.py --dry-run   # the same code on the CPU at tiny sizes (tested)
 
 The configuration of ``../shared/notes/gpu-measurements.md``: ``examples/gpt_task.GPT`` at dim 1024,
@@ -220,6 +220,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="200 steps instead of --steps (a shorter GPU run)")
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip the parts that would end after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny sizes (checks the script)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -227,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench_gpu_lm.py needs a CUDA GPU; none is visible here (--dry-run checks the script on the CPU)")
-    cfg = config(args.dry_run, args.steps, args.epochs)
+    cfg = config(args.dry_run, 200 if args.quick else args.steps, args.epochs)
     if args.dry_run:
         torch.set_num_threads(1)  # a shared CPU: more threads only contend
         device_name = "cpu (dry run)"
