@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import argparse
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -28,9 +28,17 @@ from examples.gpt_task import GPTTask
 from factorize_plugin import LowRankFactorization
 
 
+def _sync(pl_module) -> None:
+    """Waits for the GPU's queue (a no-op on the CPU), so that wall-clock readings are honest."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
+
+
 class RunClock(Callback):
     """Wall-clock of the whole fit, val loss after each validation run (with its time since the
-    start of fit) and training tokens/s per epoch (optimizer steps only: batch start to batch end)."""
+    start of fit) and per epoch: training tokens/s (optimizer steps only: batch start to batch end),
+    ``train_seconds`` (first batch start to last batch end, the GPU's queue drained at both ends)
+    and ``epoch_seconds`` (the whole epoch, its start hooks (milestones) and validation included)."""
 
     def __init__(self) -> None:
         self.start = 0.0
@@ -39,18 +47,30 @@ class RunClock(Callback):
         self._batch_start = 0.0
         self._train_seconds = 0.0
         self._tokens = 0
+        self._epoch_start = 0.0
+        self._first_batch = 0.0
+        self._last_batch = 0.0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._train_seconds, self._tokens = 0.0, 0
+        _sync(pl_module)
+        self._epoch_start = self._first_batch = self._last_batch = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            _sync(pl_module)
         self._batch_start = time.perf_counter()
+        if batch_idx == 0:
+            self._first_batch = self._batch_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._train_seconds += time.perf_counter() - self._batch_start
+        if batch_idx == trainer.num_training_batches - 1:
+            _sync(pl_module)
+        self._last_batch = time.perf_counter()
+        self._train_seconds += self._last_batch - self._batch_start
         self._tokens += batch[0].numel()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -60,8 +80,14 @@ class RunClock(Callback):
         self.points.append({"seconds": time.perf_counter() - self.start, "step": trainer.global_step, "val_loss": loss})
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        _sync(pl_module)
         self.epochs.append(
-            {"epoch": trainer.current_epoch, "tokens_per_s": self._tokens / max(self._train_seconds, 1e-9)}
+            {
+                "epoch": trainer.current_epoch,
+                "tokens_per_s": self._tokens / max(self._train_seconds, 1e-9),
+                "train_seconds": self._last_batch - self._first_batch,
+                "epoch_seconds": time.perf_counter() - self._epoch_start,
+            }
         )
 
 
@@ -82,8 +108,15 @@ def run(
     model: Optional[dict[str, Any]] = None,
     callback: Optional[dict[str, Any]] = None,
     verbose: bool = False,
+    trainer: Optional[dict[str, Any]] = None,
+    wrap: Optional[Callable[[LowRankFactorization], list[Callback]]] = None,
 ) -> dict[str, Any]:
-    """One training run (dense when ``schedule`` is None); returns its measurements."""
+    """One training run (dense when ``schedule`` is None); returns its measurements.
+
+    ``trainer`` overrides the Trainer's arguments (default: one CPU, full precision), e.g.
+    ``dict(accelerator="gpu", precision="bf16-mixed")``. ``wrap`` is given the run's
+    ``LowRankFactorization`` and returns the callbacks that stand in its place, in order (it among
+    them), e.g. timers around its hooks (``benchmarks/bench_gpu_lm.py``)."""
     pl.seed_everything(seed, verbose=False)
     kwargs = dict(dim=256, layers=4, heads=4, block=64, batch_size=16, val_windows=256)
     kwargs.update(model or {})
@@ -94,26 +127,30 @@ def run(
     factorize = None
     if schedule is not None:
         factorize = LowRankFactorization(schedule, verbose=verbose, **(callback or {}))
-        callbacks.append(factorize)
-    trainer = pl.Trainer(
+        callbacks += wrap(factorize) if wrap is not None else [factorize]
+    settings: dict[str, Any] = dict(
         max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
         reload_dataloaders_every_n_epochs=1,  # fresh random windows each epoch
     )  # fmt: skip
+    settings.update(trainer or {})
+    fitter = pl.Trainer(**settings)
     t0 = time.perf_counter()
-    trainer.fit(task)
+    fitter.fit(task)
     seconds = time.perf_counter() - t0
     final = clock.points[-1]["val_loss"]
     return {
         "schedule": schedule,
         "fit_seconds": seconds,
-        "steps": trainer.global_step,
+        "steps": fitter.global_step,
         "final_val_loss": final,
         "final_perplexity": math.exp(final),
         "curve": clock.points,
         "epochs": clock.epochs,
         "ranks": dict(factorize.ranks) if factorize is not None else {},
         "notes": dict(factorize.skipped) if factorize is not None else {},
+        "history": list(factorize.history) if factorize is not None else [],
+        "metrics": {k: float(v) for k, v in fitter.callback_metrics.items() if k.count("/") <= 1 and v.numel() == 1},
         "params": sum(p.numel() for p in task.parameters()),
     }
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -48,3 +49,62 @@ def test_gpu_benchmark_dry_run_records_every_guard_decision(tmp_path):
         assert r["guard_speedup"] > 0 and r["speedup"] > 0
         assert bool(r["guard_note"]) == (not r["guard_factorizes"])
         assert r["guard_factorizes"] == (r["guard_speedup"] >= 1.15)
+
+
+def test_gpu_lm_benchmark_dry_run_holds_every_run(tmp_path):
+    """bench_gpu_lm.py (issue 20, item 3) has no GPU here: its --dry-run trains the same runs through
+    the same code on a tiny GPT on the CPU, so a device's minutes are never spent on a broken script.
+    The JSON holds every run (dense, the callback with its defaults at two schedules, the same with
+    the speed decision off, factorized at initialization), the whole-model step table at ranks 1/2,
+    1/4, 1/8, and the time of every milestone; the loss-vs-wall-clock PNG is written."""
+    import json
+
+    bench = EXAMPLES.parent / "benchmarks" / "bench_gpu_lm.py"
+    out = subprocess.run([sys.executable, str(bench), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_lm_dry_run.json").read_text())
+    assert (tmp_path / "gpu_lm_dry_run.png").stat().st_size > 0
+    assert result["errors"] == {} and result["skipped"] == {} and result["setup"]["dry_run"]
+    schedules = {
+        "dense": None, "callback_1:0.25": [1], "callback_1:0.5,2:0.25": [1, 2], "guard_off_1:0.25": [1],
+        "guard_off_1:0.5,2:0.25": [1, 2], "init_0:0.25": [0],
+    }  # fmt: skip
+    runs = result["runs"]
+    assert set(runs) == set(schedules)
+    for name, milestones in schedules.items():
+        r = runs[name]
+        assert r["fit_seconds"] > 0 and r["final_val_loss"] > 0 and r["steps"] == result["setup"]["steps"]
+        assert len(r["epochs"]) == 4 and all(0 < e["train_seconds"] <= e["epoch_seconds"] for e in r["epochs"])
+        assert len(r["curve"]) == 4
+        if milestones is None:
+            assert r["history"] == [] and name not in result["milestone_cost"]
+            continue
+        assert [h["milestone"] for h in r["history"]] == milestones
+        assert all({"ranks", "notes", "speedup"} <= set(h) for h in r["history"])
+        cost = result["milestone_cost"][name]
+        assert [m["epoch"] for m in cost] == milestones and all(m["seconds"] > 0 for m in cost)
+    # the decision off: every projection of the 2 blocks factorized at the last milestone
+    for name in ("guard_off_1:0.25", "guard_off_1:0.5,2:0.25"):
+        assert runs[name]["changed_layers"] == 8 and all(r == 16 for r in runs[name]["history"][-1]["ranks"].values())
+    table = result["step_table"]
+    assert [row["fraction"] for row in table["rows"]] == [0.5, 0.25, 0.125]
+    for row in table["rows"]:
+        assert row["dense_ms"] > 0 and row["factorized_ms"] > 0 and row["changed"] >= 1
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"])
+    assert [r["changed"] for r in table["rows"]][1:] == [8, 8]  # at 1/4 and 1/8 every projection saves MACs
+
+
+def test_gpu_lm_benchmark_budget_skips_and_records(tmp_path):
+    """A budget too small for anything: every part is skipped, with why, and nothing is trained;
+    without --dry-run on a machine without CUDA the script exits with a message."""
+    import json
+
+    from benchmarks.bench_gpu_lm import main
+
+    result = main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path)])
+    assert result["runs"] == {} and result["step_table"] is None
+    assert len(result["skipped"]) == 7 and all("budget" in why for why in result["skipped"].values())
+    assert json.loads((tmp_path / "gpu_lm_dry_run.json").read_text())["skipped"] == result["skipped"]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main(["--out", str(tmp_path)])
