@@ -240,6 +240,7 @@ class LowRankDecomposition:
         else:
             self.B = self.weight
             same_cross = self.bias is None or self.fit_bias  # Cxy = C W: the target is x W (+ a fitted bias)
+        self._same_cross = same_cross
         # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
         self.V, self.G, cg = self._directions(mom.cxx, self.B, mom.cxy if same_cross else None)
         self.nmse_curve = self._curve(mom, cg, cg if same_cross else None)
@@ -354,7 +355,11 @@ class LowRankDecomposition:
     def nmse_on(self, stats: MomentAccumulator) -> torch.Tensor:
         """NMSE at ranks 0..k on other (e.g. held-out) statistics of the same layer: [k + 1]."""
         stats.check("held-out inputs")
-        return self._curve(_moments(stats, self.weight, self.bias, self.fit_bias))
+        mom = _moments(stats, self.weight, self.bias, self.fit_bias)
+        if self._same_cross and not stats.has_targets:  # Cxy V = C W V = C G
+            cg = mom.cxx @ self.G
+            return self._curve(mom, cg, cg)
+        return self._curve(mom)
 
     def smallest_rank(self, max_nmse: float) -> int:
         """The smallest rank >= 1 whose NMSE on the fitted statistics is <= ``max_nmse``."""
