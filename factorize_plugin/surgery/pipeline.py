@@ -125,16 +125,14 @@ def collect_with(
     selection: Selection,
     spec: TargetSpec,
     *,
-    names: Optional[Sequence[str]] = None,
     expected_batches: Optional[int] = None,
     space: str = "auto",
     holdout: bool = True,
 ) -> ActivationCollector:
-    """A collector (not attached) over the selected layers (``names``: the current modules under
-    those names, e.g. after an earlier milestone swapped them), counting calls of the skipped ones."""
-    names = list(selection.layers) if names is None else names
+    """A collector (not attached) over the modules now under the selected layers' names (an earlier
+    milestone may have swapped them for pairs), counting the calls of the skipped ones."""
     return ActivationCollector(
-        {n: model.get_submodule(n) for n in names}, spec.max_samples, sample_fraction=spec.sample_fraction,
+        {n: model.get_submodule(n) for n in selection.layers}, spec.max_samples, sample_fraction=spec.sample_fraction,
         space=space, holdout=holdout, expected_batches=expected_batches,
         counted={n: model.get_submodule(n) for n in selection.skipped},
     )  # fmt: skip
