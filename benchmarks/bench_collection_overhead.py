@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from factorize_plugin import ActivationCollector, select_layers
+from factorize_plugin.surgery.collector import ActivationCollector
+from factorize_plugin.surgery.targets import select_layers
 
 
 def mlp() -> nn.Module:

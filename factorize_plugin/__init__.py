@@ -2,24 +2,30 @@
 
 ``import factorize_plugin`` loads the math, the layers and the model-level tools (plain PyTorch);
 the Lightning callback and the CLI load on first use (``factorize_plugin.LowRankFactorization``).
+
+The top level holds the user's verbs and types (the README's "Public API" list, checked by
+``tests/test_public_api.py``); the machinery stays importable from its floor package, e.g.
+``factorize_plugin.surgery.refactorize.refactorize``, ``factorize_plugin.surgery.collector.ActivationCollector``,
+``factorize_plugin.surgery.targets.select_layers``, ``factorize_plugin.surgery.pipeline.TargetSpec``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core import LowRankDecomposition, LowRankSolution, MomentAccumulator, decompose, factorize_conv2d, factorize_matrix
 from .layers import FactorizedConv2d, FactorizedLinear
 from .surgery.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
-from .surgery.collector import ActivationCollector
 from .surgery.hf import load_factorized_pretrained
 from .surgery.oneshot import factorize_model
 from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
-from .surgery.refactorize import refactorize
 from .surgery.reports import LayerReport, format_reports
 from .surgery.speed import SpeedGuard
-from .surgery.targets import select_layers
+
+if TYPE_CHECKING:  # loaded on first use (they import Lightning); visible to type checkers and IDEs
+    from .integration.callback import LowRankFactorization
+    from .integration.cli import FactorizeCLI
 
 __version__ = "0.1.0"
 
@@ -35,6 +41,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'factorize_plugin' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names, the lazy ones included (for ``dir()`` and completion)."""
+    return sorted([*__all__, "__version__"])
+
+
 __all__ = [
     # core: the seed API and the streaming solver
     "LowRankSolution",
@@ -47,13 +58,10 @@ __all__ = [
     "FactorizedLinear",
     "FactorizedConv2d",
     # model surgery
-    "ActivationCollector",
-    "select_layers",
     "RankPolicy",
     "FixedRank",
     "MaxNMSE",
     "ParamBudget",
-    "refactorize",
     "factorize_model",
     "LayerReport",
     "format_reports",

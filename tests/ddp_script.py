@@ -43,7 +43,7 @@ def rank_dependent_clock(step, model):
 # Capture every rank's own factors right before the DDP wrapper is rebuilt: the new wrapper
 # broadcasts rank 0's parameters, which would hide ranks that solved different problems.
 before_rewrap: list[dict] = []
-_real_rewrap = callback_module._rewrap_ddp
+_real_rewrap = callback_module.rewrap_ddp
 
 
 def _spy_rewrap(trainer):
@@ -51,7 +51,7 @@ def _spy_rewrap(trainer):
     _real_rewrap(trainer)
 
 
-callback_module._rewrap_ddp = _spy_rewrap
+callback_module.rewrap_ddp = _spy_rewrap
 
 
 class Record(pl.Callback):

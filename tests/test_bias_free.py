@@ -82,7 +82,7 @@ def test_factorize_model_reports_the_installed_layers_nmse(kind: str) -> None:
     x = torch.cat(batches)
     with torch.no_grad():
         before = net(x)
-    reports = factorize_model(net, batches, rank=8, speed_guard=False)
+    reports = factorize_model(net, batches, rank=8, speed_guard=False, min_params=0, min_features=0)
     assert [n for n, _ in net.named_parameters()] == ["0.first.weight", "0.second.weight"]
     with torch.no_grad():
         after = net(x)
@@ -99,7 +99,7 @@ def test_layers_with_a_bias_still_fit_one() -> None:
     x = torch.cat(batches)
     with torch.no_grad():
         before = net(x)
-    reports = factorize_model(net, batches, rank=8, speed_guard=False)
+    reports = factorize_model(net, batches, rank=8, speed_guard=False, min_params=0, min_features=0)
     assert "0.second.bias" in dict(net.named_parameters())
     with torch.no_grad():
         assert reports[0].nmse == pytest.approx(_nmse(net(x), before), rel=1e-5)
@@ -170,7 +170,7 @@ def test_llama_one_shot_reported_nmse_equals_measured_per_layer() -> None:
             model(b)
     for h in hooks:
         h.remove()
-    reports = {r.name: r for r in factorize_model(model, batches, rank=4, exclude=["lm_head"], speed_guard=False)}
+    reports = {r.name: r for r in factorize_model(model, batches, rank=4, exclude=["lm_head"], speed_guard=False, min_params=0, min_features=0)}
     changed = [n for n in names if reports[n].changed]
     assert len(changed) == 14  # 7 projections x 2 blocks
     for name in changed:

@@ -18,6 +18,7 @@ from lightning_helpers import (
 )  # fmt: skip
 
 import factorize_plugin.integration.callback as callback_module
+import factorize_plugin.surgery.pipeline as pipeline_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization
 
@@ -409,13 +410,13 @@ def test_collectors_know_how_many_validation_batches_are_coming(monkeypatch):
     """The calibration pass (key 0) and the validation run before milestone 1 both tell the
     collector the run's length, so that "auto" sampling spreads its minimum rows over every batch."""
     seen = []
-    real = callback_module.ActivationCollector
+    real = pipeline_module.ActivationCollector  # the callback builds its collectors through the shared pipeline
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("expected_batches"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(callback_module, "ActivationCollector", spy)
+    monkeypatch.setattr(pipeline_module, "ActivationCollector", spy)
     pl.seed_everything(0)
     cb = LowRankFactorization({0: 0.5, 1: 0.25}, **TINY)
     make_trainer([cb], max_epochs=2, num_sanity_val_steps=0, limit_val_batches=3).fit(TinyNet(n_val=256))

@@ -30,13 +30,13 @@ def single_process_union_run() -> dict:
     """One process, batches of 32 = the union of the two ranks' batches of 16 (same order), the
     whole validation set (= the union of the ranks' halves)."""
     snapshots, weights = [], {}
-    real = callback_module._rewrap_ddp
+    real = callback_module.rewrap_ddp
 
     def spy(trainer):
         snapshots.append(composed(trainer.lightning_module))
         real(trainer)
 
-    callback_module._rewrap_ddp = spy
+    callback_module.rewrap_ddp = spy
     try:
         pl.seed_everything(0)
         kwargs = dict(DDP_MODEL_KWARGS, batch_size=2 * DDP_MODEL_KWARGS["batch_size"], shuffle="union_of_2_ranks")
@@ -53,7 +53,7 @@ def single_process_union_run() -> dict:
             enable_progress_bar=False, enable_model_summary=False, deterministic=True,
         ).fit(model)  # fmt: skip
     finally:
-        callback_module._rewrap_ddp = real
+        callback_module.rewrap_ddp = real
     return {"snapshots": snapshots, "history": cb.history, "final": state_dict_cpu(model), "epoch0": weights["epoch0"]}
 
 

@@ -147,7 +147,7 @@ def test_save_pretrained_and_load_back_factorized(tmp_path, make):
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randint(0, V, (2, 16))
-    factorize_model(model, [{"input_ids": x}], rank=0.5, speed_guard=False)
+    factorize_model(model, [{"input_ids": x}], rank=0.5, speed_guard=False, min_params=0, min_features=0)
     assert any(isinstance(m, FactorizedLinear) for m in model.modules())
     with torch.no_grad():
         want = model(input_ids=x).logits
@@ -180,7 +180,7 @@ def test_a_square_conv1d_pair_loaded_from_a_dense_state_dict_is_a_conv1d_again()
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         want = model(input_ids=x).logits
-    factorize_model(model, [{"input_ids": x}], rank=0.25, targets=["*.attn.c_proj"], speed_guard=False)
+    factorize_model(model, [{"input_ids": x}], rank=0.25, targets=["*.attn.c_proj"], speed_guard=False, min_params=0, min_features=0)
     assert isinstance(model.transformer.h[0].attn.c_proj, FactorizedLinear)
     load_factorized(model, dense_state)
     layer = model.transformer.h[0].attn.c_proj

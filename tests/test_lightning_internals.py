@@ -82,3 +82,90 @@ def test_validation_source_is_readable_at_setup():
         probe = _SourceProbe()
         _fit_one_epoch(model, probe, batches=1)
         assert probe.defined is with_val
+
+
+# ------------------------------------------------------------------ strategies and the DDP wrapper
+import pytest  # noqa: E402
+from lightning.pytorch import strategies  # noqa: E402
+
+from factorize_plugin.integration.lightning_internals import check_strategy, rewrap_ddp  # noqa: E402
+
+
+def _bare(cls):
+    """An instance without running ``__init__`` (DeepSpeed / XLA need their packages to be built)."""
+    return object.__new__(cls)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [strategies.FSDPStrategy, strategies.DeepSpeedStrategy, strategies.ModelParallelStrategy, strategies.XLAStrategy,
+     strategies.SingleDeviceXLAStrategy],
+)  # fmt: skip
+def test_check_strategy_refuses_sharding_strategies_by_isinstance(cls):
+    with pytest.raises(NotImplementedError, match=rf"does not support {cls.__name__}.*strategy='ddp'"):
+        check_strategy(_bare(cls))
+
+
+def test_check_strategy_refuses_a_subclass_and_anything_it_does_not_know():
+    class MyFSDP(strategies.FSDPStrategy):  # a name without "FSDP" in it would have passed a name match
+        pass
+
+    class Custom(strategies.ParallelStrategy):
+        barrier = broadcast = model_to_device = reduce = root_device = None
+
+    for strategy in (_bare(MyFSDP), _bare(Custom), object()):
+        with pytest.raises(NotImplementedError, match="does not support"):
+            check_strategy(strategy)
+
+
+def test_check_strategy_accepts_single_device_and_ddp_family():
+    check_strategy(strategies.SingleDeviceStrategy(torch.device("cpu")))
+    check_strategy(strategies.DDPStrategy())
+    check_strategy(strategies.DDPStrategy(start_method="spawn"))
+
+    class MyDDP(strategies.DDPStrategy):
+        pass
+
+    check_strategy(MyDDP())
+
+
+class _FakeDDPStrategy:
+    """What ``rewrap_ddp`` touches on a DDP strategy: ``model``, ``lightning_module``, ``configure_ddp``."""
+
+    def __init__(self, model, module):
+        self.model, self.lightning_module, self.configured = model, module, 0
+
+    def configure_ddp(self):
+        self.configured += 1
+        self.model = ("wrapped", self.model)
+
+
+class _Trainer:
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+
+def test_rewrap_ddp_rebuilds_the_wrapper_around_the_lightning_module(monkeypatch):
+    class FakeDDP(torch.nn.Module):
+        pass
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    module = TinyNet()
+    strategy = _FakeDDPStrategy(FakeDDP(), module)
+    rewrap_ddp(_Trainer(strategy))
+    assert strategy.configured == 1 and strategy.model == ("wrapped", module)
+
+
+def test_rewrap_ddp_does_nothing_without_a_ddp_wrapper():
+    module = TinyNet()
+    single = strategies.SingleDeviceStrategy(torch.device("cpu"))
+    rewrap_ddp(_Trainer(single))  # no configure_ddp: untouched
+    unwrapped = _FakeDDPStrategy(module, module)  # a DDP strategy before its wrapper exists
+    rewrap_ddp(_Trainer(unwrapped))
+    assert unwrapped.configured == 0 and unwrapped.model is module
+
+
+def test_rewrap_ddp_uses_the_strategy_api_it_assumes():
+    assert callable(getattr(strategies.DDPStrategy, "configure_ddp", None))
+    assert isinstance(getattr(strategies.DDPStrategy, "model", None), property)
+    assert isinstance(getattr(strategies.DDPStrategy, "lightning_module", None), property)

@@ -71,8 +71,8 @@ def test_factorize_model_on_a_nested_tensor_encoder_matches_the_plain_path():
     plain.enc.enable_nested_tensor = plain.enc.use_nested_tensor = False
     batches = _padded_batches()
     kwargs = dict(rank=8, targets="enc.layers.*.linear*", speed_guard=False, input_fn=lambda b: (b[0], b[1]))
-    got = factorize_model(nested, batches, **kwargs)
-    want = factorize_model(plain, batches, **kwargs)
+    got = factorize_model(nested, batches, **kwargs, min_params=0, min_features=0)
+    want = factorize_model(plain, batches, **kwargs, min_params=0, min_features=0)
     assert [r.name for r in got] == [r.name for r in want] and all(r.new_rank == 8 for r in got)
     assert [r.nmse for r in got] == pytest.approx([r.nmse for r in want], rel=1e-9)
     assert isinstance(nested.enc.layers[0].linear1, FactorizedLinear)
@@ -90,8 +90,8 @@ def test_param_budget_measures_a_nested_tensor_encoder_as_the_plain_path():
     plain = copy.deepcopy(nested)
     plain.enc.enable_nested_tensor = plain.enc.use_nested_tensor = False
     kwargs = dict(param_budget=0.4, targets="enc.layers.*.linear*", speed_guard=False, input_fn=lambda b: (b[0], b[1]))
-    got = factorize_model(nested, _padded_batches(), **kwargs)
-    want = factorize_model(plain, _padded_batches(), **kwargs)
+    got = factorize_model(nested, _padded_batches(), **kwargs, min_params=0, min_features=0)
+    want = factorize_model(plain, _padded_batches(), **kwargs, min_params=0, min_features=0)
     assert [r.new_rank for r in got] == [r.new_rank for r in want]
     assert torch.backends.mha.get_fastpath_enabled()
 
@@ -191,7 +191,7 @@ def test_factorize_model_on_a_compiled_model_factorizes_the_model_it_wraps():
     compiled = torch.compile(net, backend="eager")
     x = torch.randn(32, 16)
     compiled(x)  # compiled once before, as a user's model would be
-    reports = factorize_model(compiled, [x], rank=4, speed_guard=False)
+    reports = factorize_model(compiled, [x], rank=4, speed_guard=False, min_params=0, min_features=0)
     assert [r.name for r in reports] == ["0", "2"]
     assert isinstance(net[0], FactorizedLinear) and compiled._orig_mod is net
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_factorize_model_on_a_compiled_model_factorizes_the_model_it_wraps():
 def test_factorize_model_refuses_a_compiled_submodule_naming_it():
     model = nn.Sequential(torch.compile(_mlp(), backend="eager"), nn.Linear(16, 8))
     with pytest.raises(ValueError, match=r"'0' is a torch.compile'd module.*_orig_mod"):
-        factorize_model(model, [torch.randn(8, 16)], rank=4, speed_guard=False)
+        factorize_model(model, [torch.randn(8, 16)], rank=4, speed_guard=False, min_params=0, min_features=0)
     assert not any(isinstance(m, FactorizedLinear) for m in model.modules())
 
 
@@ -210,7 +210,7 @@ def test_factorize_model_refuses_a_meta_model_naming_the_parameter():
     with torch.device("meta"):
         net = _mlp()
     with pytest.raises(ValueError, match=r"'0\.weight'.*meta device"):
-        factorize_model(net, [torch.randn(8, 16)], rank=4, speed_guard=False)
+        factorize_model(net, [torch.randn(8, 16)], rank=4, speed_guard=False, min_params=0, min_features=0)
 
 
 def test_callback_refuses_a_meta_model_before_anything_runs():
@@ -242,7 +242,7 @@ class TinyGPT(nn.Module):
 
 def test_kept_multiply_adds_count_a_skipped_tied_head_at_every_position():
     T = 8
-    reports = factorize_model(TinyGPT(), [torch.randint(0, 100, (4, T))], rank=4, speed_guard=False)
+    reports = factorize_model(TinyGPT(), [torch.randint(0, 100, (4, T))], rank=4, speed_guard=False, min_params=0, min_features=0)
     by_name = {r.name: r for r in reports}
     assert "tied" in by_name["head"].note
     assert by_name["head"].macs_dense == T * 32 * 100

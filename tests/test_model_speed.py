@@ -202,7 +202,7 @@ def test_measure_model_step_calls_the_step_and_returns_seconds():
 def test_factorize_model_refuses_the_model_scope():
     model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="scope='model'"):
-        factorize_model(model, [torch.randn(16, 64)], rank=8, speed_guard=SpeedGuard(scope="model"))
+        factorize_model(model, [torch.randn(16, 64)], rank=8, speed_guard=SpeedGuard(scope="model"), min_params=0, min_features=0)
 
 
 def test_model_speed_check_without_candidates_times_nothing():

@@ -9,7 +9,9 @@ import torch.nn as nn
 
 import factorize_plugin
 import factorize_plugin.surgery.refactorize as refactorize_module
-from factorize_plugin import FixedRank, ParamBudget, factorize_model, refactorize, select_layers
+from factorize_plugin import FixedRank, ParamBudget, factorize_model
+from factorize_plugin.surgery.refactorize import refactorize
+from factorize_plugin.surgery.targets import select_layers
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.collector import ActivationCollector
 
@@ -30,10 +32,11 @@ def test_plain_pytorch_use_never_imports_lightning():
 def test_public_api_lists_what_users_need_and_nothing_internal():
     public = set(factorize_plugin.__all__)
     assert {"factorize_matrix", "factorize_conv2d", "LowRankSolution", "MomentAccumulator", "decompose",
-            "FactorizedLinear", "ActivationCollector", "select_layers", "RankPolicy", "FixedRank", "MaxNMSE",
-            "ParamBudget", "factorize_model", "refactorize", "LowRankFactorization", "enable_factorized_loading",
+            "FactorizedLinear", "RankPolicy", "FixedRank", "MaxNMSE",
+            "ParamBudget", "factorize_model", "LowRankFactorization", "enable_factorized_loading",
             "load_factorized", "load_factorized_checkpoint", "LayerReport", "format_reports"} <= public  # fmt: skip
-    assert not public & {"restore_structure", "nmse_of", "resolve_rank", "ConvGeometry", "plan_budget", "make_policy"}
+    assert not public & {"restore_structure", "nmse_of", "resolve_rank", "ConvGeometry", "plan_budget", "make_policy",
+                         "refactorize", "ActivationCollector", "select_layers"}  # fmt: skip
     for name in public:
         assert getattr(factorize_plugin, name) is not None
 
@@ -99,8 +102,8 @@ def test_successful_transaction_puts_every_new_parameter_in_the_optimizer_once()
 def test_factorize_model_takes_policy_objects_like_the_shortcuts():
     batches = [torch.randn(128, 48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     a, b = _model_and_stats()[0], _model_and_stats()[0]
-    ra = factorize_model(a, batches, FixedRank(0.25), speed_guard=False)
-    rb = factorize_model(b, batches, rank=0.25, speed_guard=False)
+    ra = factorize_model(a, batches, FixedRank(0.25), speed_guard=False, min_params=0, min_features=0)
+    rb = factorize_model(b, batches, rank=0.25, speed_guard=False, min_params=0, min_features=0)
     assert [r.new_rank for r in ra] == [r.new_rank for r in rb] == [12, 12, 12]
     with pytest.raises(ValueError, match="exactly one"):
-        factorize_model(a, batches, ParamBudget(0.3), rank=4)
+        factorize_model(a, batches, ParamBudget(0.3), rank=4, min_params=0, min_features=0)

@@ -33,6 +33,8 @@ SHARED = [
     ("min_params", 1.5, "whole number"),
     ("min_params", "10", "whole number"),
     ("min_params", True, "whole number"),
+    ("min_features", -1, ">= 0"),
+    ("min_features", 2.5, "whole number"),
     ("max_samples", 0, ">= 1"),
     ("max_samples", -3, ">= 1"),
     ("max_samples", 10.5, "whole number"),
@@ -54,8 +56,6 @@ SHARED = [
     ("input_fn", 5, "callable"),
 ]
 CALLBACK_ONLY = [
-    ("min_features", -1, ">= 0"),
-    ("min_features", 2.5, "whole number"),
     ("budget_batches", -1, ">= 0"),
     ("budget_batches", 1.5, "whole number"),
     ("output_batches", -1, ">= 0"),

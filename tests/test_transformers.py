@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from examples.gpt_task import GPT, GPTTask, Windows, stdlib_corpus
-from factorize_plugin import LowRankFactorization, select_layers
+from factorize_plugin import LowRankFactorization
+from factorize_plugin.surgery.targets import select_layers
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.sharing import check_optimizer
 

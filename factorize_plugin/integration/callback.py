@@ -20,22 +20,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..surgery.calling import InputFn, evaluating
 from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
-from ..surgery.advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from ..surgery.blame import naming_failures
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
 from ..surgery.preflight import check_not_meta
 from ..surgery import settings
+from ..surgery.pipeline import Selection, TargetSpec, collect_with, finish, leave_out_silent, prepare
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
 from ..surgery.model_speed import ModelSpeedCheck
 from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
-from ..surgery.sharing import CallCounter, explicit_targets, resolve_silent, skip_report
-from ..surgery.targets import select_layers
+from ..surgery.sharing import CallCounter
 from .speed_step import model_speed_check
 from .lightning_internals import (
+    check_strategy,
     first_validation_batches,
     preserved_metric_states,
+    rewrap_ddp,
     silenced_logging,
     start_method,
     validation_loaders,
@@ -45,7 +46,6 @@ from .schedule import Mode, ScheduleValue, describe, plain_value, read_schedule
 from .workflow import OutputShift, check_resumed_targets, check_validation, output_measurable
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA", "Horovod", "Colossal", "Bagua")
 
 
 class LowRankFactorization(Callback):
@@ -64,6 +64,10 @@ class LowRankFactorization(Callback):
         mode: how scalar schedule values are read: ``"rank"``, ``"max_nmse"`` (per layer, the
             smallest rank whose NMSE is at most the value) or ``"param_budget"`` (keep that fraction
             of the targeted layers' original dense weights in total, allocated across layers).
+        targets / exclude / min_params / min_features / max_samples / sample_fraction: the
+            ``TargetSpec`` (``surgery/pipeline.py``) shared with ``factorize_model``: the same
+            layers by default; the statistics defaults here subsample (collected at every milestone,
+            on a validation set that may be large), ``factorize_model``'s keep every row.
         targets: fnmatch patterns over qualified module names of the layers to factorize, e.g.
             ``["encoder.*.fc?"]`` (default: every Linear and Conv2d passing ``min_params`` and
             ``min_features``); a single string is one pattern; each must match some module.
@@ -176,12 +180,7 @@ class LowRankFactorization(Callback):
         self.mode = mode
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
-        self.targets = settings.check_patterns("targets", targets)
-        self.exclude = settings.check_patterns("exclude", exclude)
-        self.min_params = settings.check_min_params(min_params)
-        self.min_features = settings.check_min_features(min_features)
-        self.max_samples = settings.check_max_samples(max_samples)
-        self.sample_fraction = settings.check_sample_fraction(sample_fraction)
+        self.spec = TargetSpec(targets, exclude, min_params, min_features, max_samples, sample_fraction)
         self.budget_batches = settings.check_whole("budget_batches", budget_batches, 0)
         self.input_fn: Optional[InputFn] = settings.check_callable("input_fn", input_fn)
         self.regularization = settings.check_regularization(regularization)
@@ -193,18 +192,26 @@ class LowRankFactorization(Callback):
         self.history: list[dict[str, Any]] = []
         self._restored_groups: Optional[list[list[list[str]]]] = None
         # transient
-        self._target_names: list[str] = []
+        self._selection = Selection({})  # which layers (by name) and which were left out, with why
         self._collector: Optional[ActivationCollector] = None
         self._collected_for: Optional[int] = None
         self._collected_at_step: Optional[int] = None  # trainer.global_step when that run ended
         self._trainer: Optional[Trainer] = None
         self._pl_module: Optional[LightningModule] = None
         self._train_inputs: Optional[InputRecorder] = None  # first training batch's input per layer
-        self.skipped: dict[str, str] = {}  # layers left out by default, with why (shown in the report)
         self._counter: Optional[CallCounter] = None  # calls per layer during the sanity check
         self._output_batches = output_batches  # 0 for a module without forward (see output_measurable)
 
     _train_batch: Optional[list] = None  # while watching: [] until the epoch's first training batch is kept
+
+    targets = property(lambda self: self.spec.targets)
+    exclude = property(lambda self: self.spec.exclude)
+    min_params = property(lambda self: self.spec.min_params)
+    min_features = property(lambda self: self.spec.min_features)
+    max_samples = property(lambda self: self.spec.max_samples)
+    sample_fraction = property(lambda self: self.spec.sample_fraction)
+    skipped = property(lambda self: self._selection.skipped, doc="layers left out, with why (shown in the report)")
+    _target_names = property(lambda self: list(self._selection.layers))
 
     @property
     def state_key(self) -> str:
@@ -225,7 +232,7 @@ class LowRankFactorization(Callback):
                 f"over (the previous fit's milestones {self.done} and history are dropped)"
             )
             self._reset_state()
-        _check_strategy(trainer.strategy)
+        check_strategy(trainer.strategy)
         _check_callbacks(trainer.callbacks)
         check_validation(trainer, pl_module)
         check_not_meta(pl_module, "LowRankFactorization")
@@ -240,11 +247,10 @@ class LowRankFactorization(Callback):
                 "trainer.fit (or use strategy='ddp')"
             )
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
-        self._target_names = list(self._select(pl_module))
+        self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in self._policies.items()})
         self._trainer, self._pl_module = trainer, pl_module
-        self._advise(unmatched_excludes(pl_module, self.exclude))
-        for epoch, policy in self._policies.items():
-            self._advise(oversized_ranks(policy, self._layers(pl_module), f"milestone {epoch}"))
+        for message in self._selection.advice:
+            self._advise(message)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer, self._pl_module = trainer, pl_module
@@ -317,8 +323,10 @@ class LowRankFactorization(Callback):
             speed=speed,
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
         )  # fmt: skip
-        _rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
-        self._record(trainer, pl_module, due, milestone, reports, source, collector.positions)
+        rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
+        label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
+        table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
+        self._record(trainer, pl_module, due, milestone, reports, source, table)
         if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
             self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
             pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,
@@ -329,8 +337,8 @@ class LowRankFactorization(Callback):
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
                           sync_dist=trainer.world_size > 1)  # fmt: skip
-        self._advise(no_change(reports, f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"))
-        self._advise(optimistic_fits(reports, f"milestone {milestone}"))
+        for message in advice:
+            self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         self._watch_training_inputs(pl_module, epoch)
 
@@ -376,29 +384,11 @@ class LowRankFactorization(Callback):
         self.done, self.ranks, self.history, self._restored_groups = [], {}, [], None
         self._drop_collector()
 
-    def _select(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
-        self.skipped = {}
-        layers = select_layers(
-            pl_module, self.targets, self.exclude, min_params=self.min_params, min_features=self.min_features,
-            notes=self.skipped,
-        )  # fmt: skip
-        if not layers:
-            raise ValueError(
-                f"no layer to factorize in {type(pl_module).__name__}: targets={self.targets}, exclude={self.exclude}, "
-                f"min_params={self.min_params}, min_features={self.min_features} leave none; lower them or widen the patterns"
-            )
-        return layers
-
     def _leave_out_silent(self, pl_module: LightningModule, silent: list[str], when: str) -> None:
         """Layers never called during ``when``: an error if named explicitly, else left out with a note."""
-        if not silent:
-            return
-        notes = resolve_silent(pl_module, silent, explicit_targets(pl_module, self.targets), when)
-        self.skipped.update(notes)
-        self._target_names = [n for n in self._target_names if n not in notes]
-        rank_zero_warn(
-            "LowRankFactorization: leaving out " + "; ".join(f"layer '{n}' ({note})" for n, note in notes.items())
-        )
+        notes = leave_out_silent(pl_module, self._selection, self.spec, silent, when)
+        if notes:
+            self._advise("leaving out " + "; ".join(f"layer '{n}' ({note})" for n, note in notes.items()))
 
     def _layers(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
         return {name: pl_module.get_submodule(name) for name in self._target_names}
@@ -411,10 +401,7 @@ class LowRankFactorization(Callback):
         """A collector for a run over loaders of ``batch_limits`` batches (inf where unknown)."""
         single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
         finite = [n for n in batch_limits if n < float("inf")]
-        return ActivationCollector(
-            self._layers(pl_module), self.max_samples, sample_fraction=self.sample_fraction, space="auto", holdout=single,
-            expected_batches=int(sum(finite)) or None, counted={n: pl_module.get_submodule(n) for n in self.skipped},
-        )  # fmt: skip
+        return collect_with(pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single)
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
         """The statistics of the last validation run before ``epoch`` if no optimizer step followed
@@ -499,7 +486,7 @@ class LowRankFactorization(Callback):
         """Judges a policy's choices by the network's output on a few validation ``batches``."""
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str, positions: dict[str, float]) -> None:
+    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str, table: list[LayerReport]) -> None:
         self.done.extend(due)
         self.ranks = {r.name: r.new_rank for r in reports}
         self.history.append(
@@ -521,7 +508,7 @@ class LowRankFactorization(Callback):
         if self.verbose:
             rank_zero_info(
                 f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
-                + format_reports(reports + [skip_report(n, pl_module.get_submodule(n), note, positions.get(n, 1.0)) for n, note in self.skipped.items()])
+                + format_reports(table)
             )
 
     def _restore_optimizer_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -568,15 +555,6 @@ def _class_names(obj: Any) -> list[str]:
     return [k.__name__ for k in type(obj).__mro__]
 
 
-def _check_strategy(strategy: Any) -> None:
-    if any(s.lower() in n.lower() for s in _UNSUPPORTED_STRATEGIES for n in _class_names(strategy)):
-        raise NotImplementedError(
-            f"LowRankFactorization does not support {type(strategy).__name__} yet: it shards or replicates parameters "
-            "in ways that do not survive layers whose shapes change during training; use strategy='ddp' (or "
-            "'ddp_spawn' / a single device)"
-        )
-
-
 def _check_callbacks(callbacks: list) -> None:
     copies = [type(c).__name__ for c in callbacks if set(_class_names(c)) & set(_PARAM_COPY_CALLBACKS)]
     if copies:
@@ -584,17 +562,6 @@ def _check_callbacks(callbacks: list) -> None:
             f"LowRankFactorization cannot run with {copies}: they keep copies of the parameters, whose shapes "
             "change at each milestone. Remove one of the two callbacks."
         )
-
-
-def _rewrap_ddp(trainer: Trainer) -> None:
-    """After parameters changed, rebuild the DistributedDataParallel wrapper (a collective)."""
-    strategy = trainer.strategy
-    if not hasattr(strategy, "configure_ddp") or not isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
-        return
-    old = strategy.model
-    strategy.model = strategy.lightning_module
-    del old
-    strategy.configure_ddp()
 
 
 def _progress_printer(trainer: Trainer) -> Callable[[int, int, str], None]:

@@ -106,3 +106,42 @@ class preserved_metric_states:
             m._update_count = count
             m._computed = computed
         self.saved.clear()
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuses, before training, a strategy that shards or replicates parameters in ways a layer
+    whose shape changes mid-training does not survive. Accepted: ``SingleDeviceStrategy`` and
+    ``DDPStrategy`` (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...) instances, except DeepSpeed (a
+    ``DDPStrategy`` subclass); refused by ``isinstance``: FSDP, DeepSpeed, ModelParallel, XLA, and
+    anything else."""
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+        SingleDeviceXLAStrategy,
+        XLAStrategy,
+    )
+
+    refused = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy, SingleDeviceXLAStrategy)
+    if isinstance(strategy, refused) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise NotImplementedError(
+            f"LowRankFactorization does not support {type(strategy).__name__} yet: it shards or replicates parameters "
+            "in ways that do not survive layers whose shapes change during training; use strategy='ddp' (or "
+            "'ddp_spawn' / a single device)"
+        )
+
+
+def rewrap_ddp(trainer: Trainer) -> None:
+    """After parameters changed, rebuilds the ``DistributedDataParallel`` wrapper (a collective: every
+    rank must call it). Assigns ``strategy.model`` back to the LightningModule and calls the
+    strategy's ``configure_ddp()`` (public names, but their use to re-wrap mid-fit is Lightning
+    internals). Does nothing where the model is not wrapped in DDP."""
+    strategy = trainer.strategy
+    if not hasattr(strategy, "configure_ddp") or not isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        return
+    old = strategy.model
+    strategy.model = strategy.lightning_module
+    del old
+    strategy.configure_ddp()

@@ -17,10 +17,10 @@ from typing import Sized, Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
+from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
 from . import settings
@@ -28,8 +28,6 @@ from .refactorize import refactorize
 from .reports import LayerReport
 from .sensitivity import OutputProbe
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
-from .sharing import explicit_targets, resolve_silent, skip_report
-from .targets import select_layers
 
 
 class _Prepared:
@@ -52,8 +50,8 @@ def _print_progress(i: int, n: int, name: str) -> None:
     print(f"[factorize_model] solving layer {i + 1}/{n}: {name}", file=sys.stderr, flush=True)
 
 
-def _collect(model: nn.Module, layers, batches: Iterable, input_fn: Optional[InputFn], **collector_args) -> ActivationCollector:
-    with evaluating(model), ActivationCollector(layers, **collector_args) as collector, naming_failures(model):
+def _collect(model: nn.Module, collector: ActivationCollector, batches: Iterable, input_fn: Optional[InputFn]) -> ActivationCollector:
+    with evaluating(model), collector, naming_failures(model):
         n_batches = 0
         for batch in batches:
             call_model(model, batch, input_fn)
@@ -73,7 +71,8 @@ def factorize_model(
     param_budget: Optional[float] = None,
     targets: Optional[Union[str, Sequence[str]]] = None,
     exclude: Optional[Sequence[str]] = None,
-    min_params: int = 0,
+    min_params: int = 1024,
+    min_features: int = 32,
     max_samples: Optional[int] = 200_000,
     sample_fraction: Union[float, str] = 1.0,
     space: str = "auto",
@@ -121,10 +120,15 @@ def factorize_model(
             single string is one pattern. Every ``targets`` pattern must match something
             (ValueError), and a layer named exactly must be factorizable (TypeError). Default:
             every Linear and Conv2d (groups=1).
-        min_params: skip layers with fewer weights.
+        min_params: skip layers with fewer weights (1024: as the callback; 0 takes every layer).
+        min_features: skip layers whose min(in, out) features is smaller (C_in * k_h * k_w and
+            C_out for a convolution; 32, as the callback: by default a 10-class head is left alone).
         max_samples / sample_fraction / space: passed to ``ActivationCollector`` (rows per layer;
             share of each batch's rows; ``"auto"`` accumulates x @ W for layers with fewer outputs
-            than inputs, exact here since the weights do not change before solving).
+            than inputs, exact here since the weights do not change before solving). Unlike the
+            callback's (100_000, ``"auto"``), the defaults keep every row, up to 200_000: the
+            calibration set is read once and chosen for this, so statistics cost little here
+            (``pipeline.ONE_SHOT_STATISTICS``).
         regularization: alpha >= 0 of the solver (0: the exact data-optimal fit; large values
             tend to the plain truncated SVD of the weights).
         device: where calibration batches are moved (default: the device of the model's first
@@ -156,10 +160,7 @@ def factorize_model(
     check_not_compiled(model, "factorize_model")
     check_not_meta(model, "factorize_model")
     # every setting checked before the calibration data is read (the callback's checkers)
-    targets, exclude = settings.check_patterns("targets", targets), settings.check_patterns("exclude", exclude)
-    min_params = settings.check_min_params(min_params)
-    max_samples = settings.check_max_samples(max_samples)
-    sample_fraction = settings.check_sample_fraction(sample_fraction)
+    spec = TargetSpec(targets, exclude, min_params, min_features, max_samples, sample_fraction)
     space = settings.check_space(space)
     regularization = settings.check_regularization(regularization)
     device = settings.check_device(device)
@@ -167,47 +168,34 @@ def factorize_model(
     output_fn = settings.check_callable("output_fn", output_fn, optional=False)
     sensitivity_batches = settings.check_optional_whole("sensitivity_batches", sensitivity_batches, 1, "all batches")
     progress = settings.check_progress(progress)
-    _advise(unmatched_excludes(model, exclude))
-    skipped: dict[str, str] = {}
-    layers = select_layers(model, targets, exclude, min_params=min_params, notes=skipped)
-    if not layers:
-        raise ValueError(
-            f"no Linear/Conv2d layer of {type(model).__name__} was selected to factorize "
-            f"(targets={targets!r}, exclude={exclude!r}, min_params={min_params})"
-        )
-    _advise(oversized_ranks(policy, layers))
-    measuring = policy.uses_probe
-    if measuring and iter(calibration) is calibration:
-        calibration = list(calibration)
-    batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
     guard = resolve_guard(speed_guard, "inference")
     if guard is not None and guard.scope == "model":
         raise ValueError(
             "factorize_model times layers alone: SpeedGuard(scope='model') needs a training step to time (the "
             "LowRankFactorization callback); pass SpeedGuard(scope='layer') or leave scope unset"
         )
+    selection = prepare(model, spec, {"": policy})
+    for message in selection.advice:
+        _advise(message)
+    if policy.uses_probe and iter(calibration) is calibration:
+        calibration = list(calibration)
+    batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
     progress_fn = _print_progress if progress is True else (progress or None)
-    collector = _collect(
-        model, layers, batches, input_fn, max_samples=max_samples, sample_fraction=sample_fraction, space=space,
-        expected_batches=len(calibration) if isinstance(calibration, Sized) else None,
-        counted={name: model.get_submodule(name) for name in skipped},
-    )  # fmt: skip
-    silent = [name for name, n in collector.samples().items() if n == 0]
-    skipped.update(resolve_silent(model, silent, explicit_targets(model, targets), "calibration"))
-    layers = {name: m for name, m in layers.items() if name not in skipped}
+    expected = len(calibration) if isinstance(calibration, Sized) else None
+    collector = _collect(model, collect_with(model, selection, spec, expected_batches=expected, space=space), batches, input_fn)
+    leave_out_silent(model, selection, spec, [name for name, n in collector.samples().items() if n == 0], "calibration")
+    layers = selection.layers
     if not layers:
-        raise RuntimeError(f"no targeted layer ran on the calibration data: {skipped}")
-    probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if measuring else None
+        raise RuntimeError(f"no targeted layer ran on the calibration data: {selection.skipped}")
+    probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if policy.uses_probe else None
     reports = refactorize(
         model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
         regularization=regularization, progress=progress_fn,
         speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
     )  # fmt: skip
-    reports += [
-        skip_report(name, model.get_submodule(name), note, collector.positions.get(name, 1.0)) for name, note in skipped.items()
-    ]
-    _advise(optimistic_fits(reports))
-    _advise(no_change(reports, f"factorize_model({policy!r})"))
+    reports, advice = finish(model, selection, reports, collector.positions, f"factorize_model({policy!r})")
+    for message in advice:
+        _advise(message)
     plan = getattr(policy, "last_plan", None)
     if progress_fn is not None and plan is not None and plan.errors:
         errs = ", ".join(f"{k}: {v.relative:.4g}" for k, v in plan.errors.items())
