@@ -185,3 +185,16 @@ def test_all_reduce_reduces_a_shared_accumulator_once_and_ranks_agree_on_sharing
         for col in cols:
             torch.testing.assert_close(col.stats[name].cxx, both.stats[name].cxx, rtol=1e-12, atol=1e-12)
             assert col.stats[name].num_samples == 12
+
+
+def test_factorize_model_reports_carry_the_statistics_bytes():
+    from factorize_plugin import factorize_model
+
+    model = _llama().float()
+    reports = factorize_model(model, _batches(2), rank=0.5, speed_guard=False, input_fn=lambda ids: {"input_ids": ids},
+                              targets="model.layers.*")  # fmt: skip
+    assert isinstance(reports, list) and len(reports) == 14
+    # per block under space="auto" (held-out halves: two accumulators each): q alone, k/v projected
+    # (16 wide), o, gate/up shared, down projected (32 wide)
+    one, small = 2 * 8 * (32 * 32 + 32 + 1), 2 * 8 * (16 * 16 + 16 + 1)
+    assert reports.statistics_bytes == 2 * (4 * one + 2 * small)
