@@ -194,17 +194,29 @@ class ActivationCollector:
 
     def _key_bytes(self, key: str) -> int:
         acc = self._stats[key]
-        return (acc.nbytes() if acc.allocated else 0) + self.holdout.nbytes(key)
+        held = (acc.nbytes() if acc.allocated else 0) + self.holdout.nbytes(key)
+        if key in self.projections:  # the copies of W projected statistics keep (float64, and per device/dtype)
+            weight = getattr(self.layers[key], "weight", None)
+            own = {weight.untyped_storage().data_ptr()} if isinstance(weight, torch.Tensor) else set()
+            copies = [acc.projection] + [w for k, w in self._projection_copies.items() if k[0] == key]
+            for w in copies:
+                ptr = w.untyped_storage().data_ptr()
+                if ptr not in own:
+                    own.add(ptr)
+                    held += w.numel() * w.element_size()
+        return held
 
     def statistics_bytes_of(self, names: Iterable[str]) -> int:
-        """Bytes the float64 accumulators (and held-out halves) of layers ``names`` hold now, an
-        accumulator shared by several of them counted once."""
+        """Bytes the float64 statistics of layers ``names`` hold now: their accumulators, held-out
+        halves and the halves' cached union, and the copies of W that projected statistics keep
+        (float64, unless W is float64 already); an accumulator shared by several of them counted once."""
         return sum(self._key_bytes(key) for key in dict.fromkeys(self._stream[n] for n in names))
 
     @property
     def statistics_bytes(self) -> int:
-        """Peak bytes of all float64 accumulators during collection (held-out halves included, a
-        shared accumulator counted once): what the statistics cost in memory on this process."""
+        """Peak bytes of all float64 statistics (see ``statistics_bytes_of``; a shared accumulator
+        counted once), over collection and the reads of ``stats`` so far: what the statistics cost
+        in memory on this process."""
         return max(self._peak_bytes, self.statistics_bytes_of(self.layers))
 
     def _note_bytes(self) -> None:

@@ -99,8 +99,10 @@ class HeldOutHalves:
             self._parity.pop(dst, None)
 
     def nbytes(self, key: str) -> int:
-        """Bytes of the allocated float64 halves of ``key``."""
-        return sum(h.nbytes() for h in self.halves.get(key, ()) if h.allocated)
+        """Bytes of the allocated float64 halves of ``key`` and of their cached union."""
+        union = self._unions.get(key)
+        held = [*self.halves.get(key, ()), *(() if union is None else (union[1],))]
+        return sum(h.nbytes() for h in held if h.allocated)
 
 
 def heldout_curve(
