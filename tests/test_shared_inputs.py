@@ -65,6 +65,20 @@ def test_llama_qkv_and_gate_up_share_and_give_identical_factors(space):
         assert torch.equal(cs[name].heldout_curve, ca[name].heldout_curve), name  # held-out halves too
 
 
+def test_llama_under_inference_mode_shares_as_under_no_grad():
+    model = _llama()
+    layers = _linears(model)
+    cols = {}
+    for share in (True, False):
+        cols[share] = ActivationCollector(layers, max_samples=None, share_inputs=share, space="input")
+        with torch.inference_mode(), cols[share]:  # activations are inference tensors (no version counter)
+            for ids in _batches(2):
+                model(input_ids=ids)
+    assert sum(len(g) > 1 for g in cols[True].groups().values()) == 4
+    for name in layers:
+        assert torch.equal(cols[True].stats[name].cxx, cols[False].stats[name].cxx)
+
+
 def test_llama_statistics_memory_drops_by_3_for_qkv_and_2_for_gate_up():
     model = _llama()
     layers = _linears(model)

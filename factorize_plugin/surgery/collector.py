@@ -44,10 +44,15 @@ class _Round:
     seen: set
 
 
+def _version(x: torch.Tensor) -> int:
+    """The in-place version counter of ``x`` (-1 for an inference tensor, which has none)."""
+    return -1 if x.is_inference() else x._version
+
+
 def _same(ref: weakref.ref, version: int, x: torch.Tensor) -> bool:
     """``x`` is the very tensor ``ref`` points to, unchanged in place since (a dead reference
     matches nothing: the tensor was freed, so ``x`` is another one)."""
-    return ref() is x and x._version == version
+    return ref() is x and _version(x) == version
 
 
 def _exact_output(x: torch.Tensor, output: object) -> bool:
@@ -305,7 +310,7 @@ class ActivationCollector:
                 return
             self._buffer(key, *taken)
             if shareable and self.calls[name] == 0:  # layers called next with this tensor may join
-                self._first.setdefault(id(x0), []).append((name, weakref.ref(x0), x0._version))
+                self._first.setdefault(id(x0), []).append((name, weakref.ref(x0), _version(x0)))
             self.calls[name] += 1
 
         return hook
@@ -380,7 +385,7 @@ class ActivationCollector:
                 return False
             taken = self._rows(name, key, x0, None)
             if taken is not None:
-                self._round[key] = _Round(weakref.ref(x0), x0._version, taken[0], {name})
+                self._round[key] = _Round(weakref.ref(x0), _version(x0), taken[0], {name})
                 self.calls[name] += 1
             return True  # (None: the shared accumulator is full; no member takes rows any more)
         if name not in rnd.seen and _same(rnd.ref, rnd.version, x0):
