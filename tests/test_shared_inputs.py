@@ -213,3 +213,34 @@ def test_factorize_model_reports_carry_the_statistics_bytes():
     # and the float64 copies of the float32 W of k, v (32 x 16) and down (64 x 32)
     one, small = 3 * 8 * (32 * 32 + 32 + 1), 3 * 8 * (16 * 16 + 16 + 1)
     assert reports.statistics_bytes == 2 * (4 * one + 2 * small + 8 * (2 * 32 * 16 + 64 * 32))
+
+
+def test_convolutions_share_only_with_the_same_patches():
+    torch.manual_seed(0)
+    one_a, one_b = nn.Conv2d(4, 6, 1).double(), nn.Conv2d(4, 3, 1).double()
+    three, strided = nn.Conv2d(4, 5, 3, padding=1).double(), nn.Conv2d(4, 6, 1, stride=2).double()
+    layers = {"one_a": one_a, "one_b": one_b, "three": three, "strided": strided}
+    cols = {}
+    for share in (True, False):
+        cols[share] = ActivationCollector(layers, max_samples=None, share_inputs=share)
+        with cols[share]:
+            for i in range(2):
+                img = torch.randn(2, 4, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) + i
+                for m in layers.values():
+                    m(img)
+    assert sorted(map(tuple, cols[True].groups().values())) == [("one_a", "one_b"), ("strided",), ("three",)]
+    for name in layers:
+        assert torch.equal(cols[True].stats[name].cxx, cols[False].stats[name].cxx)
+
+
+def test_callback_sampling_auto_shares_on_the_llama():
+    """The callback's settings (sample_fraction="auto", space="auto"): gate/up share one random
+    subset of rows (so not the unshared statistics, but as many rows); the solve runs."""
+    model = _llama().float()
+    layers = _linears(model)
+    col = _collect(model, layers, True, _batches(3), space="auto", sample_fraction="auto", expected_batches=3)
+    groups = sorted(tuple(g) for g in col.groups().values() if len(g) > 1)
+    assert groups == [(f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj") for i in range(2)]
+    alone = _collect(model, layers, False, _batches(3), space="auto", sample_fraction="auto", expected_batches=3)
+    assert col.samples() == alone.samples()
+    build_candidates(layers, col.stats)
