@@ -118,6 +118,7 @@ def test_trains_through_a_schedule(family, patterns):
     elif not patterns:
         assert "model.lm_head" in factorized  # an untied head is an ordinary Linear
     assert _every_parameter_once(trainer, task)  # tied embeddings and BERT's shared bias still train
+    assert cb.history[-1]["statistics_bytes"] > 0  # peak float64 statistics of the milestone
 
 
 def test_bert_tied_decoder_and_shared_bias_stay_tied():

@@ -146,6 +146,11 @@ class MomentAccumulator:
     def device(self) -> Optional[torch.device]:
         return self._device
 
+    @property
+    def allocated(self) -> bool:
+        """Whether the float64 buffers exist (they are made on the first update or merge)."""
+        return self._allocated
+
     def nbytes(self) -> int:
         """Bytes held by the float64 buffers: 8 * (D^2 + D + 1 [+ D*M + M + 1])."""
         d, m = self.in_features, self.out_features or 0

@@ -152,7 +152,9 @@ class LowRankFactorization(Callback):
       and ``nmse`` and ``samples`` per layer, and ``statistics`` (``"validation"`` or
       ``"calibration"``: where the statistics came from), ``heldout_nmse`` per layer (small
       statistics only: a fit on half the rows measured on the other half; ``max_nmse`` uses the
-      fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``).
+      fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``),
+      ``statistics_bytes`` (peak bytes of this process's float64 statistics, an accumulator shared
+      by layers reading the same input counted once).
     """
 
     STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
@@ -304,8 +306,7 @@ class LowRankFactorization(Callback):
             )
         collector, source = self._statistics(trainer, pl_module, epoch)
         if trainer.world_size > 1:
-            for name in sorted(collector.stats):  # same collectives, same order, on every rank
-                collector.stats[name].all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+            collector.all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # a shared accumulator once
         self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
         layers = self._layers(pl_module)
         policy = self._policies[milestone]
@@ -327,6 +328,7 @@ class LowRankFactorization(Callback):
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
         self._record(trainer, pl_module, due, milestone, reports, source, table)
+        self.history[-1]["statistics_bytes"] = collector.statistics_bytes  # peak float64 statistics, this process
         if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
             self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
             pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,

@@ -5,11 +5,18 @@ Memory per layer is that of one ``MomentAccumulator``: 8 * (D^2 + D + 1) bytes, 
 layer's input features (C_in * k_h * k_w for a convolution), whatever the number of samples;
 with ``space="auto"``, 8 * (K^2 + K + 1) with K = min(D, M) (plus a float64 copy of W). Twice that
 while a layer has few rows (the held-out halves), plus up to ``BUFFER_ROWS`` waiting rows.
+
+Layers that read the same input tensor (Llama's q/k/v and gate/up projections, BERT's
+query/key/value) share one accumulator: ``statistics_bytes`` counts it once. The sharing is
+detected at run time and confirmed on every call (see ``ActivationCollector``).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+import copy
+import dataclasses
+import weakref
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +30,29 @@ from .speed import LayerInput, autocast_dtype
 
 def _autocast_type(device: torch.device) -> str:
     return device.type if device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+
+
+@dataclasses.dataclass
+class _Round:
+    """One call of a group of layers sharing an accumulator: the input tensor (by identity and
+    version) its first member got, the rows it kept (buffered only once every member got the
+    same tensor) and the members that got it so far."""
+
+    ref: weakref.ref
+    version: int
+    rows: torch.Tensor
+    seen: set
+
+
+def _version(x: torch.Tensor) -> int:
+    """The in-place version counter of ``x`` (-1 for an inference tensor, which has none)."""
+    return -1 if x.is_inference() else x._version
+
+
+def _same(ref: weakref.ref, version: int, x: torch.Tensor) -> bool:
+    """``x`` is the very tensor ``ref`` points to, unchanged in place since (a dead reference
+    matches nothing: the tensor was freed, so ``x`` is another one)."""
+    return ref() is x and _version(x) == version
 
 
 def _exact_output(x: torch.Tensor, output: object) -> bool:
@@ -66,6 +96,17 @@ class ActivationCollector:
         counted: layers left dense (a tied head, ...) whose output positions per sample are
             recorded in ``positions`` too, without statistics: the reports count their
             multiply-adds per position like those of the factorized layers.
+        share_inputs: layers whose statistics are of their inputs (not projected) and that get the
+            very same input tensor (same object, unchanged) on their first call, in a row, with the
+            same row sampling (input width, convolution geometry, fraction), share one accumulator
+            (and held-out halves). Every later call is checked: a call's rows go into the shared
+            accumulator only once every member got the same tensor; if one gets another tensor, or
+            a member runs twice (or never) before the others ran, the group splits: each member
+            goes on with an exact copy of the shared statistics up to the last complete call (plus
+            that call's rows where it got them). With every row kept (``sample_fraction`` 1, no cap
+            reached mid-batch) the statistics are bit-identical to unshared collection; with
+            sampling a group keeps one random subset instead of one per layer. ``False``: one
+            accumulator per layer.
 
     Use as a context manager, or ``attach()`` / ``detach()``. Works under ``torch.no_grad()``,
     ``torch.inference_mode()`` and autocast (the statistics' products are computed with autocast off).
@@ -85,6 +126,7 @@ class ActivationCollector:
         holdout: bool = True,
         expected_batches: Optional[int] = None,
         counted: Optional[Mapping[str, nn.Module]] = None,
+        share_inputs: bool = True,
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -125,16 +167,97 @@ class ActivationCollector:
         self._kept: dict[str, int] = dict.fromkeys(self.layers, 0)
         self._projection_copies: dict[tuple, torch.Tensor] = {}
         self._handles: list = []
+        # shared inputs: layer -> key of the accumulator (and buffers, rows kept, halves) it uses;
+        # key -> members of a group sharing it; the open call of a group; the first input of a
+        # layer that may still be joined by others (weakref, version, sampling signature)
+        self.share_inputs = share_inputs
+        self._stream: dict[str, str] = {name: name for name in self.layers}
+        self._members: dict[str, list[str]] = {}
+        self._round: dict[str, _Round] = {}
+        self._first: dict[int, tuple[str, weakref.ref, int]] = {}
+        self._signature = {name: (v.in_dim, v.geometry, self.fractions[name]) for name, v in self.views.items()}
+        self._peak_bytes = 0
         # two halves of a small set's rows, for an honest (held-out) error estimate
-        self.holdout = HeldOutHalves(self._stats, enabled=holdout)
+        self.holdout = HeldOutHalves(self._stats, enabled=holdout, streams=self._stream)
 
     @property
     def stats(self) -> dict[str, MomentAccumulator]:
-        """Every row each layer kept, by name (a layer with held-out halves: their union)."""
-        for name in self.layers:
-            self._drain(name)
-        unions = {name: self.holdout.union(name) for name in self._stats}
-        return {name: s if unions[name] is None else unions[name] for name, s in self._stats.items()}
+        """Every row each layer kept, by name (a layer with held-out halves: their union). Layers
+        sharing their input get the same accumulator object."""
+        keys = dict.fromkeys(self._stream.values())
+        for key in keys:
+            self._drain(key)
+        unions = {key: self.holdout.union(key) for key in keys}
+        return {name: self._stats[key] if unions[key] is None else unions[key] for name, key in self._stream.items()}
+
+    def groups(self) -> dict[str, list[str]]:
+        """The layers using each accumulator, by its key (one layer each, or a shared-input group)."""
+        out: dict[str, list[str]] = {}
+        for name, key in self._stream.items():
+            out.setdefault(key, []).append(name)
+        return out
+
+    def _key_bytes(self, key: str) -> int:
+        acc = self._stats[key]
+        held = (acc.nbytes() if acc.allocated else 0) + self.holdout.nbytes(key)
+        if key in self.projections:  # the copies of W projected statistics keep (float64, and per device/dtype)
+            weight = getattr(self.layers[key], "weight", None)
+            own = {weight.untyped_storage().data_ptr()} if isinstance(weight, torch.Tensor) else set()
+            copies = [acc.projection] + [w for k, w in self._projection_copies.items() if k[0] == key]
+            for w in copies:
+                ptr = w.untyped_storage().data_ptr()
+                if ptr not in own:
+                    own.add(ptr)
+                    held += w.numel() * w.element_size()
+        return held
+
+    def statistics_bytes_of(self, names: Iterable[str]) -> int:
+        """Bytes the float64 statistics of layers ``names`` hold now: their accumulators, held-out
+        halves and the halves' cached union, and the copies of W that projected statistics keep
+        (float64, unless W is float64 already); an accumulator shared by several of them counted once."""
+        return sum(self._key_bytes(key) for key in dict.fromkeys(self._stream[n] for n in names))
+
+    @property
+    def statistics_bytes(self) -> int:
+        """Peak bytes of all float64 statistics (see ``statistics_bytes_of``; a shared accumulator
+        counted once), over collection and the reads of ``stats`` so far: what the statistics cost
+        in memory on this process."""
+        return max(self._peak_bytes, self.statistics_bytes_of(self.layers))
+
+    def _note_bytes(self) -> None:
+        self._peak_bytes = max(self._peak_bytes, self.statistics_bytes_of(self.layers))
+
+    def all_reduce_(self, sum_fn: Callable[[torch.Tensor], torch.Tensor]) -> "ActivationCollector":
+        """Replaces every accumulator by that of all processes' rows (``MomentAccumulator.all_reduce_``),
+        a shared one once. Every process must call it: first the processes agree on the sharing
+        (a group that is not the same on every process is split everywhere), so that all of them
+        reduce the same accumulators in the same order."""
+        self._agree_on_sharing(sum_fn)
+        stats, done = self.stats, set()
+        for name in sorted(stats):  # same collectives, same order, on every rank
+            if id(stats[name]) not in done:
+                done.add(id(stats[name]))
+                stats[name].all_reduce_(sum_fn)
+        return self
+
+    def _agree_on_sharing(self, sum_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Splits, on every process alike, each group whose members differ between processes: per
+        layer (in sorted order) the index of its group's first member is summed with its square and
+        a count of processes; they agree iff n * sum(v^2) == sum(v)^2 (exact in float64)."""
+        names = sorted(self.layers)
+        index = {n: i for i, n in enumerate(names)}
+        device = next((a.device for a in self._stats.values() if a.device is not None), torch.device("cpu"))
+        while True:
+            groups = self.groups()
+            v = torch.tensor([float(min(index[m] for m in groups[self._stream[n]])) for n in names], dtype=torch.float64)
+            total = sum_fn(torch.cat([torch.ones(1, dtype=torch.float64), v, v * v]).to(device)).cpu()
+            n, sums, squares = total[0], total[1 : 1 + len(names)], total[1 + len(names) :]
+            differ = [name for name, s, q in zip(names, sums.tolist(), squares.tolist()) if float(n) * q != s * s]
+            if not differ:  # (decided on the sums: the same on every process)
+                return
+            for key in dict.fromkeys(self._stream[name] for name in differ):
+                if key in self._members:  # a group here; elsewhere it may be one layer alone
+                    self._split(key)
 
     def attach(self) -> "ActivationCollector":
         if not self._handles:
@@ -151,8 +274,12 @@ class ActivationCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for name in self.layers:
-            self._drain(name)
+        for key in list(self._round):  # a call some member of a group never got: the sharing broke
+            self._split(key)
+        self._first.clear()
+        for key in dict.fromkeys(self._stream.values()):
+            self._drain(key)
+        self._note_bytes()
 
     def __enter__(self) -> "ActivationCollector":
         return self.attach()
@@ -165,40 +292,130 @@ class ActivationCollector:
         return bool(self._handles)
 
     def _hook_for(self, name: str):
-        view, fraction, width = self.views[name], self.fractions[name], self._stats[name].in_features
-        bias = self._biases.get(name)
+        shareable = self.share_inputs and name not in self.projections
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x0 = args[0]
             if name not in self.inputs:
-                self.inputs[name] = LayerInput.of(args[0])
-            seen = self._kept[name]
-            if self.max_samples is not None and seen >= self.max_samples:
+                self.inputs[name] = LayerInput.of(x0)
+            key = self._stream[name]
+            if key in self._members:
+                if self._shared_call(name, key, x0):
+                    return
+                key = self._stream[name]  # the group split: on its own from here
+            elif shareable and self.calls[name] == 0 and self._join(name, x0):
                 return
-            # no autocast or grad concerns here: only indexing and copies (the products are in _drain)
-            x = args[0].detach()
-            total = count_rows(x, view)
-            batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
-            self.positions[name] = total / max(batch, 1)
-            want = total if fraction >= 1 else max(1, round(fraction * total))
-            if self._auto:
-                want = min(total, max(want, self._minimum_rows(width, seen, self.calls[name])))
-            if self.max_samples is not None:
-                want = min(want, self.max_samples - seen)
-            keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
-            if name in self.projections and _exact_output(x, output):
-                # the projected rows z = x @ W are the layer's own output less its bias: no patches
-                # to gather and no product to compute
-                rows = output_rows(output.detach(), view, keep)
-                rows = rows.clone() if bias is None else rows - bias.to(rows.device, rows.dtype)
-                self._buffer(name, rows, projected=True)
-            else:
-                rows = input_rows(x, view, keep)
-                if keep is None and view.geometry is None:
-                    rows = rows.clone()  # a view of the activation, which may be changed in place later
-                self._buffer(name, rows, projected=False)
+            taken = self._rows(name, key, x0, output)
+            if taken is None:
+                return
+            self._buffer(key, *taken)
+            if shareable and self.calls[name] == 0:  # layers called next with this tensor may join
+                self._first.setdefault(id(x0), []).append((name, weakref.ref(x0), _version(x0)))
             self.calls[name] += 1
 
         return hook
+
+    def _position(self, name: str, x: torch.Tensor) -> int:
+        """Records the output positions per sample of layer ``name`` for input ``x``; its rows."""
+        view = self.views[name]
+        total = count_rows(x, view)
+        batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
+        self.positions[name] = total / max(batch, 1)
+        return total
+
+    def _rows(self, name: str, key: str, x0: torch.Tensor, output: object) -> Optional[tuple[torch.Tensor, bool]]:
+        """The rows layer ``name`` keeps of this call (and whether they are projected), or None
+        when its accumulator ``key`` already has ``max_samples`` rows."""
+        view, fraction = self.views[name], self.fractions[name]
+        seen = self._kept[key]
+        if self.max_samples is not None and seen >= self.max_samples:
+            return None
+        # no autocast or grad concerns here: only indexing and copies (the products are in _drain)
+        x = x0.detach()
+        total = self._position(name, x)
+        batch = x.shape[0] if x.ndim > (1 if view.geometry is None else 3) else 1
+        want = total if fraction >= 1 else max(1, round(fraction * total))
+        if self._auto:
+            want = min(total, max(want, self._minimum_rows(self._stats[name].in_features, seen, self.calls[name])))
+        if self.max_samples is not None:
+            want = min(want, self.max_samples - seen)
+        keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
+        bias = self._biases.get(name)
+        if name in self.projections and _exact_output(x, output):
+            # the projected rows z = x @ W are the layer's own output less its bias: no patches
+            # to gather and no product to compute
+            rows = output_rows(output.detach(), view, keep)
+            rows = rows.clone() if bias is None else rows - bias.to(rows.device, rows.dtype)
+            return rows, True
+        rows = input_rows(x, view, keep)
+        if keep is None and view.geometry is None:
+            rows = rows.clone()  # a view of the activation, which may be changed in place later
+        return rows, False
+
+    def _join(self, name: str, x0: torch.Tensor) -> bool:
+        """On its first call, layer ``name`` joins the accumulator of a layer whose only call so
+        far (and its group's) got this very tensor, with the same row sampling."""
+        for leader, ref, version in self._first.get(id(x0), ()):
+            key = self._stream[leader]
+            members = self._members.get(key, [key])
+            if (
+                key != leader
+                or not _same(ref, version, x0)
+                or self._signature[leader] != self._signature[name]
+                or key in self._round
+                or any(self.calls[m] != 1 for m in members)
+            ):
+                continue
+            self._members[key] = members + [name]
+            self._stream[name] = key
+            self._position(name, x0.detach())
+            self.calls[name] += 1
+            return True
+        return False
+
+    def _shared_call(self, name: str, key: str, x0: torch.Tensor) -> bool:
+        """A call of member ``name`` of the group sharing ``key``: opens the group's next call
+        (its rows wait), or confirms the open one (its rows are buffered once every member got
+        the same tensor). False when the call breaks the sharing: the group is split and the
+        caller treats the call as that of a layer of its own."""
+        members, rnd = self._members[key], self._round.get(key)
+        if rnd is None:
+            if any(self.calls[m] != self.calls[name] for m in members):  # not expected: be safe
+                self._split(key)
+                return False
+            taken = self._rows(name, key, x0, None)
+            if taken is not None:
+                self._round[key] = _Round(weakref.ref(x0), _version(x0), taken[0], {name})
+                self.calls[name] += 1
+            return True  # (None: the shared accumulator is full; no member takes rows any more)
+        if name not in rnd.seen and _same(rnd.ref, rnd.version, x0):
+            rnd.seen.add(name)
+            self._position(name, x0.detach())
+            self.calls[name] += 1
+            if len(rnd.seen) == len(members):
+                del self._round[key]
+                self._buffer(key, rnd.rows, projected=False)
+            return True
+        self._split(key)
+        return False
+
+    def _split(self, key: str) -> None:
+        """Ends the sharing of accumulator ``key``: every other member goes on with an exact copy
+        of it (pending rows, held-out halves and their parity included) and the open call's rows
+        go to the members that got its tensor."""
+        members, rnd = self._members.pop(key), self._round.pop(key, None)
+        with torch.inference_mode(False), torch.no_grad():
+            self._drain(key)
+            for m in members:
+                if m != key:
+                    self._stream[m] = m
+                    self._stats[m] = copy.deepcopy(self._stats[key])
+                    self.holdout.copy(key, m)
+                    self._kept[m] = self._kept[key]
+            if rnd is not None:
+                for m in rnd.seen:
+                    self._buffer(m, rnd.rows, projected=False)
+        self._note_bytes()
 
     def _position_hook(self, name: str, view: LayerView):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -225,8 +442,9 @@ class ActivationCollector:
             self._drain(name)
 
     def _drain(self, name: str) -> None:
-        """Moves the buffered rows of ``name`` into its statistics (input rows projected first, for
-        "auto" space: float64 rows in float64, others in float32)."""
+        """Moves the buffered rows of accumulator ``name`` (a layer's, or a shared-input group's
+        key) into its statistics (input rows projected first, for "auto" space: float64 rows in
+        float64, others in float32)."""
         for projected in (False, True):
             buffer = self._buffers[(name, projected)]
             if not buffer:
@@ -241,6 +459,7 @@ class ActivationCollector:
                     rows = rows.to(work_dtype(rows)) @ self._projection_for(name, rows)
                 if not self.holdout.update(name, rows):
                     self._stats[name].update(rows)
+            self._note_bytes()
 
     def _projection_for(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """W of layer ``name`` on the rows' device, in the dtype they are multiplied in (cached)."""
@@ -272,8 +491,13 @@ class ActivationCollector:
 
     def samples(self) -> dict[str, int]:
         """Rows in each layer's statistics (after a DDP ``all_reduce_``: of every process)."""
-        waiting = {name: self._buffered_rows[(name, False)] + self._buffered_rows[(name, True)] for name in self._stats}
-        return {name: s.num_samples + self.holdout.rows(name) + waiting[name] for name, s in self._stats.items()}
+        out = {}
+        for name, key in self._stream.items():
+            waiting = self._buffered_rows[(key, False)] + self._buffered_rows[(key, True)]
+            rnd = self._round.get(key)
+            waiting += rnd.rows.shape[0] if rnd is not None and name in rnd.seen else 0
+            out[name] = self._stats[key].num_samples + self.holdout.rows(key) + waiting
+        return out
 
     def check_nonempty(self) -> None:
         """Raises if any layer saw no samples (e.g. its hook was bypassed by ``torch.compile``)."""

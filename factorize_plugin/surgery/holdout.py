@@ -12,6 +12,7 @@ and width D the optimism shrinks like D / n). The fit itself always uses all row
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Optional
 
 import torch
@@ -31,12 +32,16 @@ class HeldOutHalves:
 
     ``stats`` (name -> accumulator) receives the rows only after ``update`` returns False; while a
     layer has halves its accumulator stays empty and ``union(name)`` holds all of its rows.
+    ``streams`` (layer -> key of ``stats``, kept up to date by the caller; default: every key its
+    own layer) lets layers that share one accumulator share its halves: ``pairs`` is by layer.
     """
 
     LIMIT_FACTOR = 64
 
-    def __init__(self, stats: Mapping[str, MomentAccumulator], enabled: bool = True) -> None:
+    def __init__(self, stats: Mapping[str, MomentAccumulator], enabled: bool = True,
+                 streams: Optional[Mapping[str, str]] = None) -> None:  # fmt: skip
         self.stats = stats
+        self.streams = streams
         self.halves: dict[str, Halves] = {n: (_like(s), _like(s)) for n, s in stats.items()} if enabled else {}
         self._parity = dict.fromkeys(self.halves, 0)
         self._unions: dict[str, tuple[int, MomentAccumulator]] = {}
@@ -77,8 +82,27 @@ class HeldOutHalves:
         return cached[1]
 
     def pairs(self) -> dict[str, Halves]:
-        """The layers that still have both halves (a small set), by name."""
-        return {n: h for n, h in self.halves.items() if h[0].num_samples and h[1].num_samples}
+        """The layers that still have both halves (a small set), by name (layer name where
+        ``streams`` maps layers to shared keys)."""
+        keys = self.streams if self.streams is not None else {n: n for n in self.halves}
+        return {n: self.halves[k] for n, k in keys.items() if k in self.halves and all(h.num_samples for h in self.halves[k])}
+
+    def copy(self, src: str, dst: str) -> None:
+        """Gives key ``dst`` an exact copy of ``src``'s halves and parity (none if ``src`` has none),
+        e.g. when layers that shared ``src`` go their own ways."""
+        self._unions.pop(dst, None)
+        if src in self.halves:
+            self.halves[dst] = copy.deepcopy(self.halves[src])
+            self._parity[dst] = self._parity[src]
+        else:
+            self.halves.pop(dst, None)
+            self._parity.pop(dst, None)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of the allocated float64 halves of ``key`` and of their cached union."""
+        union = self._unions.get(key)
+        held = [*self.halves.get(key, ()), *(() if union is None else (union[1],))]
+        return sum(h.nbytes() for h in held if h.allocated)
 
 
 def heldout_curve(

@@ -25,7 +25,7 @@ from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
 from . import settings
 from .refactorize import refactorize
-from .reports import LayerReport
+from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
 
@@ -146,7 +146,8 @@ def factorize_model(
             ``"layer"``; ``scope="model"`` is refused: there is no training step to time).
 
     Returns:
-        ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them).
+        ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them),
+        as a list with ``statistics_bytes``: the peak bytes of the float64 statistics collected.
 
     Raises:
         ValueError: not exactly one policy, a bad policy value, a pattern that matches nothing, no
@@ -201,4 +202,4 @@ def factorize_model(
         errs = ", ".join(f"{k}: {v.relative:.4g}" for k, v in plan.errors.items())
         print(f"[factorize_model] relative output error on the calibration data: {errs}; keeping the {plan.chosen} "
               "allocation", file=sys.stderr, flush=True)  # fmt: skip
-    return reports
+    return Reports(reports, statistics_bytes=collector.statistics_bytes)

@@ -56,6 +56,15 @@ class LayerReport:
         )  # fmt: skip
 
 
+class Reports(list):
+    """``factorize_model``'s reports (a list of ``LayerReport``) with ``statistics_bytes``: the
+    peak bytes of the float64 statistics collected for them (``ActivationCollector.statistics_bytes``)."""
+
+    def __init__(self, reports: Sequence[LayerReport] = (), statistics_bytes: int = 0) -> None:
+        super().__init__(reports)
+        self.statistics_bytes = statistics_bytes
+
+
 def format_reports(reports: Sequence[LayerReport]) -> str:
     """A plain-text table of the reports plus totals against the dense layers."""
     head = f"{'layer':<28} {'shape':>11} {'rank':>11} {'nmse':>8} {'params':>17}"
