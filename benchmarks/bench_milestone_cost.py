@@ -44,7 +44,7 @@ TINY = dict(dim=64, layers=2, heads=4, block=32, sequences=8)
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 
 
-def previous_directions(self: LowRankDecomposition, c: torch.Tensor, b: torch.Tensor, cb) -> tuple:
+def previous_directions(self: LowRankDecomposition, c: torch.Tensor, b: torch.Tensor, cb, bbt=None) -> tuple:
     """The previous solver's step: L from the D x D eigendecomposition of the metric, V from the SVD
     of L B, then G = B V and C G as it computed them."""
     extra = self._regularizer(c)

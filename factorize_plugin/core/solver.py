@@ -164,23 +164,29 @@ class _Moments:
     mean_x: torch.Tensor
     mean_y: torch.Tensor
     cxx: torch.Tensor
-    cxy: torch.Tensor
+    cxy: Optional[torch.Tensor]
     syy: torch.Tensor
     total: torch.Tensor
 
 
 def _moments(
-    stats: MomentAccumulator, weight: torch.Tensor, bias: Optional[torch.Tensor], fit_bias: bool
+    stats: MomentAccumulator,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fit_bias: bool,
+    wwt: Optional[torch.Tensor] = None,
 ) -> _Moments:
     """The moments of ``stats`` for a fit with or without a bias; without explicit targets the
-    target is x @ weight + bias (bias None: no bias)."""
+    target is x @ weight + bias (bias None: no bias). Given ``wwt`` = W W^T [D, D] (cheaper than
+    C W when M > D) the implicit target's Syy comes from it and ``cxy`` is left out (None): the
+    caller then has Cxy V = C G itself."""
     n = stats.count
     if stats.has_targets:
         cxx, cxy, syy, mean_y = stats.cxx, stats.cxy, stats.syy, stats.mean_y
     else:
         cxx = stats.cxx
-        cxy = cxx @ weight
-        syy = (weight * cxy).sum()
+        cxy = None if wwt is not None else cxx @ weight
+        syy = (cxx * wwt).sum() if wwt is not None else (weight * cxy).sum()
         mean_y = stats.mean_x @ weight
         if bias is not None:
             mean_y = mean_y + bias
@@ -188,8 +194,8 @@ def _moments(
         return _Moments(n, stats.mean_x, mean_y, cxx, cxy, syy, syy)
     mx = stats.mean_x
     return _Moments(
-        n, torch.zeros_like(mx), torch.zeros_like(mean_y),
-        cxx + n * torch.outer(mx, mx), cxy + n * torch.outer(mx, mean_y), syy + n * mean_y.square().sum(), syy,
+        n, torch.zeros_like(mx), torch.zeros_like(mean_y), cxx + n * torch.outer(mx, mx),
+        None if cxy is None else cxy + n * torch.outer(mx, mean_y), syy + n * mean_y.square().sum(), syy,
     )  # fmt: skip
 
 
@@ -227,22 +233,23 @@ class LowRankDecomposition:
         self.weight = self._solving_weight(stats, weight)
         self.bias = None if bias is None else bias.detach().to(dtype=torch.float64, device=stats.device)
 
-        mom = _moments(stats, self.weight, self.bias, self.fit_bias)
-        self.mean_x, self.mean_y = mom.mean_x.clone(), mom.mean_y.clone()
         self._explicit = stats.has_targets
+        # Cxy = C W when the target is the layer's own output x W (+ a bias fitted away)
+        same_cross = not stats.has_targets and (self.bias is None or self.fit_bias)
+        self._same_cross = same_cross
+        self._wwt = self.weight @ self.weight.T if same_cross and m > d else None  # M > D: S = W W^T
+        mom = _moments(stats, self.weight, self.bias, self.fit_bias, self._wwt)
+        self.mean_x, self.mean_y = mom.mean_x.clone(), mom.mean_y.clone()
         if stats.has_targets:
             # B = W + A^+ (Cxy - C W): the least-squares (or ridge) solution closest to W.
             evals, evecs = torch.linalg.eigh(self._metric(mom.cxx))
             cutoff = evals.max().clamp_min(0.0) * self.weight.shape[0] * torch.finfo(torch.float64).eps
             inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
             self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ (mom.cxy - mom.cxx @ self.weight)))
-            same_cross = False
         else:
             self.B = self.weight
-            same_cross = self.bias is None or self.fit_bias  # Cxy = C W: the target is x W (+ a fitted bias)
-        self._same_cross = same_cross
         # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
-        self.V, self.G, cg = self._directions(mom.cxx, self.B, mom.cxy if same_cross else None)
+        self.V, self.G, cg = self._directions(mom.cxx, self.B, mom.cxy if same_cross else None, self._wwt)
         self.nmse_curve = self._curve(mom, cg, cg if same_cross else None)
 
     def _solving_weight(self, stats: MomentAccumulator, weight: torch.Tensor) -> torch.Tensor:
@@ -291,10 +298,10 @@ class LowRankDecomposition:
         return c if extra is None else c + extra
 
     def _directions(
-        self, c: torch.Tensor, b: torch.Tensor, cb: Optional[torch.Tensor]
+        self, c: torch.Tensor, b: torch.Tensor, cb: Optional[torch.Tensor], bbt: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(V [M, k], G = B V [D, k], C G [D, k]): V holds the right singular vectors of L B (L^T L = A,
-        the metric built on C [D, D]; ``cb`` = C B if the caller has it), sorted by singular value,
+        the metric built on C [D, D]; ``cb`` = C B and ``bbt`` = B B^T if the caller has them), sorted by singular value,
         each with its largest entry positive so that equal statistics give equal factors on every
         process and run (not factors equal only up to sign).
 
@@ -312,7 +319,7 @@ class LowRankDecomposition:
             g, cg = b @ v, cb @ v
         else:
             root = _metric_root(c if extra is None else c + extra)
-            bbt = b @ b.T
+            bbt = b @ b.T if bbt is None else bbt
             gram = root @ bbt @ root.T
             evals, u = torch.linalg.eigh((gram + gram.T) / 2)
             u, sigma = u.flip(-1), evals.flip(-1).clamp_min(0.0).sqrt()
@@ -355,7 +362,7 @@ class LowRankDecomposition:
     def nmse_on(self, stats: MomentAccumulator) -> torch.Tensor:
         """NMSE at ranks 0..k on other (e.g. held-out) statistics of the same layer: [k + 1]."""
         stats.check("held-out inputs")
-        mom = _moments(stats, self.weight, self.bias, self.fit_bias)
+        mom = _moments(stats, self.weight, self.bias, self.fit_bias, None if stats.has_targets else self._wwt)
         if self._same_cross and not stats.has_targets:  # Cxy V = C W V = C G
             cg = mom.cxx @ self.G
             return self._curve(mom, cg, cg)
