@@ -169,10 +169,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     schedule = None if args.dense else parse_schedule(args.schedule)
     result = run(schedule, args.steps, args.epochs, model=dict(dim=args.dim, layers=args.layers), verbose=True)
     for p in result["curve"]:
-        print(f"step {p['step']:>5}  {p['seconds']:7.1f} s  val loss {p['val_loss']:.4f}  ppl {math.exp(p['val_loss']):.3f}")
+        print(
+            f"step {p['step']:>5}  {p['seconds']:7.1f} s  val loss {p['val_loss']:.4f}"
+            f"  ppl {math.exp(p['val_loss']):.3f}"
+        )
     for e in result["epochs"]:
         print(f"epoch {e['epoch']}: {e['tokens_per_s']:,.0f} training tokens/s")
-    print(f"fit: {result['fit_seconds']:.1f} s for {result['steps']} steps; final val loss {result['final_val_loss']:.4f}")
+    print(
+        f"fit: {result['fit_seconds']:.1f} s for {result['steps']} steps;"
+        f" final val loss {result['final_val_loss']:.4f}"
+    )
     return result
 
 

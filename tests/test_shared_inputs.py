@@ -188,7 +188,6 @@ def test_all_reduce_reduces_a_shared_accumulator_once_and_ranks_agree_on_sharing
     for t in threads:
         t.join(timeout=60)
     assert all(len(g) == 1 for c in cols for g in c.groups().values())
-    ref = {}
     with ActivationCollector({"a": nets[0].a, "b": nets[0].b, "c": nets[0].c}, max_samples=None, holdout=False,
                              share_inputs=False) as both:  # fmt: skip
         nets[0].mode = "same"

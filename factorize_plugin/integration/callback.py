@@ -17,21 +17,21 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..surgery import settings
+from ..surgery.blame import naming_failures
 from ..surgery.calling import InputFn, evaluating
 from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
-from ..surgery.blame import naming_failures
+from ..surgery.model_speed import ModelSpeedCheck
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
-from ..surgery.preflight import check_not_meta
-from ..surgery import settings
 from ..surgery.pipeline import Selection, TargetSpec, collect_with, finish, leave_out_silent, prepare
+from ..surgery.preflight import check_not_meta
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
-from ..surgery.model_speed import ModelSpeedCheck
-from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
 from ..surgery.sharing import CallCounter
-from .speed_step import model_speed_check
+from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
+from .callback_state import STATE_VERSION, migrate_state, plain
 from .lightning_internals import (
     check_strategy,
     first_validation_batches,
@@ -41,8 +41,8 @@ from .lightning_internals import (
     start_method,
     validation_loaders,
 )
-from .callback_state import STATE_VERSION, migrate_state, plain
 from .schedule import Mode, ScheduleValue, describe, plain_value, read_schedule
+from .speed_step import model_speed_check
 from .workflow import OutputShift, check_resumed_targets, check_validation, output_measurable
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")

@@ -16,7 +16,13 @@ from typing import Any, Mapping, Optional, Type, TypeVar, Union
 import torch
 import torch.nn as nn
 
-from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
+from ..layers.factorized import (
+    EXTRA_STATE_TAG,
+    FACTORIZED_PAIRS,
+    FactorizedConv2d,
+    FactorizedLinear,
+    decode_extra_state,
+)
 from ..layers.transposed import TransposedLinear, conv1d_class
 from .modules import set_submodule
 from .sharing import alias_names

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Sized, Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Sized, Union
 
 import torch
 import torch.nn as nn
 
+from . import settings
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
-from . import settings
 from .refactorize import refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe

@@ -21,13 +21,13 @@ from ..layers.factorized import FACTORIZED_PAIRS
 from .calling import evaluating
 from .candidates import LayerCandidate
 from .holdout import Halves, heldout_curve
+from .model_speed import ModelSpeedCheck
 from .modules import set_submodule
 from .optim import OptimizerEdit
 from .policies import RankPolicy
 from .reports import LayerReport
 from .sensitivity import OutputProbe
 from .sharing import alias_names, check_optimizer
-from .model_speed import ModelSpeedCheck
 from .speed import SpeedCheck, SpeedVerdict
 
 Ranks = dict[str, Optional[int]]
