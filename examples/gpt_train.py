@@ -132,7 +132,7 @@ def run(
         max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
         reload_dataloaders_every_n_epochs=1,  # fresh random windows each epoch
-    )  # fmt: skip
+    )
     settings.update(trainer or {})
     fitter = pl.Trainer(**settings)
     t0 = time.perf_counter()

@@ -190,7 +190,7 @@ def _moments(
     return _Moments(
         n, torch.zeros_like(mx), torch.zeros_like(mean_y),
         cxx + n * torch.outer(mx, mx), cxy + n * torch.outer(mx, mean_y), syy + n * mean_y.square().sum(), syy,
-    )  # fmt: skip
+    )
 
 
 class LowRankDecomposition:
@@ -425,7 +425,10 @@ def nmse_of(
     stats.check()
     dev = stats.device
     w = weight.detach().to(dev, torch.float64)
-    b = torch.zeros(w.shape[1], dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
+    if bias is None:
+        b = torch.zeros(w.shape[1], dtype=torch.float64, device=dev)
+    else:
+        b = bias.detach().to(dev, torch.float64)
     if target_weight is None:  # the map's own output is the target: only the bias can be off
         tw, tb = w, (b if target_bias is None else target_bias.detach().to(dev, torch.float64))
     else:

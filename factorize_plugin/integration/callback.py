@@ -302,7 +302,8 @@ class LowRankFactorization(Callback):
         if due != [epoch]:
             rank_zero_warn(
                 f"LowRankFactorization: milestone(s) {due} were not applied when due (a run resumed past them?); "
-                f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, at epoch {epoch}"
+                f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, "
+                f"at epoch {epoch}"
             )
         collector, source = self._statistics(trainer, pl_module, epoch)
         if trainer.world_size > 1:
@@ -314,7 +315,11 @@ class LowRankFactorization(Callback):
         probing = policy.uses_probe and self.budget_batches > 0
         need = max(self._output_batches, self.budget_batches if probing else 0)
         batches = first_validation_batches(trainer, need) if need else []
-        shift = OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn) if self._output_batches else None
+        shift = (
+            OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn)
+            if self._output_batches
+            else None
+        )
         speed = self._speed_check(trainer, pl_module, collector, batches)
         reports = refactorize(
             pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
@@ -323,7 +328,7 @@ class LowRankFactorization(Callback):
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
             speed=speed,
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
-        )  # fmt: skip
+        )
         rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
@@ -332,13 +337,13 @@ class LowRankFactorization(Callback):
         if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
             self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
             pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,
-                          sync_dist=trainer.world_size > 1)  # fmt: skip
+                          sync_dist=trainer.world_size > 1)
             if self.verbose:
                 rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
         if shift is not None:  # every rank: the metric's compute() is a collective under DDP
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
-                          sync_dist=trainer.world_size > 1)  # fmt: skip
+                          sync_dist=trainer.world_size > 1)
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
@@ -403,7 +408,9 @@ class LowRankFactorization(Callback):
         """A collector for a run over loaders of ``batch_limits`` batches (inf where unknown)."""
         single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
         finite = [n for n in batch_limits if n < float("inf")]
-        return collect_with(pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single)
+        return collect_with(
+            pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single
+        )
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
         """The statistics of the last validation run before ``epoch`` if no optimizer step followed
@@ -420,7 +427,7 @@ class LowRankFactorization(Callback):
         loaders, limits = validation_loaders(trainer)
         collector = self._new_collector(pl_module, limits)
         with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
-                naming_failures(pl_module, "a validation batch"):  # fmt: skip
+                naming_failures(pl_module, "a validation batch"):
             for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
                 extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
                 for i, batch in enumerate(loader):
@@ -465,7 +472,10 @@ class LowRankFactorization(Callback):
         if self.speed_guard is None:
             return None
         if self._model_scope(pl_module):
-            batch = self._train_batch[0] if self._train_batch else batches[0] if batches else first_validation_batches(trainer, 1)[0]
+            if self._train_batch:
+                batch = self._train_batch[0]
+            else:
+                batch = batches[0] if batches else first_validation_batches(trainer, 1)[0]
             self._drop_training_inputs()
             return model_speed_check(trainer, pl_module, self.speed_guard, batch)
         seen = self._train_inputs.inputs if self._train_inputs is not None else {}
@@ -482,13 +492,22 @@ class LowRankFactorization(Callback):
             self.speed_guard, inputs, trainer.optimizers,
             broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
             measure_here=trainer.is_global_zero,
-        )  # fmt: skip
+        )
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, batches: list) -> OutputProbe:
         """Judges a policy's choices by the network's output on a few validation ``batches``."""
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str, table: list[LayerReport]) -> None:
+    def _record(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        due: list[int],
+        milestone: int,
+        reports: list[LayerReport],
+        source: str,
+        table: list[LayerReport],
+    ) -> None:
         self.done.extend(due)
         self.ranks = {r.name: r.new_rank for r in reports}
         self.history.append(
@@ -509,7 +528,8 @@ class LowRankFactorization(Callback):
         )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
         if self.verbose:
             rank_zero_info(
-                f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
+                f"LowRankFactorization, epoch {trainer.current_epoch} "
+                f"({describe(self.schedule[milestone], self.mode)}):\n"
                 + format_reports(table)
             )
 
@@ -544,7 +564,8 @@ def _metrics(reports: list[LayerReport]) -> dict[str, float]:
         metrics[f"factorize/{r.name}/rank"] = float(r.new_rank if r.new_rank is not None else min(r.shape))
     changed = [r.nmse for r in reports if r.changed] or [0.0]
     metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
-    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, sum(r.params_dense for r in reports))
+    params_dense = sum(r.params_dense for r in reports)
+    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, params_dense)
     metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
     speed = measured_speedup(reports)
     if speed is not None:

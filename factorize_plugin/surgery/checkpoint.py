@@ -35,7 +35,9 @@ def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
     """A pair of the right shape for ``module`` (weights are about to be overwritten)."""
     w = module.weight
     if kind == "linear" and isinstance(module, nn.Linear):
-        pair = FactorizedLinear(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
+        pair = FactorizedLinear(
+            module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype
+        )
     elif kind == "linear" and isinstance(module, TransposedLinear):  # Hugging Face Conv1D: weight [in, out]
         pair = FactorizedLinear(w.shape[0], w.shape[1], rank, module.bias is not None, w.device, w.dtype)
         pair.transposed_from = conv1d_class(type(module))
@@ -43,7 +45,7 @@ def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
         pair = FactorizedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, rank, module.stride, module.padding,
             module.dilation, module.padding_mode, module.bias is not None, w.device, w.dtype,
-        )  # fmt: skip
+        )
     else:
         raise TypeError(f"the state dict holds a factorized {kind} where the model has a {type(module).__name__}")
     return pair.requires_grad_(w.requires_grad)

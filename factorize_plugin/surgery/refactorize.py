@@ -58,7 +58,7 @@ def build_candidates(
         out[name] = LayerCandidate(
             layer_view(module), dec, float((positions or {}).get(name, 1.0)), samples=stats[name].num_samples,
             heldout_curve=heldout,
-        )  # fmt: skip
+        )
     return out
 
 
@@ -93,7 +93,9 @@ def _swap(
     return undo
 
 
-def _reports(layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks) -> list[LayerReport]:
+def _reports(
+    layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks
+) -> list[LayerReport]:
     out = []
     for name, module in layers.items():
         c, rank = candidates[name], ranks.get(name)
