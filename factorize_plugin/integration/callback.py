@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from ..surgery import settings
 from ..surgery.blame import naming_failures
@@ -216,12 +217,14 @@ class LowRankFactorization(Callback):
     _target_names = property(lambda self: list(self._selection.layers))
 
     @property
+    @override
     def state_key(self) -> str:
         if self.name is not None:
             return self._generate_state_key(name=self.name)
         return self._generate_state_key(targets=self.targets, exclude=self.exclude)
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             # validate/test/predict(ckpt_path=...) may load a checkpoint whose structure differs from
@@ -254,6 +257,7 @@ class LowRankFactorization(Callback):
         for message in self._selection.advice:
             self._advise(message)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer, self._pl_module = trainer, pl_module
         for opt in trainer.optimizers:
@@ -268,6 +272,7 @@ class LowRankFactorization(Callback):
                     "they will not run"
                 )
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking and trainer.state.fn == "fit" and self._counter is None:
             self._counter = CallCounter(self._layers(pl_module)).attach()  # finds never-called layers early
@@ -280,6 +285,7 @@ class LowRankFactorization(Callback):
         self._collector = self._new_collector(pl_module, list(trainer.num_val_batches)).attach()
         self._collected_for = trainer.current_epoch + 1
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._counter is not None and self._counter.attached:
             self._counter.detach()
@@ -288,10 +294,12 @@ class LowRankFactorization(Callback):
             self._collector.detach()
             self._collected_at_step = trainer.global_step
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._train_batch is not None and not self._train_batch:
             self._train_batch.append(batch)  # on the device: the whole-model speed check's batch
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         due = self._due(epoch)
@@ -349,21 +357,25 @@ class LowRankFactorization(Callback):
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         self._watch_training_inputs(pl_module, epoch)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_collector()
         self._drop_training_inputs()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
         self._drop_training_inputs()
         if self._counter is not None:
             self._counter.detach()
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":
             check_resumed_targets(self.state_key, self._target_names, checkpoint)
 
     # ------------------------------------------------------- state and resume
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Plain data only (loadable with torch's safe ``weights_only`` unpickler), with a ``version``."""
         return {
@@ -375,6 +387,7 @@ class LowRankFactorization(Callback):
             "targets": list(self._target_names),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = migrate_state(state_dict)  # a state written by an earlier release, brought up to date
         self.done = list(state_dict.get("done", []))
