@@ -92,9 +92,7 @@ def _init_worker(threads: int) -> None:
 
 
 def _data(cfg: dict, seed: int):
-    from examples.tasks.mnist import MNISTDataModule
-
-    from examples.tasks.mnist import FASHION_MNIST_DIR, _load_fashion_mnist, _to_dataset
+    from examples.tasks.mnist import FASHION_MNIST_DIR, MNISTDataModule, _load_fashion_mnist, _to_dataset
 
     dm = MNISTDataModule(source="fashion-mnist", batch_size=cfg["batch_size"], limit=cfg["limit"], seed=seed)
     dm.setup()

@@ -66,8 +66,8 @@ def worker(cfg: dict, out_dir: str) -> None:
     import lightning.pytorch as pl
 
     import factorize_plugin.core.statistics as stats_mod
-    from factorize_plugin import LowRankFactorization
     from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
+    from factorize_plugin import LowRankFactorization
 
     reduce_times: list[float] = []
     real_all_reduce = stats_mod.MomentAccumulator.all_reduce_

@@ -39,20 +39,19 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget  # noqa: E402
-from factorize_plugin.surgery.candidates import current_cost, total_cost  # noqa: E402
-from factorize_plugin.surgery.policies import ParamBudget  # noqa: E402
-from factorize_plugin.surgery.sensitivity import OutputProbe, measure_output_errors, measure_sensitivity  # noqa: E402
-from factorize_plugin.surgery.collector import ActivationCollector  # noqa: E402
-from factorize_plugin.core import MomentAccumulator  # noqa: E402
-from factorize_plugin.layers import weight_matrix  # noqa: E402
-from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates  # noqa: E402
-from factorize_plugin.surgery.policies import FixedRank  # noqa: E402
-from factorize_plugin.surgery.targets import select_layers  # noqa: E402
 from examples.tasks.pretrained import (  # noqa: E402
     load_pretrained_digit_recognizer,
     preprocess_for_digit_recognizer,
 )
+from factorize_plugin.core import MomentAccumulator  # noqa: E402
+from factorize_plugin.layers import weight_matrix  # noqa: E402
+from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget  # noqa: E402
+from factorize_plugin.surgery.candidates import current_cost, total_cost  # noqa: E402
+from factorize_plugin.surgery.collector import ActivationCollector  # noqa: E402
+from factorize_plugin.surgery.policies import FixedRank, ParamBudget  # noqa: E402
+from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates  # noqa: E402
+from factorize_plugin.surgery.sensitivity import OutputProbe, measure_output_errors, measure_sensitivity  # noqa: E402
+from factorize_plugin.surgery.targets import select_layers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("budget", "uniform", "svd", "svd_budget_ranks", "unweighted", "fixed_rank")

@@ -61,6 +61,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -272,11 +273,11 @@ def bench_linear(cmp, args, ns, rank, d=512, m=512, seed=0, repeats_fn=None, ver
         row["composer_total_bytes_estimate"] = est + in_bytes
 
         methods = {
-            "ours": lambda: factorize_matrix(x, y, weight, bias=bias, rank=rank),
-            "ours_stream": lambda: _stream_solve(x, weight, bias, rank),
+            "ours": partial(factorize_matrix, x, y, weight, bias=bias, rank=rank),
+            "ours_stream": partial(_stream_solve, x, weight, bias, rank),
         }
         if run_cmp:
-            methods["composer"] = lambda: cmp.factorize_matrix(x, y, weight, bias=bias, rank=rank)
+            methods["composer"] = partial(cmp.factorize_matrix, x, y, weight, bias=bias, rank=rank)
         times = {k: [] for k in methods}
         peaks = {k: 0 for k in methods}
         results = {}

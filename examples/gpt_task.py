@@ -43,7 +43,10 @@ def stdlib_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1) -> tupl
         total += len(data)
         if total >= max_bytes:
             break
-    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).clone()
+
+    def as_tensor(chunks: list[bytes]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).clone()
+
     return as_tensor(train), as_tensor(val)
 
 
@@ -186,7 +189,9 @@ class GPTTask(pl.LightningModule):
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
         other = [p for n, p in self.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=self.hparams.lr, betas=(0.9, 0.95)
+            [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.95),
         )
         total, warm = self.hparams.max_steps, max(1, self.hparams.max_steps // 20)
 
@@ -195,7 +200,8 @@ class GPTTask(pl.LightningModule):
                 return (step + 1) / warm
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
         train, _ = stdlib_corpus(self.hparams.corpus_bytes)

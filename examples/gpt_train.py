@@ -132,7 +132,7 @@ def run(
         max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
         reload_dataloaders_every_n_epochs=1,  # fresh random windows each epoch
-    )  # fmt: skip
+    )
     settings.update(trainer or {})
     fitter = pl.Trainer(**settings)
     t0 = time.perf_counter()
@@ -169,10 +169,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     schedule = None if args.dense else parse_schedule(args.schedule)
     result = run(schedule, args.steps, args.epochs, model=dict(dim=args.dim, layers=args.layers), verbose=True)
     for p in result["curve"]:
-        print(f"step {p['step']:>5}  {p['seconds']:7.1f} s  val loss {p['val_loss']:.4f}  ppl {math.exp(p['val_loss']):.3f}")
+        print(
+            f"step {p['step']:>5}  {p['seconds']:7.1f} s  val loss {p['val_loss']:.4f}"
+            f"  ppl {math.exp(p['val_loss']):.3f}"
+        )
     for e in result["epochs"]:
         print(f"epoch {e['epoch']}: {e['tokens_per_s']:,.0f} training tokens/s")
-    print(f"fit: {result['fit_seconds']:.1f} s for {result['steps']} steps; final val loss {result['final_val_loss']:.4f}")
+    print(
+        f"fit: {result['fit_seconds']:.1f} s for {result['steps']} steps;"
+        f" final val loss {result['final_val_loss']:.4f}"
+    )
     return result
 
 

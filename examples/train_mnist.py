@@ -22,8 +22,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from factorize_plugin import LowRankFactorization
 from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
+from factorize_plugin import LowRankFactorization
 
 
 class EpochTable(Callback):

@@ -14,7 +14,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .core import LowRankDecomposition, LowRankSolution, MomentAccumulator, decompose, factorize_conv2d, factorize_matrix
+from .core import (
+    LowRankDecomposition,
+    LowRankSolution,
+    MomentAccumulator,
+    decompose,
+    factorize_conv2d,
+    factorize_matrix,
+)
 from .layers import FactorizedConv2d, FactorizedLinear
 from .surgery.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
 from .surgery.hf import load_factorized_pretrained

@@ -19,11 +19,19 @@ torch.set_num_threads(1)
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning_helpers import DDP_CALLBACK_KWARGS, DDP_MODEL_KWARGS, DDP_SCHEDULE, TinyNet, composed, state_dict_cpu, structure  # noqa: E402
 
 import factorize_plugin.integration.callback as callback_module  # noqa: E402
 from factorize_plugin import LowRankFactorization  # noqa: E402
 from factorize_plugin.surgery.speed import SpeedGuard  # noqa: E402
+from lightning_helpers import (  # noqa: E402
+    DDP_CALLBACK_KWARGS,
+    DDP_MODEL_KWARGS,
+    DDP_SCHEDULE,
+    TinyNet,
+    composed,
+    state_dict_cpu,
+    structure,
+)
 
 clock_calls: list[list] = []
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from lightning_helpers import TINY, TinyNet, structure
 
 from factorize_plugin import FixedRank, LowRankFactorization, factorize_model
 from factorize_plugin.layers import FactorizedLinear
+from lightning_helpers import TINY, TinyNet, structure
 
 INT_LIKE = [np.int64(8), np.int32(8), torch.tensor(8)]
 

@@ -13,16 +13,24 @@ import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from lightning_helpers import (
-    TARGETS, TINY, Probe, TinyNet, composed, cosine_lr, no_hooks_left, optimizer_ids, state_dict_cpu, structure, trainable_ids,
-)  # fmt: skip
 
 import factorize_plugin.integration.callback as callback_module
 import factorize_plugin.surgery.pipeline as pipeline_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization
-
-
+from lightning_helpers import (
+    TARGETS,
+    TINY,
+    Probe,
+    TinyNet,
+    composed,
+    cosine_lr,
+    no_hooks_left,
+    optimizer_ids,
+    state_dict_cpu,
+    structure,
+    trainable_ids,
+)  # fmt: skip
 
 
 def make_trainer(callbacks, **kwargs) -> pl.Trainer:

@@ -8,12 +8,23 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, no_hooks_left, optimizer_ids, state_dict_cpu, structure, trainable_ids
 
 import factorize_plugin.integration.callback as callback_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization, load_factorized, load_factorized_checkpoint
 from factorize_plugin.layers import decode_extra_state
+from lightning_helpers import (
+    TARGETS,
+    TINY,
+    Probe,
+    TinyNet,
+    max_abs_diff,
+    no_hooks_left,
+    optimizer_ids,
+    state_dict_cpu,
+    structure,
+    trainable_ids,
+)
 
 SCHEDULE = {2: 0.5, 4: 0.25}
 MAX_EPOCHS = 5

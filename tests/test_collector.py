@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from factorize_plugin.surgery.collector import ActivationCollector
 from factorize_plugin.layers import FactorizedLinear
+from factorize_plugin.surgery.collector import ActivationCollector
 
 
 def _moments(rows: torch.Tensor):

@@ -1,9 +1,9 @@
 """Deterministic factors: equal statistics give equal factors, not factors equal up to sign."""
 
 import torch
-from helpers import correlated_inputs
 
 from factorize_plugin import MomentAccumulator, decompose
+from helpers import correlated_inputs
 
 
 def test_each_output_direction_has_its_largest_entry_positive():

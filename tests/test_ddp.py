@@ -11,13 +11,26 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning_helpers import (
-    DDP_CALLBACK_KWARGS, DDP_MODEL_KWARGS, TINY, DDP_SCHEDULE, DumpOnTrainEnd, TinyNet, composed, max_abs_diff, state_dict_cpu,
-    structure,
-)  # fmt: skip
 
 import factorize_plugin.integration.callback as callback_module
-from factorize_plugin import LowRankFactorization, enable_factorized_loading, load_factorized, load_factorized_checkpoint
+from factorize_plugin import (
+    LowRankFactorization,
+    enable_factorized_loading,
+    load_factorized,
+    load_factorized_checkpoint,
+)
+from lightning_helpers import (
+    DDP_CALLBACK_KWARGS,
+    DDP_MODEL_KWARGS,
+    DDP_SCHEDULE,
+    TINY,
+    DumpOnTrainEnd,
+    TinyNet,
+    composed,
+    max_abs_diff,
+    state_dict_cpu,
+    structure,
+)  # fmt: skip
 
 HERE = Path(__file__).resolve().parent
 R1 = {"features.2": 4, "classifier.0": 16, "classifier.2": 5}

@@ -4,16 +4,16 @@
 import lightning.pytorch as pl
 import torch
 import torchmetrics
-from lightning_helpers import TinyNet
 
 from factorize_plugin.integration.lightning_internals import (
+    first_validation_batches,
     preserved_metric_states,
     silenced_logging,
-    first_validation_batches,
     start_method,
     validation_loaders,
     validation_source_defined,
 )
+from lightning_helpers import TinyNet
 
 
 class _LoaderProbe(pl.Callback):

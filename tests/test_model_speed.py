@@ -11,10 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
-from lightning_helpers import PAIRS, TINY, TinyNet, structure
 
 from factorize_plugin import LowRankFactorization, SpeedGuard, factorize_model
 from factorize_plugin.surgery.model_speed import ModelSpeedCheck, measure_model_step
+from lightning_helpers import PAIRS, TINY, TinyNet, structure
 
 SCHEDULE = {1: 0.5}
 LAYERS = ("features.2", "classifier.0", "classifier.2")  # by multiply-adds saved at {1: 0.5}: this order

@@ -6,28 +6,25 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import correlated_inputs, measured_nmse
 from torch.utils.data import DataLoader, TensorDataset
 
+from factorize_plugin.core import MomentAccumulator
+from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear, weight_matrix
 from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget
-from factorize_plugin.surgery.candidates import current_cost, total_cost
+from factorize_plugin.surgery.candidates import LayerCandidate, current_cost, total_cost
+from factorize_plugin.surgery.collector import ActivationCollector
+from factorize_plugin.surgery.oneshot import factorize_model
 from factorize_plugin.surgery.policies import ParamBudget
+from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates
+from factorize_plugin.surgery.reports import format_reports
 from factorize_plugin.surgery.sensitivity import (
     OutputProbe,
     measure_output_errors,
     measure_sensitivity,
     plan_budget,
 )
-from factorize_plugin.surgery.collector import ActivationCollector
-from factorize_plugin.core import MomentAccumulator
-from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear, weight_matrix
-from factorize_plugin.surgery.oneshot import factorize_model
-from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates
-from factorize_plugin.surgery.reports import format_reports
-from factorize_plugin.surgery.candidates import LayerCandidate
 from factorize_plugin.surgery.targets import select_layers
-
-
+from helpers import correlated_inputs, measured_nmse
 
 
 def _mlp(seed=0):

@@ -8,10 +8,10 @@ import inspect
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning_helpers import TinyNet, composed
 
 from factorize_plugin import FixedRank, LowRankFactorization, factorize_model
 from factorize_plugin.surgery.pipeline import ONE_SHOT_STATISTICS, TRAINING_STATISTICS, TargetSpec, prepare
+from lightning_helpers import TinyNet, composed
 
 SELECTION = ("targets", "exclude", "min_params", "min_features")
 STATISTICS = ("max_samples", "sample_fraction")

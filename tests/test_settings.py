@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from lightning_helpers import TINY
 
 from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, factorize_model
 from factorize_plugin.surgery import settings
+from lightning_helpers import TINY
 
 
 class NeverIterated:

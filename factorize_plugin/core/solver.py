@@ -196,7 +196,7 @@ def _moments(
     return _Moments(
         n, torch.zeros_like(mx), torch.zeros_like(mean_y), cxx + n * torch.outer(mx, mx),
         None if cxy is None else cxy + n * torch.outer(mx, mean_y), syy + n * mean_y.square().sum(), syy,
-    )  # fmt: skip
+    )
 
 
 class LowRankDecomposition:
@@ -301,9 +301,9 @@ class LowRankDecomposition:
         self, c: torch.Tensor, b: torch.Tensor, cb: Optional[torch.Tensor], bbt: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(V [M, k], G = B V [D, k], C G [D, k]): V holds the right singular vectors of L B (L^T L = A,
-        the metric built on C [D, D]; ``cb`` = C B and ``bbt`` = B B^T if the caller has them), sorted by singular value,
-        each with its largest entry positive so that equal statistics give equal factors on every
-        process and run (not factors equal only up to sign).
+        the metric built on C [D, D]; ``cb`` = C B and ``bbt`` = B B^T if the caller has them),
+        sorted by singular value, each with its largest entry positive so that equal statistics give
+        equal factors on every process and run (not factors equal only up to sign).
 
         M <= D: the eigenvectors of B^T A B [M, M]. M > D: with R^T R = A and S = B B^T [D, D], the
         eigenvectors U of R S R^T = (R B)(R B)^T give Y = R^T U / sigma, V = B^T Y and G = S Y;
@@ -432,7 +432,10 @@ def nmse_of(
     stats.check()
     dev = stats.device
     w = weight.detach().to(dev, torch.float64)
-    b = torch.zeros(w.shape[1], dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
+    if bias is None:
+        b = torch.zeros(w.shape[1], dtype=torch.float64, device=dev)
+    else:
+        b = bias.detach().to(dev, torch.float64)
     if target_weight is None:  # the map's own output is the target: only the bias can be off
         tw, tb = w, (b if target_bias is None else target_bias.detach().to(dev, torch.float64))
     else:

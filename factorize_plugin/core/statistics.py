@@ -90,7 +90,9 @@ class MomentAccumulator:
         projection: Optional[torch.Tensor] = None,
     ) -> None:
         self.in_features = _positive_int(in_features, "in_features", "the last dimension of x")
-        self.out_features = None if out_features is None else _positive_int(out_features, "out_features", "the last dimension of y")
+        self.out_features = (
+            None if out_features is None else _positive_int(out_features, "out_features", "the last dimension of y")
+        )
         self.chunk_size = _positive_int(chunk_size, "chunk_size", "the number of rows merged per float64 chunk")
         if projection is not None and projection.shape[1] != in_features:
             raise ValueError(f"projection must be [D0, {in_features}], got {tuple(projection.shape)}")
@@ -236,7 +238,9 @@ class MomentAccumulator:
             delta_y = mean_yb - self._mean_y
             self._cxy.add_(x.T @ y.to(x.dtype)).addr_(resid, resid_y, alpha=-n_b).addr_(delta, delta_y, alpha=w)
             self._syy.add_(
-                torch.linalg.vecdot(y.reshape(-1), y.reshape(-1)).double() - n_b * resid_y.square().sum() + w * delta_y.square().sum()
+                torch.linalg.vecdot(y.reshape(-1), y.reshape(-1)).double()
+                - n_b * resid_y.square().sum()
+                + w * delta_y.square().sum()
             )
             self._mean_y.add_(delta_y, alpha=n_b / n)
         self._count.add_(n_b)

@@ -16,22 +16,23 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
+from ..surgery import settings
+from ..surgery.blame import naming_failures
 from ..surgery.calling import InputFn, evaluating
 from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
-from ..surgery.blame import naming_failures
+from ..surgery.model_speed import ModelSpeedCheck
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
-from ..surgery.preflight import check_not_meta
-from ..surgery import settings
 from ..surgery.pipeline import Selection, TargetSpec, collect_with, finish, leave_out_silent, prepare
+from ..surgery.preflight import check_not_meta
 from ..surgery.refactorize import refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
-from ..surgery.model_speed import ModelSpeedCheck
-from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
 from ..surgery.sharing import CallCounter
-from .speed_step import model_speed_check
+from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
+from .callback_state import STATE_VERSION, migrate_state, plain
 from .lightning_internals import (
     check_strategy,
     first_validation_batches,
@@ -41,8 +42,8 @@ from .lightning_internals import (
     start_method,
     validation_loaders,
 )
-from .callback_state import STATE_VERSION, migrate_state, plain
 from .schedule import Mode, ScheduleValue, describe, plain_value, read_schedule
+from .speed_step import model_speed_check
 from .workflow import OutputShift, check_resumed_targets, check_validation, output_measurable
 
 _PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
@@ -216,12 +217,14 @@ class LowRankFactorization(Callback):
     _target_names = property(lambda self: list(self._selection.layers))
 
     @property
+    @override
     def state_key(self) -> str:
         if self.name is not None:
             return self._generate_state_key(name=self.name)
         return self._generate_state_key(targets=self.targets, exclude=self.exclude)
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             # validate/test/predict(ckpt_path=...) may load a checkpoint whose structure differs from
@@ -254,6 +257,7 @@ class LowRankFactorization(Callback):
         for message in self._selection.advice:
             self._advise(message)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer, self._pl_module = trainer, pl_module
         for opt in trainer.optimizers:
@@ -268,6 +272,7 @@ class LowRankFactorization(Callback):
                     "they will not run"
                 )
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking and trainer.state.fn == "fit" and self._counter is None:
             self._counter = CallCounter(self._layers(pl_module)).attach()  # finds never-called layers early
@@ -280,6 +285,7 @@ class LowRankFactorization(Callback):
         self._collector = self._new_collector(pl_module, list(trainer.num_val_batches)).attach()
         self._collected_for = trainer.current_epoch + 1
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._counter is not None and self._counter.attached:
             self._counter.detach()
@@ -288,10 +294,12 @@ class LowRankFactorization(Callback):
             self._collector.detach()
             self._collected_at_step = trainer.global_step
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._train_batch is not None and not self._train_batch:
             self._train_batch.append(batch)  # on the device: the whole-model speed check's batch
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         due = self._due(epoch)
@@ -302,7 +310,8 @@ class LowRankFactorization(Callback):
         if due != [epoch]:
             rank_zero_warn(
                 f"LowRankFactorization: milestone(s) {due} were not applied when due (a run resumed past them?); "
-                f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, at epoch {epoch}"
+                f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, "
+                f"at epoch {epoch}"
             )
         collector, source = self._statistics(trainer, pl_module, epoch)
         if trainer.world_size > 1:
@@ -314,7 +323,11 @@ class LowRankFactorization(Callback):
         probing = policy.uses_probe and self.budget_batches > 0
         need = max(self._output_batches, self.budget_batches if probing else 0)
         batches = first_validation_batches(trainer, need) if need else []
-        shift = OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn) if self._output_batches else None
+        shift = (
+            OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn)
+            if self._output_batches
+            else None
+        )
         speed = self._speed_check(trainer, pl_module, collector, batches)
         reports = refactorize(
             pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
@@ -323,7 +336,7 @@ class LowRankFactorization(Callback):
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
             speed=speed,
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
-        )  # fmt: skip
+        )
         rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
@@ -332,33 +345,37 @@ class LowRankFactorization(Callback):
         if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
             self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
             pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,
-                          sync_dist=trainer.world_size > 1)  # fmt: skip
+                          sync_dist=trainer.world_size > 1)
             if self.verbose:
                 rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
         if shift is not None:  # every rank: the metric's compute() is a collective under DDP
             self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
             pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
-                          sync_dist=trainer.world_size > 1)  # fmt: skip
+                          sync_dist=trainer.world_size > 1)
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         self._watch_training_inputs(pl_module, epoch)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_collector()
         self._drop_training_inputs()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
         self._drop_training_inputs()
         if self._counter is not None:
             self._counter.detach()
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":
             check_resumed_targets(self.state_key, self._target_names, checkpoint)
 
     # ------------------------------------------------------- state and resume
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Plain data only (loadable with torch's safe ``weights_only`` unpickler), with a ``version``."""
         return {
@@ -370,6 +387,7 @@ class LowRankFactorization(Callback):
             "targets": list(self._target_names),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = migrate_state(state_dict)  # a state written by an earlier release, brought up to date
         self.done = list(state_dict.get("done", []))
@@ -403,7 +421,9 @@ class LowRankFactorization(Callback):
         """A collector for a run over loaders of ``batch_limits`` batches (inf where unknown)."""
         single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
         finite = [n for n in batch_limits if n < float("inf")]
-        return collect_with(pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single)
+        return collect_with(
+            pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single
+        )
 
     def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
         """The statistics of the last validation run before ``epoch`` if no optimizer step followed
@@ -420,7 +440,7 @@ class LowRankFactorization(Callback):
         loaders, limits = validation_loaders(trainer)
         collector = self._new_collector(pl_module, limits)
         with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
-                naming_failures(pl_module, "a validation batch"):  # fmt: skip
+                naming_failures(pl_module, "a validation batch"):
             for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
                 extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
                 for i, batch in enumerate(loader):
@@ -465,7 +485,10 @@ class LowRankFactorization(Callback):
         if self.speed_guard is None:
             return None
         if self._model_scope(pl_module):
-            batch = self._train_batch[0] if self._train_batch else batches[0] if batches else first_validation_batches(trainer, 1)[0]
+            if self._train_batch:
+                batch = self._train_batch[0]
+            else:
+                batch = batches[0] if batches else first_validation_batches(trainer, 1)[0]
             self._drop_training_inputs()
             return model_speed_check(trainer, pl_module, self.speed_guard, batch)
         seen = self._train_inputs.inputs if self._train_inputs is not None else {}
@@ -482,13 +505,22 @@ class LowRankFactorization(Callback):
             self.speed_guard, inputs, trainer.optimizers,
             broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
             measure_here=trainer.is_global_zero,
-        )  # fmt: skip
+        )
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, batches: list) -> OutputProbe:
         """Judges a policy's choices by the network's output on a few validation ``batches``."""
         return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, due: list[int], milestone: int, reports: list[LayerReport], source: str, table: list[LayerReport]) -> None:
+    def _record(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        due: list[int],
+        milestone: int,
+        reports: list[LayerReport],
+        source: str,
+        table: list[LayerReport],
+    ) -> None:
         self.done.extend(due)
         self.ranks = {r.name: r.new_rank for r in reports}
         self.history.append(
@@ -509,7 +541,8 @@ class LowRankFactorization(Callback):
         )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
         if self.verbose:
             rank_zero_info(
-                f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(self.schedule[milestone], self.mode)}):\n"
+                f"LowRankFactorization, epoch {trainer.current_epoch} "
+                f"({describe(self.schedule[milestone], self.mode)}):\n"
                 + format_reports(table)
             )
 
@@ -544,7 +577,8 @@ def _metrics(reports: list[LayerReport]) -> dict[str, float]:
         metrics[f"factorize/{r.name}/rank"] = float(r.new_rank if r.new_rank is not None else min(r.shape))
     changed = [r.nmse for r in reports if r.changed] or [0.0]
     metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
-    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, sum(r.params_dense for r in reports))
+    params_dense = sum(r.params_dense for r in reports)
+    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, params_dense)
     metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
     speed = measured_speedup(reports)
     if speed is not None:

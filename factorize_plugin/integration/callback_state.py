@@ -54,7 +54,9 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """A state of any earlier version as one of ``STATE_VERSION`` (ValueError for a newer one)."""
     version = state.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(f"LowRankFactorization: the checkpoint's callback state has version {version!r}, not an int >= 0")
+        raise ValueError(
+            f"LowRankFactorization: the checkpoint's callback state has version {version!r}, not an int >= 0"
+        )
     if version > STATE_VERSION:
         raise ValueError(
             f"LowRankFactorization: the checkpoint's callback state has version {version}, newer than this release "

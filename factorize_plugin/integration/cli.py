@@ -14,6 +14,7 @@ from typing import Optional
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
 
 from ..surgery.checkpoint import enable_factorized_loading
 
@@ -21,6 +22,7 @@ from ..surgery.checkpoint import enable_factorized_loading
 class FactorizeCLI(LightningCLI):
     """LightningCLI whose model can always load factorized checkpoints (also back from ddp_spawn)."""
 
+    @override
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         enable_factorized_loading(self.model)
@@ -29,6 +31,7 @@ class FactorizeCLI(LightningCLI):
 class _HelpFormatter(DefaultHelpFormatter):
     """jsonargparse's formatter, keeping the description's line breaks (its example lines)."""
 
+    @override
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         return argparse.RawDescriptionHelpFormatter._fill_text(self, text, width, indent)
 

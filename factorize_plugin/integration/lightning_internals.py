@@ -139,7 +139,8 @@ def rewrap_ddp(trainer: Trainer) -> None:
     strategy's ``configure_ddp()`` (public names, but their use to re-wrap mid-fit is Lightning
     internals). Does nothing where the model is not wrapped in DDP."""
     strategy = trainer.strategy
-    if not hasattr(strategy, "configure_ddp") or not isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if not hasattr(strategy, "configure_ddp") or not isinstance(strategy.model, ddp):
         return
     old = strategy.model
     strategy.model = strategy.lightning_module

@@ -35,7 +35,9 @@ def _epoch(key: Any) -> int:
     return key
 
 
-def read_schedule(schedule: Mapping[Any, ScheduleValue], mode: str) -> tuple[dict[int, ScheduleValue], dict[int, RankPolicy]]:
+def read_schedule(
+    schedule: Mapping[Any, ScheduleValue], mode: str
+) -> tuple[dict[int, ScheduleValue], dict[int, RankPolicy]]:
     """Checks a schedule and returns (values, policies), both sorted by epoch.
 
     A value is a ``RankPolicy`` or a scalar read by ``mode`` (``"rank"``: ``FixedRank``,

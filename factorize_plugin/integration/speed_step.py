@@ -37,8 +37,8 @@ def model_speed_check(trainer: Trainer, pl_module: LightningModule, guard: Speed
 
     distributed = trainer.world_size > 1
     return ModelSpeedCheck(
-        pl_module, forward, trainer.optimizers, margin=guard.margin, clock=guard.clock, repeats=max(3, guard.repeats // 2),
-        min_time=guard.min_time, session=session,
+        pl_module, forward, trainer.optimizers, margin=guard.margin, clock=guard.clock,
+        repeats=max(3, guard.repeats // 2), min_time=guard.min_time, session=session,
         broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
         measure_here=trainer.is_global_zero,
-    )  # fmt: skip
+    )

@@ -39,7 +39,9 @@ def check_validation(trainer: Trainer, pl_module: LightningModule) -> None:
         )
 
 
-def output_measurable(pl_module: LightningModule, policies: Mapping[int, RankPolicy], budget_batches: int, output_batches: int) -> bool:
+def output_measurable(
+    pl_module: LightningModule, policies: Mapping[int, RankPolicy], budget_batches: int, output_batches: int
+) -> bool:
     """Whether the module's output can be measured on a batch (``pl_module(input_fn(batch))``: it
     defines ``forward``); checked at setup. Without ``forward`` (all logic in the steps) a measuring
     ``ParamBudget`` is refused before training; the output-shift metric (only a metric) is skipped
@@ -72,7 +74,11 @@ def check_resumed_targets(state_key: str, targets: list[str], checkpoint: Mappin
     """Raises (before training) if the targets changed since the run that wrote ``checkpoint`` in
     a way that touches layers that are already factorized in it: a factorized layer left out of the
     targets, or one claimed by a callback state stored under another key (targets/exclude changed)."""
-    states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items() if isinstance(v, Mapping) and _STATE_FIELDS <= set(v)}
+    states = {
+        k: v
+        for k, v in (checkpoint.get("callbacks") or {}).items()
+        if isinstance(v, Mapping) and _STATE_FIELDS <= set(v)
+    }
     factorized = set(factorized_entries(checkpoint.get("state_dict") or {}))
     current = set(targets)
     ours = states.get(state_key)
@@ -82,10 +88,15 @@ def check_resumed_targets(state_key: str, targets: list[str], checkpoint: Mappin
         if changed:
             left, joined = sorted((saved - current) & factorized), sorted((current - saved) & factorized)
             raise ValueError(
-                f"LowRankFactorization: the targets changed since the checkpoint was written (then {sorted(saved)}, now "
-                f"{sorted(current)}), and that touches layers already factorized in it: "
+                f"LowRankFactorization: the targets changed since the checkpoint was written "
+                f"(then {sorted(saved)}, now {sorted(current)}), and that touches layers already factorized in it: "
                 + "; ".join(
-                    s for s in (f"{left} would no longer be managed" if left else "", f"{joined} would join" if joined else "") if s
+                    s
+                    for s in (
+                        f"{left} would no longer be managed" if left else "",
+                        f"{joined} would join" if joined else "",
+                    )
+                    if s
                 )
                 + ". Resume with the targets/exclude of the run that wrote the checkpoint"
             )
@@ -108,7 +119,9 @@ class OutputShift:
     ``OutputNMSE``. Costs 2 * len(batches) forward passes per milestone (no grad, eval mode) and
     keeps the reference outputs (and the batches) in memory until ``after`` is called."""
 
-    def __init__(self, trainer: Trainer, pl_module: LightningModule, batches: list, input_fn: Optional[InputFn]) -> None:
+    def __init__(
+        self, trainer: Trainer, pl_module: LightningModule, batches: list, input_fn: Optional[InputFn]
+    ) -> None:
         self.trainer, self.pl_module, self.input_fn = trainer, pl_module, input_fn
         start = time.perf_counter()
         self.batches = batches

@@ -1,6 +1,14 @@
 """Factorized layers and their matrix view. Knows nothing of schedules or Lightning."""
 
-from .adapters import FACTORIZABLE_TYPES, LayerView, check_factorizable, input_rows, install_factors, layer_view, weight_matrix
+from .adapters import (
+    FACTORIZABLE_TYPES,
+    LayerView,
+    check_factorizable,
+    input_rows,
+    install_factors,
+    layer_view,
+    weight_matrix,
+)
 from .factorized import FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
 from .transposed import TransposedLinear, plain_forward_class
 

@@ -65,7 +65,9 @@ def check_factorizable(module: nn.Module, name: str = "") -> None:
 def layer_view(module: nn.Module) -> LayerView:
     check_factorizable(module)
     if isinstance(module, nn.Linear):
-        return LayerView(module.in_features, module.out_features, min(module.in_features, module.out_features), None, None)
+        return LayerView(
+            module.in_features, module.out_features, min(module.in_features, module.out_features), None, None
+        )
     if isinstance(module, FactorizedLinear):
         d, m = module.in_features, module.out_features
         return LayerView(d, m, min(d, m), module.rank, None)
@@ -127,9 +129,7 @@ def output_rows(y: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] =
     return y[keep // y.shape[2], :, keep % y.shape[2]]
 
 
-def install_factors(
-    module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
-) -> nn.Module:
+def install_factors(module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
     """Puts factors (``wa`` [D, r], ``wb`` [r, M], ``bias`` [M]) into the layer: a dense layer is
     replaced by a new factorized pair (returned; the caller swaps it in), a pair is resized in place."""
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):

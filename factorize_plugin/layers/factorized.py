@@ -33,7 +33,9 @@ def decode_extra_state(value: Any) -> Optional[dict[str, Any]]:
     """``{"factorize_plugin": kind, "rank": r}`` if ``value`` is a factorized pair's extra state
     (tensor or legacy dict form), else None."""
     if isinstance(value, dict):
-        return {EXTRA_STATE_TAG: value[EXTRA_STATE_TAG], "rank": int(value["rank"])} if EXTRA_STATE_TAG in value else None
+        return (
+            {EXTRA_STATE_TAG: value[EXTRA_STATE_TAG], "rank": int(value["rank"])} if EXTRA_STATE_TAG in value else None
+        )
     if isinstance(value, torch.Tensor) and value.shape == (3,) and not value.is_floating_point():
         magic, code, rank = (int(v) for v in value.tolist())
         kinds = {c: k for k, c in _KIND_CODES.items()}
@@ -141,7 +143,9 @@ class FactorizedLinear(_FactorizedPair):
         self.first, self.second = self._build(rank, bias, device=device, dtype=dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedLinear":
+    def from_linear(
+        cls, linear: nn.Linear, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> "FactorizedLinear":
         """Builds the pair replacing ``linear`` from factors ``wa`` [D, r], ``wb`` [r, M], ``bias`` [M]."""
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, wa.shape[1], linear.bias is not None, w.device, w.dtype)
@@ -150,7 +154,9 @@ class FactorizedLinear(_FactorizedPair):
         return layer
 
     @classmethod
-    def from_transposed(cls, layer: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedLinear":
+    def from_transposed(
+        cls, layer: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> "FactorizedLinear":
         """The pair replacing a transposed linear layer (Hugging Face ``Conv1D``: weight [D, M],
         ``y = x @ W + b``); it computes the same kind of map, ``y = x @ wa @ wb + bias``."""
         w = layer.weight
@@ -196,10 +202,13 @@ class FactorizedLinear(_FactorizedPair):
         if self.transposed_from is not None:
             if b is None:
                 raise ValueError("a Conv1D always has a bias: this pair has none, so it cannot be folded back into one")
-            dense = self.transposed_from(self.out_features, self.in_features).to(like.device, like.dtype)  # Conv1D(nf, nx)
+            # Conv1D(nf, nx)
+            dense = self.transposed_from(self.out_features, self.in_features).to(like.device, like.dtype)
             weight = w  # Conv1D holds W [in, out] itself
         else:
-            dense = nn.Linear(self.in_features, self.out_features, self.second.bias is not None, like.device, like.dtype)
+            dense = nn.Linear(
+                self.in_features, self.out_features, self.second.bias is not None, like.device, like.dtype
+            )
             weight = w.T
         with torch.no_grad():
             dense.weight.copy_(weight)
@@ -245,7 +254,9 @@ class FactorizedConv2d(_FactorizedPair):
         self.first, self.second = self._build(rank, bias, device=device, dtype=dtype)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "FactorizedConv2d":
+    def from_conv(
+        cls, conv: nn.Conv2d, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> "FactorizedConv2d":
         """Builds the pair replacing ``conv`` from matrix factors ``wa`` [C_in*k_h*k_w, r],
         ``wb`` [r, C_out], ``bias`` [C_out]."""
         if conv.groups != 1:
@@ -254,7 +265,7 @@ class FactorizedConv2d(_FactorizedPair):
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, wa.shape[1], conv.stride, conv.padding,
             conv.dilation, conv.padding_mode, conv.bias is not None, w.device, w.dtype,
-        )  # fmt: skip
+        )
         layer.requires_grad_(w.requires_grad)
         layer.set_factors(wa, wb, bias)
         return layer
@@ -282,7 +293,7 @@ class FactorizedConv2d(_FactorizedPair):
         dense = nn.Conv2d(
             self.in_channels, self.out_channels, bias=self.second.bias is not None, device=like.device,
             dtype=like.dtype, **self._conv_args,
-        )  # fmt: skip
+        )
         w, b = self.matrix()
         with torch.no_grad():
             dense.weight.copy_(matrix_to_conv_weight(w, self.in_channels, dense.kernel_size))

@@ -58,7 +58,8 @@ def output_tensor(out: Any) -> torch.Tensor:
         with contextlib.suppress(TypeError):
             return output_tensor(item)
     raise TypeError(
-        f"cannot find a tensor in the model's output ({type(out).__name__}); pass output_fn= to say which tensor to judge"
+        f"cannot find a tensor in the model's output ({type(out).__name__}); "
+        "pass output_fn= to say which tensor to judge"
     )
 
 

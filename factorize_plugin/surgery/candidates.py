@@ -71,7 +71,9 @@ def cost(view: LayerView, rank: Optional[int], positions: float, metric: str) ->
     return float(p) * (positions if metric == "macs" else 1.0)
 
 
-def total_cost(candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, Optional[int]], metric: str = "params") -> float:
+def total_cost(
+    candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, Optional[int]], metric: str = "params"
+) -> float:
     """Total weights (or multiply-adds per sample) of the layers at ``ranks`` (None: unchanged)."""
     return sum(cost(c.view, ranks.get(n), c.positions, metric) for n, c in candidates.items())
 

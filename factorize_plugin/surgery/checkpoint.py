@@ -16,7 +16,13 @@ from typing import Any, Mapping, Optional, Type, TypeVar, Union
 import torch
 import torch.nn as nn
 
-from ..layers.factorized import EXTRA_STATE_TAG, FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
+from ..layers.factorized import (
+    EXTRA_STATE_TAG,
+    FACTORIZED_PAIRS,
+    FactorizedConv2d,
+    FactorizedLinear,
+    decode_extra_state,
+)
 from ..layers.transposed import TransposedLinear, conv1d_class
 from .modules import set_submodule
 from .sharing import alias_names
@@ -29,7 +35,9 @@ def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
     """A pair of the right shape for ``module`` (weights are about to be overwritten)."""
     w = module.weight
     if kind == "linear" and isinstance(module, nn.Linear):
-        pair = FactorizedLinear(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
+        pair = FactorizedLinear(
+            module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype
+        )
     elif kind == "linear" and isinstance(module, TransposedLinear):  # Hugging Face Conv1D: weight [in, out]
         pair = FactorizedLinear(w.shape[0], w.shape[1], rank, module.bias is not None, w.device, w.dtype)
         pair.transposed_from = conv1d_class(type(module))
@@ -37,7 +45,7 @@ def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
         pair = FactorizedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, rank, module.stride, module.padding,
             module.dilation, module.padding_mode, module.bias is not None, w.device, w.dtype,
-        )  # fmt: skip
+        )
     else:
         raise TypeError(f"the state dict holds a factorized {kind} where the model has a {type(module).__name__}")
     return pair.requires_grad_(w.requires_grad)

@@ -160,7 +160,9 @@ class ActivationCollector:
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
         self._generator = torch.Generator().manual_seed(seed)
         # rows waiting for _drain, by (name, already projected)
-        self._buffers: dict[tuple[str, bool], list[torch.Tensor]] = {(n, p): [] for n in self.layers for p in (False, True)}
+        self._buffers: dict[tuple[str, bool], list[torch.Tensor]] = {
+            (n, p): [] for n in self.layers for p in (False, True)
+        }
         self._buffered_rows: dict[tuple[str, bool], int] = dict.fromkeys(self._buffers, 0)
         # rows this process kept per layer, counted here for the hooks: the accumulators' counts are
         # device tensors, and reading them in every hook call would synchronize with a GPU
@@ -249,7 +251,9 @@ class ActivationCollector:
         device = next((a.device for a in self._stats.values() if a.device is not None), torch.device("cpu"))
         while True:
             groups = self.groups()
-            v = torch.tensor([float(min(index[m] for m in groups[self._stream[n]])) for n in names], dtype=torch.float64)
+            v = torch.tensor(
+                [float(min(index[m] for m in groups[self._stream[n]])) for n in names], dtype=torch.float64
+            )
             total = sum_fn(torch.cat([torch.ones(1, dtype=torch.float64), v, v * v]).to(device)).cpu()
             n, sums, squares = total[0], total[1 : 1 + len(names)], total[1 + len(names) :]
             differ = [name for name, s, q in zip(names, sums.tolist(), squares.tolist()) if float(n) * q != s * s]
@@ -506,5 +510,6 @@ class ActivationCollector:
             raise RuntimeError(
                 f"no activations were recorded for layer(s) {empty}: they did not run during collection, or "
                 "their hooks were bypassed (torch.compile skips hooks added after compilation; call "
-                "torch._dynamo.reset() or collect on the uncompiled model). Refusing to factorize from empty statistics."
+                "torch._dynamo.reset() or collect on the uncompiled model). "
+                "Refusing to factorize from empty statistics."
             )

@@ -39,7 +39,7 @@ class HeldOutHalves:
     LIMIT_FACTOR = 64
 
     def __init__(self, stats: Mapping[str, MomentAccumulator], enabled: bool = True,
-                 streams: Optional[Mapping[str, str]] = None) -> None:  # fmt: skip
+                 streams: Optional[Mapping[str, str]] = None) -> None:
         self.stats = stats
         self.streams = streams
         self.halves: dict[str, Halves] = {n: (_like(s), _like(s)) for n, s in stats.items()} if enabled else {}
@@ -85,7 +85,11 @@ class HeldOutHalves:
         """The layers that still have both halves (a small set), by name (layer name where
         ``streams`` maps layers to shared keys)."""
         keys = self.streams if self.streams is not None else {n: n for n in self.halves}
-        return {n: self.halves[k] for n, k in keys.items() if k in self.halves and all(h.num_samples for h in self.halves[k])}
+        return {
+            n: self.halves[k]
+            for n, k in keys.items()
+            if k in self.halves and all(h.num_samples for h in self.halves[k])
+        }
 
     def copy(self, src: str, dst: str) -> None:
         """Gives key ``dst`` an exact copy of ``src``'s halves and parity (none if ``src`` has none),

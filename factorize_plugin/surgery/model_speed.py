@@ -43,7 +43,9 @@ Install = Callable[[Mapping[str, Optional[int]]], Callable[[], None]]
 
 
 def _cuda_devices(model: nn.Module) -> list[torch.device]:
-    return sorted({t.device for t in list(model.parameters()) + list(model.buffers()) if t.device.type == "cuda"}, key=str)
+    return sorted(
+        {t.device for t in list(model.parameters()) + list(model.buffers()) if t.device.type == "cuda"}, key=str
+    )
 
 
 def measure_model_step(
@@ -208,7 +210,7 @@ class ModelSpeedCheck:
         clock: Optional[ModelClock] = None, repeats: int = 7, min_time: float = 0.003,
         session: Optional[Callable[[], ContextManager]] = None,
         broadcast: Optional[Callable[[Any], Any]] = None, measure_here: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.model, self.forward, self.optimizers = model, forward, list(optimizers)
         self.margin, self.repeats, self.min_time = float(margin), int(repeats), float(min_time)
         self.clock = clock
@@ -216,7 +218,9 @@ class ModelSpeedCheck:
         self.broadcast, self.measure_here = broadcast, measure_here
         self.result: Optional[ModelSpeedResult] = None
 
-    def caps(self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate]) -> dict[str, Optional[int]]:
+    def caps(
+        self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate]
+    ) -> dict[str, Optional[int]]:
         """No per-layer caps: a budget is spent freely, the whole model then decides."""
         return {}
 
@@ -246,7 +250,8 @@ class ModelSpeedCheck:
         return run
 
     def _time(self, layers: Mapping[str, nn.Module], old: Mapping[str, list], install: Optional[Install],
-              ranks: Mapping[str, Optional[int]], state: preserved_training_state, result: ModelSpeedResult) -> float:  # fmt: skip
+              ranks: Mapping[str, Optional[int]], state: preserved_training_state,
+              result: ModelSpeedResult) -> float:
         undo = install(ranks) if ranks else (lambda: None)
         try:
             replace: dict[int, list] = {}
@@ -296,7 +301,7 @@ class ModelSpeedCheck:
     def check(
         self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate],
         ranks: Mapping[str, Optional[int]], install: Optional[Install] = None,
-    ) -> tuple[dict[str, Optional[int]], dict[str, SpeedVerdict]]:  # fmt: skip
+    ) -> tuple[dict[str, Optional[int]], dict[str, SpeedVerdict]]:
         """The ranks to install (the dropped candidates become None: the layer stays as it is) and
         a verdict per changing layer (a note on those dropped)."""
         if not any(r is not None for r in ranks.values()):
@@ -336,6 +341,7 @@ class ModelSpeedCheck:
         trial = min(failed, key=lambda t: t.layers)
         return (
             f"{keep}: the model's training step measured {trial.speedup:.2f}x today's speed with the {trial.layers} "
-            f"change{'s' if trial.layers > 1 else ''} saving most multiply-adds, rank {rank} here among them (needs {result.margin:.2f}x); applied the "
+            f"change{'s' if trial.layers > 1 else ''} saving most multiply-adds, rank {rank} here among them "
+            f"(needs {result.margin:.2f}x); applied the "
             f"{result.kept} of {len(result.order)} saving most"
         )

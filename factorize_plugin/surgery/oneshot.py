@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Sized, Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Sized, Union
 
 import torch
 import torch.nn as nn
 
+from . import settings
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
-from . import settings
 from .refactorize import refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe
@@ -50,7 +50,9 @@ def _print_progress(i: int, n: int, name: str) -> None:
     print(f"[factorize_model] solving layer {i + 1}/{n}: {name}", file=sys.stderr, flush=True)
 
 
-def _collect(model: nn.Module, collector: ActivationCollector, batches: Iterable, input_fn: Optional[InputFn]) -> ActivationCollector:
+def _collect(
+    model: nn.Module, collector: ActivationCollector, batches: Iterable, input_fn: Optional[InputFn]
+) -> ActivationCollector:
     with evaluating(model), collector, naming_failures(model):
         n_batches = 0
         for batch in batches:
@@ -183,7 +185,9 @@ def factorize_model(
     batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
     progress_fn = _print_progress if progress is True else (progress or None)
     expected = len(calibration) if isinstance(calibration, Sized) else None
-    collector = _collect(model, collect_with(model, selection, spec, expected_batches=expected, space=space), batches, input_fn)
+    collector = _collect(
+        model, collect_with(model, selection, spec, expected_batches=expected, space=space), batches, input_fn
+    )
     leave_out_silent(model, selection, spec, [name for name, n in collector.samples().items() if n == 0], "calibration")
     layers = selection.layers
     if not layers:
@@ -193,7 +197,7 @@ def factorize_model(
         model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
         regularization=regularization, progress=progress_fn,
         speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
-    )  # fmt: skip
+    )
     reports, advice = finish(model, selection, reports, collector.positions, f"factorize_model({policy!r})")
     for message in advice:
         _advise(message)
@@ -201,5 +205,5 @@ def factorize_model(
     if progress_fn is not None and plan is not None and plan.errors:
         errs = ", ".join(f"{k}: {v.relative:.4g}" for k, v in plan.errors.items())
         print(f"[factorize_model] relative output error on the calibration data: {errs}; keeping the {plan.chosen} "
-              "allocation", file=sys.stderr, flush=True)  # fmt: skip
+              "allocation", file=sys.stderr, flush=True)
     return Reports(reports, statistics_bytes=collector.statistics_bytes)

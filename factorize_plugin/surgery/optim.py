@@ -160,7 +160,9 @@ def restore_param_group_order(optimizer, groups: list[list[str]], named: dict[st
         try:
             ordered = [named[n] for n in saved]
         except KeyError as err:
-            raise RuntimeError(f"the checkpoint's optimizer holds parameter {err} that the model does not have") from err
+            raise RuntimeError(
+                f"the checkpoint's optimizer holds parameter {err} that the model does not have"
+            ) from err
         if {id(p) for p in ordered} != current or len(ordered) != len(group["params"]):
             raise RuntimeError(
                 "configure_optimizers put different parameters in a group than the checkpoint's optimizer held; "

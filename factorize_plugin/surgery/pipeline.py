@@ -135,7 +135,7 @@ def collect_with(
         {n: model.get_submodule(n) for n in selection.layers}, spec.max_samples, sample_fraction=spec.sample_fraction,
         space=space, holdout=holdout, expected_batches=expected_batches,
         counted={n: model.get_submodule(n) for n in selection.skipped},
-    )  # fmt: skip
+    )
 
 
 def leave_out_silent(
@@ -161,7 +161,9 @@ def finish(
 ) -> tuple[list[LayerReport], list[str]]:
     """The transaction's reports followed by one report per skipped layer, and the warnings to give
     about the transaction's outcome (no layer changed; optimistic fits), labelled with ``label``."""
-    skipped = [skip_report(n, model.get_submodule(n), note, positions.get(n, 1.0)) for n, note in selection.skipped.items()]
+    skipped = [
+        skip_report(n, model.get_submodule(n), note, positions.get(n, 1.0)) for n, note in selection.skipped.items()
+    ]
     advice = [no_change(reports, label), optimistic_fits(reports, label)]
     return reports + skipped, [a for a in advice if a]
 
@@ -169,4 +171,4 @@ def finish(
 __all__ = [
     "ONE_SHOT_STATISTICS", "Selection", "TRAINING_STATISTICS", "TargetSpec", "collect_with", "finish",
     "leave_out_silent", "prepare",
-]  # fmt: skip
+]

@@ -79,7 +79,10 @@ class FixedRank(RankPolicy):
         resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates
 
     def choose(self, layers, probe=None):
-        return {n: admissible(c.view, resolve_rank(self.rank, c.view.rank_base, c.view.rank_base)) for n, c in layers.items()}
+        return {
+            n: admissible(c.view, resolve_rank(self.rank, c.view.rank_base, c.view.rank_base))
+            for n, c in layers.items()
+        }
 
     def order_key(self) -> tuple[str, float]:
         return ("int rank" if isinstance(self.rank, int) else "fractional rank", -float(self.rank))
@@ -152,7 +155,13 @@ class ParamBudget(RankPolicy):
         if probe is None or not self.sensitivity:
             return self.allocate(layers)
         self.last_plan = plan_budget(
-            probe, layers, self.allocate, self.fraction, self.metric, verify=self.compare_uniform, n_probes=self.n_probes
+            probe,
+            layers,
+            self.allocate,
+            self.fraction,
+            self.metric,
+            verify=self.compare_uniform,
+            n_probes=self.n_probes,
         )
         return dict(self.last_plan.ranks)
 
@@ -172,14 +181,21 @@ def make_policy(
     """The one policy given, as an object or by a scalar shortcut (``rank=`` -> ``FixedRank``,
     ``max_nmse=`` -> ``MaxNMSE``, ``param_budget=`` -> ``ParamBudget``); ValueError unless exactly
     one is given."""
-    given = {k: v for k, v in dict(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy).items() if v is not None}
+    given = {
+        k: v
+        for k, v in dict(rank=rank, max_nmse=max_nmse, param_budget=param_budget, policy=policy).items()
+        if v is not None
+    }
     if len(given) != 1:
         raise ValueError(
-            f"give exactly one rank policy out of policy=, rank=, max_nmse=, param_budget= (got {sorted(given) or 'none'})"
+            "give exactly one rank policy out of policy=, rank=, max_nmse=, param_budget= "
+            f"(got {sorted(given) or 'none'})"
         )
     if policy is not None:
         if not isinstance(policy, RankPolicy):
-            raise TypeError(f"policy must be a RankPolicy (FixedRank, MaxNMSE, ParamBudget), got {type(policy).__name__}")
+            raise TypeError(
+                f"policy must be a RankPolicy (FixedRank, MaxNMSE, ParamBudget), got {type(policy).__name__}"
+            )
         return policy
     if rank is not None:
         return FixedRank(rank)

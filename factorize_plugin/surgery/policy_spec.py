@@ -22,7 +22,11 @@ PLAIN_SCALARS = (bool, int, float, str, type(None))
 def class_path(cls: type) -> str:
     """``factorize_plugin.Name`` where the package exports the class, else ``module.QualName``."""
     package = sys.modules.get("factorize_plugin")
-    if package is not None and cls.__module__.startswith("factorize_plugin.") and getattr(package, cls.__name__, None) is cls:
+    if (
+        package is not None
+        and cls.__module__.startswith("factorize_plugin.")
+        and getattr(package, cls.__name__, None) is cls
+    ):
         return f"factorize_plugin.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -63,7 +67,9 @@ def policy_from_spec(spec: Mapping[str, Any]) -> RankPolicy:
     module, _, name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, RankPolicy)):
-        raise ValueError(f"class_path {path!r} does not name a RankPolicy (FixedRank, MaxNMSE, ParamBudget or a subclass)")
+        raise ValueError(
+            f"class_path {path!r} does not name a RankPolicy (FixedRank, MaxNMSE, ParamBudget or a subclass)"
+        )
     return cls(**dict(spec.get("init_args") or {}))
 
 

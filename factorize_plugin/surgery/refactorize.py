@@ -21,13 +21,13 @@ from ..layers.factorized import FACTORIZED_PAIRS
 from .calling import evaluating
 from .candidates import LayerCandidate
 from .holdout import Halves, heldout_curve
+from .model_speed import ModelSpeedCheck
 from .modules import set_submodule
 from .optim import OptimizerEdit
 from .policies import RankPolicy
 from .reports import LayerReport
 from .sensitivity import OutputProbe
 from .sharing import alias_names, check_optimizer
-from .model_speed import ModelSpeedCheck
 from .speed import SpeedCheck, SpeedVerdict
 
 Ranks = dict[str, Optional[int]]
@@ -58,7 +58,7 @@ def build_candidates(
         out[name] = LayerCandidate(
             layer_view(module), dec, float((positions or {}).get(name, 1.0)), samples=stats[name].num_samples,
             heldout_curve=heldout,
-        )  # fmt: skip
+        )
     return out
 
 
@@ -93,7 +93,9 @@ def _swap(
     return undo
 
 
-def _reports(layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks) -> list[LayerReport]:
+def _reports(
+    layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks
+) -> list[LayerReport]:
     out = []
     for name, module in layers.items():
         c, rank = candidates[name], ranks.get(name)

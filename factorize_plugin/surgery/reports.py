@@ -47,13 +47,15 @@ class LayerReport:
         return self.new_rank != self.old_rank
 
     @classmethod
-    def of(cls, name: str, kind: str, view: LayerView, new_rank: Optional[int], nmse: float, positions: float, samples: int) -> "LayerReport":
+    def of(
+        cls, name: str, kind: str, view: LayerView, new_rank: Optional[int], nmse: float, positions: float, samples: int
+    ) -> "LayerReport":
         return cls(
             name=name, kind=kind, shape=(view.in_dim, view.out_dim), old_rank=view.rank, new_rank=new_rank, nmse=nmse,
             params_before=view.params(view.rank), params_after=view.params(new_rank),
             macs_before=round(view.params(view.rank) * positions), macs_after=round(view.params(new_rank) * positions),
             params_dense=view.params(None), macs_dense=round(view.params(None) * positions), samples=samples,
-        )  # fmt: skip
+        )
 
 
 class Reports(list):
@@ -87,7 +89,9 @@ def format_reports(reports: Sequence[LayerReport]) -> str:
     )
     speed = measured_speedup(reports)
     if speed is not None:
-        lines.append(f"the changed layers measured {speed:.2f}x the speed of their dense versions (speed guard timings)")
+        lines.append(
+            f"the changed layers measured {speed:.2f}x the speed of their dense versions (speed guard timings)"
+        )
     return "\n".join(lines)
 
 

@@ -116,7 +116,9 @@ def check_max_nmse(value: Any) -> float:
 
 def check_param_budget(value: Any) -> float:
     if not (_is_real(value) and 0.0 < float(value) <= 1.0):
-        raise refuse("param_budget", value, "a number in (0, 1] (the fraction of the targeted layers' dense weights to keep)")
+        raise refuse(
+            "param_budget", value, "a number in (0, 1] (the fraction of the targeted layers' dense weights to keep)"
+        )
     return float(value)
 
 
@@ -149,4 +151,4 @@ __all__ = [
     "check_min_features", "check_min_params", "check_name", "check_optional_whole", "check_param_budget",
     "check_patterns", "check_progress", "check_regularization", "check_sample_fraction", "check_space",
     "check_whole", "refuse",
-]  # fmt: skip
+]

@@ -253,12 +253,13 @@ def silent_reason(model: nn.Module, name: str) -> str:
             return f"its parent {type(parent).__name__} reads {child}.weight directly instead of calling {child}"
         if "self.training" in source and f"self.{child}" in source:
             return f"it runs only in training mode (a training-only branch of {type(parent).__name__}.forward)"
-    return "nothing called it during validation (a training-only branch, an unused layer, or a weight read by its parent)"
+    return (
+        "nothing called it during validation "
+        "(a training-only branch, an unused layer, or a weight read by its parent)"
+    )
 
 
-def resolve_silent(
-    model: nn.Module, silent: Sequence[str], explicit: Iterable[str], when: str
-) -> dict[str, str]:
+def resolve_silent(model: nn.Module, silent: Sequence[str], explicit: Iterable[str], when: str) -> dict[str, str]:
     """Notes ``{name: note}`` for layers that were never called (to be skipped), or raises for one
     that was named explicitly. ``when``: the pass that found them (for the message)."""
     explicit = set(explicit)

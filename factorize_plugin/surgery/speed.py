@@ -103,7 +103,9 @@ class OptimizerSpec:
             for group in getattr(opt, "param_groups", ()):
                 if any(p is param for p in group["params"]):
                     kw = tuple((k, group[k]) for k in getattr(opt, "defaults", {}) if k in group)
-                    flags = tuple((k, group.get(k)) for k in ("foreach", "fused", "capturable", "differentiable") if k in group)
+                    flags = tuple(
+                        (k, group.get(k)) for k in ("foreach", "fused", "capturable", "differentiable") if k in group
+                    )
                     return cls(type(opt), kw, flags)
         return None
 
@@ -261,7 +263,7 @@ class SpeedGuard:
     def __init__(
         self, margin: float = 1.15, mode: str = "train", repeats: int = 7, min_time: float = 0.003,
         timer: Optional[Timer] = None, scope: Optional[str] = None, clock: Optional[Callable] = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
             raise ValueError(f"margin (the speedup a pair must reach) must be a positive number, got {margin!r}")
         if mode not in MODES:
@@ -285,7 +287,9 @@ class SpeedGuard:
             for c, t in zip(todo, times):
                 t = float(t)
                 if not (math.isfinite(t) and t > 0):
-                    raise ValueError(f"the speed guard's timer returned {t} seconds for {c}: expected a positive number")
+                    raise ValueError(
+                        f"the speed guard's timer returned {t} seconds for {c}: expected a positive number"
+                    )
                 self.cache[c] = t
         return [self.cache[c] for c in cases]
 
@@ -329,7 +333,7 @@ class SpeedCheck:
     def __init__(
         self, guard: SpeedGuard, inputs: Mapping[str, LayerInput], optimizers: Sequence[Any] = (),
         broadcast: Optional[Callable[[Any], Any]] = None, measure_here: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.guard, self.inputs, self.optimizers = guard, dict(inputs), list(optimizers)
         self.broadcast, self.measure_here = broadcast, measure_here
         self.refused: dict[str, SpeedVerdict] = {}  # layers ``caps`` allowed no rank, and why
@@ -358,7 +362,9 @@ class SpeedCheck:
         secs = self.guard.seconds(cases)
         return {n: (secs[2 * i], secs[2 * i + 1]) for i, n in enumerate(asks)}
 
-    def caps(self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate]) -> dict[str, Optional[int]]:
+    def caps(
+        self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate]
+    ) -> dict[str, Optional[int]]:
         """Per layer, the largest rank (up to what it may take) whose pair the guard allows: 0 if
         none, None if it cannot be measured. Speed falls roughly monotonically with the rank, so
         this is a bisection (to within 1/8 of the rank), all layers' probes of a round measured
@@ -368,7 +374,9 @@ class SpeedCheck:
             cases = {n: self._case(n, layers[n], self._dense_view(c), None) for n, c in candidates.items()}
             out: dict[str, Optional[int]] = {n: (None if cases[n] is None else 0) for n in candidates}
             refused: dict[str, SpeedVerdict] = {}
-            bounds = {n: (0, max_rank(c) + 1) for n, c in candidates.items() if cases[n] is not None and max_rank(c) >= 1}
+            bounds = {
+                n: (0, max_rank(c) + 1) for n, c in candidates.items() if cases[n] is not None and max_rank(c) >= 1
+            }
             first = True
             while bounds:
                 asks = {n: (cases[n], hi - 1 if first else (lo + hi) // 2) for n, (lo, hi) in bounds.items()}
@@ -397,13 +405,17 @@ class SpeedCheck:
         if not ok:
             keep = "kept dense" if c.view.rank is None else f"kept at rank {c.view.rank}"
             note = (
-                f"{keep}: rank {rank} measured {dense / pair:.2f}x the dense layer's speed (needs {self.guard.margin:.2f}x) "
-                f"on {case.inputs.describe()} at {case.inputs.rows(case.view)} rows, {_describe_step(case.mode, case.optimizer)}"
+                f"{keep}: rank {rank} measured {dense / pair:.2f}x the dense layer's speed "
+                f"(needs {self.guard.margin:.2f}x) on {case.inputs.describe()} at {case.inputs.rows(case.view)} rows, "
+                f"{_describe_step(case.mode, case.optimizer)}"
             )
         return SpeedVerdict(rank, ok, dense, pair, note)
 
     def check(
-        self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Mapping[str, Optional[int]],
+        self,
+        layers: Mapping[str, nn.Module],
+        candidates: Mapping[str, LayerCandidate],
+        ranks: Mapping[str, Optional[int]],
         install: Any = None,
     ) -> tuple[dict[str, Optional[int]], dict[str, SpeedVerdict]]:
         """Times every changing layer at its chosen rank; ranks whose pair is not ``margin`` x as
@@ -417,7 +429,9 @@ class SpeedCheck:
                     continue
                 case = self._case(n, layers[n], self._dense_view(candidates[n]), None)
                 if case is None:
-                    verdicts[n] = SpeedVerdict(r, False, note="kept as it is: speed not measured (no input was recorded for it)")
+                    verdicts[n] = SpeedVerdict(
+                        r, False, note="kept as it is: speed not measured (no input was recorded for it)"
+                    )
                 else:
                     asks[n] = (case, r)
             for n, (dense, pair) in self._ratios(asks).items():

@@ -13,7 +13,6 @@ from .modules import match_names
 from .sharing import all_module_names, explicit_targets, is_explicit, primary_names, screen_layers
 
 
-
 def select_layers(
     model: nn.Module,
     targets: Optional[Sequence[str]] = None,
