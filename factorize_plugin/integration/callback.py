@@ -2,9 +2,9 @@
 
 It owns no math and no model surgery. Its hooks decide *when* (milestones, which validation run's
 statistics) and *where* (which layers, which process): they collect statistics
-(``ActivationCollector``), sum them over the DDP ranks (``distributed.py``), call the one transaction ``refactorize`` (solve,
-choose ranks, swap, edit the optimizers), rebuild the DDP wrapper, log, and checkpoint the
-callback's own state.
+(``ActivationCollector``), sum them over the DDP ranks (``distributed.py``), call the one
+transaction ``refactorize`` (solve, choose ranks, swap, edit the optimizers), rebuild the DDP
+wrapper, log, and checkpoint the callback's own state.
 """
 
 from __future__ import annotations
