@@ -127,3 +127,26 @@ def test_two_processes_each_layer_solved_once(tmp_path):
         assert a["bytes_held"] + b["bytes_held"] == sum(
             a["bytes_before"][n] for n in owners if n != "k"  # q and k: one accumulator
         )
+
+
+def test_reduce_statistics_without_sharding():
+    """The callback's helper: nothing on one process; the all-reduce (every process solves every
+    layer) when the policy probes the model at trial ranks (``shard=False``)."""
+    from types import SimpleNamespace
+
+    from factorize_plugin.integration.distributed import reduce_statistics
+
+    seen = []
+
+    class Collector:
+        def all_reduce_(self, sum_fn):
+            seen.append(sum_fn(torch.ones(2)))
+
+        def reduce_to_owners_(self, sharding):  # needs a process group: not reached here
+            raise AssertionError("not sharded")
+
+    strategy = SimpleNamespace(reduce=lambda t, reduce_op: 2 * t)
+    assert reduce_statistics(SimpleNamespace(world_size=1, strategy=strategy), Collector(), shard=True) is None
+    assert not seen
+    assert reduce_statistics(SimpleNamespace(world_size=2, strategy=strategy), Collector(), shard=False) is None
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((2,), 2.0))
