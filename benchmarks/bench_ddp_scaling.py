@@ -27,10 +27,19 @@ plain ``dist.all_reduce`` of a float64 tensor of the same size. Also a transform
 48 Linear layers of a BERT-base-like encoder (12 blocks x qkv/out/fc1/fc2, every one D = 768 with
 ``space="auto"``), as one milestone reduces them. Times are the slower rank's, median of reps.
 
+Part 3 (``--sharded``, run alone): each layer solved once per job (issue 23, item 2). N gloo
+processes (``--worlds``) collect float64 statistics of a stack of transformer-block Linear layers
+(q, k, v, o: W x W; fc1 W x 4W; fc2 4W x W; ``space="auto"``) on their own random rows, then
+refactorize twice: statistics all-reduced (every process solves every layer: the one-process
+work) and reduced to each layer's owner (``surgery/sharding.py``). Per process: the solve's CPU
+seconds (``decompose`` calls, one thread), the statistics bytes held after the reduce, the
+reduce time; the factors' agreement across processes and with the all-reduce path.
+
     python benchmarks/bench_ddp_scaling.py [--quick] [--no-control]
+    python benchmarks/bench_ddp_scaling.py --sharded [--worlds 2 4] [--blocks 4] [--width 256]
 
 Writes benchmarks/results/ddp_scaling.json (``--quick``: ddp_scaling_quick.json) and a PNG of
-part 2.
+part 2; ``--sharded``: ddp_scaling_sharded.json.
 """
 
 from __future__ import annotations
@@ -260,6 +269,153 @@ def run_allreduce(sizes: list[int], reps: int, bert: bool, out_dir: Path) -> dic
     return json.loads(out.read_text())
 
 
+# ------------------------------------------------------------------ part 3: the sharded solve (--sharded)
+def _shard_worker(rank: int, world: int, port: int, blocks: int, width: int, rows: int, out: str) -> None:
+    """One process of part 3: the same milestone twice, statistics all-reduced (every process
+    solves every layer) and reduced to each layer's owner (each layer solved once in the job)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    torch.set_num_threads(1)
+    import factorize_plugin.surgery.refactorize as refactorize_module
+    from factorize_plugin.integration.distributed import default_group_sharding
+    from factorize_plugin.surgery.collector import ActivationCollector
+    from factorize_plugin.surgery.policies import FixedRank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    shapes = {}
+    for b in range(blocks):  # a transformer block's Linear layers
+        shapes.update({f"{b}.q": (width, width), f"{b}.k": (width, width), f"{b}.v": (width, width),
+                       f"{b}.o": (width, width), f"{b}.fc1": (width, 4 * width), f"{b}.fc2": (4 * width, width)})
+    base = nn.ModuleDict({n.replace(".", "_"): nn.Linear(d, m) for n, (d, m) in shapes.items()})
+    names = list(base)
+    g = torch.Generator().manual_seed(1000 + rank)
+    inputs = {n: torch.randn(rows, base[n].in_features, generator=g) for n in names}  # this rank's rows
+    solve = {"cpu": 0.0, "wall": 0.0, "calls": 0}
+    real = refactorize_module.decompose
+
+    def timed_decompose(*a, **k):
+        c, w = time.process_time(), time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            solve["cpu"] += time.process_time() - c
+            solve["wall"] += time.perf_counter() - w
+            solve["calls"] += 1
+
+    refactorize_module.decompose = timed_decompose
+
+    def agree(r):
+        box = [r]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_sum(t):
+        dist.all_reduce(t)
+        return t
+
+    result: dict = {}
+    for mode in ("all_reduce", "sharded"):
+        model = copy.deepcopy(base)
+        layers = {n: model[n] for n in names}
+        collector = ActivationCollector(layers, max_samples=None, space="auto", holdout=False)
+        with torch.no_grad(), collector:
+            for n in names:
+                layers[n](inputs[n])
+        collected = collector.statistics_bytes_of(names)
+        dist.barrier()
+        t = time.perf_counter()
+        sharding = None
+        if mode == "sharded":
+            sharding = default_group_sharding()
+            sharding.owners = collector.reduce_to_owners_(sharding)
+        else:
+            collector.all_reduce_(all_sum)
+        reduce_s = time.perf_counter() - t
+        held = collector.statistics_bytes_of(names)
+        solve.update(cpu=0.0, wall=0.0, calls=0)
+        t = time.perf_counter()
+        refactorize_module.refactorize(model, layers, collector.stats, FixedRank(0.25), agree=agree, sharding=sharding)
+        milestone_s = time.perf_counter() - t
+        weights = {k: v.detach().double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        result[mode] = dict(
+            reduce_s=reduce_s, solve_cpu_s=solve["cpu"], solve_wall_s=solve["wall"], solves=solve["calls"],
+            refactorize_s=milestone_s, statistics_bytes_collected=collected, statistics_bytes_after_reduce=held,
+            weight_checksum=float(sum(float(v.sum()) for v in weights.values())),
+        )  # fmt: skip
+        result[mode + "_weights"] = weights
+    a, b = result.pop("all_reduce_weights"), result.pop("sharded_weights")
+    result["max_rel_diff_sharded_vs_all_reduce"] = max(float((b[k] - a[k]).norm() / a[k].norm()) for k in a)
+    refactorize_module.decompose = real
+    Path(out, f"sharded_rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_sharded(world: int, blocks: int, width: int, rows: int, out_dir: Path) -> dict:
+    """Part 3 with ``world`` gloo processes: per process, the solve time, the statistics held after
+    the reduce, and the factors' agreement, sharded vs all-reduced; ratios against the all-reduce
+    path, where every process does the one-process work."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shard_worker, args=(world, port, blocks, width, rows, str(out_dir)), nprocs=world, join=True)
+    ranks = [json.loads(Path(out_dir, f"sharded_rank{r}.json").read_text()) for r in range(world)]
+    full_solve = statistics.median(r["all_reduce"]["solve_cpu_s"] for r in ranks)  # every process: all layers
+    full_bytes = ranks[0]["all_reduce"]["statistics_bytes_after_reduce"]
+    worst_solve = max(r["sharded"]["solve_cpu_s"] for r in ranks)
+    worst_bytes = max(r["sharded"]["statistics_bytes_after_reduce"] for r in ranks)
+    return dict(
+        world=world, blocks=blocks, width=width, rows_per_process=rows, layers=6 * blocks, per_rank=ranks,
+        solve_cpu_s_one_process_work=full_solve, solve_cpu_s_sharded_max_rank=worst_solve,
+        solve_ratio_times_world=worst_solve / full_solve * world,  # goal <= 1.3
+        statistics_bytes_all=full_bytes, statistics_bytes_sharded_max_rank=worst_bytes,
+        bytes_ratio_times_world=worst_bytes / full_bytes * world,  # goal <= 1.2
+        ranks_bit_identical=len({r["sharded"]["weight_checksum"] for r in ranks}) == 1,
+        max_rel_diff_sharded_vs_all_reduce=max(r["max_rel_diff_sharded_vs_all_reduce"] for r in ranks),
+    )  # fmt: skip
+
+
+def sharded_main(args) -> None:
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ddp_sharded_"))
+    runs = []
+    for world in args.worlds:
+        r = run_sharded(world, args.blocks, args.width, args.rows, tmp)
+        runs.append(r)
+        print(
+            f"world {world}: solve CPU s per rank {[round(x['sharded']['solve_cpu_s'], 3) for x in r['per_rank']]} "
+            f"(all-reduce path: {r['solve_cpu_s_one_process_work']:.3f} s each) -> x world = {r['solve_ratio_times_world']:.2f}; "
+            f"statistics MiB per rank after reduce {[round(x['sharded']['statistics_bytes_after_reduce'] / 2**20, 2) for x in r['per_rank']]} "
+            f"(all: {r['statistics_bytes_all'] / 2**20:.2f}) -> x world = {r['bytes_ratio_times_world']:.2f}; "
+            f"bit-identical ranks {r['ranks_bit_identical']}, max rel diff vs all-reduce {r['max_rel_diff_sharded_vs_all_reduce']:.1e}",
+            flush=True,
+        )  # fmt: skip
+    import torch
+
+    result = dict(
+        config=dict(blocks=args.blocks, width=args.width, rows_per_process=args.rows, worlds=args.worlds, backend="gloo",
+                    threads_per_process=1, policy="FixedRank(0.25)", space="auto"),
+        package=package_version(),
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, load_avg_at_end=os.getloadavg()),
+        runs=runs,
+    )  # fmt: skip
+    shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "ddp_scaling_sharded.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
 # ------------------------------------------------------------------ report
 def _rank_diff(a: dict, b: dict) -> int:
     """Largest per-layer rank difference; a dense layer counts as min(D, M) of its matrix view
@@ -365,7 +521,16 @@ def main() -> None:
     p.add_argument("--no-control", dest="control", action="store_false",
                    help="skip the control runs (1 process, another order of the training batches)")
     p.add_argument("--from-json", default=None, help="re-summarize a result file's training runs (no runs)")
+    p.add_argument("--sharded", action="store_true",
+                   help="part 3 only: the milestone's solve sharded over the processes vs all-reduced (issue 23)")
+    p.add_argument("--worlds", type=int, nargs="+", default=[2], help="--sharded: process counts")
+    p.add_argument("--blocks", type=int, default=4, help="--sharded: transformer blocks (6 Linear layers each)")
+    p.add_argument("--width", type=int, default=256, help="--sharded: model width (fc1/fc2: 4x)")
+    p.add_argument("--rows", type=int, default=2048, help="--sharded: rows per process and layer")
     args = p.parse_args()
+    if args.sharded:
+        sharded_main(args)
+        return
     if args.from_json:
         path = Path(args.from_json)
         result = json.loads(path.read_text())

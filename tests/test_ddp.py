@@ -97,6 +97,14 @@ def test_ddp_two_processes(tmp_path):
     for h in r0["history"]:
         assert h["samples"]["classifier.0"] == 128 and h["samples"]["features.2"] == 128 * 64  # 8x8 output positions per digit
     assert [h["ranks"] for h in r0["history"]] == [R1, R2]
+    # each layer solved by one rank (issue 23, item 2): the same owners on both, both ranks own some,
+    # and after the reduce each rank holds only its own layers' statistics
+    for h0, h1 in zip(r0["history"], r1["history"]):
+        assert h0["owners"] == h1["owners"] and set(h0["owners"].values()) == {0, 1}
+        assert h0["solve_seconds"] > 0 and h1["solve_seconds"] > 0
+        assert 0 < h0["statistics_bytes_reduced"] < h0["statistics_bytes"]
+        assert 0 < h1["statistics_bytes_reduced"] < h1["statistics_bytes"]
+        assert h0["statistics_bytes_reduced"] + h1["statistics_bytes_reduced"] <= h0["statistics_bytes"]
     # the whole-model speed check (a fake clock that disagrees across ranks, running rank 0's real
     # training step) measured on rank 0 only: today's structure and the candidate one per milestone;
     # every rank applied rank 0's decisions (structure below) and reports them alike

@@ -271,7 +271,7 @@ class MomentAccumulator:
         return self
 
     @torch.no_grad()
-    def all_reduce_(self, sum_fn: SumFn) -> "MomentAccumulator":
+    def all_reduce_(self, sum_fn: SumFn, moments_fn: Optional[SumFn] = None) -> "MomentAccumulator":
         """Replaces the local moments by those of the union of all processes' samples.
 
         ``sum_fn`` sums a flat float64 tensor across processes (e.g. ``torch.distributed.all_reduce``
@@ -279,7 +279,13 @@ class MomentAccumulator:
         the global mean), then each second-moment buffer, re-centered in place on the global mean
         (two collectives, four with targets). Every process must call this, in the same order
         across accumulators.
+
+        ``moments_fn`` (default ``sum_fn``) sums the second-moment buffers instead: a sum into one
+        process (``torch.distributed.reduce`` to ``dst``) leaves the union's moments on that process
+        only; the count and mean are the union's everywhere, the other processes' second moments
+        are meaningless afterwards (drop them).
         """
+        moments_fn = sum_fn if moments_fn is None else moments_fn
         self._ensure_allocated()
         self.flush()
         first = [self._count.reshape(1), self._mean_x * self._count]
@@ -293,14 +299,14 @@ class MomentAccumulator:
         local_n = float(self._count)
         dx = self._mean_x - g_x
         self._cxx.addr_(dx, dx, alpha=local_n)
-        self._cxx.view(-1).copy_(sum_fn(self._cxx.view(-1)))
+        self._cxx.view(-1).copy_(moments_fn(self._cxx.view(-1)))
         if self.has_targets:
             g_y = flat[1 + d :] / n.clamp_min(1)
             dy = self._mean_y - g_y
             self._cxy.addr_(dx, dy, alpha=local_n)
-            self._cxy.view(-1).copy_(sum_fn(self._cxy.view(-1)))
+            self._cxy.view(-1).copy_(moments_fn(self._cxy.view(-1)))
             self._syy.add_(local_n * dy.square().sum())
-            self._syy.view(1).copy_(sum_fn(self._syy.view(1)))
+            self._syy.view(1).copy_(moments_fn(self._syy.view(1)))
             self._mean_y.copy_(g_y)
         self._count.copy_(n)
         self._mean_x.copy_(g_x)

@@ -2,9 +2,9 @@
 
 It owns no math and no model surgery. Its hooks decide *when* (milestones, which validation run's
 statistics) and *where* (which layers, which process): they collect statistics
-(``ActivationCollector``), all-reduce them, call the one transaction ``refactorize`` (solve,
-choose ranks, swap, edit the optimizers), rebuild the DDP wrapper, log, and checkpoint the
-callback's own state.
+(``ActivationCollector``), sum them over the DDP ranks (``distributed.py``), call the one
+transaction ``refactorize`` (solve, choose ranks, swap, edit the optimizers), rebuild the DDP
+wrapper, log, and checkpoint the callback's own state.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..surgery.sensitivity import OutputProbe
 from ..surgery.sharing import CallCounter
 from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
 from .callback_state import STATE_VERSION, migrate_state, plain
+from .distributed import reduce_statistics
 from .lightning_internals import (
     check_strategy,
     first_validation_batches,
@@ -134,11 +135,15 @@ class LowRankFactorization(Callback):
       new parameter takes the param group and place of the one it replaces and starts with empty
       state (Adam moments at zero); the old parameters' state is dropped; untouched parameters
       keep theirs.
-    * DDP (``strategy="ddp"``, multi-node included: nothing assumes one machine): statistics are
-      summed over all ranks before solving (two sum all-reduces per layer, four for layers whose
-      statistics are not projected, in name order), so every rank computes the same factors from
-      the union of all ranks' validation data; rank 0's chosen ranks are broadcast; the
-      ``DistributedDataParallel`` wrapper is then rebuilt. ``ddp_spawn`` (and other start
+    * DDP (``strategy="ddp"``, multi-node included: nothing assumes one machine): each layer's
+      statistics are summed over all ranks into one owner rank (``torch.distributed.reduce``, in
+      name order; owners chosen from the layers' shapes to balance the solve work), which alone
+      solves it; the NMSE curves are gathered to every rank, every rank chooses the same ranks
+      (rank 0's are broadcast), and the factors at those ranks are broadcast from their owners, so
+      every rank installs the same factors, fitted to the union of all ranks' validation data
+      (``surgery/sharding.py``). A ``ParamBudget`` with an output probe (``budget_batches > 0``)
+      runs the model at trial ranks: there the statistics are all-reduced and every rank solves
+      every layer. The ``DistributedDataParallel`` wrapper is then rebuilt. ``ddp_spawn`` (and other start
       methods that copy weights back into the main process) needs
       ``enable_factorized_loading(model)`` in the main process before ``fit``.
     * Checkpoints hold the factorized structure (in each pair's extra state), the callback's own
@@ -155,7 +160,9 @@ class LowRankFactorization(Callback):
       statistics only: a fit on half the rows measured on the other half; ``max_nmse`` uses the
       fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``),
       ``statistics_bytes`` (peak bytes of this process's float64 statistics, an accumulator shared
-      by layers reading the same input counted once).
+      by layers reading the same input counted once) and ``statistics_bytes_reduced`` (those held
+      after the DDP reduce: about 1/N of them on each of N ranks); under DDP with owners also
+      ``owners`` (layer -> rank that solved it) and ``solve_seconds`` (this rank's solving time).
     """
 
     STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
@@ -314,13 +321,15 @@ class LowRankFactorization(Callback):
                 f"at epoch {epoch}"
             )
         collector, source = self._statistics(trainer, pl_module, epoch)
-        if trainer.world_size > 1:
-            collector.all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # a shared accumulator once
+        policy = self._policies[milestone]
+        probing = policy.uses_probe and self.budget_batches > 0
+        # DDP: each layer's statistics summed into one owner, which alone solves it; a probe runs the
+        # model at trial ranks whose factors every rank would need: statistics all-reduced for it
+        sharding = reduce_statistics(trainer, collector, shard=not probing)
+        held = collector.statistics_bytes_of(collector.layers)  # this process's, after the reduce
         self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
         layers = self._layers(pl_module)
-        policy = self._policies[milestone]
         # one fetch of the first validation batches serves the budget probe and the output shift
-        probing = policy.uses_probe and self.budget_batches > 0
         need = max(self._output_batches, self.budget_batches if probing else 0)
         batches = first_validation_batches(trainer, need) if need else []
         shift = (
@@ -336,12 +345,16 @@ class LowRankFactorization(Callback):
             regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
             speed=speed,
             holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
+            sharding=sharding,
         )
         rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
         self._record(trainer, pl_module, due, milestone, reports, source, table)
         self.history[-1]["statistics_bytes"] = collector.statistics_bytes  # peak float64 statistics, this process
+        self.history[-1]["statistics_bytes_reduced"] = held
+        if sharding is not None:
+            self.history[-1].update(solve_seconds=sharding.solve_seconds, owners=dict(sharding.owners))
         if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
             self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
             pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,

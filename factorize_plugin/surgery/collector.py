@@ -25,6 +25,7 @@ from ..core.statistics import MomentAccumulator, work_dtype
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
 from . import fastpath
 from .holdout import HeldOutHalves
+from .sharding import Sharding, assign_owners, solve_work
 from .speed import LayerInput, autocast_dtype
 
 
@@ -179,6 +180,7 @@ class ActivationCollector:
         self._first: dict[int, tuple[str, weakref.ref, int]] = {}
         self._signature = {name: (v.in_dim, v.geometry, self.fractions[name]) for name, v in self.views.items()}
         self._peak_bytes = 0
+        self._dropped: dict[str, int] = {}  # accumulators reduced to another process: their rows
         # two halves of a small set's rows, for an honest (held-out) error estimate
         self.holdout = HeldOutHalves(self._stats, enabled=holdout, streams=self._stream)
 
@@ -200,6 +202,8 @@ class ActivationCollector:
         return out
 
     def _key_bytes(self, key: str) -> int:
+        if key in self._dropped:  # reduced to another process (reduce_to_owners_)
+            return 0
         acc = self._stats[key]
         held = (acc.nbytes() if acc.allocated else 0) + self.holdout.nbytes(key)
         if key in self.projections:  # the copies of W projected statistics keep (float64, and per device/dtype)
@@ -241,6 +245,32 @@ class ActivationCollector:
                 done.add(id(stats[name]))
                 stats[name].all_reduce_(sum_fn)
         return self
+
+    def reduce_to_owners_(self, sharding: Sharding) -> dict[str, int]:
+        """Sums every accumulator into one owner process (``sharding.reduce_to``; the counts and means
+        are all-reduced, ``MomentAccumulator.all_reduce_``), a shared one once, in name order; the
+        owners balance the solve work (``sharding.assign_owners`` on the statistics' widths and the
+        layers' outputs, a shared-input group going to one owner). Every other process then drops
+        that accumulator (and its copies of W): after the reduce each process holds the statistics
+        of its own layers only; ``samples`` still reports every layer's rows (of all processes).
+        Every process must call it. Returns the owner of each layer."""
+        self._agree_on_sharing(sharding.all_sum)
+        groups = self.groups()
+        work = {
+            key: sum(solve_work(self._stats[key].in_features, self.views[m].out_dim) for m in members)
+            for key, members in groups.items()
+        }
+        owners = assign_owners(work, sharding.world_size)
+        stats = self.stats
+        for key in sorted(groups):  # the keys are layer names; same collectives, same order, on every rank
+            acc, owner = stats[key], owners[key]
+            acc.all_reduce_(sharding.all_sum, lambda t, owner=owner: sharding.reduce_to(t, owner))
+            if owner != sharding.rank:
+                self._dropped[key] = acc.num_samples  # the union's count: what samples() reports
+                self._stats[key] = MomentAccumulator(acc.in_features)  # empty, never allocated
+                for k in [k for k in self._projection_copies if k[0] == key]:
+                    del self._projection_copies[k]
+        return {name: owners[key] for name, key in self._stream.items()}
 
     def _agree_on_sharing(self, sum_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Splits, on every process alike, each group whose members differ between processes: per
@@ -500,7 +530,7 @@ class ActivationCollector:
             waiting = self._buffered_rows[(key, False)] + self._buffered_rows[(key, True)]
             rnd = self._round.get(key)
             waiting += rnd.rows.shape[0] if rnd is not None and name in rnd.seen else 0
-            out[name] = self._stats[key].num_samples + self.holdout.rows(key) + waiting
+            out[name] = self._dropped.get(key, self._stats[key].num_samples) + self.holdout.rows(key) + waiting
         return out
 
     def check_nonempty(self) -> None:

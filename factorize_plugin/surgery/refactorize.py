@@ -10,6 +10,7 @@ Plain PyTorch: no Lightning.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
@@ -27,6 +28,7 @@ from .optim import OptimizerEdit
 from .policies import RankPolicy
 from .reports import LayerReport
 from .sensitivity import OutputProbe
+from .sharding import Sharding, SharedSolution, gather_solutions, share_factors
 from .sharing import alias_names, check_optimizer
 from .speed import SpeedCheck, SpeedVerdict
 
@@ -41,25 +43,48 @@ def build_candidates(
     regularization: float = 0.0,
     progress: Optional[Progress] = None,
     holdout: Optional[Mapping[str, Halves]] = None,
+    sharding: Optional[Sharding] = None,
 ) -> dict[str, LayerCandidate]:
     """Solves every layer exactly (all ranks at once). Errors name the layer. With ``holdout``
-    (name -> two halves of a small set's rows) also a held-out NMSE curve (one more solve)."""
-    out = {}
+    (name -> two halves of a small set's rows) also a held-out NMSE curve (one more solve).
+
+    With ``sharding`` (``sharding.owners`` set, statistics reduced to their owners) this process
+    solves only the layers it owns, and every candidate's decomposition is a ``SharedSolution``
+    (the gathered NMSE curve; factors once ``share_factors`` ran); no held-out curves."""
+    out, solved = {}, {}
+    start = time.perf_counter()
+    failure = None  # sharded: an owner's error, handed to every process so that all of them raise alike
     for i, (name, module) in enumerate(layers.items()):
+        if sharding is not None and not sharding.owns(name):
+            continue
         if progress is not None:
             progress(i, len(layers), name)
         try:
             stats[name].check(f"inputs of layer '{name}'")
             w, b = weight_matrix(module)
             dec = decompose(stats[name], w, b, regularization, fit_bias=b is not None)  # no bias: the pair gets none
-            heldout = heldout_curve((holdout or {}).get(name), w, b, regularization)
+            heldout = None if sharding is not None else heldout_curve((holdout or {}).get(name), w, b, regularization)
         except ValueError as err:
-            raise ValueError(f"cannot factorize layer '{name}': {err}") from err
+            if sharding is None:
+                raise ValueError(f"cannot factorize layer '{name}': {err}") from err
+            failure = f"cannot factorize layer '{name}': {err}"
+            break
+        if sharding is not None:
+            solved[name] = (dec, stats[name].num_samples, *w.shape)
+            continue
         out[name] = LayerCandidate(
             layer_view(module), dec, float((positions or {}).get(name, 1.0)), samples=stats[name].num_samples,
             heldout_curve=heldout,
         )
-    return out
+    if sharding is None:
+        return out
+    sharding.solved, sharding.solve_seconds = list(solved), time.perf_counter() - start
+    shared = gather_solutions(solved, {n: sharding.owners[n] for n in layers}, sharding, failure)
+    return {
+        name: LayerCandidate(layer_view(module), shared[name][0], float((positions or {}).get(name, 1.0)),
+                             samples=shared[name][1])
+        for name, module in layers.items()
+    }
 
 
 def _swap(
@@ -130,6 +155,7 @@ def refactorize(
     progress: Optional[Progress] = None,
     speed: Optional[Union[SpeedCheck, ModelSpeedCheck]] = None,
     holdout: Optional[Mapping[str, Halves]] = None,
+    sharding: Optional[Sharding] = None,
 ) -> list[LayerReport]:
     """Re-factorizes ``layers`` (qualified name -> module of ``model``) from their input ``stats``.
 
@@ -154,11 +180,19 @@ def refactorize(
             ``model_speed.ModelSpeedCheck`` instead times the model's whole training step with the
             candidates installed (through this call's swap, undone after each timing) and drops
             those saving the fewest multiply-adds until it is fast enough (no per-layer caps).
+        sharding: under DDP, with ``stats`` reduced to each layer's owner (``sharding.owners``;
+            ``ActivationCollector.reduce_to_owners_``): each process solves only its layers, the
+            NMSE curves are gathered, and after ``agree`` the factors at the agreed ranks are
+            broadcast from their owners (``surgery/sharding.py``). Needs ``agree`` and no
+            ``probe`` (a probe runs the model with trial ranks, whose factors every process
+            would need: use all-reduced statistics without ``sharding`` for it) and no ``holdout``.
 
     Returns:
         One ``LayerReport`` per layer, in the order of ``layers``.
     """
-    candidates = build_candidates(layers, stats, positions, regularization, progress, holdout)
+    if sharding is not None and (probe is not None or agree is None):
+        raise ValueError("a sharded solve needs agree= (the processes' agreement on the ranks) and no probe=")
+    candidates = build_candidates(layers, stats, positions, regularization, progress, holdout, sharding)
     if speed is not None and policy.uses_rank_caps:
         for name, cap in speed.caps(layers, candidates).items():
             candidates[name].rank_cap = cap
@@ -169,6 +203,9 @@ def refactorize(
         ranks = policy.choose(candidates)
     if agree is not None:
         ranks = agree(ranks)
+    if sharding is not None:  # every process gets the owners' factors at the agreed ranks
+        share_factors({n: c.decomposition for n, c in candidates.items()
+                       if isinstance(c.decomposition, SharedSolution)}, ranks, sharding)
     verdicts: dict[str, SpeedVerdict] = {}
     if speed is not None:
         ranks, verdicts = speed.check(layers, candidates, ranks, install=lambda r: _swap(model, layers, candidates, r))

@@ -1,0 +1,60 @@
+"""The collectives of a milestone under DDP: all-reduced statistics, or statistics reduced to the
+owner of each layer (``surgery.sharding``), built from the trainer's strategy.
+
+Lightning's strategies offer an all-reduce (``strategy.reduce``), a broadcast of objects and an
+all-gather of tensors, but no reduce to one process: ``default_group_sharding`` uses
+``torch.distributed`` on the default process group directly (the group Lightning's DDP strategy
+initializes), which is also what a plain ``torch.distributed`` script would pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..surgery.collector import ActivationCollector
+from ..surgery.sharding import Sharding
+
+
+def default_group_sharding(device: Optional[torch.device] = None) -> Sharding:
+    """A ``Sharding`` over ``torch.distributed``'s default process group (initialized), with
+    broadcast factors on ``device`` (default: CPU; a GPU for NCCL)."""
+    import torch.distributed as dist
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def reduce_to(t: torch.Tensor, owner: int) -> torch.Tensor:
+        dist.reduce(t, dst=owner, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_from(t: torch.Tensor, owner: int) -> torch.Tensor:
+        dist.broadcast(t, src=owner)
+        return t
+
+    def all_gather(obj: Any) -> list:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    return Sharding(
+        dist.get_rank(), dist.get_world_size(), all_sum, reduce_to, broadcast_from, all_gather,
+        device=torch.device("cpu") if device is None else torch.device(device),
+    )
+
+
+def reduce_statistics(trainer: Any, collector: ActivationCollector, shard: bool) -> Optional[Sharding]:
+    """Under DDP, the milestone's statistics of every process summed: into each layer's owner
+    (``shard``: each layer then solved once per job; returns the ``Sharding`` with its owners) or
+    on every process (all-reduce; returns None: every process solves every layer). Nothing on one
+    process."""
+    if trainer.world_size <= 1:
+        return None
+    if not shard:
+        collector.all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # a shared accumulator once
+        return None
+    sharding = default_group_sharding(trainer.strategy.root_device)
+    sharding.owners = collector.reduce_to_owners_(sharding)
+    return sharding
