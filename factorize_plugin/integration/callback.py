@@ -351,24 +351,37 @@ class LowRankFactorization(Callback):
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
         self._record(trainer, pl_module, due, milestone, reports, source, table)
-        self.history[-1]["statistics_bytes"] = collector.statistics_bytes  # peak float64 statistics, this process
-        self.history[-1]["statistics_bytes_reduced"] = held
-        if sharding is not None:
-            self.history[-1].update(solve_seconds=sharding.solve_seconds, owners=dict(sharding.owners))
-        if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
-            self.history[-1].update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
-            pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True,
-                          sync_dist=trainer.world_size > 1)
-            if self.verbose:
-                rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
-        if shift is not None:  # every rank: the metric's compute() is a collective under DDP
-            self.history[-1].update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
-            pl_module.log("factorize/output_nmse", self.history[-1]["output_nmse"], on_step=False, on_epoch=True,
-                          sync_dist=trainer.world_size > 1)
+        self._record_costs(trainer, pl_module, collector.statistics_bytes, held, sharding, speed, shift)
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         self._watch_training_inputs(pl_module, epoch)
+
+    def _record_costs(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        peak_bytes: int,
+        held_bytes: int,
+        sharding: Optional[Any],
+        speed: Optional[Any],
+        shift: Optional[OutputShift],
+    ) -> None:
+        """What the milestone cost and measured, into the last history entry (and logged)."""
+        entry = self.history[-1]
+        entry["statistics_bytes"] = peak_bytes  # peak float64 statistics, this process
+        entry["statistics_bytes_reduced"] = held_bytes
+        if sharding is not None:
+            entry.update(solve_seconds=sharding.solve_seconds, owners=dict(sharding.owners))
+        sync = trainer.world_size > 1
+        if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
+            entry.update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
+            pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True, sync_dist=sync)
+            if self.verbose:
+                rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
+        if shift is not None:  # every rank: the metric's compute() is a collective under DDP
+            entry.update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
+            pl_module.log("factorize/output_nmse", entry["output_nmse"], on_step=False, on_epoch=True, sync_dist=sync)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
