@@ -9,10 +9,12 @@ module shapes alone it then mirrors what ``ActivationCollector`` (``space="auto"
 ``sample_fraction="auto"``) and ``core.solver.LowRankDecomposition`` do:
 
 Memory, per layer with D inputs and M outputs:
-  * ``space="auto"``: M < D: projected statistics z = x @ W, K = M, plus the copies of W the
-    collector keeps for it: float64 (8 D M bytes, the accumulator's ``projection``) and, the
-    model's weights and outputs being bf16 (under autocast the layer's output is not exact), the
-    float32 copy the input rows are projected with (4 D M bytes); else K = D.
+  * ``space="auto"``: M < D: projected statistics z = x @ W, K = M, plus the copy of W the
+    collector keeps for it: the accumulator's ``projection``, a snapshot in W's own dtype (bf16:
+    2 D M bytes; upcast to float64 only inside the solve). The model's weights and outputs being
+    bf16 (under autocast the layer's output is not exact), the input rows are projected in
+    float32: W is cast to float32 for one drained block at a time (4 D M bytes, transient, one
+    layer at a time: ``largest_transient_cast_bytes``, not in the totals); else K = D.
   * one ``MomentAccumulator``: 8 (K^2 + K + 1) bytes.
   * shared inputs (this branch): layers that got the same tensor object, with input statistics
     (not projected) and the same row sampling (width, ``"auto"`` fraction min(1, 0.05 M / D)),
@@ -73,6 +75,7 @@ MAX_SAMPLES = 200_000  # the callback's default max_samples
 EIGH_FLOPS = 9.0  # x n^3
 GEMM_TFLOPS = 67.0
 EIGH_TFLOPS = 6.7
+W_BYTES = 2  # bf16 weights: the projection snapshot keeps W's dtype
 
 
 def build(name: str, layers: int | None = None) -> nn.Module:
@@ -109,7 +112,8 @@ def layer_figures(d: int, m: int) -> dict:
     projected = m < d
     k = m if projected else d
     acc = 8 * (k * k + k + 1)
-    w_copy = (8 + 4) * d * m if projected else 0  # float64 projection + float32 copy for bf16 rows
+    w_copy = W_BYTES * d * m if projected else 0  # the projection snapshot, bf16
+    cast = 4 * d * m if projected else 0  # float32 cast of W while one block of bf16 rows is projected
     if projected or m <= d:  # solving space k x k with weight I (projected) or [d, m]
         sd, sm = (k, k) if projected else (d, m)
         gemm = 2 * sd * sd * sm + 6 * sd * sm * sm
@@ -119,7 +123,7 @@ def layer_figures(d: int, m: int) -> dict:
         eigh = EIGH_FLOPS * d**3
     holdout_factor = 3 if HOLDOUT_LIMIT * k >= MAX_SAMPLES else 1  # halves never merged: A, B, union
     return dict(
-        d=d, m=m, projected=projected, width=k, accumulator_bytes=acc, w_copy_bytes=w_copy,
+        d=d, m=m, projected=projected, width=k, accumulator_bytes=acc, w_copy_bytes=w_copy, transient_cast_bytes=cast,
         fraction=min(1.0, AUTO_OVERHEAD * m / d), gemm_flops=gemm, eigh_flops=eigh, holdout_factor=holdout_factor,
     )  # fmt: skip
 
@@ -167,7 +171,8 @@ def estimate(name: str, gemm_tflops: float = GEMM_TFLOPS, eigh_tflops: float = E
         "targeted_layers": len(linears),
         "shared_groups_per_block": block_groups,
         "statistics_bytes": {"unshared": unshared, "shared_inputs": with_sharing, "w_copies": w_copies,
-                             "single_process_holdout_bytes": holdout},  # fmt: skip
+                             "single_process_holdout_bytes": holdout,
+                             "largest_transient_cast_bytes": max(f["transient_cast_bytes"] for f in figures.values())},  # fmt: skip
         "solve": {"gemm_flops": gemm, "eigh_flops": eigh, "seconds_one_rank": solve_s},
         "ranks": per_rank,
         "block0": {
@@ -183,7 +188,7 @@ def estimate(name: str, gemm_tflops: float = GEMM_TFLOPS, eigh_tflops: float = E
 def table(results: dict) -> str:
     gb = 1e9
     lines = [
-        "| shapes | ranks | statistics per rank, today | with shared inputs (this branch) | shared + sharded after the reduce (item 2, not built) | solve per rank, today | sharded (item 2, not built) |",
+        "| shapes | ranks | statistics per rank, all-reduce | with shared inputs | shared + sharded, after the reduce | solve per rank, all-reduce | sharded |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, res in results["models"].items():
@@ -208,7 +213,7 @@ def main() -> None:
             "gemm_tflops_fp64": args.gemm_tflops, "eigh_tflops_fp64": args.eigh_tflops, "eigh_flops": "9 n^3",
             "rates_source": "H200 FP64 Tensor Core 67 TFLOPS (NVIDIA H200 datasheet), peak: a lower bound on GEMM time; "
                             "eigh at 10 % of it is an assumption (memory-bound tridiagonal reduction), not measured",
-            "space": "auto", "sample_fraction": "auto", "max_samples": MAX_SAMPLES, "weights": "bf16 (W copies: float64 + float32)",
+            "space": "auto", "sample_fraction": "auto", "max_samples": MAX_SAMPLES, "weights": "bf16 (W copy: the bf16 projection snapshot; float32 cast per drained block, transient)",
         },  # fmt: skip
         "models": {name: estimate(name, args.gemm_tflops, args.eigh_tflops) for name in args.models},
     }
@@ -218,7 +223,8 @@ def main() -> None:
     print(table(results))
     for name, res in results["models"].items():
         s = res["statistics_bytes"]
-        print(f"{name}: shared groups per block {res['shared_groups_per_block']}; W copies {s['w_copies'] / 1e9:.1f} GB; "
+        print(f"{name}: shared groups per block {res['shared_groups_per_block']}; W copies {s['w_copies'] / 1e9:.1f} GB "
+              f"(+ {s['largest_transient_cast_bytes'] / 1e9:.2f} GB transient float32 cast of the largest W); "
               f"one process with held-out halves {s['single_process_holdout_bytes'] / 1e9:.1f} GB")  # fmt: skip
 
 

@@ -24,7 +24,7 @@ def test_7b_estimate_matches_a_hand_count_of_one_block(tmp_path):
     ]  # fmt: skip
     d, f = 4096, 11008
     acc = 8 * (d * d + d + 1)  # one D x D accumulator (q, k, v, o; gate, up: M > D; down: projected to M = 4096)
-    w_copies = 12 * f * d  # down_proj's W in float64 + float32 (projected statistics of a bf16 model)
+    w_copies = 2 * f * d  # down_proj's W snapshot, bf16 (projected statistics of a bf16 model)
     block = res["block0"]
     assert block["unshared_bytes"] == 7 * acc + w_copies
     assert block["shared_inputs_bytes"] == 4 * acc + w_copies  # q/k/v -> 1, gate/up -> 1
@@ -34,5 +34,6 @@ def test_7b_estimate_matches_a_hand_count_of_one_block(tmp_path):
     head = 8 * (d * d + d + 1)  # lm_head 4096 -> 32000: input statistics
     assert res["statistics_bytes"]["unshared"] == 32 * (7 * acc + w_copies) + head
     assert res["statistics_bytes"]["shared_inputs"] == 32 * (4 * acc + w_copies) + head
+    assert res["statistics_bytes"]["largest_transient_cast_bytes"] == 4 * f * d  # down_proj's W cast to float32
     assert res["ranks"]["8"]["sharded_after_reduce_bytes"] == pytest.approx(res["statistics_bytes"]["shared_inputs"] / 8)
     assert res["ranks"]["8"]["today_shared_inputs_bytes"] == res["statistics_bytes"]["shared_inputs"]

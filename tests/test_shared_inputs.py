@@ -209,9 +209,9 @@ def test_factorize_model_reports_carry_the_statistics_bytes():
     assert isinstance(reports, list) and len(reports) == 14
     # per block under space="auto": q alone, k/v projected (16 wide), o, gate/up shared, down
     # projected (32 wide); each as held-out halves plus their union once the solve read them (x 3),
-    # and the float64 copies of the float32 W of k, v (32 x 16) and down (64 x 32)
+    # and the snapshots, in their own dtype, of the float32 W of k, v (32 x 16) and down (64 x 32)
     one, small = 3 * 8 * (32 * 32 + 32 + 1), 3 * 8 * (16 * 16 + 16 + 1)
-    assert reports.statistics_bytes == 2 * (4 * one + 2 * small + 8 * (2 * 32 * 16 + 64 * 32))
+    assert reports.statistics_bytes == 2 * (4 * one + 2 * small + 4 * (2 * 32 * 16 + 64 * 32))
 
 
 def test_convolutions_share_only_with_the_same_patches():

@@ -258,7 +258,8 @@ class LowRankDecomposition:
         applied to the first factor at the end (``self.input_map``)."""
         d, m = weight.shape
         f64 = dict(dtype=torch.float64, device=stats.device)
-        self.input_map = None if stats.projection is None else stats.projection.to(stats.device)
+        # the projection is stored in W's own dtype: upcast (exactly) to float64 here
+        self.input_map = None if stats.projection is None else stats.projection.to(**f64)
         d_space = d
         if self.input_map is not None:
             if self.input_map.shape != (d, m):

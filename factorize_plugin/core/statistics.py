@@ -75,7 +75,10 @@ class MomentAccumulator:
         chunk_size: rows per float64 chunk; bounds the temporary memory of an update.
         projection: W [D0, D] when the samples are a layer's projected inputs ``z = x @ W`` rather
             than its inputs ``x`` [D0] (cheaper when the layer has fewer outputs than inputs;
-            ``decompose`` then solves in that space). The caller feeds ``z``.
+            ``decompose`` then solves in that space). The caller feeds ``z``. Kept as a snapshot
+            in W's own dtype (``.detach().clone()``: later in-place changes of the parameter do
+            not reach it; bf16/float16/float32 -> float64 is exact, so nothing is lost); whoever
+            needs it in float64 upcasts on use.
 
     State (all float64): ``count`` (scalar), ``mean_x`` [D], ``cxx`` [D, D] = sum (x - mean)(x - mean)^T,
     and with targets ``mean_y`` [M], ``cxy`` [D, M], ``syy`` (scalar) = sum ||y - mean_y||^2.
@@ -96,7 +99,7 @@ class MomentAccumulator:
         self.chunk_size = _positive_int(chunk_size, "chunk_size", "the number of rows merged per float64 chunk")
         if projection is not None and projection.shape[1] != in_features:
             raise ValueError(f"projection must be [D0, {in_features}], got {tuple(projection.shape)}")
-        self.projection = None if projection is None else projection.detach().double()
+        self.projection = None if projection is None else projection.detach().clone()
         self._device = None if device is None else torch.device(device)
         self._allocated = False
         # small updates are buffered and merged chunk_size rows at a time: a merge costs O(D^2)

@@ -82,16 +82,18 @@ def layer_view(module: nn.Module) -> LayerView:
     return LayerView(d, c_out, min(c_in, c_out), rank, ConvGeometry.of(conv))
 
 
-def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(W [D, M], bias [M] or None) in float64."""
+def weight_matrix(module: nn.Module, own_dtype: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W [D, M], bias [M] or None) in float64. ``own_dtype``: W in the weight's own dtype instead,
+    a view of the parameter (no copy; a factorized layer's composed map is float64 either way)."""
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
         return module.matrix()
     bias = None if module.bias is None else module.bias.detach().double()
+    weight = module.weight.detach() if own_dtype else module.weight.detach().double()
     if isinstance(module, nn.Linear):
-        return module.weight.detach().double().T, bias
+        return weight.T, bias
     if isinstance(module, TransposedLinear):
-        return module.weight.detach().double(), bias
-    return conv_weight_to_matrix(module.weight.detach()).double(), bias
+        return weight, bias
+    return conv_weight_to_matrix(weight), bias
 
 
 def count_rows(x: torch.Tensor, view: LayerView) -> int:

@@ -145,15 +145,19 @@ class ActivationCollector:
         if space not in ("input", "auto"):
             raise ValueError(f"space must be 'input' or 'auto', got {space!r}")
         projected = [name for name, v in self.views.items() if space == "auto" and v.out_dim < v.in_dim]
-        matrices = {name: weight_matrix(self.layers[name]) for name in projected}
-        self.projections: dict[str, torch.Tensor] = {name: w for name, (w, _) in matrices.items()}
+        # W in its own dtype (a view of the parameter; a factorized layer's float64 product), of which
+        # each projected accumulator keeps a snapshot: ``projections`` holds those snapshots (the
+        # same tensors, no other copy; None once the accumulator is dropped by reduce_to_owners_)
+        matrices = {name: weight_matrix(self.layers[name], own_dtype=True) for name in projected}
         self._biases = {name: b for name, (_, b) in matrices.items()}  # z = y - b from the layer's output
         self._stats: dict[str, MomentAccumulator] = {
-            name: MomentAccumulator(v.out_dim, projection=self.projections[name])
-            if name in self.projections
+            name: MomentAccumulator(v.out_dim, projection=matrices[name][0])
+            if name in matrices
             else MomentAccumulator(v.in_dim)
             for name, v in self.views.items()
         }
+        self.projections: dict[str, Optional[torch.Tensor]] = {name: self._stats[name].projection for name in matrices}
+        del matrices
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
         self.counted = {name: m for name, m in (counted or {}).items() if name not in self.layers}
         # output positions per sample (tokens, pixels) of the layers and of the counted ones
@@ -206,7 +210,7 @@ class ActivationCollector:
             return 0
         acc = self._stats[key]
         held = (acc.nbytes() if acc.allocated else 0) + self.holdout.nbytes(key)
-        if key in self.projections:  # the copies of W projected statistics keep (float64, and per device/dtype)
+        if key in self.projections:  # the snapshot of W projected statistics keep (W's dtype), copies on other devices
             weight = getattr(self.layers[key], "weight", None)
             own = {weight.untyped_storage().data_ptr()} if isinstance(weight, torch.Tensor) else set()
             copies = [acc.projection] + [w for k, w in self._projection_copies.items() if k[0] == key]
@@ -220,7 +224,9 @@ class ActivationCollector:
     def statistics_bytes_of(self, names: Iterable[str]) -> int:
         """Bytes the float64 statistics of layers ``names`` hold now: their accumulators, held-out
         halves and the halves' cached union, and the copies of W that projected statistics keep
-        (float64, unless W is float64 already); an accumulator shared by several of them counted once."""
+        (a snapshot in W's own dtype, shared with the halves, plus a copy per other device the rows
+        come from; a bf16/float16 W cast to float32 for one drained block at a time is transient and
+        not counted); an accumulator shared by several of them counted once."""
         return sum(self._key_bytes(key) for key in dict.fromkeys(self._stream[n] for n in names))
 
     @property
@@ -268,6 +274,8 @@ class ActivationCollector:
             if owner != sharding.rank:
                 self._dropped[key] = acc.num_samples  # the union's count: what samples() reports
                 self._stats[key] = MomentAccumulator(acc.in_features)  # empty, never allocated
+                if key in self.projections:
+                    self.projections[key] = None  # the snapshot of W goes with the accumulator
                 for k in [k for k in self._projection_copies if k[0] == key]:
                     del self._projection_copies[k]
         return {name: owners[key] for name, key in self._stream.items()}
@@ -496,11 +504,17 @@ class ActivationCollector:
             self._note_bytes()
 
     def _projection_for(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """W of layer ``name`` on the rows' device, in the dtype they are multiplied in (cached)."""
-        key = (name, rows.device, work_dtype(rows))
+        """W of layer ``name`` (the accumulator's snapshot) on the rows' device, in the dtype they
+        are multiplied in: the snapshot itself when it has both (float32 W, float32 or bf16 rows),
+        else cast for this block only (bf16 W: a float32 copy while the block is projected, O(D M)
+        against the product's O(rows D M)); a copy to another device is cached."""
+        snapshot = self._stats[name].projection
+        if snapshot.device == rows.device:
+            return snapshot.to(work_dtype(rows))
+        key = (name, rows.device)
         if key not in self._projection_copies:
-            self._projection_copies[key] = self.projections[name].to(rows.device, key[2])
-        return self._projection_copies[key]
+            self._projection_copies[key] = snapshot.to(rows.device)
+        return self._projection_copies[key].to(work_dtype(rows))
 
     def _minimum_rows(self, width: int, seen: int, calls: int) -> int:
         """Rows this call must keep for "auto" to reach WARMUP_FACTOR x ``width`` rows: the rows

@@ -24,7 +24,9 @@ Halves = tuple[MomentAccumulator, MomentAccumulator]
 
 
 def _like(stats: MomentAccumulator) -> MomentAccumulator:
-    return MomentAccumulator(stats.in_features, projection=stats.projection)
+    like = MomentAccumulator(stats.in_features)
+    like.projection = stats.projection  # the same snapshot of W (never changed in place), not another copy
+    return like
 
 
 class HeldOutHalves:
