@@ -314,9 +314,6 @@ def _shard_worker(rank: int, world: int, port: int, blocks: int, width: int, row
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_sum(t):
-        dist.all_reduce(t)
-        return t
 
     result: dict = {}
     for mode in ("all_reduce", "sharded"):
@@ -334,7 +331,7 @@ def _shard_worker(rank: int, world: int, port: int, blocks: int, width: int, row
             sharding = default_group_sharding()
             sharding.owners = collector.reduce_to_owners_(sharding)
         else:
-            collector.all_reduce_(all_sum)
+            collector.all_reduce_(default_group_sharding().all_sum)
         reduce_s = time.perf_counter() - t
         held = collector.statistics_bytes_of(names)
         solve.update(cpu=0.0, wall=0.0, calls=0)

@@ -302,3 +302,18 @@ class DumpOnTrainEnd(pl.Callback):
             {"state_dict": state_dict_cpu(pl_module), "structure": structure(pl_module)},
             os.path.join(self.folder, f"rank{trainer.global_rank}.pt"),
         )
+
+
+def resume_trainer(callbacks: list, max_epochs: int, ckpt_dir=None) -> pl.Trainer:
+    """A quiet, deterministic CPU Trainer for resume tests; with ``ckpt_dir`` a checkpoint per epoch
+    (``{epoch}.ckpt``)."""
+    callbacks = list(callbacks)
+    if ckpt_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks, logger=False,
+        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
+        deterministic=True,
+    )

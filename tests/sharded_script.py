@@ -73,16 +73,13 @@ def worker(rank: int, world: int, out: str, port: int) -> None:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_sum(t):
-        dist.all_reduce(t)
-        return t
 
     result: dict = {"rank": rank}
     for label, policy in [("fixed", FixedRank(0.5)), ("max_nmse", MaxNMSE(0.02)), ("budget", ParamBudget(0.4, sensitivity=False))]:
         # today's path: all-reduce, every process solves every layer
         m1 = copy.deepcopy(base)
         c1 = collect(m1, x)
-        c1.all_reduce_(all_sum)
+        c1.all_reduce_(default_group_sharding().all_sum)
         calls.clear()
         reports1 = refactorize_module.refactorize(
             m1, {n: m1.get_submodule(n) for n in LAYERS}, c1.stats, policy, positions=c1.positions, agree=agree

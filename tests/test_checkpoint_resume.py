@@ -21,6 +21,7 @@ from lightning_helpers import (
     max_abs_diff,
     no_hooks_left,
     optimizer_ids,
+    resume_trainer,
     state_dict_cpu,
     structure,
     trainable_ids,
@@ -46,13 +47,7 @@ def run(ckpt_dir=None, ckpt_path=None, extra=()) -> dict:
     cb = LowRankFactorization(SCHEDULE, **TINY)
     probe = Probe()
     callbacks = [cb, probe, *extra]
-    if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=MAX_EPOCHS, callbacks=callbacks, logger=False,
-        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
-    )  # fmt: skip
+    trainer = resume_trainer(callbacks, MAX_EPOCHS, ckpt_dir)
     out = dict(model=model, cb=cb, probe=probe, trainer=trainer)
     try:
         trainer.fit(model, ckpt_path=ckpt_path)

@@ -13,14 +13,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget
 from factorize_plugin.integration.cli import run as cli_main
 from factorize_plugin.integration.schedule import plain_value
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
 from factorize_plugin.surgery.policy_spec import policy_from_spec, policy_spec
-from lightning_helpers import TINY, Probe, TinyNet, max_abs_diff, state_dict_cpu, structure
+from lightning_helpers import TINY, Probe, TinyNet, max_abs_diff, resume_trainer, state_dict_cpu, structure
 
 MAX_EPOCHS = 4
 SCHEDULES = {
@@ -44,13 +43,7 @@ def fit(schedule, ckpt_dir=None, ckpt_path=None):
     cb = LowRankFactorization(copy.deepcopy(schedule), **TINY)
     probe = Probe()
     callbacks = [cb, probe]
-    if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=MAX_EPOCHS, callbacks=callbacks, logger=False,
-        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
-    )  # fmt: skip
+    trainer = resume_trainer(callbacks, MAX_EPOCHS, ckpt_dir)
     trainer.fit(model, ckpt_path=ckpt_path)  # Lightning's default loading: torch's weights_only unpickler
     return model, cb, probe
 

@@ -157,7 +157,8 @@ class _Moments:
     """The data as the fit sees it: second moments about the fit's origin (the means when a bias is
     fitted, zero when not), and ``total`` = sum ||y - mean_y||^2, the NMSE's denominator.
 
-    count: n; mean_x [D], mean_y [M]: the origin; cxx [D, D], cxy [D, M], syy: the moments about it.
+    count: n; mean_x [D], mean_y [M]: the origin; cxx [D, D], cxy [D, M] (None where ``_moments`` left
+    it out), syy: the moments about it.
     """
 
     count: torch.Tensor
