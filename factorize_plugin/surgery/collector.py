@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
+import zlib
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -86,7 +87,9 @@ class ActivationCollector:
             ``num_val_batches`` summed over its loaders, a calibration list's length): those
             minimum rows are then drawn evenly from every batch instead of all from the first
             ones (what a small batch cannot give, the batches after it do).
-        seed: for the random subsets.
+        seed: for the random subsets; each accumulator draws from a stream of its own (seeded by
+            ``seed`` and its key), so a layer's rows do not depend on which other layers are
+            collected with it (collection in several passes keeps the same rows).
         space: ``"input"`` accumulates the layer's inputs (D x D per layer); ``"auto"`` accumulates
             the projected inputs z = x @ W (M x M) for layers with fewer outputs than inputs, which is
             exact only if the weights do not change between collection and solving. z is read off
@@ -163,7 +166,8 @@ class ActivationCollector:
         # output positions per sample (tokens, pixels) of the layers and of the counted ones
         self.positions: dict[str, float] = {name: 1.0 for name in [*self.layers, *self.counted]}
         self.inputs: dict[str, LayerInput] = {}  # the first input each layer got (for the speed guard)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._generators: dict[str, torch.Generator] = {}
         # rows waiting for _drain, by (name, already projected)
         self._buffers: dict[tuple[str, bool], list[torch.Tensor]] = {
             (n, p): [] for n in self.layers for p in (False, True)
@@ -381,7 +385,7 @@ class ActivationCollector:
             want = min(total, max(want, self._minimum_rows(self._stats[name].in_features, seen, self.calls[name])))
         if self.max_samples is not None:
             want = min(want, self.max_samples - seen)
-        keep = None if want >= total else self._sample_rows(total, want, batch if view.geometry else 1)
+        keep = None if want >= total else self._sample_rows(key, total, want, batch if view.geometry else 1)
         bias = self._biases.get(name)
         if name in self.projections and _exact_output(x, output):
             # the projected rows z = x @ W are the layer's own output less its bias: no patches
@@ -526,15 +530,22 @@ class ActivationCollector:
             return missing
         return -(-missing // max(1, self.expected_batches - calls))
 
-    def _sample_rows(self, total: int, want: int, images: int) -> torch.Tensor:
+    def _generator(self, key: str) -> torch.Generator:
+        """The random stream of accumulator ``key``: a function of the seed and the key alone."""
+        if key not in self._generators:
+            self._generators[key] = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(key.encode()))
+        return self._generators[key]
+
+    def _sample_rows(self, key: str, total: int, want: int, images: int) -> torch.Tensor:
         """``want`` random row indices out of ``total``. For convolutions the rows come from a random
         subset of about twice as many images as needed, so that only those images are padded."""
         per_image = total // images
         k = min(images, 2 * -(-want // per_image))
         if k >= images:
-            return torch.randperm(total, generator=self._generator)[:want]
-        chosen = torch.randperm(images, generator=self._generator)[:k]
-        pos = torch.randperm(k * per_image, generator=self._generator)[:want]
+            return torch.randperm(total, generator=self._generator(key))[:want]
+        generator = self._generator(key)
+        chosen = torch.randperm(images, generator=generator)[:k]
+        pos = torch.randperm(k * per_image, generator=generator)[:want]
         return chosen[pos // per_image] * per_image + pos % per_image
 
     def samples(self) -> dict[str, int]:

@@ -24,7 +24,8 @@ from .collector import ActivationCollector
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
-from .refactorize import refactorize
+from .passes import collect_in_passes, plan_passes
+from .refactorize import build_candidates, refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
@@ -85,6 +86,7 @@ def factorize_model(
     sensitivity_batches: Optional[int] = None,
     progress: Union[bool, Callable[[int, int, str], None]] = False,
     speed_guard: Union[bool, SpeedGuard] = True,
+    max_statistics_bytes: Optional[int] = None,
 ) -> list[LayerReport]:
     """Factorizes the model's Linear / Conv2d layers in place from statistics of their inputs on
     ``calibration`` data, and returns one report per targeted layer.
@@ -146,10 +148,17 @@ def factorize_model(
             batches of that size), or False for the same structure on every machine (the guard's
             decisions depend on the machine's timings). Layers are timed alone here (scope
             ``"layer"``; ``scope="model"`` is refused: there is no training step to time).
+        max_statistics_bytes: a budget for the float64 statistics held at once. When those of every
+            targeted layer would exceed it (``passes.statistics_bound``, from the shapes: sharing
+            not counted, held-out halves counted 3x), the calibration batches are run once per
+            group of consecutive layers that fits, each group solved and its statistics dropped
+            before the next (``surgery/passes.py``); the factors are those of one pass. A one-shot
+            iterator is first copied into a list. None (default): one pass.
 
     Returns:
         ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them),
-        as a list with ``statistics_bytes``: the peak bytes of the float64 statistics collected.
+        as a list with ``statistics_bytes`` (the peak bytes of the float64 statistics collected,
+        over the passes) and ``statistics_passes``.
 
     Raises:
         ValueError: not exactly one policy, a bad policy value, a pattern that matches nothing, no
@@ -171,6 +180,7 @@ def factorize_model(
     output_fn = settings.check_callable("output_fn", output_fn, optional=False)
     sensitivity_batches = settings.check_optional_whole("sensitivity_batches", sensitivity_batches, 1, "all batches")
     progress = settings.check_progress(progress)
+    budget = settings.check_max_statistics_bytes(max_statistics_bytes)
     guard = resolve_guard(speed_guard, "inference")
     if guard is not None and guard.scope == "model":
         raise ValueError(
@@ -180,25 +190,35 @@ def factorize_model(
     selection = prepare(model, spec, {"": policy})
     for message in selection.advice:
         _advise(message)
-    if policy.uses_probe and iter(calibration) is calibration:
+    groups = plan_passes({n: model.get_submodule(n) for n in selection.layers}, budget, space)
+    if (policy.uses_probe or len(groups) > 1) and iter(calibration) is calibration:
         calibration = list(calibration)
     batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
     progress_fn = _print_progress if progress is True else (progress or None)
     expected = len(calibration) if isinstance(calibration, Sized) else None
-    collector = _collect(
-        model, collect_with(model, selection, spec, expected_batches=expected, space=space), batches, input_fn
-    )
-    leave_out_silent(model, selection, spec, [name for name, n in collector.samples().items() if n == 0], "calibration")
+
+    def collect(i: int, names: list[str]) -> ActivationCollector:
+        c = collect_with(model, selection, spec, expected_batches=expected, space=space, names=names)
+        return _collect(model, c, batches, input_fn)
+
+    def solve(collector: ActivationCollector, names: list[str], sharding: None) -> dict:
+        silent = [n for n, k in collector.samples().items() if k == 0]
+        leave_out_silent(model, selection, spec, silent, "calibration")
+        layers = {n: selection.layers[n] for n in names if n in selection.layers}
+        return build_candidates(
+            layers, collector.stats, collector.positions, regularization, progress_fn, collector.holdout.pairs()
+        )
+
+    solved = collect_in_passes(groups, collect, solve)
     layers = selection.layers
     if not layers:
         raise RuntimeError(f"no targeted layer ran on the calibration data: {selection.skipped}")
     probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if policy.uses_probe else None
     reports = refactorize(
-        model, layers, collector.stats, policy, positions=collector.positions, probe=probe,
-        regularization=regularization, progress=progress_fn,
-        speed=None if guard is None else SpeedCheck(guard, collector.inputs), holdout=collector.holdout.pairs(),
+        model, layers, None, policy, probe=probe, candidates=solved.candidates,
+        speed=None if guard is None else SpeedCheck(guard, solved.inputs),
     )
-    reports, advice = finish(model, selection, reports, collector.positions, f"factorize_model({policy!r})")
+    reports, advice = finish(model, selection, reports, solved.positions, f"factorize_model({policy!r})")
     for message in advice:
         _advise(message)
     plan = getattr(policy, "last_plan", None)
@@ -206,4 +226,4 @@ def factorize_model(
         errs = ", ".join(f"{k}: {v.relative:.4g}" for k, v in plan.errors.items())
         print(f"[factorize_model] relative output error on the calibration data: {errs}; keeping the {plan.chosen} "
               "allocation", file=sys.stderr, flush=True)
-    return Reports(reports, statistics_bytes=collector.statistics_bytes)
+    return Reports(reports, statistics_bytes=max(solved.peak_bytes), statistics_passes=solved.passes)

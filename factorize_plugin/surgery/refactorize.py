@@ -144,7 +144,7 @@ def apply_ranks(
 def refactorize(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
-    stats: Mapping[str, MomentAccumulator],
+    stats: Optional[Mapping[str, MomentAccumulator]],
     policy: RankPolicy,
     *,
     positions: Optional[Mapping[str, float]] = None,
@@ -156,6 +156,7 @@ def refactorize(
     speed: Optional[Union[SpeedCheck, ModelSpeedCheck]] = None,
     holdout: Optional[Mapping[str, Halves]] = None,
     sharding: Optional[Sharding] = None,
+    candidates: Optional[Mapping[str, LayerCandidate]] = None,
 ) -> list[LayerReport]:
     """Re-factorizes ``layers`` (qualified name -> module of ``model``) from their input ``stats``.
 
@@ -186,13 +187,22 @@ def refactorize(
             broadcast from their owners (``surgery/sharding.py``). Needs ``agree`` and no
             ``probe`` (a probe runs the model with trial ranks, whose factors every process
             would need: use all-reduced statistics without ``sharding`` for it) and no ``holdout``.
+        candidates: the layers already solved (``build_candidates``, e.g. pass by pass:
+            ``passes.collect_in_passes``): ``stats`` (None), ``positions``, ``regularization``,
+            ``progress`` and ``holdout`` are then not used.
 
     Returns:
         One ``LayerReport`` per layer, in the order of ``layers``.
     """
     if sharding is not None and (probe is not None or agree is None):
         raise ValueError("a sharded solve needs agree= (the processes' agreement on the ranks) and no probe=")
-    candidates = build_candidates(layers, stats, positions, regularization, progress, holdout, sharding)
+    if candidates is None:
+        candidates = build_candidates(layers, stats, positions, regularization, progress, holdout, sharding)
+    else:
+        missing = [n for n in layers if n not in candidates]
+        if missing:
+            raise ValueError(f"no solved candidate for layer(s) {missing}")
+        candidates = {n: candidates[n] for n in layers}
     if speed is not None and policy.uses_rank_caps:
         for name, cap in speed.caps(layers, candidates).items():
             candidates[name].rank_cap = cap

@@ -60,11 +60,14 @@ class LayerReport:
 
 class Reports(list):
     """``factorize_model``'s reports (a list of ``LayerReport``) with ``statistics_bytes``: the
-    peak bytes of the float64 statistics collected for them (``ActivationCollector.statistics_bytes``)."""
+    peak bytes of the float64 statistics collected for them (``ActivationCollector.statistics_bytes``,
+    the largest over the collection passes), and ``statistics_passes``: how many passes over the
+    calibration data collected them (``max_statistics_bytes``)."""
 
-    def __init__(self, reports: Sequence[LayerReport] = (), statistics_bytes: int = 0) -> None:
+    def __init__(self, reports: Sequence[LayerReport] = (), statistics_bytes: int = 0, statistics_passes: int = 1) -> None:
         super().__init__(reports)
         self.statistics_bytes = statistics_bytes
+        self.statistics_passes = statistics_passes
 
 
 def format_reports(reports: Sequence[LayerReport]) -> str:

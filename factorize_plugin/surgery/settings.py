@@ -97,6 +97,14 @@ def check_sample_fraction(value: Any) -> Union[float, str]:
     return float(value)
 
 
+def check_max_statistics_bytes(value: Any) -> Optional[int]:
+    """None (every layer's statistics in one pass) or a budget in bytes >= 1 for the float64
+    statistics held at once (collection in several passes: ``surgery/passes.py``)."""
+    return check_optional_whole(
+        "max_statistics_bytes", value, 1, "one collection pass for every layer, whatever its statistics' size"
+    )
+
+
 def check_space(value: Any) -> str:
     return check_choice("space", value, ("input", "auto"))
 
@@ -148,6 +156,7 @@ def check_name(value: Any) -> Optional[str]:
 
 __all__ = [
     "check_callable", "check_choice", "check_device", "check_flag", "check_max_nmse", "check_max_samples",
+    "check_max_statistics_bytes",
     "check_min_features", "check_min_params", "check_name", "check_optional_whole", "check_param_budget",
     "check_patterns", "check_progress", "check_regularization", "check_sample_fraction", "check_space",
     "check_whole", "refuse",
