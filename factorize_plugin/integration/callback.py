@@ -10,7 +10,7 @@ wrapper, log, and checkpoint the callback's own state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -25,13 +25,14 @@ from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
 from ..surgery.collector import ActivationCollector
 from ..surgery.model_speed import ModelSpeedCheck
 from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
+from ..surgery.passes import PassResults, collect_in_passes, plan_passes
 from ..surgery.pipeline import Selection, TargetSpec, collect_with, finish, leave_out_silent, prepare
 from ..surgery.preflight import check_not_meta
-from ..surgery.refactorize import refactorize
+from ..surgery.refactorize import build_candidates, refactorize
 from ..surgery.reports import LayerReport, format_reports, measured_speedup
 from ..surgery.sensitivity import OutputProbe
 from ..surgery.sharing import CallCounter
-from ..surgery.speed import InputRecorder, SpeedCheck, SpeedGuard, resolve_guard
+from ..surgery.speed import InputRecorder, LayerInput, SpeedCheck, SpeedGuard, resolve_guard
 from .callback_state import STATE_VERSION, migrate_state, plain
 from .distributed import reduce_statistics
 from .lightning_internals import (
@@ -119,6 +120,18 @@ class LowRankFactorization(Callback):
             the outputs (logits), summed over all ranks under DDP (a torchmetrics ``Metric``);
             costs 2 forward passes per batch per milestone. 0 switches it off. A module without
             ``forward`` (all logic in the steps) cannot be measured: skipped, with a warning.
+        max_statistics_bytes: a budget in bytes for the float64 statistics a process holds at once.
+            When those of every targeted layer would exceed it (``passes.statistics_bound``, from
+            the shapes: shared inputs counted per layer, held-out halves 3x on one process), they
+            are collected in several passes over the validation batches, one group of consecutive
+            layers per pass, each group solved (reduced to its owners under DDP) and its
+            statistics dropped before the next: the validation run before the milestone collects
+            the first group; each further group runs the validation batches through
+            ``validation_step`` again at the milestone (as a calibration pass: eval mode, no grad,
+            the trainer's precision, logging silenced, metric states and the RNG left as they
+            were). The factors are those of one pass, given a validation loader that yields the
+            same batches each time (no shuffling). A layer alone over the budget is refused at
+            setup. None (default): one pass.
 
     Behaviour worth knowing:
 
@@ -161,7 +174,8 @@ class LowRankFactorization(Callback):
       fitted ``nmse``), ``output_nmse`` and ``output_nmse_seconds`` (see ``output_batches``),
       ``statistics_bytes`` (peak bytes of this process's float64 statistics, an accumulator shared
       by layers reading the same input counted once) and ``statistics_bytes_reduced`` (those held
-      after the DDP reduce: about 1/N of them on each of N ranks); under DDP with owners also
+      after the DDP reduce: about 1/N of them on each of N ranks), each the largest over the
+      collection passes, and ``statistics_passes`` (see ``max_statistics_bytes``); under DDP with owners also
       ``owners`` (layer -> rank that solved it) and ``solve_seconds`` (this rank's solving time).
     """
 
@@ -184,6 +198,7 @@ class LowRankFactorization(Callback):
         verbose: bool = True,
         speed_guard: Union[bool, SpeedGuard] = True,
         output_batches: int = 2,
+        max_statistics_bytes: Optional[int] = None,
     ) -> None:
         # every setting checked here, before any training (one shared checker per setting)
         self.schedule, self._policies = read_schedule(schedule, mode)
@@ -196,6 +211,7 @@ class LowRankFactorization(Callback):
         self.regularization = settings.check_regularization(regularization)
         self.name = settings.check_name(name)
         self.verbose = settings.check_flag("verbose", verbose)
+        self.max_statistics_bytes = settings.check_max_statistics_bytes(max_statistics_bytes)
         # state (checkpointed)
         self.done: list[int] = []
         self.ranks: dict[str, Optional[int]] = {}
@@ -261,6 +277,7 @@ class LowRankFactorization(Callback):
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
         self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in self._policies.items()})
         self._trainer, self._pl_module = trainer, pl_module
+        self._plan(pl_module)  # a layer alone over max_statistics_bytes: refused before training
         for message in self._selection.advice:
             self._advise(message)
 
@@ -289,7 +306,8 @@ class LowRankFactorization(Callback):
         # A fresh collector per validation run: the last run before the milestone wins. Projected
         # (x @ W) statistics are exact only while W stays as it was during the run: if an optimizer
         # step follows it, on_train_epoch_start sees global_step moved and collects again.
-        self._collector = self._new_collector(pl_module, list(trainer.num_val_batches)).attach()
+        first = self._plan(pl_module)[0]  # the validation run collects the first pass's layers
+        self._collector = self._new_collector(pl_module, list(trainer.num_val_batches), first).attach()
         self._collected_for = trainer.current_epoch + 1
 
     @override
@@ -320,14 +338,11 @@ class LowRankFactorization(Callback):
                 f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, "
                 f"at epoch {epoch}"
             )
-        collector, source = self._statistics(trainer, pl_module, epoch)
         policy = self._policies[milestone]
         probing = policy.uses_probe and self.budget_batches > 0
         # DDP: each layer's statistics summed into one owner, which alone solves it; a probe runs the
         # model at trial ranks whose factors every rank would need: statistics all-reduced for it
-        sharding = reduce_statistics(trainer, collector, shard=not probing)
-        held = collector.statistics_bytes_of(collector.layers)  # this process's, after the reduce
-        self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
+        solved, source = self._solve_in_passes(trainer, pl_module, epoch, shard=not probing)
         layers = self._layers(pl_module)
         # one fetch of the first validation batches serves the budget probe and the output shift
         need = max(self._output_batches, self.budget_batches if probing else 0)
@@ -337,21 +352,18 @@ class LowRankFactorization(Callback):
             if self._output_batches
             else None
         )
-        speed = self._speed_check(trainer, pl_module, collector, batches)
+        speed = self._speed_check(trainer, pl_module, solved.inputs, batches)
         reports = refactorize(
-            pl_module, layers, collector.stats, policy, positions=collector.positions, optimizers=trainer.optimizers,
+            pl_module, layers, None, policy, optimizers=trainer.optimizers,
             probe=self._probe(trainer, pl_module, layers, batches[: self.budget_batches]) if probing else None,
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
-            regularization=self.regularization, progress=_progress_printer(trainer) if len(layers) >= 8 else None,
-            speed=speed,
-            holdout=collector.holdout.pairs(),  # empty under DDP: the collector keeps no halves there
-            sharding=sharding,
+            speed=speed, sharding=solved.sharding, candidates=solved.candidates,
         )
         rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
-        table, advice = finish(pl_module, self._selection, reports, collector.positions, label)
+        table, advice = finish(pl_module, self._selection, reports, solved.positions, label)
         self._record(trainer, pl_module, due, milestone, reports, source, table)
-        self._record_costs(trainer, pl_module, collector.statistics_bytes, held, sharding, speed, shift)
+        self._record_costs(trainer, pl_module, solved, speed, shift)
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
@@ -361,16 +373,16 @@ class LowRankFactorization(Callback):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        peak_bytes: int,
-        held_bytes: int,
-        sharding: Optional[Any],
+        solved: PassResults,
         speed: Optional[Any],
         shift: Optional[OutputShift],
     ) -> None:
         """What the milestone cost and measured, into the last history entry (and logged)."""
         entry = self.history[-1]
-        entry["statistics_bytes"] = peak_bytes  # peak float64 statistics, this process
-        entry["statistics_bytes_reduced"] = held_bytes
+        entry["statistics_bytes"] = max(solved.peak_bytes)  # peak float64 statistics, this process, largest pass
+        entry["statistics_bytes_reduced"] = max(solved.held_bytes)
+        entry["statistics_passes"] = solved.passes
+        sharding = solved.sharding
         if sharding is not None:
             entry.update(solve_seconds=sharding.solve_seconds, owners=dict(sharding.owners))
         sync = trainer.world_size > 1
@@ -443,28 +455,63 @@ class LowRankFactorization(Callback):
         """Milestones in force at ``epoch`` that have not been applied yet (normally just ``epoch``)."""
         return [e for e in self.schedule if e <= epoch and e not in self.done]
 
-    def _new_collector(self, pl_module: LightningModule, batch_limits: list) -> ActivationCollector:
-        """A collector for a run over loaders of ``batch_limits`` batches (inf where unknown)."""
+    def _new_collector(
+        self, pl_module: LightningModule, batch_limits: list, names: Optional[list[str]] = None
+    ) -> ActivationCollector:
+        """A collector (of layers ``names``, default all) for a run over loaders of ``batch_limits``
+        batches (inf where unknown)."""
         single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
         finite = [n for n in batch_limits if n < float("inf")]
         return collect_with(
-            pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single
+            pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single,
+            names=names,
         )
 
-    def _statistics(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> tuple[ActivationCollector, str]:
-        """The statistics of the last validation run before ``epoch`` if no optimizer step followed
-        it (the same decision on every rank: same step), else those of a calibration pass now."""
-        fresh = self._collected_for == epoch and self._collected_at_step == trainer.global_step
-        collector = self._collector if fresh else None
-        self._collector, self._collected_for, self._collected_at_step = None, None, None
-        if collector is not None:
-            return collector, "validation"
-        return self._calibrate(trainer, pl_module), "calibration"
+    def _plan(self, pl_module: LightningModule) -> list[list[str]]:
+        """The layers of each collection pass under ``max_statistics_bytes`` (one pass without it)."""
+        single = self._trainer is None or self._trainer.world_size == 1
+        return plan_passes(self._layers(pl_module), self.max_statistics_bytes, space="auto", holdout=single)
 
-    def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> ActivationCollector:
-        """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states kept)."""
+    def _solve_in_passes(
+        self, trainer: Trainer, pl_module: LightningModule, epoch: int, shard: bool
+    ) -> tuple[PassResults, str]:
+        """Every layer solved from its statistics, one pass (group of layers) at a time. The first
+        pass's statistics are those of the last validation run before ``epoch`` if no optimizer
+        step followed it (the same decision on every rank: same step), else those of a calibration
+        pass now; further passes run the validation batches again (``_calibrate``)."""
+        fresh = self._collected_for == epoch and self._collected_at_step == trainer.global_step
+        groups = self._plan(pl_module)
+        first = [self._collector] if fresh and list(self._collector.layers) == groups[0] else []
+        self._collector, self._collected_for, self._collected_at_step = None, None, None
+        source = "validation" if first else "calibration"
+        progress = _progress_printer(trainer) if len(self._target_names) >= 8 else None
+
+        def collect(i: int, names: list[str]) -> ActivationCollector:
+            if first:
+                return first.pop()  # (popped: its statistics go with the pass)
+            if i == 0:
+                return self._calibrate(trainer, pl_module, names)
+            with torch.random.fork_rng(devices=[]):  # another pass must not move the training run's RNG
+                return self._calibrate(trainer, pl_module, names)
+
+        def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Any]) -> dict:
+            self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
+            layers = {n: pl_module.get_submodule(n) for n in names if n in self._selection.layers}
+            return build_candidates(
+                layers, collector.stats, collector.positions, self.regularization, progress,
+                collector.holdout.pairs(), sharding,  # no halves under DDP: the collector keeps none there
+            )
+
+        reduce = lambda c: reduce_statistics(trainer, c, shard)  # noqa: E731
+        return collect_in_passes(groups, collect, solve, reduce), source
+
+    def _calibrate(
+        self, trainer: Trainer, pl_module: LightningModule, names: Optional[list[str]] = None
+    ) -> ActivationCollector:
+        """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states
+        kept), collecting the statistics of layers ``names`` (default: all)."""
         loaders, limits = validation_loaders(trainer)
-        collector = self._new_collector(pl_module, limits)
+        collector = self._new_collector(pl_module, limits, names)
         with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
                 naming_failures(pl_module, "a validation batch"):
             for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
@@ -502,7 +549,7 @@ class LowRankFactorization(Callback):
         return self.speed_guard is not None and self.speed_guard.scope != "layer" and pl_module.automatic_optimization
 
     def _speed_check(
-        self, trainer: Trainer, pl_module: LightningModule, collector: ActivationCollector, batches: list
+        self, trainer: Trainer, pl_module: LightningModule, collected: Mapping[str, LayerInput], batches: list
     ) -> Optional[Union[SpeedCheck, ModelSpeedCheck]]:
         """The guard bound to this milestone (rank 0 measures under DDP). Whole-model scope: the
         training step on the epoch's first training batch, else on a validation batch. Per layer:
@@ -524,8 +571,8 @@ class LowRankFactorization(Callback):
         for name in self._target_names:
             if name in seen:
                 inputs[name] = seen[name]
-            elif name in collector.inputs:
-                inputs[name] = dataclasses.replace(collector.inputs[name].with_batch(batch), requires_grad=True)
+            elif name in collected:
+                inputs[name] = dataclasses.replace(collected[name].with_batch(batch), requires_grad=True)
         distributed = trainer.world_size > 1
         return SpeedCheck(
             self.speed_guard, inputs, trainer.optimizers,

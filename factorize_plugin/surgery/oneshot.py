@@ -21,10 +21,10 @@ from . import settings
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
+from .passes import collect_in_passes, plan_passes
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
-from .passes import collect_in_passes, plan_passes
 from .refactorize import build_candidates, refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe

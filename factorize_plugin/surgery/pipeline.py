@@ -133,8 +133,9 @@ def collect_with(
     """A collector (not attached) over the modules now under the selected layers' names (an earlier
     milestone may have swapped them for pairs), or those of ``names`` only (one pass of several:
     ``passes.plan_passes``), counting the calls of the skipped ones."""
+    names = list(selection.layers) if names is None else names
     return ActivationCollector(
-        {n: model.get_submodule(n) for n in (selection.layers if names is None else names)}, spec.max_samples, sample_fraction=spec.sample_fraction,
+        {n: model.get_submodule(n) for n in names}, spec.max_samples, sample_fraction=spec.sample_fraction,
         space=space, holdout=holdout, expected_batches=expected_batches,
         counted={n: model.get_submodule(n) for n in selection.skipped},
     )

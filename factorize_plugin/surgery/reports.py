@@ -64,7 +64,9 @@ class Reports(list):
     the largest over the collection passes), and ``statistics_passes``: how many passes over the
     calibration data collected them (``max_statistics_bytes``)."""
 
-    def __init__(self, reports: Sequence[LayerReport] = (), statistics_bytes: int = 0, statistics_passes: int = 1) -> None:
+    def __init__(
+        self, reports: Sequence[LayerReport] = (), statistics_bytes: int = 0, statistics_passes: int = 1
+    ) -> None:
         super().__init__(reports)
         self.statistics_bytes = statistics_bytes
         self.statistics_passes = statistics_passes
