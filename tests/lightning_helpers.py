@@ -176,6 +176,19 @@ class TinyNet(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
+class WideNet(TinyNet):
+    """TinyNet with a wider classifier, 256 -> 256 -> 256 -> 10: with ``targets=WIDE_TARGETS`` two
+    square layers whose statistics are of their inputs (no copy of W: the same size dense or
+    factorized), each 8 (256^2 + 257) bytes, 3x with held-out halves (collection in passes)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.classifier = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+WIDE_TARGETS = ["classifier.0", "classifier.2"]
+
+
 def rank_of(module: nn.Module) -> Optional[int]:
     return module.rank if isinstance(module, PAIRS) else None
 

@@ -277,7 +277,7 @@ class LowRankFactorization(Callback):
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
         self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in self._policies.items()})
         self._trainer, self._pl_module = trainer, pl_module
-        self._plan(pl_module)  # a layer alone over max_statistics_bytes: refused before training
+        self._plan(pl_module, factorized=True)  # a layer over max_statistics_bytes (at any milestone): refused now
         for message in self._selection.advice:
             self._advise(message)
 
@@ -467,10 +467,12 @@ class LowRankFactorization(Callback):
             names=names,
         )
 
-    def _plan(self, pl_module: LightningModule) -> list[list[str]]:
-        """The layers of each collection pass under ``max_statistics_bytes`` (one pass without it)."""
+    def _plan(self, pl_module: LightningModule, factorized: bool = False) -> list[list[str]]:
+        """The layers of each collection pass under ``max_statistics_bytes`` (one pass without it);
+        ``factorized``: with the layers' bounds once they are pairs (the check at setup)."""
         single = self._trainer is None or self._trainer.world_size == 1
-        return plan_passes(self._layers(pl_module), self.max_statistics_bytes, space="auto", holdout=single)
+        layers = self._layers(pl_module)
+        return plan_passes(layers, self.max_statistics_bytes, space="auto", holdout=single, factorized=factorized)
 
     def _solve_in_passes(
         self, trainer: Trainer, pl_module: LightningModule, epoch: int, shard: bool

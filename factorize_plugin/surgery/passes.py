@@ -31,33 +31,39 @@ from .speed import LayerInput
 HELD_OUT_COPIES = 3  # two held-out halves and their cached union (holdout.HeldOutHalves), at most
 
 
-def statistics_bound(module: nn.Module, space: str = "auto", holdout: bool = True) -> int:
+def statistics_bound(module: nn.Module, space: str = "auto", holdout: bool = True, factorized: bool = False) -> int:
     """Most bytes ``ActivationCollector`` holds for the statistics of ``module`` alone (what its
     ``statistics_bytes_of`` can measure): one float64 accumulator of width K (K = M where
     ``space="auto"`` projects the inputs, a layer with M < D outputs, else K = D): 8 (K^2 + K + 1);
     3 of them with held-out halves (``holdout``: the halves A, B and their union, while the layer
     has few rows); plus, when projected, the snapshot of W [D, M] in its own dtype (float64 for a
-    factorized pair's product). A layer sharing its input with others is counted alone (sharing
-    is confirmed only while collecting): an upper bound."""
+    factorized pair's product, or for every layer with ``factorized``: the bound once the layer
+    is a pair, as at a later milestone). A layer sharing its input with others is counted alone
+    (sharing is confirmed only while collecting): an upper bound."""
     view = layer_view(module)
     projected = space == "auto" and view.out_dim < view.in_dim
     width = view.out_dim if projected else view.in_dim
     accumulator = 8 * (width * width + width + 1)
     total = accumulator * (HELD_OUT_COPIES if holdout else 1)
     if projected:
-        itemsize = 8 if isinstance(module, FACTORIZED_PAIRS) else module.weight.element_size()
+        itemsize = 8 if factorized or isinstance(module, FACTORIZED_PAIRS) else module.weight.element_size()
         total += view.in_dim * view.out_dim * itemsize
     return total
 
 
 def plan_passes(
-    layers: Mapping[str, nn.Module], budget: Optional[int], space: str = "auto", holdout: bool = True
+    layers: Mapping[str, nn.Module],
+    budget: Optional[int],
+    space: str = "auto",
+    holdout: bool = True,
+    factorized: bool = False,
 ) -> list[list[str]]:
     """The layers (by name, in the mapping's order: the model's) in consecutive groups whose
     ``statistics_bound`` sum to at most ``budget`` bytes each, as few as that order allows (a
     group is closed when the next layer would not fit); ``None``: one group of every layer.
     Consecutive layers stay together, so layers reading the same input (q/k/v) mostly share a
-    pass, and their accumulator.
+    pass, and their accumulator. ``factorized``: plan with every layer's bound as a pair (a
+    check that no later milestone will find a layer over the budget).
 
     Raises:
         ValueError: a layer alone needs more than ``budget`` (names it and its bytes).
@@ -65,12 +71,13 @@ def plan_passes(
     names = list(layers)
     if budget is None or not names:
         return [names] if names else []
-    bounds = {n: statistics_bound(m, space, holdout) for n, m in layers.items()}
+    bounds = {n: statistics_bound(m, space, holdout, factorized) for n, m in layers.items()}
     over = {n: b for n, b in bounds.items() if b > budget}
     if over:
         name, need = max(over.items(), key=lambda kv: kv[1])
         raise ValueError(
             f"max_statistics_bytes={budget} is smaller than the statistics of layer '{name}' alone ({need} bytes"
+            + (" once it is factorized" if factorized else "")
             + (f"; {len(over) - 1} other layer(s) too" if len(over) > 1 else "")
             + "): raise max_statistics_bytes to at least that, or exclude the layer"
         )
