@@ -177,3 +177,14 @@ def test_callback_refuses_a_budget_below_one_layer_at_setup():
     with pytest.raises(ValueError, match=rf"layer 'classifier.0' alone \({need} bytes once it is factorized"):
         trainer.fit(model)
     assert not cb.history and structure(model) == dict.fromkeys(TARGETS)
+
+
+def test_owners_balanced_over_the_passes():
+    """One layer per pass: carrying the loads over the passes spreads the layers over the
+    processes (without them every pass would give its one layer to process 0)."""
+    from factorize_plugin.surgery.sharding import assign_owners
+
+    loads: list[float] = []
+    owners = [assign_owners({n: 1.0}, 2, loads) for n in ("a", "b", "c", "d")]
+    assert [o[n] for o, n in zip(owners, "abcd")] == [0, 1, 0, 1] and loads == [2.0, 2.0]
+    assert assign_owners({"x": 1.0}, 2) == {"x": 0}

@@ -504,7 +504,8 @@ class LowRankFactorization(Callback):
                 collector.holdout.pairs(), sharding,  # no halves under DDP: the collector keeps none there
             )
 
-        reduce = lambda c: reduce_statistics(trainer, c, shard)  # noqa: E731
+        loads: list[float] = []  # solve work per rank over the passes: owners balanced over all of them
+        reduce = lambda c: reduce_statistics(trainer, c, shard, loads)  # noqa: E731
         return collect_in_passes(groups, collect, solve, reduce), source
 
     def _calibrate(

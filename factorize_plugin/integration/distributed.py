@@ -45,16 +45,20 @@ def default_group_sharding(device: Optional[torch.device] = None) -> Sharding:
     )
 
 
-def reduce_statistics(trainer: Any, collector: ActivationCollector, shard: bool) -> Optional[Sharding]:
+def reduce_statistics(
+    trainer: Any, collector: ActivationCollector, shard: bool, loads: Optional[list[float]] = None
+) -> Optional[Sharding]:
     """Under DDP, the milestone's statistics of every process summed: into each layer's owner
     (``shard``: each layer then solved once per job; returns the ``Sharding`` with its owners) or
     on every process (all-reduce; returns None: every process solves every layer). Nothing on one
-    process."""
+    process. ``loads``: the solve work per process of the milestone's earlier passes (updated)."""
     if trainer.world_size <= 1:
         return None
     if not shard:
         collector.all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # a shared accumulator once
         return None
     sharding = default_group_sharding(trainer.strategy.root_device)
+    if loads is not None:
+        sharding.loads = loads
     sharding.owners = collector.reduce_to_owners_(sharding)
     return sharding

@@ -270,7 +270,7 @@ class ActivationCollector:
             key: sum(solve_work(self._stats[key].in_features, self.views[m].out_dim) for m in members)
             for key, members in groups.items()
         }
-        owners = assign_owners(work, sharding.world_size)
+        owners = assign_owners(work, sharding.world_size, sharding.loads)  # after earlier passes' work
         stats = self.stats
         for key in sorted(groups):  # the keys are layer names; same collectives, same order, on every rank
             acc, owner = stats[key], owners[key]

@@ -42,7 +42,9 @@ class Sharding:
     factors travel (the backend's device: CPU for gloo, the process's GPU for NCCL).
 
     Filled in during the milestone: owners (layer name -> process solving it), solved (layers
-    this process solved), solve_seconds (its time spent solving them).
+    this process solved), solve_seconds (its time spent solving them), loads (the solve work
+    assigned to each process so far: a list shared by the passes of one milestone, so that
+    owners are balanced over all of them, not within each).
     """
 
     rank: int
@@ -55,6 +57,7 @@ class Sharding:
     owners: dict[str, int] = dataclasses.field(default_factory=dict)
     solved: list[str] = dataclasses.field(default_factory=list)
     solve_seconds: float = 0.0
+    loads: list[float] = dataclasses.field(default_factory=list)
 
     def owns(self, name: str) -> bool:
         return self.owners[name] == self.rank
@@ -69,14 +72,17 @@ def solve_work(in_features: int, out_features: int) -> float:
     return float(d * d * m + d * m * k + k**3 + (2 * d**3 if m > d else 0))
 
 
-def assign_owners(work: Mapping[str, float], world_size: int) -> dict[str, int]:
+def assign_owners(work: Mapping[str, float], world_size: int, loads: Optional[list[float]] = None) -> dict[str, int]:
     """Longest processing time first: each unit (largest work first, ties by name) goes to the
     process with the least work so far (ties: the lowest index). Deterministic from ``work``
     alone, so every process computes the same assignment; the largest load is at most 4/3 of the
-    optimum (Graham)."""
+    optimum (Graham). ``loads``: the work each process already has (earlier collection passes),
+    updated in place."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    load = [0.0] * world_size
+    load = [] if loads is None else loads
+    if len(load) != world_size:  # (a fresh list: no work yet)
+        load[:] = [0.0] * world_size
     owners: dict[str, int] = {}
     for name in sorted(work, key=lambda n: (-float(work[n]), n)):
         owner = min(range(world_size), key=lambda r: (load[r], r))
