@@ -45,6 +45,7 @@ part 2; ``--sharded``: ddp_scaling_sharded.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -343,6 +344,7 @@ def _shard_worker(rank: int, world: int, port: int, blocks: int, width: int, row
             reduce_s=reduce_s, solve_cpu_s=solve["cpu"], solve_wall_s=solve["wall"], solves=solve["calls"],
             refactorize_s=milestone_s, statistics_bytes_collected=collected, statistics_bytes_after_reduce=held,
             weight_checksum=float(sum(float(v.sum()) for v in weights.values())),
+            weight_sha256=hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest(),
         )  # fmt: skip
         result[mode + "_weights"] = weights
     a, b = result.pop("all_reduce_weights"), result.pop("sharded_weights")
@@ -376,9 +378,36 @@ def run_sharded(world: int, blocks: int, width: int, rows: int, out_dir: Path) -
         solve_ratio_times_world=worst_solve / full_solve * world,  # goal <= 1.3
         statistics_bytes_all=full_bytes, statistics_bytes_sharded_max_rank=worst_bytes,
         bytes_ratio_times_world=worst_bytes / full_bytes * world,  # goal <= 1.2
-        ranks_bit_identical=len({r["sharded"]["weight_checksum"] for r in ranks}) == 1,
+        ranks_bit_identical=len({r["sharded"]["weight_sha256"] for r in ranks}) == 1,  # every weight's bytes
         max_rel_diff_sharded_vs_all_reduce=max(r["max_rel_diff_sharded_vs_all_reduce"] for r in ranks),
     )  # fmt: skip
+
+
+def goals(runs: list[dict]) -> dict:
+    """Issue 23's goals per process count N > 1: the slowest rank's solve CPU time <= 1.3 / N of
+    the one-process work (measured in the same run, where the all-reduce path has every process
+    do all of it under the same contention; and against the 1-process run where there is one),
+    statistics held after the reduce <= 1.2 / N, factors equal to the all-reduce path's to 1e-9
+    relative, ranks bit-identical."""
+    single = next((r for r in runs if r["world"] == 1), None)
+    out = {}
+    for r in runs:
+        n = r["world"]
+        if n == 1:
+            continue
+        g = dict(
+            solve_ratio_times_world=r["solve_ratio_times_world"], solve_ok=r["solve_ratio_times_world"] <= 1.3,
+            bytes_ratio_times_world=r["bytes_ratio_times_world"], bytes_ok=r["bytes_ratio_times_world"] <= 1.2,
+            max_rel_diff=r["max_rel_diff_sharded_vs_all_reduce"], factors_ok=r["max_rel_diff_sharded_vs_all_reduce"] <= 1e-9,
+            ranks_bit_identical=r["ranks_bit_identical"],
+        )  # fmt: skip
+        if single is not None:
+            g["solve_ratio_times_world_vs_1_process_run"] = (
+                r["solve_cpu_s_sharded_max_rank"] / single["solve_cpu_s_sharded_max_rank"] * n
+            )
+        g["all_met"] = g["solve_ok"] and g["bytes_ok"] and g["factors_ok"] and g["ranks_bit_identical"]
+        out[str(n)] = g
+    return out
 
 
 def sharded_main(args) -> None:
@@ -401,7 +430,10 @@ def sharded_main(args) -> None:
 
     result = dict(
         config=dict(blocks=args.blocks, width=args.width, rows_per_process=args.rows, worlds=args.worlds, backend="gloo",
-                    threads_per_process=1, policy="FixedRank(0.25)", space="auto"),
+                    threads_per_process=1, policy="FixedRank(0.25)", space="auto",
+                    solve_time="process CPU time (time.process_time) inside the solver calls: the machine is shared, "
+                               "wall time would measure the other processes"),
+        goals=goals(runs),
         package=package_version(),
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, load_avg_at_end=os.getloadavg()),
         runs=runs,
