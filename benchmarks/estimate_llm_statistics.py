@@ -42,12 +42,17 @@ TFLOPS), so a lower bound on their time; eigendecompositions at 10 % of that (6.
 LAPACK/cuSOLVER ``syevd`` spends about half its flops in a memory-bound tridiagonal reduction and
 runs far below GEMM peak. Both are options; the flop counts are in the JSON to rescale.
 
-Columns: "today" = every rank holds every layer's statistics and solves every layer (what the
-callback does now, flat in the number of ranks); "sharded (item 2, not built)" = each layer
-reduced to and solved by one owner rank, work balanced: statistics after the reduce and solve
-time divided by the number of ranks. Note that before the reduce every rank still collects every
-layer of its own batches: the collection peak only drops below the total with several collection
-passes (``max_statistics_bytes``, not built either).
+Columns: "all-reduce" = every rank holds every layer's statistics and solves every layer (the
+callback before issue 23, flat in the number of ranks); "sharded" = each layer reduced to and
+solved by one owner rank, work balanced: statistics after the reduce and solve time divided by the
+number of ranks (perfect balance assumed). Before the reduce every rank still collects every layer
+of its own batches: the collection peak only drops below the total with several collection passes
+(``max_statistics_bytes``): "passes" is how many the callback plans for a budget (``--budget-gb``,
+default 4 GB, issue 23's goal for LLaMA-7B on 8 ranks) with its own planner
+(``factorize_plugin.surgery.passes.plan_passes`` on these meta modules with bf16 weights: shared
+inputs counted per layer, held-out halves 3x on one process, none under DDP), and "peak with
+passes" the largest pass's bound: the per-rank collection peak. The number of passes does not
+shrink with more ranks: each rank collects every layer of each pass before the reduce.
 
 Writes ``benchmarks/results/llm_statistics_estimate.json`` and prints the README table.
 """
@@ -75,6 +80,7 @@ MAX_SAMPLES = 200_000  # the callback's default max_samples
 EIGH_FLOPS = 9.0  # x n^3
 GEMM_TFLOPS = 67.0
 EIGH_TFLOPS = 6.7
+BUDGET_GB = 4.0  # issue 23: LLaMA-7B shapes on 8 ranks within 4 GB of statistics per rank
 W_BYTES = 2  # bf16 weights: the projection snapshot keeps W's dtype
 
 
@@ -141,9 +147,26 @@ def shared_groups(linears: dict[str, nn.Linear], groups: list[list[str]], figure
     return out
 
 
-def estimate(name: str, gemm_tflops: float = GEMM_TFLOPS, eigh_tflops: float = EIGH_TFLOPS, layers: int | None = None) -> dict:
+def passes_at(linears: dict[str, nn.Linear], budget: int, world: int) -> dict:
+    """What the callback plans under ``max_statistics_bytes=budget`` with ``world`` processes: its
+    own planner on the (bf16, meta) modules; its setup check (every layer's bound once factorized)
+    must pass too."""
+    from factorize_plugin.surgery.passes import plan_passes, statistics_bound
+
+    holdout = world == 1
+    plan_passes(linears, budget, "auto", holdout, factorized=True)  # raises as the callback's setup would
+    groups = plan_passes(linears, budget, "auto", holdout)
+    peaks = [sum(statistics_bound(linears[n], "auto", holdout) for n in g) for g in groups]
+    return {"passes": len(groups), "peak_bytes": max(peaks), "layers_per_pass": [len(g) for g in groups]}
+
+
+def estimate(
+    name: str, gemm_tflops: float = GEMM_TFLOPS, eigh_tflops: float = EIGH_TFLOPS, layers: int | None = None,
+    budget_gb: float = BUDGET_GB,
+) -> dict:  # fmt: skip
     model = build(name, layers)
     linears, groups = input_groups(model)
+    bf16 = {n: m.to(torch.bfloat16) for n, m in linears.items()}  # the weights' dtype the figures assume
     figures = {n: layer_figures(m.in_features, m.out_features) for n, m in linears.items()}
     shared = shared_groups(linears, groups, figures)
     w_copies = sum(f["w_copy_bytes"] for f in figures.values())
@@ -163,11 +186,13 @@ def estimate(name: str, gemm_tflops: float = GEMM_TFLOPS, eigh_tflops: float = E
             "sharded_after_reduce_bytes": with_sharing / r,
             "today_solve_s": solve_s,
             "sharded_solve_s": solve_s / r,
+            "with_passes": passes_at(bf16, int(budget_gb * 1e9), r),
         }
         for r in RANKS
     }
     return {
         "config": MODELS[name],
+        "budget_bytes": int(budget_gb * 1e9),
         "targeted_layers": len(linears),
         "shared_groups_per_block": block_groups,
         "statistics_bytes": {"unshared": unshared, "shared_inputs": with_sharing, "w_copies": w_copies,
@@ -188,14 +213,16 @@ def estimate(name: str, gemm_tflops: float = GEMM_TFLOPS, eigh_tflops: float = E
 def table(results: dict) -> str:
     gb = 1e9
     lines = [
-        "| shapes | ranks | statistics per rank, all-reduce | with shared inputs | shared + sharded, after the reduce | solve per rank, all-reduce | sharded |",
-        "|---|---|---|---|---|---|---|",
+        "| shapes | ranks | statistics per rank, all-reduce | with shared inputs | shared + sharded, after the reduce | "
+        f"passes within {results['assumptions']['budget_gb']:g} GB | peak per rank with passes | solve per rank, all-reduce | sharded |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in results["models"].items():
         for r, row in res["ranks"].items():
             lines.append(
                 f"| {name} | {r} | {row['today_unshared_bytes'] / gb:.1f} GB | {row['today_shared_inputs_bytes'] / gb:.1f} GB | "
-                f"{row['sharded_after_reduce_bytes'] / gb:.2f} GB | {row['today_solve_s']:.0f} s | {row['sharded_solve_s']:.1f} s |"
+                f"{row['sharded_after_reduce_bytes'] / gb:.2f} GB | {row['with_passes']['passes']} | "
+                f"{row['with_passes']['peak_bytes'] / gb:.2f} GB | {row['today_solve_s']:.0f} s | {row['sharded_solve_s']:.1f} s |"
             )
     return "\n".join(lines)
 
@@ -205,6 +232,7 @@ def main() -> None:
     p.add_argument("--gemm-tflops", type=float, default=GEMM_TFLOPS, help="assumed float64 GEMM rate (default: H200 FP64 Tensor Core peak)")
     p.add_argument("--eigh-tflops", type=float, default=EIGH_TFLOPS, help="assumed float64 eigendecomposition rate")
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--budget-gb", type=float, default=BUDGET_GB, help="max_statistics_bytes for the passes columns (GB = 1e9 bytes)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "llm_statistics_estimate.json"))
     args = p.parse_args()
     start = time.perf_counter()
@@ -213,9 +241,10 @@ def main() -> None:
             "gemm_tflops_fp64": args.gemm_tflops, "eigh_tflops_fp64": args.eigh_tflops, "eigh_flops": "9 n^3",
             "rates_source": "H200 FP64 Tensor Core 67 TFLOPS (NVIDIA H200 datasheet), peak: a lower bound on GEMM time; "
                             "eigh at 10 % of it is an assumption (memory-bound tridiagonal reduction), not measured",
+            "budget_gb": args.budget_gb,
             "space": "auto", "sample_fraction": "auto", "max_samples": MAX_SAMPLES, "weights": "bf16 (W copy: the bf16 projection snapshot; float32 cast per drained block, transient)",
         },  # fmt: skip
-        "models": {name: estimate(name, args.gemm_tflops, args.eigh_tflops) for name in args.models},
+        "models": {name: estimate(name, args.gemm_tflops, args.eigh_tflops, budget_gb=args.budget_gb) for name in args.models},
     }
     results["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,3 +37,15 @@ def test_7b_estimate_matches_a_hand_count_of_one_block(tmp_path):
     assert res["statistics_bytes"]["largest_transient_cast_bytes"] == 4 * f * d  # down_proj's W cast to float32
     assert res["ranks"]["8"]["sharded_after_reduce_bytes"] == pytest.approx(res["statistics_bytes"]["shared_inputs"] / 8)
     assert res["ranks"]["8"]["today_shared_inputs_bytes"] == res["statistics_bytes"]["shared_inputs"]
+    # collection in passes within the default 4 GB budget (the callback's own planner): under DDP no
+    # held-out halves, so 9 passes, the fewest any split could give (ceil(33.1 GB / 4 GB)), each
+    # within the budget; on one process the halves count 3x
+    budget = res["budget_bytes"]
+    assert budget == 4 * 10**9
+    for world in ("8", "64"):
+        p = res["ranks"][world]["with_passes"]
+        assert p["passes"] == -(-res["statistics_bytes"]["unshared"] // budget) == 9
+        assert p["peak_bytes"] <= budget and sum(p["layers_per_pass"]) == res["targeted_layers"]
+    one = res["ranks"]["1"]["with_passes"]
+    assert one["peak_bytes"] <= budget and one["passes"] >= -(-3 * res["statistics_bytes"]["unshared"] // budget)
+    assert "| LLaMA-7B | 8 | 33.1 GB | 20.2 GB | 2.53 GB | 9 | 3.99 GB |" in run.stdout
