@@ -188,3 +188,14 @@ def test_owners_balanced_over_the_passes():
     owners = [assign_owners({n: 1.0}, 2, loads) for n in ("a", "b", "c", "d")]
     assert [o[n] for o, n in zip(owners, "abcd")] == [0, 1, 0, 1] and loads == [2.0, 2.0]
     assert assign_owners({"x": 1.0}, 2) == {"x": 0}
+
+
+def test_a_budget_below_one_layer_is_refused_before_calibrating():
+    """The plan comes from the shapes: a layer alone over the budget fails before any batch is read."""
+
+    class NeverIterated:
+        def __iter__(self):
+            raise AssertionError("the calibration data was read before the budget was checked")
+
+    with pytest.raises(ValueError, match="max_statistics_bytes=100 is smaller than the statistics of layer"):
+        factorize_model(Attention(), NeverIterated(), rank=0.5, min_params=0, speed_guard=False, max_statistics_bytes=100)

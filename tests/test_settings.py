@@ -54,6 +54,11 @@ SHARED = [
     ("exclude", 5, "pattern"),
     ("exclude", [None], "pattern"),
     ("input_fn", 5, "callable"),
+    ("max_statistics_bytes", 0, ">= 1"),
+    ("max_statistics_bytes", -3, ">= 1"),
+    ("max_statistics_bytes", 1.5, "whole number"),
+    ("max_statistics_bytes", "4GB", "whole number"),
+    ("max_statistics_bytes", True, "whole number"),
 ]
 CALLBACK_ONLY = [
     ("budget_batches", -1, ">= 0"),

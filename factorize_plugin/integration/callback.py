@@ -379,8 +379,8 @@ class LowRankFactorization(Callback):
     ) -> None:
         """What the milestone cost and measured, into the last history entry (and logged)."""
         entry = self.history[-1]
-        entry["statistics_bytes"] = max(solved.peak_bytes)  # peak float64 statistics, this process, largest pass
-        entry["statistics_bytes_reduced"] = max(solved.held_bytes)
+        entry["statistics_bytes"] = max(solved.peak_bytes, default=0)  # peak float64 statistics, this process
+        entry["statistics_bytes_reduced"] = max(solved.held_bytes, default=0)
         entry["statistics_passes"] = solved.passes
         sharding = solved.sharding
         if sharding is not None:
