@@ -70,6 +70,7 @@ def test_rank_killed_mid_milestone_resumes_from_the_previous_epoch(tmp_path):
         assert h["samples"] == dict.fromkeys(WIDE_TARGETS, 128)  # both ranks' 64 digits
         assert h["statistics_passes"] == 2 and 0 < h["statistics_bytes"] <= r["budget"]
         assert h["owners"] == {"classifier.0": 0, "classifier.2": 1}  # one layer each, over the passes
+        assert h["solve_seconds"] > 0 and h["solve_cpu_seconds"] > 0
     assert r0["history"][0]["statistics_bytes_reduced"] > 0 and r1["history"][0]["statistics_bytes_reduced"] > 0
     # both ranks installed the same factors (before the new DDP wrapper broadcasts rank 0's) ...
     (f0,), (f1,) = r0["before_rewrap"], r1["before_rewrap"]

@@ -176,7 +176,8 @@ class LowRankFactorization(Callback):
       by layers reading the same input counted once) and ``statistics_bytes_reduced`` (those held
       after the DDP reduce: about 1/N of them on each of N ranks), each the largest over the
       collection passes, and ``statistics_passes`` (see ``max_statistics_bytes``); under DDP with owners also
-      ``owners`` (layer -> rank that solved it) and ``solve_seconds`` (this rank's solving time).
+      ``owners`` (layer -> rank that solved it), ``solve_seconds`` and ``solve_cpu_seconds`` (this
+      rank's solving time: wall, and the process's CPU time).
     """
 
     STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
@@ -384,7 +385,10 @@ class LowRankFactorization(Callback):
         entry["statistics_passes"] = solved.passes
         sharding = solved.sharding
         if sharding is not None:
-            entry.update(solve_seconds=sharding.solve_seconds, owners=dict(sharding.owners))
+            entry.update(
+                solve_seconds=sharding.solve_seconds, solve_cpu_seconds=sharding.solve_cpu_seconds,
+                owners=dict(sharding.owners),
+            )
         sync = trainer.world_size > 1
         if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
             entry.update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())

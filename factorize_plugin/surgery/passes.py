@@ -121,6 +121,7 @@ class PassResults:
         self.sharding.owners.update(sharding.owners)
         self.sharding.solved += sharding.solved
         self.sharding.solve_seconds += sharding.solve_seconds
+        self.sharding.solve_cpu_seconds += sharding.solve_cpu_seconds
 
 
 def collect_in_passes(

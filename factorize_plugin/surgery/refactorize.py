@@ -52,7 +52,7 @@ def build_candidates(
     solves only the layers it owns, and every candidate's decomposition is a ``SharedSolution``
     (the gathered NMSE curve; factors once ``share_factors`` ran); no held-out curves."""
     out, solved = {}, {}
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     failure = None  # sharded: an owner's error, handed to every process so that all of them raise alike
     for i, (name, module) in enumerate(layers.items()):
         if sharding is not None and not sharding.owns(name):
@@ -79,6 +79,7 @@ def build_candidates(
     if sharding is None:
         return out
     sharding.solved, sharding.solve_seconds = list(solved), time.perf_counter() - start
+    sharding.solve_cpu_seconds = time.process_time() - start_cpu
     shared = gather_solutions(solved, {n: sharding.owners[n] for n in layers}, sharding, failure)
     return {
         name: LayerCandidate(layer_view(module), shared[name][0], float((positions or {}).get(name, 1.0)),

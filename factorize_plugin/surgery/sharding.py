@@ -42,7 +42,8 @@ class Sharding:
     factors travel (the backend's device: CPU for gloo, the process's GPU for NCCL).
 
     Filled in during the milestone: owners (layer name -> process solving it), solved (layers
-    this process solved), solve_seconds (its time spent solving them), loads (the solve work
+    this process solved), solve_seconds (its wall time spent solving them) and solve_cpu_seconds
+    (the process's CPU time meanwhile: less sensitive to other work on a shared machine), loads (the solve work
     assigned to each process so far: a list shared by the passes of one milestone, so that
     owners are balanced over all of them, not within each).
     """
@@ -57,6 +58,7 @@ class Sharding:
     owners: dict[str, int] = dataclasses.field(default_factory=dict)
     solved: list[str] = dataclasses.field(default_factory=list)
     solve_seconds: float = 0.0
+    solve_cpu_seconds: float = 0.0
     loads: list[float] = dataclasses.field(default_factory=list)
 
     def owns(self, name: str) -> bool:
