@@ -58,8 +58,11 @@ def callback() -> LowRankFactorization:
 
 
 def make_trainer(callbacks, **kwargs) -> pl.Trainer:
+    # the process group's timeout (rendezvous and collectives) bounds any wait on a dead rank; it
+    # must cover a slow start of rank 1 on a loaded machine (the collectives fail at once anyway:
+    # gloo sees the dead peer's socket close)
     return pl.Trainer(
-        strategy=DDPStrategy(timeout=timedelta(seconds=60)), accelerator="cpu", devices=2, max_epochs=2,
+        strategy=DDPStrategy(timeout=timedelta(seconds=300)), accelerator="cpu", devices=2, max_epochs=2,
         callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
         **kwargs,
     )  # fmt: skip

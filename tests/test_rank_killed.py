@@ -20,7 +20,7 @@ from factorize_plugin.surgery.checkpoint import factorized_entries
 from lightning_helpers import DDP_MODEL_KWARGS, WIDE_TARGETS, WideNet, composed, digits, max_abs_diff
 
 HERE = Path(__file__).resolve().parent
-TIMEOUT = 240  # a hung process group fails the test instead of blocking the suite
+TIMEOUT = 600  # a hung process group fails the test instead of blocking the suite (the gloo timeout: 300 s)
 
 
 def run_script(out: Path, phase: str) -> subprocess.CompletedProcess:
