@@ -2,6 +2,7 @@
 LLaMA-7B numbers match a hand count for one decoder block."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_7b_estimate_matches_a_hand_count_of_one_block(tmp_path):
     out = tmp_path / "estimate.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # this checkout's package
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "estimate_llm_statistics.py"), "--models", "LLaMA-7B",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+                          "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "| LLaMA-7B | 8 |" in run.stdout
     res = json.loads(out.read_text())["models"]["LLaMA-7B"]
