@@ -175,46 +175,24 @@ def solve_layer(kind: str, name: str, module: torch.nn.Module, collector: Activa
     }
 
 
-def relative(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
 def shape_of(module: torch.nn.Linear) -> str:
     return f"{module.in_features}->{module.out_features}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="a tiny GPT (on --device)")
-    parser.add_argument("--device", default="cpu", help="where the statistics are collected and solved")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU figures use 1)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    cfg = TINY if args.dry_run else FULL
-    start = time.perf_counter()
-    layers, collector = collect(cfg, device)
-    collect_s = time.perf_counter() - start
-    solve_devices = sorted({str(collector.stats[n].device) for n in layers})
-    if any(torch.device(d).type != device.type for d in solve_devices):
-        raise RuntimeError(f"the statistics live on {solve_devices}, not on {device}: the solves would not run there")
-    print(f"collected {len(layers)} layers' statistics on {solve_devices} in {collect_s:.1f} s", flush=True)
-    holdout = collector.holdout.pairs()
-    per_layer: dict[str, dict] = {"current": {}, "previous": {}}
-    for i, (name, module) in enumerate(layers.items()):
-        order = ("previous", "current") if i % 2 == 0 else ("current", "previous")
-        for kind in order:
-            per_layer[kind][name] = solve_layer(kind, name, module, collector, holdout.get(name), device)
-        row = {k: per_layer[k][name]["seconds"] for k in order}
-        print(f"{name}: previous {row['previous']:.2f} s, current {row['current']:.2f} s", flush=True)
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def summarize(per_layer: dict, shapes: dict, config: dict) -> dict:
+    """The totals, ratios and NMSE differences over the layers in ``per_layer`` (name -> shape)."""
     worst = {"fitted": 0.0, "heldout": 0.0, "installed": 0.0}
     heldout_compared = heldout_skipped = 0
-    for name in layers:
+    for name in per_layer["current"]:
         cur, prev = per_layer["current"][name], per_layer["previous"][name]
         worst["fitted"] = max(worst["fitted"], *(relative(a, b) for a, b in zip(cur["fitted"], prev["fitted"])))
         if cur["installed"] is not None:
-            worst["installed"] = max(worst["installed"], relative(cur["installed"], prev["fitted"][FRACTIONS.index(INSTALLED)]))
+            at = prev["fitted"][FRACTIONS.index(INSTALLED)]
+            worst["installed"] = max(worst["installed"], relative(cur["installed"], at))
         if prev["heldout"] is not None:
             for a, b, on_a in zip(cur["heldout"], prev["heldout"], prev["fitted_on_a"]):
                 if on_a > DETERMINED:
@@ -223,8 +201,8 @@ def main() -> None:
                 else:
                     heldout_skipped += 1
     by_shape: dict[str, dict] = {}
-    for name, module in layers.items():
-        row = by_shape.setdefault(shape_of(module), {"layers": 0, "current_s": 0.0, "previous_s": 0.0})
+    for name in per_layer["current"]:
+        row = by_shape.setdefault(shapes[name], {"layers": 0, "current_s": 0.0, "previous_s": 0.0})
         row["layers"] += 1
         row["current_s"] += per_layer["current"][name]["seconds"]
         row["previous_s"] += per_layer["previous"][name]["seconds"]
@@ -232,14 +210,11 @@ def main() -> None:
         row["speedup"] = row["previous_s"] / max(row["current_s"], 1e-12)
     total = {k: sum(r["seconds"] for r in per_layer[k].values()) for k in per_layer}
     wall = {k: sum(r["wall_seconds"] for r in per_layer[k].values()) for k in per_layer}
-    summary = {
-        "config": {**cfg, "device": str(device), "solve_devices": solve_devices, "threads": args.threads,
-                   "dry_run": args.dry_run, "clock": "cuda wall-clock" if device.type == "cuda" else "process CPU time",
-                   "rows_per_layer": {n: s for n, s in collector.samples().items()},
-                   "heldout_layers": sorted(holdout), "installed_fraction": INSTALLED,
-                   "heldout_determined_above": DETERMINED},  # fmt: skip
+    return {
+        "config": config,
         "torch": torch.__version__,
         "package": package_version(),
+        "layers_done": len(per_layer["current"]),
         "by_shape": by_shape,
         "current_seconds": total["current"],
         "previous_seconds": total["previous"],
@@ -247,19 +222,83 @@ def main() -> None:
         "previous_wall_seconds": wall["previous"],
         "speedup": total["previous"] / max(total["current"], 1e-12),
         "speedup_wall": wall["previous"] / max(wall["current"], 1e-12),
+        "speedup_vs_original_committed": ORIGINAL_CPU_SECONDS / max(total["current"], 1e-12)
+        if config.get("device") == "cpu" and not config.get("dry_run") and len(per_layer["current"]) == 32 else None,
         "max_relative_nmse_difference": max(worst.values()),
         "max_relative_nmse_difference_by_kind": worst,
         "heldout_values_compared": heldout_compared,
         "heldout_values_undetermined": heldout_skipped,
+        "shapes": shapes,
         "per_layer": per_layer,
     }
+
+
+KEYS = ("layers_done", "by_shape", "current_seconds", "previous_seconds", "speedup", "speedup_wall",
+        "max_relative_nmse_difference", "max_relative_nmse_difference_by_kind", "heldout_values_compared",
+        "heldout_values_undetermined")  # fmt: skip
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One result from parts run in separate processes (``--blocks``), each layer timed in one."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    per_layer = {k: {n: r for part in parts for n, r in part["per_layer"][k].items()} for k in ("current", "previous")}
+    shapes = {n: s for part in parts for n, s in part["shapes"].items()}
+    config = {**parts[0]["config"], "blocks": None, "parts": [p["config"] for p in parts]}
+    for key in ("rows_per_layer",):
+        config[key] = {n: v for p in parts for n, v in p["config"][key].items()}
+    config["heldout_layers"] = sorted({n for p in parts for n in p["config"]["heldout_layers"]})
+    summary = summarize(per_layer, shapes, config)
+    name = f"milestone_cost_{torch.device(config['device']).type}.json"
+    (out / name).write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: summary[k] for k in KEYS}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="a tiny GPT (on --device)")
+    parser.add_argument("--device", default="cpu", help="where the statistics are collected and solved")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU figures use 1)")
+    parser.add_argument("--blocks", default=None, help="only these blocks, e.g. 0,1,2 (a part; see --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON of parts run with --blocks")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "milestone_cost_dry_run.json" if args.dry_run else f"milestone_cost_{device.type}.json"
-    (out / name).write_text(json.dumps(summary, indent=1))
-    keys = ("by_shape", "current_seconds", "previous_seconds", "speedup", "speedup_wall", "max_relative_nmse_difference",
-            "max_relative_nmse_difference_by_kind", "heldout_values_compared", "heldout_values_undetermined")  # fmt: skip
-    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    if args.merge:
+        return merge(args.merge, out)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    cfg = TINY if args.dry_run else FULL
+    start = time.perf_counter()
+    layers, collector = collect(cfg, device)
+    collect_s = time.perf_counter() - start
+    blocks = None if args.blocks is None else {int(b) for b in args.blocks.split(",")}
+    chosen = {n: m for n, m in layers.items() if blocks is None or int(n.split(".")[1]) in blocks}
+    solve_devices = sorted({str(collector.stats[n].device) for n in chosen})
+    if any(torch.device(d).type != device.type for d in solve_devices):
+        raise RuntimeError(f"the statistics live on {solve_devices}, not on {device}: the solves would not run there")
+    print(f"collected {len(layers)} layers' statistics on {solve_devices} in {collect_s:.1f} s", flush=True)
+    holdout = collector.holdout.pairs()
+    config = {**cfg, "device": str(device), "solve_devices": solve_devices, "threads": args.threads,
+              "dry_run": args.dry_run, "blocks": args.blocks,
+              "clock": "cuda wall-clock" if device.type == "cuda" else "process CPU time",
+              "rows_per_layer": {n: s for n, s in collector.samples().items() if n in chosen},
+              "heldout_layers": sorted(n for n in holdout if n in chosen), "installed_fraction": INSTALLED,
+              "heldout_determined_above": DETERMINED}  # fmt: skip
+    suffix = "" if args.blocks is None else "_blocks" + args.blocks.replace(",", "-")
+    name = "milestone_cost_dry_run.json" if args.dry_run else f"milestone_cost_{device.type}{suffix}.json"
+    per_layer: dict[str, dict] = {"current": {}, "previous": {}}
+    shapes = {}
+    for i, (name_i, module) in enumerate(chosen.items()):
+        order = ("previous", "current") if i % 2 == 0 else ("current", "previous")
+        for kind in order:
+            per_layer[kind][name_i] = solve_layer(kind, name_i, module, collector, holdout.get(name_i), device)
+        shapes[name_i] = shape_of(module)
+        row = {k: per_layer[k][name_i]["seconds"] for k in order}
+        print(f"{name_i}: previous {row['previous']:.2f} s, current {row['current']:.2f} s", flush=True)
+        summary = summarize(per_layer, shapes, config)
+        (out / name).write_text(json.dumps(summary, indent=1))  # after every layer: a partial run leaves a result
+    print(json.dumps({k: summary[k] for k in KEYS}, indent=1))
 
 
 if __name__ == "__main__":
