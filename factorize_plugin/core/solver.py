@@ -13,8 +13,11 @@ where B is any least-squares solution (C B = Cxy) and L^T L = C. The minimizer o
 therefore P = B V_r V_r^T, with V_r the top-r right singular vectors of L B (reduced-rank
 regression, Eckart-Young in the metric of C): a closed form, exact, and one decomposition gives
 every rank. V is found from the smaller side: the eigenvectors of B^T C B [M, M] when M <= D (no
-[D, D] decomposition at all when the target is the layer's own output), else from L B B^T L^T
-[D, D] with L a Cholesky factor of C.
+[D, D] decomposition at all when the target is the layer's own output); when M > D and the target
+is the layer's own output (B = W), from R C R^T [D, D] with R the Cholesky factor of W W^T (no
+factor of C, which is singular wherever the data reach fewer than D directions); else from
+L B B^T L^T [D, D] with L a Cholesky factor of C. The NMSE curve comes from the eigenvalues; V is
+formed only for the columns a caller asks for (``factors``).
 
 Without a bias (``fit_bias=False``: the layer has none, and its pair gets none) the same holds in
 the uncentered moments C + n mean_x mean_x^T (and likewise for Cxy, Syy): the exact minimizer of
