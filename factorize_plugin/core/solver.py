@@ -13,8 +13,11 @@ where B is any least-squares solution (C B = Cxy) and L^T L = C. The minimizer o
 therefore P = B V_r V_r^T, with V_r the top-r right singular vectors of L B (reduced-rank
 regression, Eckart-Young in the metric of C): a closed form, exact, and one decomposition gives
 every rank. V is found from the smaller side: the eigenvectors of B^T C B [M, M] when M <= D (no
-[D, D] decomposition at all when the target is the layer's own output), else from L B B^T L^T
-[D, D] with L a Cholesky factor of C.
+[D, D] decomposition at all when the target is the layer's own output); when M > D and the target
+is the layer's own output (B = W), from R C R^T [D, D] with R the Cholesky factor of W W^T (no
+factor of C, which is singular wherever the data reach fewer than D directions); else from
+L B B^T L^T [D, D] with L a Cholesky factor of C. The NMSE curve comes from the eigenvalues; V is
+formed only for the columns a caller asks for (``factors``).
 
 Without a bias (``fit_bias=False``: the layer has none, and its pair gets none) the same holds in
 the uncentered moments C + n mean_x mean_x^T (and likewise for Cxy, Syy): the exact minimizer of
@@ -37,7 +40,7 @@ from typing import Optional, Union
 
 import torch
 
-from .statistics import MomentAccumulator
+from .statistics import MomentAccumulator, add_gram_
 
 RankLike = Union[int, float]
 
@@ -176,21 +179,25 @@ def _moments(
     bias: Optional[torch.Tensor],
     fit_bias: bool,
     wwt: Optional[torch.Tensor] = None,
+    identity: bool = False,
 ) -> _Moments:
     """The moments of ``stats`` for a fit with or without a bias; without explicit targets the
     target is x @ weight + bias (bias None: no bias). Given ``wwt`` = W W^T [D, D] (cheaper than
     C W when M > D) the implicit target's Syy comes from it and ``cxy`` is left out (None): the
-    caller then has Cxy V = C G itself."""
+    caller then has Cxy V = C G itself. ``identity``: the weight is I (projected statistics)."""
     n = stats.count
     if stats.has_targets:
         cxx, cxy, syy, mean_y = stats.cxx, stats.cxy, stats.syy, stats.mean_y
+    elif identity:
+        cxx = cxy = stats.cxx
+        syy, mean_y = torch.diagonal(cxx).sum(), stats.mean_x
     else:
         cxx = stats.cxx
         cxy = None if wwt is not None else cxx @ weight
         syy = (cxx * wwt).sum() if wwt is not None else (weight * cxy).sum()
         mean_y = stats.mean_x @ weight
-        if bias is not None:
-            mean_y = mean_y + bias
+    if not stats.has_targets and bias is not None:
+        mean_y = mean_y + bias
     if fit_bias:
         return _Moments(n, stats.mean_x, mean_y, cxx, cxy, syy, syy)
     mx = stats.mean_x
@@ -200,16 +207,103 @@ def _moments(
     )
 
 
+@dataclasses.dataclass
+class _WeightSide:
+    """What a solve needs of the weight alone, shared by the fits of one layer on other statistics
+    (``LowRankDecomposition.refit``, e.g. a held-out half).
+
+    weight: W [D, M] float64 as solved (I [M, M] for projected statistics); input_map: the
+    projection W0 [D0, M] in float64, or None; projection: the statistics' snapshot it came from;
+    wwt: S = W W^T [D, D] where M > D and the target is the layer's own output (else None); root:
+    R [D, D] upper triangular with R^T R = S, or None where S is singular or too ill-conditioned.
+    """
+
+    weight: torch.Tensor
+    input_map: Optional[torch.Tensor]
+    projection: Optional[torch.Tensor]
+    wwt: Optional[torch.Tensor]
+    root: Optional[torch.Tensor]
+
+
+ROOT_CONDITION = 1e-4
+"""Smallest ratio of the diagonal entries of S's Cholesky factor R for V = W^T R^-1 Z: its loss of
+orthonormality grows like eps * cond(S), so worse-conditioned weights use the metric's root instead."""
+
+
+def _weight_side(stats: MomentAccumulator, weight: torch.Tensor, same_cross: bool) -> _WeightSide:
+    """W [D, M] in float64, checked against the statistics, and S = W W^T with its Cholesky factor.
+    With projected statistics (z = x @ W) the problem is solved in z-space with weight I [M, M];
+    the input map W is applied to the first factor at the end."""
+    d, m = weight.shape
+    f64 = dict(dtype=torch.float64, device=stats.device)
+    # the projection is stored in W's own dtype: upcast (exactly) to float64 here
+    input_map = None if stats.projection is None else stats.projection.to(**f64).contiguous()
+    if input_map is not None:
+        if input_map.shape != (d, m):
+            raise ValueError(f"the statistics are projected by a {tuple(input_map.shape)} map, not W {(d, m)}")
+        if not torch.allclose(weight.detach().to(**f64), input_map, rtol=1e-6, atol=1e-9):
+            raise ValueError(
+                "the layer's weights changed after its projected statistics (x @ W) were collected: collect "
+                "them again right before solving, or collect input statistics instead"
+            )
+        w = torch.eye(m, **f64)
+    else:
+        w = weight.detach().to(**f64)
+    wwt = root = None
+    if same_cross and w.shape[1] > w.shape[0]:
+        wwt = add_gram_(w.new_zeros(w.shape[0], w.shape[0]), w.T)
+        chol, info = torch.linalg.cholesky_ex(wwt, upper=True)
+        diag = chol.diagonal()
+        if int(info) == 0 and bool(diag.min() > diag.max() * ROOT_CONDITION):
+            root = chol
+    return _WeightSide(w, input_map, stats.projection, wwt, root)
+
+
+TRIANGULAR_BLOCKS = 8
+"""Row blocks of ``_triangular_matmul``: its work is about (1 + 1/blocks) / 2 of a full product."""
+
+
+def _triangular_matmul(t: torch.Tensor, x: torch.Tensor, lower: bool = False) -> torch.Tensor:
+    """T @ X for T [D, D] upper (or ``lower``) triangular and X [D, n], skipping T's zero blocks."""
+    d = t.shape[0]
+    blocks = min(TRIANGULAR_BLOCKS, d // 128)
+    if blocks < 2:
+        return t @ x
+    out = x.new_empty(d, x.shape[1])
+    edges = [i * d // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out[lo:hi] = t[lo:hi, :hi] @ x[:hi] if lower else t[lo:hi, lo:] @ x[lo:]
+    return out
+
+
+def _signed(v: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, G) with each column of V [M, r] (and the same column of G [D, r]) flipped so that its
+    largest entry is positive: equal statistics give equal factors on every process and run."""
+    pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
+    flip = torch.where(pivot < 0, -1.0, 1.0).to(v)
+    return (v * flip).contiguous(), g * flip
+
+
+def _normalized(err: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """err [k + 1] (clamped at 0) / total, with 0/0 = 0 and x/0 = 1 for x > 0."""
+    err = err.clamp_min(0.0)
+    if total <= 0:
+        return torch.where(err > 0, torch.ones_like(err), torch.zeros_like(err))
+    return err / total
+
+
 class LowRankDecomposition:
     """The exact solution at every rank, from one symmetric eigendecomposition of the smaller side.
 
     ``P(r) = B @ V[:, :r] @ V[:, :r].T``, with a bias fitted jointly (``fit_bias``) or none. Build it
-    with ``decompose``.
+    with ``decompose``. V [M, k] and G = B V [D, k] are kept in the eigenbasis Z of the matrix that
+    was decomposed and formed when asked for (``factors`` forms only the columns it returns).
 
     Attributes:
         max_rank: k = min(D, M), the largest rank the curve covers.
         fit_bias: whether the factors come with a fitted bias (else ``factors`` returns None for it).
         nmse_curve: float64 [k + 1], the NMSE at ranks 0..k on the statistics it was fitted to.
+        sigma2: float64 [k], the squared singular values of L B (descending): the error each rank removes.
     """
 
     def __init__(
@@ -219,6 +313,7 @@ class LowRankDecomposition:
         bias: Optional[torch.Tensor],
         regularization: float = 0.0,
         fit_bias: bool = True,
+        _side: Optional[_WeightSide] = None,
     ) -> None:
         stats.check()
         self.regularization = _check_regularization(regularization)
@@ -231,15 +326,16 @@ class LowRankDecomposition:
         self.in_features, self.out_features = d, m
         self.max_rank = min(d, m)
         self.fit_bias = bool(fit_bias)
-        self.weight = self._solving_weight(stats, weight)
-        self.bias = None if bias is None else bias.detach().to(dtype=torch.float64, device=stats.device)
-
         self._explicit = stats.has_targets
         # Cxy = C W when the target is the layer's own output x W (+ a bias fitted away)
-        same_cross = not stats.has_targets and (self.bias is None or self.fit_bias)
-        self._same_cross = same_cross
-        self._wwt = self.weight @ self.weight.T if same_cross and m > d else None  # M > D: S = W W^T
-        mom = _moments(stats, self.weight, self.bias, self.fit_bias, self._wwt)
+        self._same_cross = not stats.has_targets and (bias is None or self.fit_bias)
+        self._side = _weight_side(stats, weight, self._same_cross) if _side is None else _side
+        self.weight, self.input_map = self._side.weight, self._side.input_map
+        self._check_against(stats, weight)
+        self.bias = None if bias is None else bias.detach().to(dtype=torch.float64, device=stats.device)
+
+        self._identity = self.input_map is not None  # projected statistics: W = I
+        mom = _moments(stats, self.weight, self.bias, self.fit_bias, self._side.wwt, self._identity)
         self.mean_x, self.mean_y = mom.mean_x.clone(), mom.mean_y.clone()
         if stats.has_targets:
             # B = W + A^+ (Cxy - C W): the least-squares (or ridge) solution closest to W.
@@ -249,33 +345,37 @@ class LowRankDecomposition:
             self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ (mom.cxy - mom.cxx @ self.weight)))
         else:
             self.B = self.weight
-        # [D, k]: P(r) = G[:, :r] @ V[:, :r].T
-        self.V, self.G, cg = self._directions(mom.cxx, self.B, mom.cxy if same_cross else None, self._wwt)
-        self.nmse_curve = self._curve(mom, cg, cg if same_cross else None)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._solve(mom.cxx, mom.cxy if self._same_cross else None)
+        if self._same_cross and not self.regularization:
+            gains = self.sigma2  # g_i^T C g_i = sigma_i^2 and g_i^T Cxy v_i = g_i^T C g_i: the metric is C itself
+        else:
+            g = self._g_all()
+            cg = mom.cxx @ g
+            q = (cg * g).sum(0)
+            gains = 2 * (q if self._same_cross else (g * (mom.cxy @ self._v_all())).sum(0)) - q
+        zero = gains.new_zeros(1)
+        self.nmse_curve = _normalized(mom.syy - torch.cat([zero, gains.cumsum(0)]), mom.total)
 
-    def _solving_weight(self, stats: MomentAccumulator, weight: torch.Tensor) -> torch.Tensor:
-        """W [D, M] in float64, checked against the statistics. With projected statistics
-        (z = x @ W) the problem is solved in z-space with weight I [M, M]; the input map W is
-        applied to the first factor at the end (``self.input_map``)."""
-        d, m = weight.shape
-        f64 = dict(dtype=torch.float64, device=stats.device)
-        # the projection is stored in W's own dtype: upcast (exactly) to float64 here
-        self.input_map = None if stats.projection is None else stats.projection.to(**f64)
-        d_space = d
-        if self.input_map is not None:
-            if self.input_map.shape != (d, m):
-                raise ValueError(f"the statistics are projected by a {tuple(self.input_map.shape)} map, not W {(d, m)}")
-            if not torch.allclose(weight.detach().to(**f64), self.input_map, rtol=1e-6, atol=1e-9):
-                raise ValueError(
-                    "the layer's weights changed after its projected statistics (x @ W) were collected: collect "
-                    "them again right before solving, or collect input statistics instead"
-                )
-            weight, d_space = torch.eye(m, **f64), m
+    def _check_against(self, stats: MomentAccumulator, weight: torch.Tensor) -> None:
+        """The statistics fit the weight side (a refit's statistics may be another accumulator)."""
+        side, (d, m) = self._side, weight.shape
+        if (stats.projection is None) != (side.input_map is None):
+            raise ValueError("statistics to refit must be projected exactly when the fitted ones were")
+        if stats.projection is not None and stats.projection is not side.projection:
+            if not torch.allclose(stats.projection.to(side.input_map), side.input_map, rtol=1e-6, atol=1e-9):
+                raise ValueError("statistics to refit were projected by another map than the fitted ones")
+        d_space = d if side.input_map is None else m
         if d_space != stats.in_features:
             raise ValueError(f"weight has {d_space} input features but the statistics have {stats.in_features}")
         if stats.has_targets and m != stats.out_features:
             raise ValueError(f"weight has {m} output features but the statistics have {stats.out_features}")
-        return weight.detach().to(**f64)
+
+    def refit(self, stats: MomentAccumulator) -> "LowRankDecomposition":
+        """The same layer's problem (weight, bias, regularization, ``fit_bias``) solved on other
+        statistics of it, e.g. one held-out half: what depends on the weight alone is reused."""
+        weight = self.weight if self.input_map is None else self.input_map
+        return LowRankDecomposition(stats, weight, self.bias, self.regularization, self.fit_bias, _side=self._side)
 
     def _regularizer(self, c: torch.Tensor) -> Optional[torch.Tensor]:
         """What the regularization adds to the metric C [D, D] (None at alpha = 0). Explicit targets:
@@ -299,76 +399,122 @@ class LowRankDecomposition:
         extra = self._regularizer(c)
         return c if extra is None else c + extra
 
-    def _directions(
-        self, c: torch.Tensor, b: torch.Tensor, cb: Optional[torch.Tensor], bbt: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(V [M, k], G = B V [D, k], C G [D, k]): V holds the right singular vectors of L B (L^T L = A,
-        the metric built on C [D, D]; ``cb`` = C B and ``bbt`` = B B^T if the caller has them),
-        sorted by singular value, each with its largest entry positive so that equal statistics give
-        equal factors on every process and run (not factors equal only up to sign).
+    def _solve(self, c: torch.Tensor, cb: Optional[torch.Tensor] = None) -> None:
+        """The right singular vectors V of L B (L^T L = A, the metric built on C [D, D]) and their
+        squared singular values ``sigma2``, from the eigendecomposition of the smaller side:
 
-        M <= D: the eigenvectors of B^T A B [M, M]. M > D: with R^T R = A and S = B B^T [D, D], the
-        eigenvectors U of R S R^T = (R B)(R B)^T give Y = R^T U / sigma, V = B^T Y and G = S Y;
-        where the data reaches fewer than D directions (sigma = 0), V is completed by a QR
-        decomposition, which keeps each leading span."""
+        * M <= D (kind "output"): the eigenvectors Z of B^T A B [M, M] are V itself (A itself where
+          B = I: projected statistics);
+        * M > D, the target the layer's own output (B = W) and S = W W^T = R^T R well conditioned
+          (kind "input"): W = R^T Q with Q = R^-T W of orthonormal rows, so V = Q^T Z with Z the
+          eigenvectors of R A R^T [D, D], and G = B V = R^T Z: no factor of the metric, which is
+          singular wherever the data reach fewer than D directions;
+        * otherwise (kind "eager"): with L^T L = A and S = B B^T, the eigenvectors U of L S L^T give
+          Y = L^T U / sigma, V = B^T Y and G = S Y; where the data reach fewer than D directions
+          (sigma = 0), V is completed by a QR decomposition, which keeps each leading span.
+        """
+        b, k = self.B, self.max_rank
         d, m = b.shape
         extra = self._regularizer(c)
-        if m <= d:
-            cb = c @ b if cb is None else cb
-            gram = b.T @ (cb if extra is None else cb + extra @ b)
-            _, v = torch.linalg.eigh((gram + gram.T) / 2)
-            v = v.flip(-1)[:, : self.max_rank]
-            g, cg = b @ v, cb @ v
-        else:
-            root = _metric_root(c if extra is None else c + extra)
-            bbt = b @ b.T if bbt is None else bbt
-            gram = root @ bbt @ root.T
-            evals, u = torch.linalg.eigh((gram + gram.T) / 2)
-            u, sigma = u.flip(-1), evals.flip(-1).clamp_min(0.0).sqrt()
-            floor = sigma[0] * max(d, m) * torch.finfo(torch.float64).eps
-            reached = sigma > floor
-            y = (root.T @ u) / torch.where(reached, sigma, torch.full_like(sigma, math.inf))
-            v = b.T @ y
-            if bool(reached.all()):
-                g = bbt @ y
+        a = c if extra is None else c + extra
+        root = self._side.root if self._same_cross else None
+        if m <= d or root is not None:
+            if m > d:  # R A R^T = R (R A)^T, A symmetric
+                self._kind, gram = "input", _triangular_matmul(root, _triangular_matmul(root, a).T)
+            elif self._identity and b is self.weight:
+                self._kind, gram = "output", a
             else:
-                v = torch.linalg.qr(v).Q
-                g = b @ v
-            cg = c @ g
-        pivot = v[v.abs().argmax(0), torch.arange(v.shape[1], device=v.device)]
-        flip = torch.where(pivot < 0, -1.0, 1.0).to(v)
-        return (v * flip).contiguous(), g * flip, cg * flip
+                cb = c @ b if cb is None else cb  # the caller's C B (C W: the moments' Cxy)
+                self._kind, gram = "output", b.T @ (cb if extra is None else cb + extra @ b)
+            evals, z = torch.linalg.eigh((gram + gram.T) / 2)
+            self._z = z.flip(-1)[:, :k]
+            self.sigma2 = evals.flip(-1)[:k].clamp_min(0.0)
+            return
+        self._kind = "eager"
+        root_a = _metric_root(a)
+        bbt = b @ b.T if self._side.wwt is None or not self._same_cross else self._side.wwt
+        gram = root_a @ bbt @ root_a.T
+        evals, u = torch.linalg.eigh((gram + gram.T) / 2)
+        u, sigma2 = u.flip(-1), evals.flip(-1).clamp_min(0.0)
+        sigma = sigma2.sqrt()
+        floor = sigma[0] * max(d, m) * torch.finfo(torch.float64).eps
+        reached = sigma > floor
+        y = (root_a.T @ u) / torch.where(reached, sigma, torch.full_like(sigma, math.inf))
+        v = b.T @ y
+        if bool(reached.all()):
+            g = bbt @ y
+        else:
+            v = torch.linalg.qr(v).Q
+            g = b @ v
+        self.sigma2 = torch.where(reached, sigma2, torch.zeros_like(sigma2))
+        self._cache.update(v=v, g=g)
 
-    def _curve(
-        self, mom: _Moments, cg: Optional[torch.Tensor] = None, cxy_v: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """NMSE at ranks 0..k on the moments ``mom`` (the bias, if any, fitted on the training
-        statistics); ``cg`` = mom.cxx @ G and ``cxy_v`` = mom.cxy @ V when the caller has them."""
-        cg = mom.cxx @ self.G if cg is None else cg
-        cxy_v = mom.cxy @ self.V if cxy_v is None else cxy_v
-        q = (cg * self.G).sum(0)  # g_i^T C g_i
-        cross = (self.G * cxy_v).sum(0)  # g_i^T Cxy v_i
-        n = mom.count
-        dx = mom.mean_x - self.mean_x
-        dy = mom.mean_y - self.mean_y
-        a = dx @ self.G  # [k]
-        per_rank = q - 2 * cross + n * (a.square() - 2 * a * (dy @ self.V))
-        zero = per_rank.new_zeros(1)
-        err = mom.syy + n * dy.square().sum() + torch.cat([zero, per_rank.cumsum(0)])
-        err = err.clamp_min(0.0)
-        denom = mom.total
-        if denom <= 0:
-            return torch.where(err > 0, torch.ones_like(err), torch.zeros_like(err))
-        return err / denom
+    def _columns(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V [M, r], G [D, r]): the first r directions, before the sign convention."""
+        if "v" in self._cache and "g" in self._cache:
+            return self._cache["v"][:, :r], self._cache["g"][:, :r]
+        z = self._z[:, :r]
+        if self._kind == "input":
+            root = self._side.root
+            v = self.weight.T @ torch.linalg.solve_triangular(root, z, upper=True)
+            return v, _triangular_matmul(root.T, z, lower=True)
+        return z, (z if self._identity and self.B is self.weight else self.B @ z)
+
+    def _g_all(self) -> torch.Tensor:
+        """G = B V [D, k] (before the sign convention)."""
+        if "g" not in self._cache:
+            z = self._z
+            if self._kind == "input":
+                self._cache["g"] = _triangular_matmul(self._side.root.T, z, lower=True)
+            else:
+                self._cache["g"] = z if self._identity and self.B is self.weight else self.B @ z
+        return self._cache["g"]
+
+    def _v_all(self) -> torch.Tensor:
+        """V [M, k] (before the sign convention)."""
+        if "v" not in self._cache:
+            z = self._z
+            if self._kind == "input":
+                z = self.weight.T @ torch.linalg.solve_triangular(self._side.root, z, upper=True)
+            self._cache["v"] = z
+        return self._cache["v"]
+
+    def _v_dot(self, u: torch.Tensor) -> torch.Tensor:
+        """u @ V [k] for u [M] (before the sign convention), without forming V."""
+        if "v" in self._cache or self._kind == "output":
+            return u @ self._v_all()
+        root = self._side.root
+        s = torch.linalg.solve_triangular(root.T, (self.weight @ u)[:, None], upper=False)[:, 0]
+        return s @ self._z
+
+    @property
+    def V(self) -> torch.Tensor:  # noqa: N802 - the math's name
+        """V [M, k]: the right singular vectors of L B, each with its largest entry positive."""
+        return _signed(self._v_all(), self._g_all())[0]
+
+    @property
+    def G(self) -> torch.Tensor:  # noqa: N802 - the math's name
+        """G = B V [D, k], with V's signs."""
+        return _signed(self._v_all(), self._g_all())[1]
 
     def nmse_on(self, stats: MomentAccumulator) -> torch.Tensor:
         """NMSE at ranks 0..k on other (e.g. held-out) statistics of the same layer: [k + 1]."""
         stats.check("held-out inputs")
-        mom = _moments(stats, self.weight, self.bias, self.fit_bias, None if stats.has_targets else self._wwt)
+        mom = _moments(stats, self.weight, self.bias, self.fit_bias, None if stats.has_targets else self._side.wwt)
+        g = self._g_all()
+        cg = mom.cxx @ g
+        q = (cg * g).sum(0)  # g_i^T C g_i
         if self._same_cross and not stats.has_targets:  # Cxy V = C W V = C G
-            cg = mom.cxx @ self.G
-            return self._curve(mom, cg, cg)
-        return self._curve(mom)
+            cross = q
+        else:
+            cross = (g * (mom.cxy @ self._v_all())).sum(0)  # g_i^T Cxy v_i
+        n = mom.count
+        dx = mom.mean_x - self.mean_x
+        dy = mom.mean_y - self.mean_y
+        a = dx @ g  # [k]
+        per_rank = q - 2 * cross + n * (a.square() - 2 * a * self._v_dot(dy))
+        zero = per_rank.new_zeros(1)
+        return _normalized(mom.syy + n * dy.square().sum() + torch.cat([zero, per_rank.cumsum(0)]), mom.total)
 
     def smallest_rank(self, max_nmse: float) -> int:
         """The smallest rank >= 1 whose NMSE on the fitted statistics is <= ``max_nmse``."""
@@ -380,7 +526,7 @@ class LowRankDecomposition:
         columns and Wb's rows carry equal norms, which keeps later gradient training well balanced."""
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
-        g, v = self.G[:, :rank], self.V[:, :rank]
+        v, g = _signed(*self._columns(rank))
         bias = self.mean_y - self.mean_x @ g @ v.T if self.fit_bias else None
         if self.input_map is not None:
             g = self.input_map @ g

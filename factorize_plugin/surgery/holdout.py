@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..core.solver import decompose
+from ..core.solver import LowRankDecomposition, decompose
 from ..core.statistics import MomentAccumulator
 
 Halves = tuple[MomentAccumulator, MomentAccumulator]
@@ -112,10 +112,17 @@ class HeldOutHalves:
 
 
 def heldout_curve(
-    halves: Optional[Halves], weight: torch.Tensor, bias: Optional[torch.Tensor], regularization: float = 0.0
+    halves: Optional[Halves],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    regularization: float = 0.0,
+    solved: Optional[LowRankDecomposition] = None,
 ) -> Optional[torch.Tensor]:
-    """NMSE at ranks 0..k on half B of a fit on half A (float64 [k + 1]), or None without halves."""
+    """NMSE at ranks 0..k on half B of a fit on half A (float64 [k + 1]), or None without halves.
+    ``solved``: the layer's decomposition on all its rows, whose weight-only work the fit on A
+    reuses (``LowRankDecomposition.refit``; it then gives the weight, bias and settings)."""
     if halves is None:
         return None
     a, b = halves
-    return decompose(a, weight, bias, regularization, fit_bias=bias is not None).nmse_on(b)
+    fit = decompose(a, weight, bias, regularization, fit_bias=bias is not None) if solved is None else solved.refit(a)
+    return fit.nmse_on(b)

@@ -63,7 +63,7 @@ def build_candidates(
             stats[name].check(f"inputs of layer '{name}'")
             w, b = weight_matrix(module)
             dec = decompose(stats[name], w, b, regularization, fit_bias=b is not None)  # no bias: the pair gets none
-            heldout = None if sharding is not None else heldout_curve((holdout or {}).get(name), w, b, regularization)
+            heldout = None if sharding is not None else heldout_curve((holdout or {}).get(name), w, b, solved=dec)
         except ValueError as err:
             if sharding is None:
                 raise ValueError(f"cannot factorize layer '{name}': {err}") from err
