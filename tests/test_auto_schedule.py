@@ -175,3 +175,46 @@ def test_auto_settings_and_their_errors():
     assert Readiness(latest=1.0).latest_epoch(8) == 7  # the last epoch that runs
     assert Readiness(latest=None).latest_epoch(8) is None
     assert Readiness().latest_epoch(None) is None
+
+
+# ------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_ddp_two_processes_decide_the_same(tmp_path):
+    """strategy="ddp", 2 gloo processes: the same switch epoch as one process, decided from the
+    all-reduced signal, also when the ranks' own measurements disagree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(here / "ddp_auto_script.py"), str(tmp_path)], env=env, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    keys = ("epoch", "stable_rank", "stable_rank_change", "ready", "reason", "switch_epoch")
+    for run in ("plain", "disturbed"):
+        w0, w1 = ([{k: w[k] for k in keys} for w in _watch_of(r[run]["history"])] for r in (r0, r1))
+        assert w0 == w1, run  # the same agreed numbers and decisions on both ranks
+        assert r0[run]["structure"] == r1[run]["structure"]
+    # undisturbed: identical weights on both ranks, the single-process switch epoch
+    assert r0["plain"]["local"] == r1["plain"]["local"]
+    assert [m["epoch"] for m in _milestones_of(r0["plain"]["history"])] == [SWITCH]
+    # disturbed: rank 0 alone would be ready at SETTLE + 1, rank 1 alone never; the agreed mean of the
+    # two keeps moving, so both switch together at the latest epoch (0.75 * 6 -> 5)
+    w0 = _watch_of(r0["disturbed"]["history"])
+    for w, a, b in zip(w0, r0["disturbed"]["local"], r1["disturbed"]["local"]):
+        assert w["stable_rank"] == pytest.approx({n: (a[n] + b[n]) / 2 for n in a}, rel=1e-12)
+    assert w0[-1]["reason"] == "latest" and w0[-1]["switch_epoch"] == 5
+    assert [m["epoch"] for m in _milestones_of(r1["disturbed"]["history"])] == [5]
+
+
+def _watch_of(history: list) -> list:
+    return [h for h in history if h.get("event") == "watch"]
+
+
+def _milestones_of(history: list) -> list:
+    return [h for h in history if h.get("event") == "milestone"]

@@ -61,7 +61,16 @@ class LowRankFactorization(Callback):
             ``init_args`` mapping) or a scalar read by ``mode``. With ``mode="rank"`` a scalar is an
             int rank or a float in (0, 1) = fraction of each original layer's min(in, out) (the
             model-level meaning of a fraction, as in ``factorize_model``; the core
-            ``factorize_matrix`` follows the reference implementation's instead).
+            ``factorize_matrix`` follows the reference implementation's instead). Or ``"auto"``:
+            one switch to ``target``, at the epoch after the validation run where every targeted
+            layer's stable rank has settled (``Readiness``; see ``integration/auto_schedule.py``).
+        target: with ``schedule="auto"`` only: a ``RankPolicy`` or a scalar read by ``mode``
+            (default ``ParamBudget(0.5, metric="macs")``: keep half the targeted multiply-adds).
+        readiness: with ``schedule="auto"`` only: when to switch (default ``Readiness()``). Each
+            validation run of ``fit`` appends ``{"event": "watch", ...}`` to ``history`` (stable
+            ranks, ``stable_rank_change``, ``ready``, ``reason``, ``watch_cost`` = signal seconds /
+            validation seconds) and logs ``factorize/ready``, ``factorize/stable_rank_change``,
+            ``factorize/watch_cost``, ``factorize/<layer>/stable_rank``.
         mode: how scalar schedule values are read: ``"rank"``, ``"max_nmse"`` (per layer, the
             smallest rank whose NMSE is at most the value) or ``"param_budget"`` (keep that fraction
             of the targeted layers' original dense weights in total, allocated across layers).
