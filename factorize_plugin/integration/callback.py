@@ -437,7 +437,7 @@ class LowRankFactorization(Callback):
         self.history = list(state_dict.get("history", []))
         self._restored_groups = state_dict.get("param_groups")
         if self._auto is not None:
-            self._auto.load_state_dict(state_dict["auto"])
+            self._auto.load_state_dict(state_dict.get("auto"))
             self._auto.restore(self.schedule, self._policies)
 
     # ---------------------------------------------------------------- helpers
