@@ -127,6 +127,8 @@ def main() -> None:
     runs: list[dict] = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
     for seed in args.seeds:
         for f in args.fractions:
             for method in METHODS:  # interleaved: a load change on the machine hits all three alike
@@ -134,18 +136,18 @@ def main() -> None:
                 r = runs[-1]
                 print(f"seed {seed} f={f} {method:<12} acc {100 * r['test_acc']:.2f} wall {r['fit_wall_s']:.1f} s "
                       f"cpu {r['fit_cpu_s']:.1f} s milestones {r['milestone_epochs']}", flush=True)  # fmt: skip
-    result = dict(
-        config=dict(cfg, seeds=args.seeds, fractions=args.fractions, targets=grid.TARGETS, min_features=grid.MIN_FEATURES,
-                    model=dict(grid.MODEL_KW, max_epochs_hint=E), threads=1, readiness="Readiness() defaults",
-                    dataset="fashion-mnist (/usr/share/datasets/fashion-mnist)"),
-        package=package_version(),
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                     load_avg_at_end=os.getloadavg()),
-        total_wall_s=time.perf_counter() - wall0, total_cpu_s=time.process_time() - cpu0,
-        summary=summarize(runs), runs=runs,
-    )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+            result = dict(
+                config=dict(cfg, seeds=args.seeds, fractions=args.fractions, targets=grid.TARGETS,
+                            min_features=grid.MIN_FEATURES, model=dict(grid.MODEL_KW, max_epochs_hint=E), threads=1,
+                            readiness="Readiness() defaults", dataset="fashion-mnist (/usr/share/datasets/fashion-mnist)"),
+                package=package_version(),
+                machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                             load_avg_at_end=os.getloadavg()),
+                complete=seed == args.seeds[-1] and f == args.fractions[-1],
+                total_wall_s=time.perf_counter() - wall0, total_cpu_s=time.process_time() - cpu0,
+                summary=summarize(runs), runs=runs,
+            )  # fmt: skip
+            out.write_text(json.dumps(result, indent=1))  # after every level: a partial result survives
     print(f"\n{'level':>7} | {'best hand schedule':<30} | {'auto':<22} | switch epochs | watch cost (max)")
     for row in result["summary"]:
         h, a = row["hand"], row["auto"]
