@@ -116,7 +116,18 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=6000)
     p.add_argument("--out", default=str(RESULTS / "auto_schedule.json"))
+    p.add_argument("--merge", nargs="+", default=None, help="combine the runs of result files (one per seed) into --out")
     args = p.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
+        merged = dict(parts[0], summary=summarize(runs), runs=runs, merged_from=[Path(f).name for f in args.merge],
+                      total_wall_s=max(part["total_wall_s"] for part in parts),
+                      total_cpu_s=sum(part["total_cpu_s"] for part in parts))  # fmt: skip
+        merged["config"] = dict(merged["config"], seeds=sorted({r["seed"] for r in runs}))
+        Path(args.out).write_text(json.dumps(merged, indent=1))
+        _print_table(merged, Path(args.out))
+        return
 
     import torch
 
@@ -148,6 +159,10 @@ def main() -> None:
                 summary=summarize(runs), runs=runs,
             )  # fmt: skip
             out.write_text(json.dumps(result, indent=1))  # after every level: a partial result survives
+    _print_table(result, out)
+
+
+def _print_table(result: dict, out: Path) -> None:
     print(f"\n{'level':>7} | {'best hand schedule':<30} | {'auto':<22} | switch epochs | watch cost (max)")
     for row in result["summary"]:
         h, a = row["hand"], row["auto"]
