@@ -49,7 +49,7 @@ def run_one(cfg: dict, method: str, fraction: float, seed: int) -> dict:
 
     E = cfg["epochs"]
     m1, m2 = cfg["milestones"]
-    kw = dict(targets=grid.TARGETS, min_features=grid.MIN_FEATURES, verbose=False)
+    kw = dict(targets=grid.TARGETS, min_features=grid.MIN_FEATURES, verbose=False, speed_guard=cfg["speed_guard"])
     if method == "auto":
         cb = LowRankFactorization("auto", target=FixedRank(fraction), **kw)
     elif method == "late":
@@ -116,6 +116,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=6000)
     p.add_argument("--out", default=str(RESULTS / "auto_schedule.json"))
+    p.add_argument("--speed-guard", choices=("on", "off"), default="off",
+                   help="off (default): the same final ranks for every schedule; on a loaded machine the guard's "
+                        "timings decide at random whether a milestone applies at all")  # fmt: skip
     p.add_argument("--merge", nargs="+", default=None, help="combine the runs of result files (one per seed) into --out")
     args = p.parse_args()
     if args.merge:
@@ -134,7 +137,8 @@ def main() -> None:
     torch.set_num_threads(1)
     grid._quiet()
     E = args.epochs
-    cfg = dict(epochs=E, limit=args.limit, batch_size=128, milestones=[round(0.4 * E), round(0.7 * E)])
+    cfg = dict(epochs=E, limit=args.limit, batch_size=128, milestones=[round(0.4 * E), round(0.7 * E)],
+               speed_guard=args.speed_guard == "on")  # fmt: skip
     runs: list[dict] = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(args.out)
