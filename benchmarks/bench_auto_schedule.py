@@ -11,14 +11,20 @@ method) three schedules train from the same seed in the same process, one after 
   (no per-benchmark setting): it switches when every layer's stable rank moved by at most 10 %
   between two validation runs, at epoch 6 at the latest.
 
+The speed guard is off by default (``--speed-guard on``: the callback's default) so that every
+schedule ends at the same ranks: on a loaded machine the guard's timings otherwise decide at random
+whether a milestone applies at all (``results/auto_schedule_guard_on.json``).
+
 Reported per run: test accuracy on all 10,000 test images, wall-clock and process CPU seconds of
 the whole ``fit``, the switch epoch auto chose and the cost of its watching (signal seconds / the
 validation run's seconds, per validation run). The table compares auto with the best hand schedule
 (highest mean test accuracy) of each level.
 
     python benchmarks/bench_auto_schedule.py [--seeds 0 1 2] [--fractions 0.625 0.3125]
+    # one process per seed, then: --merge results/auto_schedule_seed{0,1,2}.json
 
-Writes benchmarks/results/auto_schedule.json.
+Writes benchmarks/results/auto_schedule.json (the committed one: f = 0.625, seeds 0-2, one process
+per seed, merged).
 """
 
 from __future__ import annotations
