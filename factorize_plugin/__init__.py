@@ -27,6 +27,7 @@ from .surgery.checkpoint import enable_factorized_loading, load_factorized, load
 from .surgery.hf import load_factorized_pretrained
 from .surgery.oneshot import factorize_model
 from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
+from .surgery.readiness import Readiness
 from .surgery.reports import LayerReport, format_reports
 from .surgery.speed import SpeedGuard
 
@@ -73,6 +74,7 @@ __all__ = [
     "LayerReport",
     "format_reports",
     "SpeedGuard",
+    "Readiness",
     "enable_factorized_loading",
     "load_factorized",
     "load_factorized_checkpoint",

@@ -189,6 +189,42 @@ class WideNet(TinyNet):
 WIDE_TARGETS = ["classifier.0", "classifier.2"]
 
 
+class SettlingNet(TinyNet):
+    """TinyNet whose targeted layers' spectra settle at a known epoch: after every training batch of
+    epoch e each dense targeted layer's weight is set to U diag(s_e) V^T (U, V fixed, seeded), where
+    the largest singular value is (1 + max(0, settle_epoch - e)) times its final value. The stable
+    ranks change by far more than 10 % from one epoch to the next until ``settle_epoch`` and not at
+    all afterwards: validation runs at the end of epochs ``settle_epoch`` and ``settle_epoch + 1``
+    see the same weights, so a patience-1 watcher is ready at the second and switches at
+    ``settle_epoch + 2``. The other layers train normally."""
+
+    def __init__(self, settle_epoch: int = 2, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.settle_epoch = settle_epoch
+        g = torch.Generator().manual_seed(7)
+        self._bases = {}
+        for name in TARGETS:
+            w = self.get_submodule(name).weight
+            m, d = w.shape[0], w[0].numel()
+            k = min(m, d)
+            u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+            v, _ = torch.linalg.qr(torch.randn(d, k, generator=g))
+            self._bases[name] = (u, v, torch.linspace(1.0, 0.1, k) * w.detach().norm() / math.sqrt(k))
+
+    def spectrum_weight(self, name: str, epoch: int) -> torch.Tensor:
+        u, v, s = self._bases[name]
+        s = s.clone()
+        s[0] = s[0] * (1 + max(0, self.settle_epoch - epoch))
+        return (u * s) @ v.T
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        with torch.no_grad():
+            for name in TARGETS:
+                layer = self.get_submodule(name)
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    layer.weight.copy_(self.spectrum_weight(name, self.current_epoch).reshape(layer.weight.shape))
+
+
 def rank_of(module: nn.Module) -> Optional[int]:
     return module.rank if isinstance(module, PAIRS) else None
 

@@ -29,10 +29,11 @@ from ..surgery.passes import PassResults, collect_in_passes, plan_passes
 from ..surgery.pipeline import Selection, TargetSpec, collect_with, finish, leave_out_silent, prepare
 from ..surgery.preflight import check_not_meta
 from ..surgery.refactorize import build_candidates, refactorize
-from ..surgery.reports import LayerReport, format_reports, measured_speedup
+from ..surgery.reports import LayerReport, format_reports, milestone_metrics
 from ..surgery.sensitivity import OutputProbe
 from ..surgery.sharing import CallCounter
 from ..surgery.speed import InputRecorder, LayerInput, SpeedCheck, SpeedGuard, resolve_guard
+from .auto_schedule import Readiness, read_any_schedule
 from .callback_state import STATE_VERSION, migrate_state, plain
 from .distributed import reduce_statistics
 from .lightning_internals import (
@@ -44,11 +45,9 @@ from .lightning_internals import (
     start_method,
     validation_loaders,
 )
-from .schedule import Mode, ScheduleValue, describe, plain_value, read_schedule
+from .schedule import Mode, ScheduleValue, describe, plain_value
 from .speed_step import model_speed_check
-from .workflow import OutputShift, check_resumed_targets, check_validation, output_measurable
-
-_PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
+from .workflow import OutputShift, check_callbacks, check_resumed_targets, check_validation, output_measurable
 
 
 class LowRankFactorization(Callback):
@@ -63,7 +62,16 @@ class LowRankFactorization(Callback):
             ``init_args`` mapping) or a scalar read by ``mode``. With ``mode="rank"`` a scalar is an
             int rank or a float in (0, 1) = fraction of each original layer's min(in, out) (the
             model-level meaning of a fraction, as in ``factorize_model``; the core
-            ``factorize_matrix`` follows the reference implementation's instead).
+            ``factorize_matrix`` follows the reference implementation's instead). Or ``"auto"``:
+            one switch to ``target``, at the epoch after the validation run where every targeted
+            layer's stable rank has settled (``Readiness``; see ``integration/auto_schedule.py``).
+        target: with ``schedule="auto"`` only: a ``RankPolicy`` or a scalar read by ``mode``
+            (default ``ParamBudget(0.5, metric="macs")``: keep half the targeted multiply-adds).
+        readiness: with ``schedule="auto"`` only: when to switch (default ``Readiness()``). Each
+            validation run of ``fit`` appends ``{"event": "watch", ...}`` to ``history`` (stable
+            ranks, ``stable_rank_change``, ``ready``, ``reason``, ``watch_cost`` = signal seconds /
+            validation seconds) and logs ``factorize/ready``, ``factorize/stable_rank_change``,
+            ``factorize/watch_cost``, ``factorize/<layer>/stable_rank``.
         mode: how scalar schedule values are read: ``"rank"``, ``"max_nmse"`` (per layer, the
             smallest rank whose NMSE is at most the value) or ``"param_budget"`` (keep that fraction
             of the targeted layers' original dense weights in total, allocated across layers).
@@ -184,7 +192,7 @@ class LowRankFactorization(Callback):
 
     def __init__(
         self,
-        schedule: dict[int, ScheduleValue],
+        schedule: Union[dict[int, ScheduleValue], str],
         mode: Mode = "rank",
         targets: Optional[Union[str, list[str]]] = None,
         exclude: Optional[Union[str, list[str]]] = None,
@@ -200,9 +208,11 @@ class LowRankFactorization(Callback):
         speed_guard: Union[bool, SpeedGuard] = True,
         output_batches: int = 2,
         max_statistics_bytes: Optional[int] = None,
+        target: Optional[ScheduleValue] = None,
+        readiness: Optional[Readiness] = None,
     ) -> None:
         # every setting checked here, before any training (one shared checker per setting)
-        self.schedule, self._policies = read_schedule(schedule, mode)
+        self.schedule, self._policies, self._auto = read_any_schedule(schedule, mode, target, readiness)
         self.mode = mode
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
@@ -262,10 +272,11 @@ class LowRankFactorization(Callback):
             )
             self._reset_state()
         check_strategy(trainer.strategy)
-        _check_callbacks(trainer.callbacks)
+        check_callbacks(trainer.callbacks)
         check_validation(trainer, pl_module)
         check_not_meta(pl_module, "LowRankFactorization")
-        measurable = output_measurable(pl_module, self._policies, self.budget_batches, self.output_batches)
+        planned = self._policies if self._auto is None else {"auto": self._auto.target}
+        measurable = output_measurable(pl_module, planned, self.budget_batches, self.output_batches)
         self._output_batches = self.output_batches if measurable else 0
         method = start_method(trainer.strategy)
         if method is not None and not loading_enabled(pl_module):
@@ -276,7 +287,7 @@ class LowRankFactorization(Callback):
                 "trainer.fit (or use strategy='ddp')"
             )
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
-        self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in self._policies.items()})
+        self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in planned.items()})
         self._trainer, self._pl_module = trainer, pl_module
         self._plan(pl_module, factorized=True)  # a layer over max_statistics_bytes (at any milestone): refused now
         for message in self._selection.advice:
@@ -301,6 +312,8 @@ class LowRankFactorization(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking and trainer.state.fn == "fit" and self._counter is None:
             self._counter = CallCounter(self._layers(pl_module)).attach()  # finds never-called layers early
+        if self._auto is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._auto.before_validation(trainer, self._layers(pl_module), self.schedule, self._policies)
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch + 1):
             return
         self._drop_collector()
@@ -319,6 +332,8 @@ class LowRankFactorization(Callback):
         if self._collector is not None and self._collector.attached:
             self._collector.detach()
             self._collected_at_step = trainer.global_step
+        if self._auto is not None:
+            self._auto.after_validation(trainer, pl_module, self.history)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -427,6 +442,7 @@ class LowRankFactorization(Callback):
             "history": plain(self.history, "history"),
             "param_groups": self._param_groups_by_name(),
             "targets": list(self._target_names),
+            "auto": None if self._auto is None else self._auto.state_dict(),
         }
 
     @override
@@ -436,6 +452,9 @@ class LowRankFactorization(Callback):
         self.ranks = dict(state_dict.get("ranks", {}))
         self.history = list(state_dict.get("history", []))
         self._restored_groups = state_dict.get("param_groups")
+        if self._auto is not None:
+            self._auto.load_state_dict(state_dict.get("auto"))
+            self._auto.restore(self.schedule, self._policies)
 
     # ---------------------------------------------------------------- helpers
     def _advise(self, message: Optional[str]) -> None:
@@ -444,6 +463,9 @@ class LowRankFactorization(Callback):
 
     def _reset_state(self) -> None:
         self.done, self.ranks, self.history, self._restored_groups = [], {}, [], None
+        if self._auto is not None:
+            self.schedule, self._policies = {}, {}
+            self._auto.reset()
         self._drop_collector()
 
     def _leave_out_silent(self, pl_module: LightningModule, silent: list[str], when: str) -> None:
@@ -614,10 +636,11 @@ class LowRankFactorization(Callback):
                 "speedup": {r.name: r.speedup for r in reports if r.speedup is not None},
                 "notes": {**{r.name: r.note for r in reports if r.note}, **self.skipped},
                 "statistics": source,
+                "event": "milestone",
             }
         )
         pl_module.log_dict(
-            _metrics(reports), on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
+            milestone_metrics(reports), on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
         )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
         if self.verbose:
             rank_zero_info(
@@ -648,36 +671,6 @@ class LowRankFactorization(Callback):
         if self._collector is not None:
             self._collector.detach()
         self._collector, self._collected_for, self._collected_at_step = None, None, None
-
-
-def _metrics(reports: list[LayerReport]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    for r in reports:
-        metrics[f"factorize/{r.name}/nmse"] = r.nmse
-        metrics[f"factorize/{r.name}/rank"] = float(r.new_rank if r.new_rank is not None else min(r.shape))
-    changed = [r.nmse for r in reports if r.changed] or [0.0]
-    metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
-    params_dense = sum(r.params_dense for r in reports)
-    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, params_dense)
-    metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
-    speed = measured_speedup(reports)
-    if speed is not None:
-        metrics["factorize/speedup"] = speed  # wall-clock of the changed layers, dense / factorized
-    return metrics
-
-
-# ------------------------------------------------------------------ refusals
-def _class_names(obj: Any) -> list[str]:
-    return [k.__name__ for k in type(obj).__mro__]
-
-
-def _check_callbacks(callbacks: list) -> None:
-    copies = [type(c).__name__ for c in callbacks if set(_class_names(c)) & set(_PARAM_COPY_CALLBACKS)]
-    if copies:
-        raise ValueError(
-            f"LowRankFactorization cannot run with {copies}: they keep copies of the parameters, whose shapes "
-            "change at each milestone. Remove one of the two callbacks."
-        )
 
 
 def _progress_printer(trainer: Trainer) -> Callable[[int, int, str], None]:

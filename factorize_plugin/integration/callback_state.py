@@ -10,6 +10,10 @@ Versions:
       history ``value`` was the schedule value itself (a number, or a policy object, which made
       the checkpoint unloadable under safe loading).
     1: the same fields plus ``version``; every history ``value`` is a number or a policy spec.
+    2: plus ``auto``: the watching state of ``schedule="auto"`` (``AutoSchedule.state_dict``: the
+      last stable ranks, settled runs in a row, the decided switch epoch), None for a hand-written
+      schedule; ``history`` may hold ``"event": "watch"`` entries. A version-1 state gets
+      ``auto=None`` (a resumed ``schedule="auto"`` run then starts watching afresh).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from ..surgery.policies import RankPolicy
 from ..surgery.policy_spec import PLAIN_SCALARS, policy_spec
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def plain(obj: Any, where: str = "state") -> Any:
@@ -66,6 +70,8 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
     if version == 0:  # history values could be policy objects; every other field was plain already
         state = {"done": [], "ranks": {}, "history": [], "param_groups": None, "targets": None, **state}
         state["history"] = plain(list(state["history"]), "history")
+    if version <= 1:  # no auto schedule before version 2
+        state["auto"] = None
     state["version"] = STATE_VERSION
     return state
 

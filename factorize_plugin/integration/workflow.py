@@ -19,6 +19,19 @@ from .lightning_internals import validation_source_defined
 from .output_metric import OutputNMSE
 
 _STATE_FIELDS = {"done", "ranks", "history"}
+_PARAM_COPY_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging", "EMA", "EMACallback")
+
+
+def check_callbacks(callbacks: list) -> None:
+    """Refuses callbacks that keep copies of the parameters (their shapes change at milestones)."""
+    copies = [
+        type(c).__name__ for c in callbacks if {k.__name__ for k in type(c).__mro__} & set(_PARAM_COPY_CALLBACKS)
+    ]
+    if copies:
+        raise ValueError(
+            f"LowRankFactorization cannot run with {copies}: they keep copies of the parameters, whose shapes "
+            "change at each milestone. Remove one of the two callbacks."
+        )
 
 
 def check_validation(trainer: Trainer, pl_module: LightningModule) -> None:

@@ -107,3 +107,22 @@ def measured_speedup(reports: Sequence[LayerReport]) -> Optional[float]:
     if not timed:
         return None
     return sum(r.dense_seconds for r in timed) / sum(r.pair_seconds for r in timed)
+
+
+def milestone_metrics(reports: Sequence[LayerReport]) -> dict[str, float]:
+    """What a milestone logs: per layer ``factorize/<name>/nmse`` and ``/rank`` (min(shape) when
+    dense), ``factorize/mean_nmse`` of the changed layers, ``params_kept`` / ``macs_kept`` of the
+    reported layers' dense sizes, and ``speedup`` where layers were timed."""
+    metrics: dict[str, float] = {}
+    for r in reports:
+        metrics[f"factorize/{r.name}/nmse"] = r.nmse
+        metrics[f"factorize/{r.name}/rank"] = float(r.new_rank if r.new_rank is not None else min(r.shape))
+    changed = [r.nmse for r in reports if r.changed] or [0.0]
+    metrics["factorize/mean_nmse"] = sum(changed) / len(changed)
+    params_dense = sum(r.params_dense for r in reports)
+    metrics["factorize/params_kept"] = sum(r.params_after for r in reports) / max(1, params_dense)
+    metrics["factorize/macs_kept"] = sum(r.macs_after for r in reports) / max(1, sum(r.macs_dense for r in reports))
+    speed = measured_speedup(reports)
+    if speed is not None:
+        metrics["factorize/speedup"] = speed  # wall-clock of the changed layers, dense / factorized
+    return metrics

@@ -1,0 +1,91 @@
+"""The readiness signal of ``schedule="auto"``: each layer's stable rank, and how much it moved.
+
+Plain PyTorch (no Lightning): reads only the layers' weights, never activations, so watching costs
+a few matrix-vector products per layer (``core.stable_rank``), not a pass over data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ..core.stable_rank import stable_rank
+from ..layers import weight_matrix
+from .settings import check_whole, refuse
+
+
+@dataclasses.dataclass
+class Readiness:
+    """When ``schedule="auto"`` switches to low rank (every field has a default that works).
+
+    Args:
+        tolerance: in (0, 1). The model is *settled* at a validation run when every targeted
+            layer's stable rank ``||W||_F^2 / ||W||_2^2`` moved by at most this fraction since the
+            previous validation run: ``max_l |s_l(t) - s_l(t-1)| / s_l(t-1) <= tolerance``.
+        patience: how many settled validation runs in a row make the model ready (>= 1).
+        latest: in (0, 1], or None. Switch at the latest at epoch ``ceil(latest * max_epochs)``
+            (at most the last epoch), settled or not (the speed-up is the point, and a late switch
+            earns little of it); None: never without the signal (no switch if it never settles).
+        iterations: power-iteration steps per layer and validation run for ``||W||_2``.
+    """
+
+    tolerance: float = 0.1
+    patience: int = 1
+    latest: Optional[float] = 0.75
+    iterations: int = 20
+
+    def __post_init__(self) -> None:
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) < 1.0:
+            raise refuse(
+                "Readiness.tolerance", t, "a number in (0, 1)",
+                "the largest relative change of a layer's stable rank between validation runs that counts as settled",
+            )  # fmt: skip
+        self.tolerance = float(t)
+        self.patience = check_whole("Readiness.patience", self.patience, 1, "settled validation runs in a row")
+        lt = self.latest
+        if lt is not None and (isinstance(lt, bool) or not isinstance(lt, (int, float)) or not 0.0 < float(lt) <= 1.0):
+            raise refuse(
+                "Readiness.latest", lt, "None or a number in (0, 1]",
+                "the share of max_epochs after which the switch happens even if the signal has not settled",
+            )  # fmt: skip
+        self.latest = None if lt is None else float(lt)
+        self.iterations = check_whole("Readiness.iterations", self.iterations, 1, "power-iteration steps")
+
+    def latest_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
+        """The epoch from which the model runs at low rank at the latest (None: no such bound)."""
+        if self.latest is None or max_epochs is None or max_epochs < 0:
+            return None
+        return max(1, min(math.ceil(self.latest * max_epochs - 1e-9), max_epochs - 1))
+
+
+def stable_ranks(layers: Mapping[str, nn.Module], iterations: int) -> dict[str, float]:
+    """Each layer's stable rank (its matrix view W [D, M]; a factorized pair's composed map), in
+    the order of ``layers``."""
+    with torch.no_grad():
+        return {name: stable_rank(weight_matrix(m, own_dtype=True)[0], iterations) for name, m in layers.items()}
+
+
+def largest_change(now: Mapping[str, float], before: Optional[Mapping[str, float]]) -> Optional[float]:
+    """``max_l |now_l - before_l| / before_l`` over the layers both hold (None without ``before``;
+    inf where a layer's previous value was 0 and it moved)."""
+    if not before:
+        return None
+    changes = []
+    for name, value in now.items():
+        if name in before:
+            prev = before[name]
+            changes.append(abs(value - prev) / prev if prev > 0 else (0.0 if value == prev else math.inf))
+    return max(changes) if changes else None
+
+
+def readiness_spec(readiness: Readiness) -> dict[str, Any]:
+    """The settings as plain data (for the history and the checkpoint)."""
+    return dataclasses.asdict(readiness)
+
+
+__all__ = ["Readiness", "largest_change", "readiness_spec", "stable_ranks"]
