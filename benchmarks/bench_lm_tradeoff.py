@@ -9,7 +9,7 @@ time spent? (issue 21)
 
 Per seed, in order: every row of ``METHODS`` (dense; factorized at initialization; a smaller dense
 model with about the multiply-adds of the factorized one; the callback at several schedules; the
-item-3 experiments, first seed only), then **dense with its LR schedule compressed** (fewer steps,
+item-3 experiments, seed 0 only), then **dense with its LR schedule compressed** (fewer steps,
 the same warm-up + cosine shape, the same number of epochs and validation runs) to end at the
 fastest and the slowest other method's time (``--frontier`` points spread between them): with the
 full dense run these trace dense's own loss-vs-time curve, read by linear interpolation at each
@@ -62,7 +62,7 @@ class Method:
     """One row of the trade-off table. ``schedule`` None is dense; ``model`` overrides the
     configuration's model (a smaller dense one); ``callback`` is passed to ``LowRankFactorization``;
     ``rewarm`` > 0 re-warms the learning rate linearly over that many steps after each milestone;
-    ``first_seed_only`` marks an experiment (item 3) measured on one seed; ``expect`` is the run's
+    ``first_seed_only`` marks an experiment (item 3) measured on seed 0 only; ``expect`` is the run's
     expected share of the dense run's time (the ``--budget-s`` guard's estimate)."""
 
     name: str
@@ -421,8 +421,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     budget = Budget(budget_s, cfg["dense_seconds_planned"] * cfg["steps"] / (792 if args.gpu else 240))
     t0 = time.perf_counter()
-    for i, seed in enumerate(args.seeds):
-        run_seed(seed, i == 0, cfg, result, budget, save)
+    for seed in args.seeds:
+        run_seed(seed, seed == min(args.seeds + [0]), cfg, result, budget, save)
     result["benchmark_seconds"] = time.perf_counter() - t0
     finish(result, json_path, png_path)
     if result["errors"]:
