@@ -380,6 +380,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script in seconds")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default=None, help="output stem (default lm_tradeoff[_gpu][_dry_run])")
+    parser.add_argument("--compressed", type=int, nargs="+", default=None,
+                        help="run only dense compressed to these step counts (a seed's frontier in another process)")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these result files' runs, summarize and plot")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -389,8 +391,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         result = parts[0]
-        for part in parts[1:]:
-            result["runs"].update(part["runs"])
+        for part in parts[1:]:  # per seed, run by run (a seed's runs may come from several processes)
+            for seed, runs in part["runs"].items():
+                result["runs"].setdefault(seed, {}).update(runs)
             result["skipped"].update(part["skipped"])
             result["errors"].update(part["errors"])
         result["setup"]["merged_from"] = [Path(p).name for p in args.merge]
@@ -422,7 +425,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     budget = Budget(budget_s, cfg["dense_seconds_planned"] * cfg["steps"] / (792 if args.gpu else 240))
     t0 = time.perf_counter()
     for seed in args.seeds:
-        run_seed(seed, seed == min(args.seeds + [0]), cfg, result, budget, save)
+        if args.compressed:
+            for steps in args.compressed:
+                runs = result["runs"].setdefault(str(seed), {})
+                runs[f"dense_{steps}"] = fit(Method("dense", None, kind="dense_compressed"), cfg, seed, steps)
+                save()
+        else:
+            run_seed(seed, seed == 0, cfg, result, budget, save)
     result["benchmark_seconds"] = time.perf_counter() - t0
     finish(result, json_path, png_path)
     if result["errors"]:
