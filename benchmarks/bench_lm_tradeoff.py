@@ -218,6 +218,8 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
     runs = result["runs"].setdefault(str(seed), {})
 
     def attempt(key: str, method: Method, share: float, steps: Optional[int] = None) -> Optional[dict[str, Any]]:
+        if key in runs:  # done by an earlier process (--resume)
+            return runs[key]
         ok, why = budget.allows(share)
         if not ok:
             result["skipped"][f"{seed}/{key}"] = why
@@ -245,7 +247,8 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
         return
     others = [r for k, r in runs.items() if k != "dense" and not k.startswith(("dense_", "init_equal"))]
     shares = sorted(t_of(r, axis) / t_of(dense, axis) for r in others)
-    if shares:  # dense compressed: --frontier points spread over the other methods' times
+    done = sum(1 for r in runs.values() if r["kind"] == "dense_compressed")
+    if shares and done < cfg["frontier"]:  # dense compressed: --frontier points spread over the other methods' times
         lo, hi = max(shares[0], 0.1), min(shares[-1], 1.0)
         n = cfg["frontier"]
         fractions = [lo + (hi - lo) * i / max(n - 1, 1) for i in range(n)] if hi > lo else [lo]
@@ -382,6 +385,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="output stem (default lm_tradeoff[_gpu][_dry_run])")
     parser.add_argument("--compressed", type=int, nargs="+", default=None,
                         help="run only dense compressed to these step counts (a seed's frontier in another process)")
+    parser.add_argument("--resume", nargs="+", default=None, help="result files whose runs count as done (not rerun)")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these result files' runs, summarize and plot")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -418,6 +422,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         },
         "runs": {}, "skipped": {}, "errors": {}, "version": package_version(),
     }  # fmt: skip
+
+    for path in args.resume or []:
+        for seed, runs in json.loads(Path(path).read_text())["runs"].items():
+            result["runs"].setdefault(seed, {}).update(runs)
 
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=1, default=str))
