@@ -169,10 +169,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--corpus", default="top_level", choices=["top_level", "full"],
+                        help="top_level: 4 MB of the stdlib's top-level files; full: the whole stdlib, split by file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     schedule = None if args.dense else parse_schedule(args.schedule)
-    result = run(schedule, args.steps, args.epochs, model=dict(dim=args.dim, layers=args.layers), verbose=True)
+    result = run(schedule, args.steps, args.epochs, model=dict(dim=args.dim, layers=args.layers, corpus=args.corpus),
+                 verbose=True)
     for p in result["curve"]:
         print(
             f"step {p['step']:>5}  {p['seconds']:7.1f} s  val loss {p['val_loss']:.4f}"
