@@ -239,7 +239,7 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
         save()
         return r
 
-    table = [m for m in methods(cfg) if first or not m.first_seed_only]
+    table = [m for m in methods(cfg) if (first or not m.first_seed_only) and (cfg["only"] is None or m.name in cfg["only"])]
     for m in table:
         attempt(m.name, m, m.expect)
     dense = runs.get("dense")
@@ -262,7 +262,7 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
         best = min(callbacks, key=lambda k: callbacks[k]["final_val_loss"])
         share = t_of(callbacks[best], axis) / t_of(init, axis)
         steps = max(cfg["epochs"], round(share * cfg["steps"] / cfg["epochs"]) * cfg["epochs"])
-        init_method = next(m for m in table if m.name == "init_0.25")
+        init_method = next(m for m in methods(cfg) if m.name == "init_0.25")
         r = attempt("init_equal_time", dataclasses.replace(init_method, kind="init_equal_time"), share * init_method.expect, steps)
         if r is not None:
             r["matched_to"] = best
@@ -385,6 +385,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="output stem (default lm_tradeoff[_gpu][_dry_run])")
     parser.add_argument("--compressed", type=int, nargs="+", default=None,
                         help="run only dense compressed to these step counts (a seed's frontier in another process)")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these rows of the table (default: all)")
     parser.add_argument("--resume", nargs="+", default=None, help="result files whose runs count as done (not rerun)")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these result files' runs, summarize and plot")
     args = parser.parse_args(argv)
@@ -406,7 +407,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit("bench_lm_tradeoff.py --gpu needs a CUDA GPU; none is visible here (--dry-run checks the script on the CPU)")
     torch.set_num_threads(1)  # a shared CPU: more threads only contend (and CPU time stays one core's)
     cfg = config(args.gpu, args.dry_run, args.steps)
-    cfg["frontier"] = args.frontier
+    cfg["frontier"], cfg["only"] = args.frontier, args.methods
+    unknown = set(args.methods or ()) - {m.name for m in methods(cfg)}
+    if unknown:
+        raise SystemExit(f"--methods: no such rows {sorted(unknown)}; the table has {[m.name for m in methods(cfg)]}")
     budget_s = args.budget_s if args.budget_s is not None else cfg["budget_s"]
     result: dict[str, Any] = {
         "benchmark": "lm_tradeoff",
