@@ -7,6 +7,10 @@ time spent? (issue 21)
     python benchmarks/bench_lm_tradeoff.py --dry-run [--gpu]                  # tiny, CPU, seconds (tested)
     python benchmarks/bench_lm_tradeoff.py --merge a.json b.json ...         # seeds run as separate processes
 
+A seed's work can be split over processes: ``--methods`` runs some rows of the table, ``--compressed
+120 180`` only dense compressed to those step counts, ``--resume FILE`` counts a file's runs as done,
+``--frontier 0`` skips the automatic compressed runs; ``--merge`` then joins the files run by run.
+
 Per seed, in order: every row of ``METHODS`` (dense; factorized at initialization; a smaller dense
 model with about the multiply-adds of the factorized one; the callback at several schedules; the
 item-3 experiments, seed 0 only), then **dense with its LR schedule compressed** (fewer steps,
