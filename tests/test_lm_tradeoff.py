@@ -73,7 +73,7 @@ def test_cpu_configuration_dense_validation_loss_falls_at_every_validation_run()
     r = run(None, steps=cfg["steps"] // 2, epochs=4, model=cfg["model"])
     losses = [p["val_loss"] for p in r["curve"]]
     assert len(losses) == 4 and all(b < a for a, b in zip(losses, losses[1:])), losses
-    assert losses[-1] < 3.0, losses  # below the ~3.3 nats of byte frequencies alone: it learned structure
+    assert losses[-1] < min(3.2, losses[0] - 0.1), losses  # below the ~3.3-nat plateau of byte frequencies alone
 
 
 @pytest.mark.slow  # ~35 s on an idle core: 12 tiny fits
