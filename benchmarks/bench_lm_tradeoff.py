@@ -274,7 +274,8 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Per method over seeds: mean (and each seed's) final loss and time, the ratios to dense at
-    equal steps, and the loss of dense (and of factorized at init) at the method's own time."""
+    equal steps, and the loss of dense (and of factorized at init) at the method's own time: dense
+    compressed (its frontier, the fair baseline) and also dense's own full run read at that time."""
     axis = result["setup"]["time_axis"]
     per: dict[str, dict[str, Any]] = {}
     for seed, runs in result["runs"].items():
@@ -282,6 +283,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         if dense is None:
             continue
         frontier = [(t_of(r, axis), r["final_val_loss"]) for r in runs.values() if r["kind"] in ("dense", "dense_compressed")]
+        dense_curve = [(p[axis], p["val_loss"]) for p in dense["curve"]]
         init_curve = [(p[axis], p["val_loss"]) for p in runs["init_equal_time"]["curve"]] if "init_equal_time" in runs else []
         for key, r in runs.items():
             row = per.setdefault(key, {"kind": r["kind"], "seeds": {}})
@@ -293,6 +295,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             if at is not None:
                 s["dense_at_equal_time"] = at
                 s["loss_vs_dense_equal_time"] = r["final_val_loss"] / at - 1
+            along = interpolate(dense_curve, t)  # dense's own run, read mid-way (its LR not yet decayed)
+            if along is not None:
+                s["dense_curve_at_equal_time"] = along
+                s["loss_vs_dense_curve_equal_time"] = r["final_val_loss"] / along - 1
             if init_curve and r["kind"] == "callback":
                 at_init = interpolate([(0.0, init_curve[0][1])] + init_curve, t) or init_curve[-1][1]
                 s["init_at_equal_time"] = at_init
@@ -318,6 +324,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "seeds": full_seeds,
             "beats_dense_at_equal_time": b.get("mean_loss_vs_dense_equal_time", 1.0) < 0,
             "loss_vs_dense_at_equal_time": b.get("mean_loss_vs_dense_equal_time"),
+            "loss_vs_dense_own_curve_at_equal_time": b.get("mean_loss_vs_dense_curve_equal_time"),
             "beats_init_at_equal_time": b.get("mean_loss_vs_init_equal_time", 1.0) < 0,
             "loss_vs_init_at_equal_time": b.get("mean_loss_vs_init_equal_time"),
         }
