@@ -398,6 +398,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="run only dense compressed to these step counts (a seed's frontier in another process)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these rows of the table (default: all)")
     parser.add_argument("--resume", nargs="+", default=None, help="result files whose runs count as done (not rerun)")
+    parser.add_argument("--note", default=None, help="with --merge: how the runs were made, kept in setup.note")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these result files' runs, summarize and plot")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -413,6 +414,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             result["skipped"].update(part["skipped"])
             result["errors"].update(part["errors"])
         result["setup"]["merged_from"] = [Path(p).name for p in args.merge]
+        result["setup"]["seeds"] = sorted(int(seed) for seed in result["runs"])
+        if args.note:
+            result["setup"]["note"] = args.note
         return finish(result, json_path, png_path)
     if args.gpu and not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench_lm_tradeoff.py --gpu needs a CUDA GPU; none is visible here (--dry-run checks the script on the CPU)")
