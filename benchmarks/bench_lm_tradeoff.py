@@ -1,0 +1,482 @@
+"""Validation loss against whole-``fit`` time for the GPT byte-level LM on the whole standard library
+(``examples/gpt_task.stdlib_tree``, split by file): does the callback buy a better model for the
+time spent? (issue 21)
+
+    python benchmarks/bench_lm_tradeoff.py [--seeds 0 1 2] [--steps 240]      # CPU configuration
+    python benchmarks/bench_lm_tradeoff.py --gpu [--budget-s 330]             # GPU configuration
+    python benchmarks/bench_lm_tradeoff.py --dry-run [--gpu]                  # tiny, CPU, seconds (tested)
+    python benchmarks/bench_lm_tradeoff.py --merge a.json b.json ...         # seeds run as separate processes
+
+A seed's work can be split over processes: ``--methods`` runs some rows of the table, ``--compressed
+120 180`` only dense compressed to those step counts, ``--resume FILE`` counts a file's runs as done,
+``--frontier 0`` skips the automatic compressed runs; ``--merge`` then joins the files run by run.
+
+Per seed, in order: every row of ``METHODS`` (dense; factorized at initialization; a smaller dense
+model with about the multiply-adds of the factorized one; the callback at several schedules; the
+item-3 experiments, seed 0 only), then **dense with its LR schedule compressed** (fewer steps,
+the same warm-up + cosine shape, the same number of epochs and validation runs) to end at the
+fastest and the slowest other method's time (``--frontier`` points spread between them): with the
+full dense run these trace dense's own loss-vs-time curve, read by linear interpolation at each
+method's time ("dense at equal time"). Last, factorized at initialization given as many steps as fit
+in the best callback run's time ("init at equal time").
+
+Time: the whole ``trainer.fit`` (validation, statistics collection, solves, the speed decision
+included), both wall-clock and this process's CPU time (``time.process_time``). The CPU
+configuration runs one torch thread on a shared machine whose load changes under it, so its time
+axis is CPU time; the GPU configuration's is wall-clock. ``setup.time_axis`` says which.
+
+The method list is a table of configurations (``Method``): a new schedule is one more row.
+Writes ``lm_tradeoff.json`` (after every run, so a killed run keeps what it finished) and
+``lm_tradeoff.png`` (loss vs seconds, one line per method, mean over seeds) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import statistics
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks._common import package_version
+from examples.gpt_task import VOCAB
+from examples.gpt_train import run
+from factorize_plugin import ParamBudget
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GOAL_LOSS, GOAL_SPEED = 0.02, 1.25  # at equal steps: within 2 % of dense, >= 1.25x faster (issue 21)
+FRACTION = 0.25  # the factorized runs' final rank fraction, and the smaller dense model's MAC target
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the trade-off table. ``schedule`` None is dense; ``model`` overrides the
+    configuration's model (a smaller dense one); ``callback`` is passed to ``LowRankFactorization``;
+    ``rewarm`` > 0 re-warms the learning rate linearly over that many steps after each milestone;
+    ``first_seed_only`` marks an experiment (item 3) measured on seed 0 only; ``expect`` is the run's
+    expected share of the dense run's time (the ``--budget-s`` guard's estimate)."""
+
+    name: str
+    schedule: Optional[dict[int, Any]] = None
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    callback: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rewarm: int = 0
+    first_seed_only: bool = False
+    expect: float = 1.0
+    kind: str = "callback"
+
+
+def methods(cfg: dict[str, Any]) -> list[Method]:
+    """The table, for a configuration (the smaller dense width and the block names depend on it)."""
+    layers = cfg["model"]["layers"]
+    ends = [f"net.blocks.{i}.*" for i in (0, layers - 1)]
+    rewarm = max(2, cfg["steps"] // cfg["epochs"] // 4)
+    small = dict(dim=matching_dim(cfg["model"], FRACTION))
+    return [
+        Method("dense", None, kind="dense"),
+        Method("init_0.25", {0: FRACTION}, expect=0.55, kind="init"),
+        Method(f"small_dense_d{small['dim']}", None, model=small, expect=0.5, kind="small_dense"),
+        Method("callback_early_1:0.25", {1: FRACTION}, expect=0.65),
+        Method("callback_late_3:0.25", {3: FRACTION}, expect=0.8),
+        Method("callback_gradual_1:1/2,2:1/3,3:1/4", {1: 0.5, 2: 1 / 3, 3: FRACTION}, expect=0.8),
+        Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs")}, expect=0.75),
+        # item 3 experiments (first seed): the early schedule with one change each
+        Method("exp_early_rewarm", {1: FRACTION}, rewarm=rewarm, first_seed_only=True, expect=0.65),
+        Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(exclude=ends), first_seed_only=True, expect=0.7),
+    ]
+
+
+def config(gpu: bool, dry_run: bool, steps: Optional[int]) -> dict[str, Any]:
+    if gpu:
+        model = dict(dim=1024, layers=8, heads=16, block=512, batch_size=32, val_windows=256, corpus="full")
+        cfg = dict(model=model, steps=792, epochs=6, trainer=dict(accelerator="gpu", precision="bf16-mixed"),
+                   time_axis="seconds", budget_s=330.0, dense_seconds_planned=28.0)  # fmt: skip
+    else:
+        model = dict(dim=256, layers=4, heads=4, block=64, batch_size=16, val_windows=256, corpus="full")
+        cfg = dict(model=model, steps=240, epochs=6, trainer={}, time_axis="cpu_seconds", budget_s=None,
+                   dense_seconds_planned=200.0)  # fmt: skip
+    if dry_run:
+        cfg["model"] = dict(dim=32, layers=3, heads=2, block=16, batch_size=4, val_windows=16, corpus="full")
+        cfg.update(steps=12, trainer=dict(accelerator="cpu", precision=cfg["trainer"].get("precision", "32-true")),
+                   dense_seconds_planned=5.0)  # fmt: skip
+    if steps is not None:
+        cfg["steps"] = steps
+    cfg["steps"] -= cfg["steps"] % cfg["epochs"]
+    return cfg
+
+
+def macs_per_token(dim: int, layers: int, block: int, rank_fraction: Optional[float] = None) -> float:
+    """Multiply-adds per token of ``examples/gpt_task.GPT``: the block projections (dense, or every
+    one factorized at ``rank_fraction`` of its min(in, out) = dim), the attention (T x d for QK^T and
+    AV together at the causal mean length T/2) and the tied head."""
+    if rank_fraction is None:
+        projections = 12 * dim * dim
+    else:  # rank r: r (in + out) for qkv (d->3d), proj (d->d), fc (d->4d), proj (4d->d)
+        projections = round(rank_fraction * dim) * dim * (4 + 2 + 5 + 5)
+    return layers * (projections + block * dim) + VOCAB * dim
+
+
+def matching_dim(model: dict[str, Any], fraction: float) -> int:
+    """The width (a multiple of the head count) whose dense model has about the multiply-adds per
+    token of ``model`` with every projection factorized at ``fraction``."""
+    target = macs_per_token(model["dim"], model["layers"], model["block"], fraction)
+    step = model["heads"]
+    widths = range(step, model["dim"] + 1, step)
+    return min(widths, key=lambda d: abs(macs_per_token(d, model["layers"], model["block"]) - target))
+
+
+class LRRewarm(Callback):
+    """After each milestone epoch of the callback, the learning rate ramps from 1/steps to 1 of the
+    schedule's over ``steps`` optimizer steps (the new factors start with empty Adam moments)."""
+
+    def __init__(self, milestones: set[int], steps: int) -> None:
+        self.milestones, self.steps = milestones, steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch in self.milestones and batch_idx < self.steps:
+            scale = (batch_idx + 1) / self.steps
+            for opt in trainer.optimizers:  # LambdaLR sets each group's lr afresh at every step
+                for group in opt.param_groups:
+                    group["lr"] *= scale
+
+
+def fit(method: Method, cfg: dict[str, Any], seed: int, steps: Optional[int] = None) -> dict[str, Any]:
+    schedule = copy.deepcopy(method.schedule)  # a policy holds its last plan: one instance per run
+    model = {**cfg["model"], **method.model}
+    wrap: Optional[Callable] = None
+    if method.rewarm:
+        extra = LRRewarm(set(schedule or ()), method.rewarm)
+        wrap = lambda factorize: [factorize, extra]  # noqa: E731
+    r = run(schedule, steps or cfg["steps"], cfg["epochs"], seed=seed, model=model, callback=method.callback or None,
+            trainer=cfg["trainer"] or None, wrap=wrap)  # fmt: skip
+    r["method"] = method.name
+    r["kind"] = method.kind
+    r["model_kwargs"] = model
+    r["macs_per_token"] = achieved_macs(model, r["ranks"])
+    r["changed_layers"] = sum(1 for v in r["ranks"].values() if v is not None)
+    r.pop("metrics", None)
+    for h in r.get("history", []):  # keep the history's small parts
+        for key in ("samples", "heldout_nmse", "speed_trials"):
+            h.pop(key, None)
+    return r
+
+
+def achieved_macs(model: dict[str, Any], ranks: dict[str, Optional[int]]) -> float:
+    """Multiply-adds per token of the run's final structure (``ranks``: layer -> rank or None)."""
+    d, layers, block = model["dim"], model["layers"], model["block"]
+    shapes = {"attn.qkv": (d, 3 * d), "attn.proj": (d, d), "mlp.fc": (d, 4 * d), "mlp.proj": (4 * d, d)}
+    total = macs_per_token(d, layers, block)
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        i, o = next(shape for key, shape in shapes.items() if name.endswith(key))
+        total -= i * o - rank * (i + o)
+    return float(total)
+
+
+def t_of(r: dict[str, Any], axis: str) -> float:
+    return r["fit_cpu_seconds"] if axis == "cpu_seconds" else r["fit_seconds"]
+
+
+def interpolate(points: list[tuple[float, float]], t: float) -> Optional[float]:
+    """Linear interpolation of (time, loss) points at ``t``; None outside their range."""
+    points = sorted(points)
+    for (t0, l0), (t1, l1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return l0 + (l1 - l0) * (t - t0) / max(t1 - t0, 1e-12)
+    return points[0][1] if len(points) == 1 and abs(points[0][0] - t) < 1e-9 else None
+
+
+class Budget:
+    """Skips what would end after ``budget_s`` (the GPU run's 6-minute limit); None: no limit."""
+
+    def __init__(self, budget_s: Optional[float], dense_planned: float) -> None:
+        self.budget_s, self.dense, self.start, self.over = budget_s, dense_planned, time.perf_counter(), False
+
+    def allows(self, share: float) -> tuple[bool, str]:
+        if self.budget_s is None:
+            return True, ""
+        elapsed = time.perf_counter() - self.start
+        estimate = 1.15 * share * self.dense
+        if self.over or elapsed + estimate > self.budget_s:
+            self.over = True
+            return False, f"budget: {elapsed:.0f} s elapsed + ~{estimate:.0f} s estimated > --budget-s {self.budget_s:.0f}"
+        return True, ""
+
+
+def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any], budget: Budget, save: Callable) -> None:
+    axis = cfg["time_axis"]
+    runs = result["runs"].setdefault(str(seed), {})
+
+    def attempt(key: str, method: Method, share: float, steps: Optional[int] = None) -> Optional[dict[str, Any]]:
+        if key in runs:  # done by an earlier process (--resume)
+            return runs[key]
+        ok, why = budget.allows(share)
+        if not ok:
+            result["skipped"][f"{seed}/{key}"] = why
+            print(f"seed {seed} {key}: skipped ({why})", flush=True)
+            return None
+        try:
+            r = runs[key] = fit(method, cfg, seed, steps)
+        except Exception as exc:  # recorded; the other runs still count
+            result["errors"][f"{seed}/{key}"] = {"error": repr(exc), "traceback": traceback.format_exc()}
+            print(f"seed {seed} {key}: FAILED {exc!r}", flush=True)
+            save()
+            return None
+        if key == "dense":
+            budget.dense = r["fit_seconds"]
+        print(f"seed {seed} {key:>40}: {r['steps']:4d} steps, {r['fit_seconds']:7.1f} s wall, {r['fit_cpu_seconds']:7.1f} s CPU, "
+              f"val loss {r['final_val_loss']:.4f}", flush=True)  # fmt: skip
+        save()
+        return r
+
+    table = [m for m in methods(cfg) if (first or not m.first_seed_only) and (cfg["only"] is None or m.name in cfg["only"])]
+    for m in table:
+        attempt(m.name, m, m.expect)
+    dense = runs.get("dense")
+    if dense is None:
+        return
+    others = [r for k, r in runs.items() if k != "dense" and not k.startswith(("dense_", "init_equal"))]
+    shares = sorted(t_of(r, axis) / t_of(dense, axis) for r in others)
+    done = sum(1 for r in runs.values() if r["kind"] == "dense_compressed")
+    if shares and done < cfg["frontier"]:  # dense compressed: --frontier points spread over the other methods' times
+        lo, hi = max(shares[0], 0.1), min(shares[-1], 1.0)
+        n = cfg["frontier"]
+        fractions = [lo + (hi - lo) * i / max(n - 1, 1) for i in range(n)] if hi > lo else [lo]
+        for f in sorted(set(round(f, 3) for f in fractions)):
+            steps = max(cfg["epochs"], round(f * cfg["steps"] / cfg["epochs"]) * cfg["epochs"])
+            if steps < cfg["steps"]:
+                attempt(f"dense_{steps}", Method("dense", None, kind="dense_compressed"), f, steps)
+    callbacks = {k: r for k, r in runs.items() if r["kind"] == "callback"}
+    init = runs.get("init_0.25")
+    if callbacks and init is not None:  # factorized at initialization, given the best callback run's time
+        best = min(callbacks, key=lambda k: callbacks[k]["final_val_loss"])
+        share = t_of(callbacks[best], axis) / t_of(init, axis)
+        steps = max(cfg["epochs"], round(share * cfg["steps"] / cfg["epochs"]) * cfg["epochs"])
+        init_method = next(m for m in methods(cfg) if m.name == "init_0.25")
+        r = attempt("init_equal_time", dataclasses.replace(init_method, kind="init_equal_time"), share * init_method.expect, steps)
+        if r is not None:
+            r["matched_to"] = best
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Per method over seeds: mean (and each seed's) final loss and time, the ratios to dense at
+    equal steps, and the loss of dense (and of factorized at init) at the method's own time: dense
+    compressed (its frontier, the fair baseline) and also dense's own full run read at that time."""
+    axis = result["setup"]["time_axis"]
+    per: dict[str, dict[str, Any]] = {}
+    for seed, runs in result["runs"].items():
+        dense = runs.get("dense")
+        if dense is None:
+            continue
+        frontier = [(t_of(r, axis), r["final_val_loss"]) for r in runs.values() if r["kind"] in ("dense", "dense_compressed")]
+        dense_curve = [(p[axis], p["val_loss"]) for p in dense["curve"]]
+        init_curve = [(p[axis], p["val_loss"]) for p in runs["init_equal_time"]["curve"]] if "init_equal_time" in runs else []
+        for key, r in runs.items():
+            row = per.setdefault(key, {"kind": r["kind"], "seeds": {}})
+            t = t_of(r, axis)
+            s = {"final_val_loss": r["final_val_loss"], "time": t, "fit_seconds": r["fit_seconds"], "fit_cpu_seconds": r["fit_cpu_seconds"],
+                 "steps": r["steps"], "speed_vs_dense": t_of(dense, axis) / t, "loss_vs_dense_equal_steps": r["final_val_loss"] / dense["final_val_loss"] - 1,
+                 "macs_per_token": r["macs_per_token"]}  # fmt: skip
+            at = interpolate(frontier, t) if t <= t_of(dense, axis) else None
+            if at is not None:
+                s["dense_at_equal_time"] = at
+                s["loss_vs_dense_equal_time"] = r["final_val_loss"] / at - 1
+            along = interpolate(dense_curve, t)  # dense's own run, read mid-way (its LR not yet decayed)
+            if along is not None:
+                s["dense_curve_at_equal_time"] = along
+                s["loss_vs_dense_curve_equal_time"] = r["final_val_loss"] / along - 1
+            if init_curve and r["kind"] == "callback":
+                at_init = interpolate([(0.0, init_curve[0][1])] + init_curve, t) or init_curve[-1][1]
+                s["init_at_equal_time"] = at_init
+                s["loss_vs_init_equal_time"] = r["final_val_loss"] / at_init - 1
+            row["seeds"][seed] = s
+    for row in per.values():
+        seeds = list(row["seeds"].values())
+        for k in seeds[0]:
+            vals = [s[k] for s in seeds if k in s]
+            if len(vals) == len(seeds):
+                row[f"mean_{k}"] = statistics.fmean(vals)
+                if len(vals) > 1:
+                    row[f"std_{k}"] = statistics.stdev(vals)
+        row["n_seeds"] = len(seeds)
+    full_seeds = max((row["n_seeds"] for row in per.values()), default=0)
+    main = {k: row for k, row in per.items() if row["kind"] == "callback" and row["n_seeds"] == full_seeds}
+    goals: dict[str, Any] = {}
+    if main:
+        best = min(main, key=lambda k: main[k]["mean_final_val_loss"])
+        b = main[best]
+        goals = {
+            "best_callback": best,
+            "seeds": full_seeds,
+            "beats_dense_at_equal_time": b.get("mean_loss_vs_dense_equal_time", 1.0) < 0,
+            "loss_vs_dense_at_equal_time": b.get("mean_loss_vs_dense_equal_time"),
+            "loss_vs_dense_own_curve_at_equal_time": b.get("mean_loss_vs_dense_curve_equal_time"),
+            "beats_init_at_equal_time": b.get("mean_loss_vs_init_equal_time", 1.0) < 0,
+            "loss_vs_init_at_equal_time": b.get("mean_loss_vs_init_equal_time"),
+        }
+        ok = {k: r for k, r in main.items() if r["mean_loss_vs_dense_equal_steps"] <= GOAL_LOSS and r["mean_speed_vs_dense"] >= GOAL_SPEED}
+        pick = min(ok or main, key=lambda k: main[k]["mean_final_val_loss"] if ok else
+                   max(0, main[k]["mean_loss_vs_dense_equal_steps"] - GOAL_LOSS) / GOAL_LOSS + max(0, GOAL_SPEED - main[k]["mean_speed_vs_dense"]) / GOAL_SPEED)  # fmt: skip
+        goals["equal_steps"] = {
+            "goal": f"within {GOAL_LOSS:.0%} of dense at equal steps and >= {GOAL_SPEED}x faster",
+            "met_by": sorted(ok), "closest" if not ok else "best": pick,
+            "loss_vs_dense": main[pick]["mean_loss_vs_dense_equal_steps"], "speed_vs_dense": main[pick]["mean_speed_vs_dense"],
+        }  # fmt: skip
+    result["summary"] = {"methods": per, "goals": goals}
+    return result["summary"]
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axis = result["setup"]["time_axis"]
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    names: dict[str, list[dict[str, Any]]] = {}
+    for runs in result["runs"].values():
+        for key, r in runs.items():
+            names.setdefault(key, []).append(r)
+    frontier = []
+    for key, rs in names.items():
+        n = min(len(r["curve"]) for r in rs)
+        xs = [statistics.fmean(r["curve"][i][axis] for r in rs) for i in range(n)]
+        ys = [statistics.fmean(r["curve"][i]["val_loss"] for r in rs) for i in range(n)]
+        if rs[0]["kind"] in ("dense", "dense_compressed"):
+            frontier.append((xs[-1], ys[-1]))
+            if rs[0]["kind"] == "dense_compressed":
+                continue
+        style = {"dense": ("k", "o"), "init": ("tab:red", "s"), "init_equal_time": ("tab:red", "D"), "small_dense": ("tab:gray", "^")}
+        color, marker = style.get(rs[0]["kind"], (None, "o"))
+        ls = ":" if key.startswith("exp_") else "-"
+        ax.plot(xs, ys, ls, color=color, marker=marker, ms=3, lw=1.2, label=f"{key} ({xs[-1]:.0f} s, {ys[-1]:.3f}, {len(rs)} seeds)")
+    if frontier:
+        frontier.sort()
+        ax.plot(*zip(*frontier), "--", color="k", lw=2, alpha=0.5, marker="x", ms=8, label="dense, LR schedule compressed (final points)")
+    ax.set_xlabel("CPU seconds since the start of fit (1 thread)" if axis == "cpu_seconds" else "wall-clock seconds since the start of fit")
+    ax.set_ylabel("validation loss (nats / byte)")
+    s = result["setup"]
+    m = s["model_kwargs"]
+    ax.set_title(f"GPT LM on the whole stdlib, d={m['dim']} x {m['layers']} layers, {s['steps']} steps, "
+                 f"mean of seeds", fontsize=10)  # fmt: skip
+    ax.grid(alpha=0.3)
+    finals = [y for _, y in frontier]
+    if finals:
+        ax.set_ylim(min(finals) - 0.15, max(finals) + 0.35)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of the dense run (CPU 240, GPU 792)")
+    parser.add_argument("--frontier", type=int, default=2, help="compressed dense runs per seed")
+    parser.add_argument("--gpu", action="store_true", help="dim 1024, 8 layers, 16 heads, block 512, batch 32, bf16-mixed")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip runs that would end after this (GPU default 330)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script in seconds")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default=None, help="output stem (default lm_tradeoff[_gpu][_dry_run])")
+    parser.add_argument("--compressed", type=int, nargs="+", default=None,
+                        help="run only dense compressed to these step counts (a seed's frontier in another process)")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these rows of the table (default: all)")
+    parser.add_argument("--resume", nargs="+", default=None, help="result files whose runs count as done (not rerun)")
+    parser.add_argument("--note", default=None, help="with --merge: how the runs were made, kept in setup.note")
+    parser.add_argument("--merge", nargs="+", default=None, help="merge these result files' runs, summarize and plot")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "lm_tradeoff" + ("_gpu" if args.gpu else "") + ("_dry_run" if args.dry_run else "")
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        result = parts[0]
+        for part in parts[1:]:  # per seed, run by run (a seed's runs may come from several processes)
+            for seed, runs in part["runs"].items():
+                result["runs"].setdefault(seed, {}).update(runs)
+            result["skipped"].update(part["skipped"])
+            result["errors"].update(part["errors"])
+        result["setup"]["merged_from"] = [Path(p).name for p in args.merge]
+        result["setup"]["seeds"] = sorted(int(seed) for seed in result["runs"])
+        if args.note:
+            result["setup"]["note"] = args.note
+        return finish(result, json_path, png_path)
+    if args.gpu and not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("bench_lm_tradeoff.py --gpu needs a CUDA GPU; none is visible here (--dry-run checks the script on the CPU)")
+    torch.set_num_threads(1)  # a shared CPU: more threads only contend (and CPU time stays one core's)
+    cfg = config(args.gpu, args.dry_run, args.steps)
+    cfg["frontier"], cfg["only"] = args.frontier, args.methods
+    unknown = set(args.methods or ()) - {m.name for m in methods(cfg)}
+    if unknown:
+        raise SystemExit(f"--methods: no such rows {sorted(unknown)}; the table has {[m.name for m in methods(cfg)]}")
+    budget_s = args.budget_s if args.budget_s is not None else cfg["budget_s"]
+    result: dict[str, Any] = {
+        "benchmark": "lm_tradeoff",
+        "setup": {
+            "model": "examples/gpt_task.GPT, byte-level, tied head", "model_kwargs": cfg["model"], "steps": cfg["steps"],
+            "epochs": cfg["epochs"], "trainer": cfg["trainer"] or "CPU, 32-true", "threads": torch.get_num_threads(),
+            "corpus": "every .py file of the standard library, subpackages and the test package included, site-packages left out; "
+                      "split by file (CRC-32 of the relative path, 10 % validation): examples/gpt_task.stdlib_tree",
+            "time_axis": cfg["time_axis"], "budget_s": budget_s, "seeds": args.seeds, "dry_run": args.dry_run,
+            "methods": [dataclasses.asdict(m) | {"schedule": str(m.schedule)} for m in methods(cfg)],
+            "torch": torch.__version__, "lightning": pl.__version__, "machine": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if args.gpu and not args.dry_run else "cpu",
+        },
+        "runs": {}, "skipped": {}, "errors": {}, "version": package_version(),
+    }  # fmt: skip
+
+    for path in args.resume or []:
+        for seed, runs in json.loads(Path(path).read_text())["runs"].items():
+            result["runs"].setdefault(seed, {}).update(runs)
+
+    def save() -> None:
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+
+    budget = Budget(budget_s, cfg["dense_seconds_planned"] * cfg["steps"] / (792 if args.gpu else 240))
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        if args.compressed:
+            for steps in args.compressed:
+                runs = result["runs"].setdefault(str(seed), {})
+                runs[f"dense_{steps}"] = fit(Method("dense", None, kind="dense_compressed"), cfg, seed, steps)
+                save()
+        else:
+            run_seed(seed, seed == 0, cfg, result, budget, save)
+    result["benchmark_seconds"] = time.perf_counter() - t0
+    finish(result, json_path, png_path)
+    if result["errors"]:
+        raise SystemExit(f"runs failed: {sorted(result['errors'])}")
+    return result
+
+
+def finish(result: dict[str, Any], json_path: Path, png_path: Path) -> dict[str, Any]:
+    summary = summarize(result)
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    plot(result, png_path)
+    print(json.dumps(summary["goals"], indent=1))
+    for key, row in summary["methods"].items():
+        print(f"{key:>40}: loss {row['mean_final_val_loss']:.4f}, time {row['mean_time']:7.1f} s, {row['mean_speed_vs_dense']:.2f}x, "
+              f"vs dense at equal time {row.get('mean_loss_vs_dense_equal_time', float('nan')):+.2%} ({row['n_seeds']} seeds)")  # fmt: skip
+    print(f"wrote {json_path} and {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The whole-standard-library corpus and the LM trade-off benchmark (issue 21)."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import zlib
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_lm_tradeoff import config, macs_per_token, matching_dim, methods
+from examples.gpt_task import GPTTask, stdlib_corpus, stdlib_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stdlib_tree_is_split_by_whole_files_deterministically_and_read_once():
+    train, val = stdlib_tree()
+    assert stdlib_tree() is stdlib_tree()  # cached: read once per process
+    assert len(train) > 10_000_000 and 0.05 < len(val) / (len(train) + len(val)) < 0.2
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train_bytes, val_bytes = train.numpy().tobytes(), val.numpy().tobytes()
+    files = [p for p in sorted(root.rglob("*.py")) if p.stat().st_size > 2000 and "site-packages" not in p.parts][::97]
+    assert any(p.relative_to(root).parts[0] == "test" for p in files) and any(len(p.relative_to(root).parts) > 1 for p in files)
+    for path in files:  # each file whole, on the side its path's CRC-32 says
+        held_out = zlib.crc32(path.relative_to(root).as_posix().encode()) < 10 * 2**32 // 100
+        data = path.read_bytes()
+        assert (data in val_bytes) == held_out and (data in train_bytes) != held_out, path
+    installed = next((p for p in (root / "site-packages").rglob("*.py") if p.stat().st_size > 2000), None)
+    assert installed is None or installed.read_bytes() not in train_bytes + val_bytes  # third-party code left out
+    no_test, _ = stdlib_tree(include_test=False)
+    assert len(no_test) < 0.7 * len(train)
+    small_train, small_val = stdlib_corpus(400_000)  # the old top-level corpus, still there for the older benchmarks
+    assert 300_000 < len(small_train) + len(small_val) < 500_000
+    with pytest.raises(ValueError, match=r"corpus=\.\.\.\) must be one of"):
+        GPTTask(corpus="stdlib")
+
+
+def test_benchmark_lengths_read_no_training_byte_twice():
+    """What keeps the models out of the memorizing regime: the CPU and the GPU configurations'
+    runs read fewer training tokens than the training text holds (the 4 MB top-level corpus had
+    the GPU run read it 3x in 1,600 steps)."""
+    train, _ = stdlib_tree()
+    for gpu in (False, True):
+        cfg = config(gpu, dry_run=False, steps=None)
+        m = cfg["model"]
+        tokens = cfg["steps"] * m["batch_size"] * m["block"]
+        assert m["corpus"] == "full" and tokens < len(train), (gpu, tokens, len(train))
+
+
+def test_smaller_dense_model_matches_the_factorized_multiply_adds():
+    for gpu in (False, True):
+        m = config(gpu, dry_run=False, steps=None)["model"]
+        d = matching_dim(m, 0.25)
+        assert d % m["heads"] == 0 and d < m["dim"]
+        target = macs_per_token(m["dim"], m["layers"], m["block"], 0.25)
+        assert abs(macs_per_token(d, m["layers"], m["block"]) / target - 1) < 0.05
+    names = [x.name for x in methods(config(False, dry_run=False, steps=None))]
+    assert names[:3] == ["dense", "init_0.25", "small_dense_d152"]
+
+
+@pytest.mark.slow
+def test_cpu_configuration_dense_validation_loss_falls_at_every_validation_run():
+    """The benchmark's CPU configuration (4 layers, width 256, the whole standard library) on a
+    shortened run: dense validation loss goes down at every validation run (no memorization)."""
+    import torch
+
+    from examples.gpt_train import run
+
+    torch.set_num_threads(1)
+    cfg = config(False, dry_run=False, steps=None)
+    r = run(None, steps=cfg["steps"] // 2, epochs=4, model=cfg["model"])
+    losses = [p["val_loss"] for p in r["curve"]]
+    assert len(losses) == 4 and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < min(3.2, losses[0] - 0.1), losses  # below the ~3.3-nat plateau of byte frequencies alone
+
+
+@pytest.mark.slow  # ~35 s on an idle core: 12 tiny fits
+def test_tradeoff_dry_run_records_every_method_and_a_fair_compressed_dense(tmp_path):
+    """--dry-run --gpu: the GPU configuration's code (bf16-mixed, the budget) on a tiny CPU model.
+    Every method of the table ran; dense compressed to the others' times ran fewer steps with the
+    same number of validation runs; factorized at init was given the best callback's time; every
+    run carries wall-clock and CPU time; the summary compares at equal time; the PNG is written."""
+    bench = ROOT / "benchmarks" / "bench_lm_tradeoff.py"
+    args = [sys.executable, str(bench), "--dry-run", "--gpu", "--seeds", "0", "--out", str(tmp_path)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "lm_tradeoff_gpu_dry_run.json").read_text())
+    assert (tmp_path / "lm_tradeoff_gpu_dry_run.png").stat().st_size > 0
+    assert result["setup"]["trainer"]["precision"] == "bf16-mixed" and result["setup"]["time_axis"] == "seconds"
+    runs = result["runs"]["0"]
+    table = [m["name"] for m in result["setup"]["methods"]]
+    assert set(table) <= set(runs) and not result["skipped"] and not result["errors"]
+    compressed = [r for r in runs.values() if r["kind"] == "dense_compressed"]
+    assert compressed and all(r["steps"] < runs["dense"]["steps"] for r in compressed)
+    assert all(len(r["curve"]) == len(runs["dense"]["curve"]) for r in compressed)
+    assert runs[runs["init_equal_time"]["matched_to"]]["kind"] == "callback"
+    assert all(r["fit_cpu_seconds"] > 0 and r["fit_seconds"] > 0 for r in runs.values())
+    small = next(r for r in runs.values() if r["kind"] == "small_dense")
+    assert small["macs_per_token"] < runs["dense"]["macs_per_token"]
+    summary = result["summary"]
+    assert summary["goals"]["best_callback"] in runs and "equal_steps" in summary["goals"]
+    assert summary["methods"]["dense"]["mean_loss_vs_dense_equal_steps"] == 0
+
+
+def test_tradeoff_budget_skips_and_records(tmp_path):
+    """A budget too small for anything: every run is skipped, with why; without a GPU --gpu refuses."""
+    import torch
+
+    from benchmarks.bench_lm_tradeoff import main
+
+    result = main(["--dry-run", "--gpu", "--seeds", "0", "--budget-s", "0", "--out", str(tmp_path)])
+    assert result["runs"]["0"] == {} and result["skipped"] and all("budget" in why for why in result["skipped"].values())
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main(["--gpu", "--out", str(tmp_path)])
