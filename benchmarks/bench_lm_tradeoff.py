@@ -45,7 +45,7 @@ import platform
 import statistics
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -70,7 +70,7 @@ class Method:
     expected share of the dense run's time (the ``--budget-s`` guard's estimate)."""
 
     name: str
-    schedule: Optional[dict[int, Any]] = None
+    schedule: Optional[Union[dict[int, Any], str]] = None
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     callback: dict[str, Any] = dataclasses.field(default_factory=dict)
     rewarm: int = 0
@@ -93,6 +93,7 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
         Method("callback_late_3:0.25", {3: FRACTION}, expect=0.8),
         Method("callback_gradual_1:1/2,2:1/3,3:1/4", {1: 0.5, 2: 1 / 3, 3: FRACTION}, expect=0.8),
         Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs")}, expect=0.75),
+        Method("callback_auto", "auto", callback=dict(target=FRACTION), expect=0.7),  # issue 22: no milestone given
         # item 3 experiments (first seed): the early schedule with one change each
         Method("exp_early_rewarm", {1: FRACTION}, rewarm=rewarm, first_seed_only=True, expect=0.65),
         Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(exclude=ends), first_seed_only=True, expect=0.7),

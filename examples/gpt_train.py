@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import argparse
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -105,7 +105,7 @@ def parse_schedule(text: str) -> dict[int, float]:
 
 
 def run(
-    schedule: Optional[dict[int, Any]],
+    schedule: Optional[Union[dict[int, Any], str]],
     steps: int = 600,
     epochs: int = 6,
     seed: int = 0,
@@ -115,7 +115,8 @@ def run(
     trainer: Optional[dict[str, Any]] = None,
     wrap: Optional[Callable[[LowRankFactorization], list[Callback]]] = None,
 ) -> dict[str, Any]:
-    """One training run (dense when ``schedule`` is None); returns its measurements.
+    """One training run (dense when ``schedule`` is None; ``"auto"`` lets the callback choose); returns its
+    measurements.
 
     ``trainer`` overrides the Trainer's arguments (default: one CPU, full precision), e.g.
     ``dict(accelerator="gpu", precision="bf16-mixed")``. ``wrap`` is given the run's
