@@ -249,6 +249,7 @@ class LowRankFactorization(Callback):
     sample_fraction = property(lambda self: self.spec.sample_fraction)
     skipped = property(lambda self: self._selection.skipped, doc="layers left out, with why (shown in the report)")
     _target_names = property(lambda self: list(self._selection.layers))
+    _train_batch = property(lambda self: self._watch.batch)  # [] while watching, until the batch is kept
 
     @property
     @override
