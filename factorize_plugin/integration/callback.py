@@ -331,12 +331,14 @@ class LowRankFactorization(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch
-        due = self._due(epoch)
-        if not due:
-            self._watch_training_inputs(pl_module, epoch)
-            return
-        milestone = due[-1]
+        due = self._due(trainer.current_epoch)
+        if due:
+            self._apply(trainer, pl_module, due)
+        self._watch_training_inputs(pl_module, trainer.current_epoch)
+
+    def _apply(self, trainer: Trainer, pl_module: LightningModule, due: list[int]) -> None:
+        """Applies the last of the ``due`` milestones: solve, measure, swap, rewrap, record."""
+        epoch, milestone = trainer.current_epoch, due[-1]
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         if due != [epoch]:
             rank_zero_warn(
@@ -368,7 +370,6 @@ class LowRankFactorization(Callback):
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
-        self._watch_training_inputs(pl_module, epoch)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
