@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import factorize_plugin.integration.callback as callback_module
+import factorize_plugin.integration.callback_state as callback_state_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization, load_factorized, load_factorized_checkpoint
 from factorize_plugin.layers import decode_extra_state
@@ -118,7 +119,7 @@ def test_resume_needs_the_param_group_reordering(reference, monkeypatch):
     """Control: without the callback's re-ordering, configure_optimizers' name-sorted order differs
     from the saved one once layers are factorized, and the optimizer state lands on the wrong
     tensors (torch only checks the count per group): resume fails or diverges."""
-    monkeypatch.setattr(callback_module, "restore_param_group_order", lambda *a, **k: None)
+    monkeypatch.setattr(callback_state_module, "restore_param_group_order", lambda *a, **k: None)
     res = run(ckpt_path=reference["ckpt"][2])
     if "error" in res:  # Adam's moments of a [32] bias meet a [16, 256] factor
         assert "size of tensor" in str(res["error"])

@@ -9,8 +9,7 @@ wrapper, log, and checkpoint the callback's own state.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -19,35 +18,38 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..surgery import settings
-from ..surgery.blame import naming_failures
-from ..surgery.calling import InputFn, evaluating
-from ..surgery.checkpoint import enable_factorized_loading, loading_enabled
+from ..surgery.calling import InputFn
+from ..surgery.checkpoint import enable_factorized_loading
 from ..surgery.collector import ActivationCollector
-from ..surgery.model_speed import ModelSpeedCheck
-from ..surgery.optim import check_parameter_caches, param_group_names, restore_param_group_order
-from ..surgery.passes import PassResults, collect_in_passes, plan_passes
-from ..surgery.pipeline import Selection, TargetSpec, collect_with, finish, leave_out_silent, prepare
+from ..surgery.optim import check_parameter_caches
+from ..surgery.passes import PassResults
+from ..surgery.pipeline import Selection, TargetSpec, finish, leave_out_silent, prepare
 from ..surgery.preflight import check_not_meta
-from ..surgery.refactorize import build_candidates, refactorize
-from ..surgery.reports import LayerReport, format_reports, milestone_metrics
-from ..surgery.sensitivity import OutputProbe
+from ..surgery.refactorize import refactorize
 from ..surgery.sharing import CallCounter
-from ..surgery.speed import InputRecorder, LayerInput, SpeedCheck, SpeedGuard, resolve_guard
+from ..surgery.speed import SpeedGuard, resolve_guard
 from .auto_schedule import Readiness, read_any_schedule
-from .callback_state import STATE_VERSION, migrate_state, plain
-from .distributed import reduce_statistics
-from .lightning_internals import (
-    check_strategy,
-    first_validation_batches,
-    preserved_metric_states,
-    rewrap_ddp,
-    silenced_logging,
-    start_method,
-    validation_loaders,
+from .callback_state import STATE_VERSION, migrate_state, param_groups_by_name, plain, restore_optimizer_order
+from .lightning_internals import check_strategy, rewrap_ddp
+from .milestone import (
+    log_milestone,
+    milestone_entry,
+    new_collector,
+    output_measures,
+    plan,
+    record_costs,
+    solve_in_passes,
 )
-from .schedule import Mode, ScheduleValue, describe, plain_value
-from .speed_step import model_speed_check
-from .workflow import OutputShift, check_callbacks, check_resumed_targets, check_validation, output_measurable
+from .schedule import Mode, ScheduleValue, describe
+from .speed_step import TrainingInputWatch, model_scope, speed_check
+from .workflow import (
+    check_callbacks,
+    check_resumed_targets,
+    check_start_method,
+    check_validation,
+    output_measurable,
+    warn_late_milestones,
+)
 
 
 class LowRankFactorization(Callback):
@@ -235,11 +237,9 @@ class LowRankFactorization(Callback):
         self._collected_at_step: Optional[int] = None  # trainer.global_step when that run ended
         self._trainer: Optional[Trainer] = None
         self._pl_module: Optional[LightningModule] = None
-        self._train_inputs: Optional[InputRecorder] = None  # first training batch's input per layer
+        self._watch = TrainingInputWatch()  # the speed guard's training batch / inputs, before a milestone
         self._counter: Optional[CallCounter] = None  # calls per layer during the sanity check
         self._output_batches = output_batches  # 0 for a module without forward (see output_measurable)
-
-    _train_batch: Optional[list] = None  # while watching: [] until the epoch's first training batch is kept
 
     targets = property(lambda self: self.spec.targets)
     exclude = property(lambda self: self.spec.exclude)
@@ -249,6 +249,7 @@ class LowRankFactorization(Callback):
     sample_fraction = property(lambda self: self.spec.sample_fraction)
     skipped = property(lambda self: self._selection.skipped, doc="layers left out, with why (shown in the report)")
     _target_names = property(lambda self: list(self._selection.layers))
+    _train_batch = property(lambda self: self._watch.batch)  # [] while watching, until the batch is kept
 
     @property
     @override
@@ -278,14 +279,7 @@ class LowRankFactorization(Callback):
         planned = self._policies if self._auto is None else {"auto": self._auto.target}
         measurable = output_measurable(pl_module, planned, self.budget_batches, self.output_batches)
         self._output_batches = self.output_batches if measurable else 0
-        method = start_method(trainer.strategy)
-        if method is not None and not loading_enabled(pl_module):
-            raise RuntimeError(
-                f"with strategy='ddp_{method}' Lightning copies the trained weights back into the main process's "
-                "model, which stays dense unless it can rebuild the factorized structure: call "
-                "factorize_plugin.enable_factorized_loading(model) on the model in the main process before "
-                "trainer.fit (or use strategy='ddp')"
-            )
+        check_start_method(trainer, pl_module)
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
         self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in planned.items()})
         self._trainer, self._pl_module = trainer, pl_module
@@ -298,15 +292,10 @@ class LowRankFactorization(Callback):
         self._trainer, self._pl_module = trainer, pl_module
         for opt in trainer.optimizers:
             check_parameter_caches(opt)  # refused before training, not at the first milestone
-        if self._restored_groups:
-            self._restore_optimizer_order(trainer, pl_module)
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-            late = [e for e in self.schedule if e >= trainer.max_epochs and e not in self.done]
-            if late:
-                rank_zero_warn(
-                    f"LowRankFactorization: milestone(s) {late} are at or after max_epochs={trainer.max_epochs}: "
-                    "they will not run"
-                )
+        if self._restored_groups:  # the rebuilt model's parameters back in the saved order
+            restore_optimizer_order(trainer.optimizers, self._restored_groups, pl_module)
+            self._restored_groups = None
+        warn_late_milestones(trainer, self.schedule, self.done)
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -321,7 +310,8 @@ class LowRankFactorization(Callback):
         # (x @ W) statistics are exact only while W stays as it was during the run: if an optimizer
         # step follows it, on_train_epoch_start sees global_step moved and collects again.
         first = self._plan(pl_module)[0]  # the validation run collects the first pass's layers
-        self._collector = self._new_collector(pl_module, list(trainer.num_val_batches), first).attach()
+        limits = list(trainer.num_val_batches)
+        self._collector = new_collector(trainer, pl_module, self._selection, self.spec, limits, first).attach()
         self._collected_for = trainer.current_epoch + 1
 
     @override
@@ -337,22 +327,23 @@ class LowRankFactorization(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._train_batch is not None and not self._train_batch:
-            self._train_batch.append(batch)  # on the device: the whole-model speed check's batch
+        self._watch.keep(batch)  # on the device: the whole-model speed check's batch
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch
-        due = self._due(epoch)
-        if not due:
-            self._watch_training_inputs(pl_module, epoch)
-            return
-        milestone = due[-1]
+        due = self._due(trainer.current_epoch)
+        if due:
+            self._apply(trainer, pl_module, due)
+        self._watch_training_inputs(pl_module, trainer.current_epoch)
+
+    def _apply(self, trainer: Trainer, pl_module: LightningModule, due: list[int]) -> None:
+        """Applies the last of the ``due`` milestones: solve, measure, swap, rewrap, record."""
+        epoch, milestone = trainer.current_epoch, due[-1]
+        label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         if due != [epoch]:
             rank_zero_warn(
                 f"LowRankFactorization: milestone(s) {due} were not applied when due (a run resumed past them?); "
-                f"applying milestone {milestone} ({describe(self.schedule[milestone], self.mode)}) now, "
-                f"at epoch {epoch}"
+                f"applying {label} now, at epoch {epoch}"
             )
         policy = self._policies[milestone]
         probing = policy.uses_probe and self.budget_batches > 0
@@ -360,69 +351,35 @@ class LowRankFactorization(Callback):
         # model at trial ranks whose factors every rank would need: statistics all-reduced for it
         solved, source = self._solve_in_passes(trainer, pl_module, epoch, shard=not probing)
         layers = self._layers(pl_module)
-        # one fetch of the first validation batches serves the budget probe and the output shift
-        need = max(self._output_batches, self.budget_batches if probing else 0)
-        batches = first_validation_batches(trainer, need) if need else []
-        shift = (
-            OutputShift(trainer, pl_module, batches[: self._output_batches], self.input_fn)
-            if self._output_batches
-            else None
-        )
-        speed = self._speed_check(trainer, pl_module, solved.inputs, batches)
+        budget = self.budget_batches if probing else 0
+        batches, shift, probe = output_measures(trainer, pl_module, layers, self._output_batches, budget, self.input_fn)
+        names, guard = self._target_names, self.speed_guard
+        speed = speed_check(trainer, pl_module, guard, self._watch, names, solved.inputs, batches)
         reports = refactorize(
-            pl_module, layers, None, policy, optimizers=trainer.optimizers,
-            probe=self._probe(trainer, pl_module, layers, batches[: self.budget_batches]) if probing else None,
+            pl_module, layers, None, policy, optimizers=trainer.optimizers, probe=probe,
             agree=(lambda r: trainer.strategy.broadcast(r, src=0)) if trainer.world_size > 1 else None,
             speed=speed, sharding=solved.sharding, candidates=solved.candidates,
         )
         rewrap_ddp(trainer)  # a collective under DDP: every rank gets here, whatever changed
-        label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
         table, advice = finish(pl_module, self._selection, reports, solved.positions, label)
-        self._record(trainer, pl_module, due, milestone, reports, source, table)
-        self._record_costs(trainer, pl_module, solved, speed, shift)
+        self.done.extend(due)
+        self.ranks = {r.name: r.new_rank for r in reports}
+        self.history.append(milestone_entry(epoch, milestone, self.schedule[milestone], reports, source, self.skipped))
+        log_milestone(trainer, pl_module, reports, table, self.schedule[milestone], self.mode, self.verbose)
+        record_costs(self.history[-1], trainer, pl_module, solved, speed, shift, self.verbose)
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
-        self._watch_training_inputs(pl_module, epoch)
-
-    def _record_costs(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        solved: PassResults,
-        speed: Optional[Any],
-        shift: Optional[OutputShift],
-    ) -> None:
-        """What the milestone cost and measured, into the last history entry (and logged)."""
-        entry = self.history[-1]
-        entry["statistics_bytes"] = max(solved.peak_bytes, default=0)  # peak float64 statistics, this process
-        entry["statistics_bytes_reduced"] = max(solved.held_bytes, default=0)
-        entry["statistics_passes"] = solved.passes
-        sharding = solved.sharding
-        if sharding is not None:
-            entry.update(
-                solve_seconds=sharding.solve_seconds, solve_cpu_seconds=sharding.solve_cpu_seconds,
-                owners=dict(sharding.owners),
-            )
-        sync = trainer.world_size > 1
-        if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
-            entry.update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
-            pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True, sync_dist=sync)
-            if self.verbose:
-                rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
-        if shift is not None:  # every rank: the metric's compute() is a collective under DDP
-            entry.update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
-            pl_module.log("factorize/output_nmse", entry["output_nmse"], on_step=False, on_epoch=True, sync_dist=sync)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_collector()
-        self._drop_training_inputs()
+        self._watch.drop()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
-        self._drop_training_inputs()
+        self._watch.drop()
         if self._counter is not None:
             self._counter.detach()
 
@@ -440,7 +397,7 @@ class LowRankFactorization(Callback):
             "done": list(self.done),
             "ranks": dict(self.ranks),
             "history": plain(self.history, "history"),
-            "param_groups": self._param_groups_by_name(),
+            "param_groups": param_groups_by_name(self._trainer, self._pl_module) if self.done else None,
             "targets": list(self._target_names),
             "auto": None if self._auto is None else self._auto.state_dict(),
         }
@@ -481,201 +438,31 @@ class LowRankFactorization(Callback):
         """Milestones in force at ``epoch`` that have not been applied yet (normally just ``epoch``)."""
         return [e for e in self.schedule if e <= epoch and e not in self.done]
 
-    def _new_collector(
-        self, pl_module: LightningModule, batch_limits: list, names: Optional[list[str]] = None
-    ) -> ActivationCollector:
-        """A collector (of layers ``names``, default all) for a run over loaders of ``batch_limits``
-        batches (inf where unknown)."""
-        single = self._trainer is None or self._trainer.world_size == 1  # held-out halves: one process only
-        finite = [n for n in batch_limits if n < float("inf")]
-        return collect_with(
-            pl_module, self._selection, self.spec, expected_batches=int(sum(finite)) or None, holdout=single,
-            names=names,
-        )
-
     def _plan(self, pl_module: LightningModule, factorized: bool = False) -> list[list[str]]:
-        """The layers of each collection pass under ``max_statistics_bytes`` (one pass without it);
-        ``factorized``: with the layers' bounds once they are pairs (the check at setup)."""
-        single = self._trainer is None or self._trainer.world_size == 1
-        layers = self._layers(pl_module)
-        return plan_passes(layers, self.max_statistics_bytes, space="auto", holdout=single, factorized=factorized)
+        return plan(self._trainer, self._layers(pl_module), self.max_statistics_bytes, factorized=factorized)
 
     def _solve_in_passes(
         self, trainer: Trainer, pl_module: LightningModule, epoch: int, shard: bool
     ) -> tuple[PassResults, str]:
-        """Every layer solved from its statistics, one pass (group of layers) at a time. The first
-        pass's statistics are those of the last validation run before ``epoch`` if no optimizer
-        step followed it (the same decision on every rank: same step), else those of a calibration
-        pass now; further passes run the validation batches again (``_calibrate``)."""
+        """The first pass reuses the last validation run before ``epoch`` if no optimizer step
+        followed it (the same decision on every rank: same step), else calibrates now."""
         fresh = self._collected_for == epoch and self._collected_at_step == trainer.global_step
         groups = self._plan(pl_module)
-        first = [self._collector] if fresh and list(self._collector.layers) == groups[0] else []
+        first = self._collector if fresh and list(self._collector.layers) == groups[0] else None
         self._collector, self._collected_for, self._collected_at_step = None, None, None
-        source = "validation" if first else "calibration"
-        progress = _progress_printer(trainer) if len(self._target_names) >= 8 else None
-
-        def collect(i: int, names: list[str]) -> ActivationCollector:
-            if first:
-                return first.pop()  # (popped: its statistics go with the pass)
-            if i == 0:
-                return self._calibrate(trainer, pl_module, names)
-            with torch.random.fork_rng(devices=[]):  # another pass must not move the training run's RNG
-                return self._calibrate(trainer, pl_module, names)
-
-        def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Any]) -> dict:
-            self._leave_out_silent(pl_module, [n for n, k in collector.samples().items() if k == 0], "validation")
-            layers = {n: pl_module.get_submodule(n) for n in names if n in self._selection.layers}
-            return build_candidates(
-                layers, collector.stats, collector.positions, self.regularization, progress,
-                collector.holdout.pairs(), sharding,  # no halves under DDP: the collector keeps none there
-            )
-
-        loads: list[float] = []  # solve work per rank over the passes: owners balanced over all of them
-        reduce = lambda c: reduce_statistics(trainer, c, shard, loads)  # noqa: E731
-        return collect_in_passes(groups, collect, solve, reduce), source
-
-    def _calibrate(
-        self, trainer: Trainer, pl_module: LightningModule, names: Optional[list[str]] = None
-    ) -> ActivationCollector:
-        """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states
-        kept), collecting the statistics of layers ``names`` (default: all)."""
-        loaders, limits = validation_loaders(trainer)
-        collector = self._new_collector(pl_module, limits, names)
-        with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
-                naming_failures(pl_module, "a validation batch"):
-            for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
-                extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
-                for i, batch in enumerate(loader):
-                    if i >= limit:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
-                    with trainer.precision_plugin.val_step_context():
-                        pl_module.validation_step(batch, i, **extra)
-                    if self.max_samples is not None and min(collector.samples().values()) >= self.max_samples:
-                        break
-        return collector
+        leave_out = lambda silent: self._leave_out_silent(pl_module, silent, "validation")  # noqa: E731
+        return solve_in_passes(
+            trainer, pl_module, self._selection, self.spec, groups, first, self.regularization, shard, leave_out
+        )
 
     def _watch_training_inputs(self, pl_module: LightningModule, epoch: int) -> None:
-        """Before an epoch that precedes a milestone: keep its first training batch (whole-model
-        scope) or record each layer's first training input (per-layer scope: a forward pre-hook
-        that removes itself after one call) for the speed guard."""
-        self._drop_training_inputs()
-        if self.speed_guard is None or not self._due(epoch + 1):
-            return
-        if self._model_scope(pl_module):
-            self._train_batch = []
-        else:
-            self._train_inputs = InputRecorder(self._layers(pl_module), training_only=True).attach()
-
-    def _drop_training_inputs(self) -> None:
-        if self._train_inputs is not None:
-            self._train_inputs.detach()
-        self._train_inputs, self._train_batch = None, None
-
-    def _model_scope(self, pl_module: LightningModule) -> bool:
-        """Whether the whole model's training step decides (manual optimization: its training_step
-        steps the real optimizers, so layers are timed alone)."""
-        return self.speed_guard is not None and self.speed_guard.scope != "layer" and pl_module.automatic_optimization
-
-    def _speed_check(
-        self, trainer: Trainer, pl_module: LightningModule, collected: Mapping[str, LayerInput], batches: list
-    ) -> Optional[Union[SpeedCheck, ModelSpeedCheck]]:
-        """The guard bound to this milestone (rank 0 measures under DDP). Whole-model scope: the
-        training step on the epoch's first training batch, else on a validation batch. Per layer:
-        training inputs where they were recorded, else the validation inputs at the training
-        loader's batch size."""
-        if self.speed_guard is None:
-            return None
-        if self._model_scope(pl_module):
-            if self._train_batch:
-                batch = self._train_batch[0]
-            else:
-                batch = batches[0] if batches else first_validation_batches(trainer, 1)[0]
-            self._drop_training_inputs()
-            return model_speed_check(trainer, pl_module, self.speed_guard, batch)
-        seen = self._train_inputs.inputs if self._train_inputs is not None else {}
-        self._drop_training_inputs()
-        batch = getattr(trainer.train_dataloader, "batch_size", None) if trainer.train_dataloader is not None else None
-        inputs = {}
-        for name in self._target_names:
-            if name in seen:
-                inputs[name] = seen[name]
-            elif name in collected:
-                inputs[name] = dataclasses.replace(collected[name].with_batch(batch), requires_grad=True)
-        distributed = trainer.world_size > 1
-        return SpeedCheck(
-            self.speed_guard, inputs, trainer.optimizers,
-            broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
-            measure_here=trainer.is_global_zero,
-        )
-
-    def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, batches: list) -> OutputProbe:
-        """Judges a policy's choices by the network's output on a few validation ``batches``."""
-        return OutputProbe(pl_module, layers, batches, self.input_fn, context=trainer.precision_plugin.val_step_context)
-
-    def _record(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        due: list[int],
-        milestone: int,
-        reports: list[LayerReport],
-        source: str,
-        table: list[LayerReport],
-    ) -> None:
-        self.done.extend(due)
-        self.ranks = {r.name: r.new_rank for r in reports}
-        self.history.append(
-            {
-                "epoch": trainer.current_epoch,
-                "milestone": milestone,
-                "value": plain_value(self.schedule[milestone]),
-                "ranks": dict(self.ranks),
-                "nmse": {r.name: r.nmse for r in reports},
-                "samples": {r.name: r.samples for r in reports},
-                "speedup": {r.name: r.speedup for r in reports if r.speedup is not None},
-                "notes": {**{r.name: r.note for r in reports if r.note}, **self.skipped},
-                "statistics": source,
-                "event": "milestone",
-            }
-        )
-        pl_module.log_dict(
-            milestone_metrics(reports), on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
-        )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
-        if self.verbose:
-            rank_zero_info(
-                f"LowRankFactorization, epoch {trainer.current_epoch} "
-                f"({describe(self.schedule[milestone], self.mode)}):\n"
-                + format_reports(table)
-            )
-
-    def _restore_optimizer_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """configure_optimizers ran on the rebuilt model: put its parameters back in the saved order
-        so that the optimizer state (loaded next) lands on the right tensors."""
-        named = dict(pl_module.named_parameters())
-        if len(self._restored_groups) != len(trainer.optimizers):
-            raise RuntimeError(
-                f"the checkpoint holds {len(self._restored_groups)} optimizer(s), configure_optimizers built "
-                f"{len(trainer.optimizers)}: cannot restore the optimizer state onto the factorized parameters"
-            )
-        for opt, groups in zip(trainer.optimizers, self._restored_groups):
-            restore_param_group_order(opt, groups, named)
-        self._restored_groups = None
-
-    def _param_groups_by_name(self) -> Optional[list[list[list[str]]]]:
-        if self._trainer is None or self._pl_module is None or not self.done:
-            return None
-        return [param_group_names(opt, self._pl_module) for opt in self._trainer.optimizers]
+        """Before an epoch that precedes a milestone: watch its training inputs for the speed guard."""
+        self._watch.drop()
+        if self.speed_guard is not None and self._due(epoch + 1):
+            self._watch.start(self._layers(pl_module), model_scope(self.speed_guard, pl_module))
 
     def _drop_collector(self) -> None:
         if self._collector is not None:
             self._collector.detach()
         self._collector, self._collected_for, self._collected_at_step = None, None, None
 
-
-def _progress_printer(trainer: Trainer) -> Callable[[int, int, str], None]:
-    def progress(i: int, n: int, name: str) -> None:
-        if trainer.is_global_zero:
-            rank_zero_info(f"LowRankFactorization: solving layer {i + 1}/{n} ({name})")
-
-    return progress

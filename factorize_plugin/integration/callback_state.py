@@ -19,10 +19,12 @@ Versions:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 
+from ..surgery.optim import param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
 from ..surgery.policy_spec import PLAIN_SCALARS, policy_spec
 
@@ -77,3 +79,27 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["STATE_VERSION", "migrate_state", "plain"]
+
+
+def param_groups_by_name(
+    trainer: Optional[Trainer], pl_module: Optional[LightningModule]
+) -> Optional[list[list[list[str]]]]:
+    """The parameter names of each param group of each of the trainer's optimizers (None outside a fit)."""
+    if trainer is None or pl_module is None:
+        return None
+    return [param_group_names(opt, pl_module) for opt in trainer.optimizers]
+
+
+def restore_optimizer_order(
+    optimizers: Sequence[torch.optim.Optimizer], saved: list[list[list[str]]], pl_module: LightningModule
+) -> None:
+    """configure_optimizers ran on the rebuilt model: put its parameters back in the ``saved`` order
+    (``param_groups_by_name``) so that the optimizer state (loaded next) lands on the right tensors."""
+    named = dict(pl_module.named_parameters())
+    if len(saved) != len(optimizers):
+        raise RuntimeError(
+            f"the checkpoint holds {len(saved)} optimizer(s), configure_optimizers built "
+            f"{len(optimizers)}: cannot restore the optimizer state onto the factorized parameters"
+        )
+    for opt, groups in zip(optimizers, saved):
+        restore_param_group_order(opt, groups, named)

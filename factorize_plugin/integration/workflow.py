@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..surgery.calling import InputFn, call_model, evaluating, output_tensor
-from ..surgery.checkpoint import factorized_entries
+from ..surgery.checkpoint import factorized_entries, loading_enabled
 from ..surgery.policies import RankPolicy
-from .lightning_internals import validation_source_defined
+from .lightning_internals import start_method, validation_source_defined
 from .output_metric import OutputNMSE
 
 _STATE_FIELDS = {"done", "ranks", "history"}
@@ -160,3 +160,27 @@ class OutputShift:
         self.batches, self.before = [], []
         self.seconds += time.perf_counter() - start
         return value
+
+
+def check_start_method(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Refuses ``ddp_spawn``-like strategies (they copy the weights back into the main process)
+    unless the main process's model can rebuild the factorized structure."""
+    method = start_method(trainer.strategy)
+    if method is not None and not loading_enabled(pl_module):
+        raise RuntimeError(
+            f"with strategy='ddp_{method}' Lightning copies the trained weights back into the main process's "
+            "model, which stays dense unless it can rebuild the factorized structure: call "
+            "factorize_plugin.enable_factorized_loading(model) on the model in the main process before "
+            "trainer.fit (or use strategy='ddp')"
+        )
+
+
+def warn_late_milestones(trainer: Trainer, schedule: Mapping[int, Any], done: list[int]) -> None:
+    """Warns about milestones that ``max_epochs`` leaves out."""
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        late = [e for e in schedule if e >= trainer.max_epochs and e not in done]
+        if late:
+            rank_zero_warn(
+                f"LowRankFactorization: milestone(s) {late} are at or after max_epochs={trainer.max_epochs}: "
+                "they will not run"
+            )
