@@ -28,8 +28,6 @@ from ..surgery.policy_spec import policy_spec
 from ..surgery.readiness import Readiness, largest_change, readiness_spec, stable_ranks
 from .schedule import ScheduleValue, read_schedule
 
-DEFAULT_TARGET = ParamBudget(0.5, metric="macs")
-
 
 class AutoSchedule:
     """The decision state of ``schedule="auto"`` (checkpointed as plain data).
@@ -140,9 +138,8 @@ def read_any_schedule(
                 f"readiness must be a factorize_plugin.Readiness (or None for the defaults), got "
                 f"{type(readiness).__name__}"
             )
-        policy = DEFAULT_TARGET if target is None else read_schedule({0: target}, mode)[1][0]
-        if policy is DEFAULT_TARGET:
-            policy = ParamBudget(0.5, metric="macs")  # each callback its own (a ParamBudget keeps its last plan)
+        # a fresh default per callback: a ParamBudget keeps its last plan
+        policy = ParamBudget(0.5, metric="macs") if target is None else read_schedule({0: target}, mode)[1][0]
         return {}, {}, AutoSchedule(policy, readiness)
     given = [n for n, v in (("target", target), ("readiness", readiness)) if v is not None]
     if given:
@@ -165,4 +162,4 @@ def _agreed(trainer: Any, values: dict[str, float]) -> dict[str, float]:
     return {n: float(v) for n, v in zip(names, t.cpu().tolist())}
 
 
-__all__ = ["DEFAULT_TARGET", "AutoSchedule", "Readiness", "read_any_schedule"]
+__all__ = ["AutoSchedule", "Readiness", "read_any_schedule"]
