@@ -49,7 +49,6 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from benchmarks._common import package_version
 from examples.gpt_task import VOCAB
@@ -64,16 +63,14 @@ FRACTION = 0.25  # the factorized runs' final rank fraction, and the smaller den
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One row of the trade-off table. ``schedule`` None is dense; ``model`` overrides the
-    configuration's model (a smaller dense one); ``callback`` is passed to ``LowRankFactorization``;
-    ``rewarm`` > 0 re-warms the learning rate linearly over that many steps after each milestone;
-    ``first_seed_only`` marks an experiment (item 3) measured on seed 0 only; ``expect`` is the run's
+    configuration's model (a smaller dense one); ``callback`` is passed to ``LowRankFactorization``
+    (its defaults otherwise: the learning-rate re-warm after a swap included); ``first_seed_only`` marks an experiment (item 3) measured on seed 0 only; ``expect`` is the run's
     expected share of the dense run's time (the ``--budget-s`` guard's estimate)."""
 
     name: str
     schedule: Optional[Union[dict[int, Any], str]] = None
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     callback: dict[str, Any] = dataclasses.field(default_factory=dict)
-    rewarm: int = 0
     first_seed_only: bool = False
     expect: float = 1.0
     kind: str = "callback"
@@ -83,7 +80,6 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
     """The table, for a configuration (the smaller dense width and the block names depend on it)."""
     layers = cfg["model"]["layers"]
     ends = [f"net.blocks.{i}.*" for i in (0, layers - 1)]
-    rewarm = max(2, cfg["steps"] // cfg["epochs"] // 4)
     small = dict(dim=matching_dim(cfg["model"], FRACTION))
     return [
         Method("dense", None, kind="dense"),
@@ -94,8 +90,8 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
         Method("callback_gradual_1:1/2,2:1/3,3:1/4", {1: 0.5, 2: 1 / 3, 3: FRACTION}, expect=0.8),
         Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs")}, expect=0.75),
         Method("callback_auto", "auto", callback=dict(target=FRACTION), expect=0.7),  # issue 22: no milestone given
-        # item 3 experiments (first seed): the early schedule with one change each
-        Method("exp_early_rewarm", {1: FRACTION}, rewarm=rewarm, first_seed_only=True, expect=0.65),
+        # item 3: the early schedule with one change each (the re-warm's own row backs its default)
+        Method("exp_early_no_rewarm", {1: FRACTION}, callback=dict(rewarm_steps=0), expect=0.65),
         Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(exclude=ends), first_seed_only=True, expect=0.7),
     ]
 
@@ -139,30 +135,11 @@ def matching_dim(model: dict[str, Any], fraction: float) -> int:
     return min(widths, key=lambda d: abs(macs_per_token(d, model["layers"], model["block"]) - target))
 
 
-class LRRewarm(Callback):
-    """After each milestone epoch of the callback, the learning rate ramps from 1/steps to 1 of the
-    schedule's over ``steps`` optimizer steps (the new factors start with empty Adam moments)."""
-
-    def __init__(self, milestones: set[int], steps: int) -> None:
-        self.milestones, self.steps = milestones, steps
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.current_epoch in self.milestones and batch_idx < self.steps:
-            scale = (batch_idx + 1) / self.steps
-            for opt in trainer.optimizers:  # LambdaLR sets each group's lr afresh at every step
-                for group in opt.param_groups:
-                    group["lr"] *= scale
-
-
 def fit(method: Method, cfg: dict[str, Any], seed: int, steps: Optional[int] = None) -> dict[str, Any]:
     schedule = copy.deepcopy(method.schedule)  # a policy holds its last plan: one instance per run
     model = {**cfg["model"], **method.model}
-    wrap: Optional[Callable] = None
-    if method.rewarm:
-        extra = LRRewarm(set(schedule or ()), method.rewarm)
-        wrap = lambda factorize: [factorize, extra]  # noqa: E731
     r = run(schedule, steps or cfg["steps"], cfg["epochs"], seed=seed, model=model, callback=method.callback or None,
-            trainer=cfg["trainer"] or None, wrap=wrap)  # fmt: skip
+            trainer=cfg["trainer"] or None)  # fmt: skip
     r["method"] = method.name
     r["kind"] = method.kind
     r["model_kwargs"] = model
@@ -244,7 +221,10 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
         save()
         return r
 
-    table = [m for m in methods(cfg) if (first or not m.first_seed_only) and (cfg["only"] is None or m.name in cfg["only"])]
+    if cfg["only"] is None:  # the item-3 experiments on the first seed; --methods names rows for any seed
+        table = [m for m in methods(cfg) if first or not m.first_seed_only]
+    else:
+        table = [m for m in methods(cfg) if m.name in cfg["only"]]
     for m in table:
         attempt(m.name, m, m.expect)
     dense = runs.get("dense")

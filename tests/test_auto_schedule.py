@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from factorize_plugin import FixedRank, LowRankFactorization, ParamBudget, Readiness
+from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, Readiness
 from factorize_plugin.core.stable_rank import spectral_norm_sq, stable_rank
 from factorize_plugin.integration.callback_state import migrate_state
-from factorize_plugin.surgery.readiness import largest_change
+from factorize_plugin.layers.adapters import LayerView
+from factorize_plugin.surgery.readiness import largest_change, layer_states
 from lightning_helpers import TARGETS, TINY, SettlingNet, resume_trainer, structure
 
 SETTLE = 2  # the synthetic spectra stop changing after epoch SETTLE: ready at SETTLE + 1, switch at SETTLE + 2
@@ -61,6 +62,47 @@ def test_largest_change_is_the_largest_relative_move():
     assert largest_change({"a": 1.0}, {"a": 0.0}) == math.inf
 
 
+def test_a_layer_within_room_of_its_planned_rank_counts_as_settled():
+    r = Readiness(tolerance=0.1, room=0.25)
+    kept = {"a": 40, "b": 40, "c": None}
+    # a: far below its rank, moving a lot; b: above the room, settled; c: no planned rank, moving
+    assert layer_states({"a": 10.0, "b": 20.0, "c": 5.0}, {"a": 5.0, "b": 19.0, "c": 4.0}, kept, r) == {
+        "a": "within_room", "b": "settled", "c": "moving"}  # fmt: skip
+    assert layer_states({"a": 10.0, "b": 20.0}, None, kept, r) == {"a": "within_room", "b": "moving"}
+    assert layer_states({"a": 10.0}, None, kept, Readiness(room=None)) == {"a": "moving"}
+
+
+def test_planned_ranks_come_from_the_shape_where_the_target_tells():
+    view = LayerView(in_dim=256, out_dim=1024, rank_base=256, rank=None, geometry=None)
+    assert FixedRank(0.25).planned_rank(view) == 64
+    assert FixedRank(12).planned_rank(view) == 12
+    assert ParamBudget(0.5).planned_rank(view) == round(0.5 * 256 * 1024 / 1280)  # r (D + M) = f D M
+    assert ParamBudget(0.5, metric="macs").planned_rank(view) == 102
+    assert MaxNMSE(0.1).planned_rank(view) is None  # needs the statistics
+
+
+class WobblingNet(SettlingNet):
+    """Spectra that never settle: the largest singular value 3x its final value every other epoch."""
+
+    def spectrum_weight(self, name: str, epoch: int) -> torch.Tensor:
+        return super().spectrum_weight(name, self.settle_epoch - 2 * (epoch % 2))
+
+
+@pytest.mark.parametrize("room", [1.0, None])
+def test_spectra_inside_the_planned_ranks_switch_at_the_first_validation_run(room):
+    # stable ranks 6.1 / 12.0 / 3.9 (then 1.6 / 2.2 / 1.3) against planned ranks 7 / 28 / 9: within
+    # room=1 from the first validation run, though they never stop moving
+    cb = LowRankFactorization("auto", target=FixedRank(0.9), readiness=Readiness(room=room, latest=0.5), **TINY)
+    resume_trainer([cb], 4).fit(WobblingNet())
+    watch = _watch(cb)
+    if room is None:
+        assert [w["reason"] for w in watch] == [None, "latest"] and watch[-1]["moving"] == sorted(TARGETS)
+    else:
+        assert [w["reason"] for w in watch] == ["settled"] and watch[0]["switch_epoch"] == 1
+        assert watch[0]["within_room"] == sorted(TARGETS) and watch[0]["moving"] == []
+        assert [m["epoch"] for m in _milestones(cb)] == [1]
+
+
 # ------------------------------------------------------------------ when it switches
 def test_switches_when_the_spectra_settle_not_before():
     cb = _callback()
@@ -85,13 +127,6 @@ def test_switches_when_the_spectra_settle_not_before():
     assert m["value"]["class_path"] == "factorize_plugin.FixedRank"
     assert cb.done == [SWITCH]
     assert structure(model) == {"features.2": 4, "classifier.0": 16, "classifier.2": 5}
-
-
-class WobblingNet(SettlingNet):
-    """Spectra that never settle: the largest singular value 3x its final value every other epoch."""
-
-    def spectrum_weight(self, name: str, epoch: int) -> torch.Tensor:
-        return super().spectrum_weight(name, self.settle_epoch - 2 * (epoch % 2))
 
 
 def test_latest_epoch_switches_a_model_that_never_settles():
@@ -171,6 +206,9 @@ def test_auto_settings_and_their_errors():
         Readiness(latest=1.5)
     with pytest.raises(ValueError, match="Readiness.iterations"):
         Readiness(iterations=0)
+    for bad in (0.0, 1.5, True, "x"):
+        with pytest.raises(ValueError, match="Readiness.room"):
+            Readiness(room=bad)
     assert Readiness(latest=0.75).latest_epoch(8) == 6
     assert Readiness(latest=1.0).latest_epoch(8) == 7  # the last epoch that runs
     assert Readiness(latest=None).latest_epoch(8) is None

@@ -2,7 +2,9 @@
 
 The callback asks ``AutoSchedule`` at the start of every validation run of ``fit`` (never the
 sanity check): the layers' stable ranks are measured (``surgery/readiness.py``, weights only),
-averaged over the DDP ranks, and compared with the previous run's. When the model is ready (or the
+averaged over the DDP ranks, and compared with the previous run's and with the rank the target
+plans for each layer (a layer is settled when it moved by at most ``tolerance``, or when its stable
+rank is within ``room`` of the rank it will keep). When the model is ready (or the
 ``latest`` epoch has come) the target becomes a milestone at the next epoch start, added to the
 callback's schedule before its own hook decides to collect statistics in this same validation
 run; the switch then goes through the ordinary milestone path. At the end of the run the decision
@@ -25,7 +27,7 @@ import torch.nn as nn
 
 from ..surgery.policies import ParamBudget, RankPolicy
 from ..surgery.policy_spec import policy_spec
-from ..surgery.readiness import Readiness, largest_change, readiness_spec, stable_ranks
+from ..surgery.readiness import Readiness, largest_change, layer_states, planned_ranks, readiness_spec, stable_ranks
 from .schedule import ScheduleValue, read_schedule
 
 
@@ -56,7 +58,8 @@ class AutoSchedule:
         t0 = time.perf_counter()
         ranks = _agreed(trainer, stable_ranks(layers, self.readiness.iterations))
         change = largest_change(ranks, self.previous)
-        settled = change is not None and change <= self.readiness.tolerance
+        states = layer_states(ranks, self.previous, planned_ranks(layers, self.target), self.readiness)
+        settled = bool(states) and "moving" not in states.values()
         self.calm = self.calm + 1 if settled else 0
         self.previous = ranks
         epoch = trainer.current_epoch
@@ -73,8 +76,9 @@ class AutoSchedule:
         seconds = time.perf_counter() - t0
         self._pending = {
             "event": "watch", "epoch": epoch, "global_step": trainer.global_step, "stable_rank": dict(ranks),
-            "stable_rank_change": change, "settled_runs": self.calm, "ready": reason is not None, "reason": reason,
-            "switch_epoch": self.switch_epoch, "signal_seconds": seconds,
+            "stable_rank_change": change, "moving": sorted(n for n, v in states.items() if v == "moving"),
+            "within_room": sorted(n for n, v in states.items() if v == "within_room"), "settled_runs": self.calm,
+            "ready": reason is not None, "reason": reason, "switch_epoch": self.switch_epoch, "signal_seconds": seconds,
         }  # fmt: skip
         self._started = time.perf_counter()
 

@@ -21,7 +21,8 @@ import torch.nn as nn
 NamedParams = Mapping[str, nn.Parameter]
 
 
-def _unwrap(optimizer) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
     return getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
 
 
@@ -44,7 +45,7 @@ def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedPara
     optimizer. A layer the optimizer did not hold stays out of it. The param-group dicts, the
     optimizer and any LR scheduler bound to it stay the same objects.
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     for old, new in swaps:
         old_ids = {id(p) for p in old.values()}
         where: dict[int, tuple[int, int]] = {}  # id(old param) -> (group index, position)
@@ -85,7 +86,7 @@ def check_parameter_caches(optimizer) -> None:
     """Raises before anything changes if the optimizer keeps its parameters in a list besides its
     ``param_groups`` (a copy, not the group's own list as LBFGS's ``_params`` is): after a swap it
     would go on updating the replaced layers' old parameters and never the new ones."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     group_lists = {id(g["params"]) for g in opt.param_groups}
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     for attr, value in vars(opt).items():
@@ -105,7 +106,7 @@ class OptimizerEdit:
     param group's parameters and the state as they were when the edit began)."""
 
     def __init__(self, optimizer) -> None:
-        self.optimizer = _unwrap(optimizer)
+        self.optimizer = unwrap_optimizer(optimizer)
         check_parameter_caches(self.optimizer)
         self._params = [list(g["params"]) for g in self.optimizer.param_groups]
         self._state = dict(self.optimizer.state)
@@ -135,7 +136,7 @@ def param_group_names(optimizer, module: nn.Module) -> list[list[str]]:
     optimizer holds a parameter that is not the module's (its place could not be restored)."""
     names = {id(p): n for n, p in module.named_parameters()}
     out = []
-    for group in _unwrap(optimizer).param_groups:
+    for group in unwrap_optimizer(optimizer).param_groups:
         missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
         if missing:
             raise RuntimeError(
@@ -149,7 +150,7 @@ def param_group_names(optimizer, module: nn.Module) -> list[list[str]]:
 def restore_param_group_order(optimizer, groups: list[list[str]], named: dict[str, nn.Parameter]) -> None:
     """Re-orders a freshly built optimizer's groups to the saved name order, so that a saved
     optimizer state loads onto the right tensors. Raises if the parameter sets differ."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if len(groups) != len(opt.param_groups):
         raise RuntimeError(
             f"the checkpoint's optimizer had {len(groups)} param groups, configure_optimizers built "

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ..core.solver import resolve_rank
+from ..layers.adapters import LayerView
 from .allocation import allocate
 from .candidates import COST_METRICS, LayerCandidate, admissible, current_cost, dense_cost
 from .sensitivity import BudgetPlan, OutputProbe, plan_budget
@@ -48,6 +49,12 @@ class RankPolicy:
         schedule's milestones of one kind must not decrease."""
         raise NotImplementedError
 
+    def planned_rank(self, view: LayerView) -> Optional[int]:
+        """The rank this policy would give a dense layer of ``view``'s shape, where the shape alone
+        tells (None where it takes the statistics: an NMSE bound). ``schedule="auto"`` reads it
+        before any statistics exist."""
+        return None
+
 
 def as_rank_like(value: object) -> object:
     """A NumPy integer or 0-d integer tensor as a Python ``int``, a NumPy float or 0-d floating
@@ -79,10 +86,10 @@ class FixedRank(RankPolicy):
         resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates
 
     def choose(self, layers, probe=None):
-        return {
-            n: admissible(c.view, resolve_rank(self.rank, c.view.rank_base, c.view.rank_base))
-            for n, c in layers.items()
-        }
+        return {n: admissible(c.view, self.planned_rank(c.view)) for n, c in layers.items()}
+
+    def planned_rank(self, view: LayerView) -> int:
+        return resolve_rank(self.rank, view.rank_base, view.rank_base)
 
     def order_key(self) -> tuple[str, float]:
         return ("int rank" if isinstance(self.rank, int) else "fractional rank", -float(self.rank))
@@ -143,6 +150,12 @@ class ParamBudget(RankPolicy):
 
     def budget(self, layers: Mapping[str, LayerCandidate]) -> float:
         return self.fraction * dense_cost(layers, self.metric)
+
+    def planned_rank(self, view: LayerView) -> int:
+        """The uniform share: the rank whose pair costs ``fraction`` of the dense layer (weights and
+        multiply-adds alike: r (D + M) against D M at every position)."""
+        d, m = view.in_dim, view.out_dim
+        return max(1, min(view.rank_base, round(self.fraction * d * m / (d + m))))
 
     def allocate(self, layers: Mapping[str, LayerCandidate]) -> dict[str, Optional[int]]:
         """The allocation by the candidates' curves as they are (no measurement)."""

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..core.stable_rank import stable_rank
 from ..layers import weight_matrix
+from ..layers.adapters import layer_view
 from .settings import check_whole, refuse
 
 
@@ -31,12 +32,19 @@ class Readiness:
             (at most the last epoch), settled or not (the speed-up is the point, and a late switch
             earns little of it); None: never without the signal (no switch if it never settles).
         iterations: power-iteration steps per layer and validation run for ``||W||_2``.
+        room: in (0, 1], or None. A layer whose stable rank is at most ``room`` times the rank the
+            target will give it (``RankPolicy.planned_rank``) counts as settled however much it
+            moved: its weight's energy lies in far fewer directions than it will keep, so its drift
+            does not bind the kept rank. Such a model can be ready at the first validation run.
+            None: every layer must settle. A target whose ranks take the statistics (``MaxNMSE``)
+            plans no rank: its layers must settle.
     """
 
     tolerance: float = 0.1
     patience: int = 1
     latest: Optional[float] = 0.75
     iterations: int = 20
+    room: Optional[float] = 0.25
 
     def __post_init__(self) -> None:
         t = self.tolerance
@@ -55,6 +63,13 @@ class Readiness:
             )  # fmt: skip
         self.latest = None if lt is None else float(lt)
         self.iterations = check_whole("Readiness.iterations", self.iterations, 1, "power-iteration steps")
+        rm = self.room
+        if rm is not None and (isinstance(rm, bool) or not isinstance(rm, (int, float)) or not 0.0 < float(rm) <= 1.0):
+            raise refuse(
+                "Readiness.room", rm, "None or a number in (0, 1]",
+                "the share of its planned rank under which a layer's stable rank counts as settled",
+            )  # fmt: skip
+        self.room = None if rm is None else float(rm)
 
     def latest_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
         """The epoch from which the model runs at low rank at the latest (None: no such bound)."""
@@ -83,9 +98,34 @@ def largest_change(now: Mapping[str, float], before: Optional[Mapping[str, float
     return max(changes) if changes else None
 
 
+def layer_states(
+    now: Mapping[str, float],
+    before: Optional[Mapping[str, float]],
+    kept: Mapping[str, Optional[int]],
+    readiness: Readiness,
+) -> dict[str, str]:
+    """Per layer: ``"within_room"`` (stable rank <= ``room`` x its planned rank ``kept``),
+    ``"settled"`` (moved by at most ``tolerance`` since ``before``) or ``"moving"``."""
+    states = {}
+    for name, value in now.items():
+        rank, prev = kept.get(name), (before or {}).get(name)
+        if readiness.room is not None and rank is not None and value <= readiness.room * rank:
+            states[name] = "within_room"
+        elif prev is not None and largest_change({name: value}, {name: prev}) <= readiness.tolerance:
+            states[name] = "settled"
+        else:
+            states[name] = "moving"
+    return states
+
+
+def planned_ranks(layers: Mapping[str, nn.Module], target: Any) -> dict[str, Optional[int]]:
+    """The rank ``target`` (a ``RankPolicy``) plans for each layer from its shape (None: unknown)."""
+    return {name: target.planned_rank(layer_view(m)) for name, m in layers.items()}
+
+
 def readiness_spec(readiness: Readiness) -> dict[str, Any]:
     """The settings as plain data (for the history and the checkpoint)."""
     return dataclasses.asdict(readiness)
 
 
-__all__ = ["Readiness", "largest_change", "readiness_spec", "stable_ranks"]
+__all__ = ["Readiness", "largest_change", "layer_states", "planned_ranks", "readiness_spec", "stable_ranks"]

@@ -31,6 +31,13 @@ def check_whole(name: str, value: Any, minimum: int, meaning: str = "") -> int:
     return int(value)
 
 
+def check_rewarm_steps(value: Any) -> Union[int, str]:
+    """``"auto"`` or a whole number >= 0 (0: no learning-rate re-warm after a swap)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return check_whole("rewarm_steps", value, 0, "optimizer steps of the learning-rate ramp after a swap, or 'auto'")
+
+
 def check_optional_whole(name: str, value: Any, minimum: int, none_means: str) -> Optional[int]:
     """None, or a whole number >= ``minimum``."""
     if value is None:

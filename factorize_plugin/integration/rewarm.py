@@ -1,0 +1,86 @@
+"""The learning-rate re-warm after a milestone: the swapped-in factors start with empty optimizer
+moments (Adam's first steps with fresh moments move a parameter by about the learning rate, whatever
+its gradient's size) while the rest of the model is mid-training, so for a few steps after a swap the
+learning rate ramps back up: step k of n runs at (k / n) times the scheduled rate.
+
+The scaling lives only inside ``optimizer.step()`` (a step pre-hook scales every param group's
+``lr``, a post-hook puts the scheduled value back), so LR schedulers, checkpoints and loggers never
+see a scaled rate and a multiplicative scheduler cannot compound it. Every DDP rank steps the same
+optimizer the same number of times, so every rank scales alike. ``steps_left`` is checkpointed: a
+run resumed mid-way finishes the same ramp.
+
+``LRRewarm(steps="auto")`` picks a quarter of an epoch's optimizer steps, at most 1000 (Adam's
+second moment forgets with time constant 1 / (1 - beta2) = 1000 steps at its default): on the LM
+trade-off benchmark a quarter epoch (10 steps) lowered the final validation loss of the early
+schedule by 2.2 % on the mean of 3 seeds (``benchmarks/results/lm_tradeoff.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from ..surgery.optim import unwrap_optimizer
+
+AUTO_SHARE, AUTO_CAP = 0.25, 1000
+
+
+def rewarm_length(setting: Union[int, str], trainer: Any) -> int:
+    """The ramp's length in optimizer steps for this run (``setting`` "auto": a quarter of an epoch's
+    optimizer steps, at least 1, at most 1000; 0 where an epoch's length is unknown)."""
+    if setting != "auto":
+        return int(setting)
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
+        return 0
+    per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
+    return max(1, min(AUTO_CAP, round(AUTO_SHARE * per_epoch)))
+
+
+class LRRewarm:
+    """Scales the learning rate of ``optimizers`` for their next ``steps`` optimizer steps."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
+        self._handles: list[Any] = []
+        self._saved: dict[int, list[Any]] = {}
+
+    @property
+    def steps_left(self) -> int:
+        return max(0, self.total - self.done)
+
+    def start(self, optimizers: list[Any], total: int, done: int = 0) -> None:
+        """Ramps over ``total`` steps, ``done`` of them already taken (a resumed run)."""
+        self.stop()
+        self.total, self.done = total, done
+        if self.steps_left == 0:
+            return
+        for optimizer in optimizers:
+            opt = unwrap_optimizer(optimizer)
+            self._handles.append(opt.register_step_pre_hook(self._scale))
+            self._handles.append(opt.register_step_post_hook(self._restore))
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._saved = [], {}
+
+    def _scale(self, opt: Any, args: Any, kwargs: Any) -> None:
+        factor = (self.done + 1) / self.total
+        self._saved[id(opt)] = [group["lr"] for group in opt.param_groups]
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * factor
+
+    def _restore(self, opt: Any, args: Any, kwargs: Any) -> None:
+        for group, lr in zip(opt.param_groups, self._saved.pop(id(opt), [])):
+            group["lr"] = lr
+        if not self._saved:  # every optimizer of this step is back: one step of the ramp taken
+            self.done += 1
+            if self.steps_left == 0:
+                self.stop()
+
+    def state_dict(self) -> Optional[dict[str, int]]:
+        return {"total": self.total, "done": self.done} if self.steps_left else None
+
+
+__all__ = ["LRRewarm", "rewarm_length"]
