@@ -40,7 +40,7 @@ from .milestone import (
     record_costs,
     solve_in_passes,
 )
-from .rewarm import LRRewarm, rewarm_length
+from .rewarm import LRRewarm
 from .schedule import Mode, ScheduleValue, describe
 from .speed_step import TrainingInputWatch, model_scope, speed_check
 from .workflow import (
@@ -195,7 +195,8 @@ class LowRankFactorization(Callback):
       after the DDP reduce: about 1/N of them on each of N ranks), each the largest over the
       collection passes, and ``statistics_passes`` (see ``max_statistics_bytes``); under DDP with owners also
       ``owners`` (layer -> rank that solved it), ``solve_seconds`` and ``solve_cpu_seconds`` (this
-      rank's solving time: wall, and the process's CPU time).
+      rank's solving time: wall, and the process's CPU time), and ``rewarm_steps`` (the length of
+      the learning-rate ramp that followed it; see ``rewarm_steps``).
     """
 
     STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
@@ -234,14 +235,12 @@ class LowRankFactorization(Callback):
         self.name = settings.check_name(name)
         self.verbose = settings.check_flag("verbose", verbose)
         self.max_statistics_bytes = settings.check_max_statistics_bytes(max_statistics_bytes)
-        self.rewarm_steps = settings.check_rewarm_steps(rewarm_steps)
         # state (checkpointed)
         self.done: list[int] = []
         self.ranks: dict[str, Optional[int]] = {}
         self.history: list[dict[str, Any]] = []
         self._restored_groups: Optional[list[list[list[str]]]] = None
-        self._rewarm = LRRewarm()  # the learning-rate ramp after a swap (its progress is checkpointed)
-        self._restored_rewarm: Optional[dict[str, int]] = None
+        self._rewarm = LRRewarm(settings.check_rewarm_steps(rewarm_steps))  # the ramp after a swap (checkpointed)
         # transient
         self._selection = Selection({})  # which layers (by name) and which were left out, with why
         self._collector: Optional[ActivationCollector] = None
@@ -259,6 +258,7 @@ class LowRankFactorization(Callback):
     min_features = property(lambda self: self.spec.min_features)
     max_samples = property(lambda self: self.spec.max_samples)
     sample_fraction = property(lambda self: self.spec.sample_fraction)
+    rewarm_steps = property(lambda self: self._rewarm.setting)
     skipped = property(lambda self: self._selection.skipped, doc="layers left out, with why (shown in the report)")
     _target_names = property(lambda self: list(self._selection.layers))
     _train_batch = property(lambda self: self._watch.batch)  # [] while watching, until the batch is kept
@@ -307,9 +307,7 @@ class LowRankFactorization(Callback):
         if self._restored_groups:  # the rebuilt model's parameters back in the saved order
             restore_optimizer_order(trainer.optimizers, self._restored_groups, pl_module)
             self._restored_groups = None
-        if self._restored_rewarm:  # a run checkpointed mid-ramp finishes it
-            self._rewarm.start(trainer.optimizers, self._restored_rewarm["total"], self._restored_rewarm["done"])
-            self._restored_rewarm = None
+        self._rewarm.resume(trainer.optimizers)  # a run checkpointed mid-ramp finishes it
         warn_late_milestones(trainer, self.schedule, self.done)
 
     @override
@@ -387,9 +385,7 @@ class LowRankFactorization(Callback):
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         swapped = any(r.new_rank != r.old_rank for r in reports)
-        steps = rewarm_length(self.rewarm_steps, trainer) if swapped and trainer.global_step > 0 else 0
-        self._rewarm.start(trainer.optimizers, steps)
-        self.history[-1]["rewarm_steps"] = steps
+        self.history[-1]["rewarm_steps"] = self._rewarm.after_swap(trainer, swapped)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -432,7 +428,7 @@ class LowRankFactorization(Callback):
         self.ranks = dict(state_dict.get("ranks", {}))
         self.history = list(state_dict.get("history", []))
         self._restored_groups = state_dict.get("param_groups")
-        self._restored_rewarm = state_dict.get("rewarm")
+        self._rewarm.load_state_dict(state_dict.get("rewarm"))
         if self._auto is not None:
             self._auto.load_state_dict(state_dict.get("auto"))
             self._auto.restore(self.schedule, self._policies)
@@ -444,8 +440,7 @@ class LowRankFactorization(Callback):
 
     def _reset_state(self) -> None:
         self.done, self.ranks, self.history, self._restored_groups = [], {}, [], None
-        self._rewarm.stop()
-        self._restored_rewarm = None
+        self._rewarm.load_state_dict(None)
         if self._auto is not None:
             self.schedule, self._policies = {}, {}
             self._auto.reset()

@@ -37,13 +37,35 @@ def rewarm_length(setting: Union[int, str], trainer: Any) -> int:
 
 
 class LRRewarm:
-    """Scales the learning rate of ``optimizers`` for their next ``steps`` optimizer steps."""
+    """Scales the learning rate of ``optimizers`` for their next ``steps`` optimizer steps.
 
-    def __init__(self) -> None:
+    ``setting``: the callback's ``rewarm_steps`` (``"auto"`` or a whole number, 0: never)."""
+
+    def __init__(self, setting: Union[int, str] = "auto") -> None:
+        self.setting = setting
         self.total = 0
         self.done = 0
         self._handles: list[Any] = []
         self._saved: dict[int, list[Any]] = {}
+        self._restored: Optional[dict[str, int]] = None
+
+    def after_swap(self, trainer: Any, swapped: bool) -> int:
+        """Starts the ramp after a milestone (none if nothing was swapped, or before the first
+        optimizer step: no moments to catch up with); returns its length."""
+        steps = rewarm_length(self.setting, trainer) if swapped and trainer.global_step > 0 else 0
+        self.start(trainer.optimizers, steps)
+        return steps
+
+    def load_state_dict(self, state: Optional[dict[str, int]]) -> None:
+        """A checkpoint's ramp (None: none running); it resumes at ``resume``."""
+        self.stop()
+        self._restored = dict(state) if state else None
+
+    def resume(self, optimizers: list[Any]) -> None:
+        """At ``on_fit_start`` (the optimizers exist): a ramp checkpointed mid-way goes on."""
+        if self._restored:
+            self.start(optimizers, self._restored["total"], self._restored["done"])
+        self._restored = None
 
     @property
     def steps_left(self) -> int:
