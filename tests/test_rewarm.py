@@ -90,6 +90,22 @@ def test_the_ramp_scales_inside_the_step_only():
     assert opt.param_groups[0]["lr"] == 0.125 and ramp.state_dict() is None and not ramp._handles
 
 
+def test_two_optimizers_each_take_their_own_ramp():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opts = [torch.optim.SGD([a], lr=1.0), torch.optim.SGD([b], lr=1.0)]
+    ramp = LRRewarm()
+    ramp.start(opts, 2)
+    moves = []
+    for _ in range(3):  # one training step = one step of each optimizer (a GAN's two)
+        for p, opt in zip((a, b), opts):
+            before = p.item()
+            p.grad = torch.ones(1)
+            opt.step()
+            moves.append(before - p.item())
+        assert ramp.state_dict() in ({"total": 2, "done": 1}, None)
+    assert moves == [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "soon", None, True])
 def test_rewarm_steps_must_be_auto_or_a_whole_number(bad):
     with pytest.raises(ValueError, match="rewarm_steps"):

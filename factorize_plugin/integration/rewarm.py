@@ -9,7 +9,7 @@ see a scaled rate and a multiplicative scheduler cannot compound it. Every DDP r
 optimizer the same number of times, so every rank scales alike. ``steps_left`` is checkpointed: a
 run resumed mid-way finishes the same ramp.
 
-``LRRewarm(steps="auto")`` picks a quarter of an epoch's optimizer steps, at most 1000 (Adam's
+``rewarm_steps="auto"`` picks a quarter of an epoch's optimizer steps, at most 1000 (Adam's
 second moment forgets with time constant 1 / (1 - beta2) = 1000 steps at its default): on the LM
 trade-off benchmark a quarter epoch (10 steps) lowered the final validation loss of the early
 schedule by 2.2 % on the mean of 3 seeds (``benchmarks/results/lm_tradeoff.json``).
@@ -44,7 +44,7 @@ class LRRewarm:
     def __init__(self, setting: Union[int, str] = "auto") -> None:
         self.setting = setting
         self.total = 0
-        self.done = 0
+        self._counts: dict[int, int] = {}  # id(optimizer) -> ramp steps it has taken
         self._handles: list[Any] = []
         self._saved: dict[int, list[Any]] = {}
         self._restored: Optional[dict[str, int]] = None
@@ -68,41 +68,42 @@ class LRRewarm:
         self._restored = None
 
     @property
-    def steps_left(self) -> int:
-        return max(0, self.total - self.done)
+    def done(self) -> int:
+        """Ramp steps taken (by the optimizer that has taken fewest: each counts its own steps)."""
+        return min(self._counts.values(), default=self.total)
 
     def start(self, optimizers: list[Any], total: int, done: int = 0) -> None:
-        """Ramps over ``total`` steps, ``done`` of them already taken (a resumed run)."""
+        """Ramps over ``total`` steps of each optimizer, ``done`` of them already taken (a resumed run)."""
         self.stop()
-        self.total, self.done = total, done
-        if self.steps_left == 0:
+        self.total = total
+        if done >= total:
             return
         for optimizer in optimizers:
             opt = unwrap_optimizer(optimizer)
+            self._counts[id(opt)] = done
             self._handles.append(opt.register_step_pre_hook(self._scale))
             self._handles.append(opt.register_step_post_hook(self._restore))
 
     def stop(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._saved = [], {}
+        self._handles, self._saved, self._counts = [], {}, {}
 
     def _scale(self, opt: Any, args: Any, kwargs: Any) -> None:
-        factor = (self.done + 1) / self.total
+        factor = (self._counts[id(opt)] + 1) / self.total
         self._saved[id(opt)] = [group["lr"] for group in opt.param_groups]
         for group in opt.param_groups:
             group["lr"] = group["lr"] * factor
 
     def _restore(self, opt: Any, args: Any, kwargs: Any) -> None:
-        for group, lr in zip(opt.param_groups, self._saved.pop(id(opt), [])):
+        for group, lr in zip(opt.param_groups, self._saved.pop(id(opt))):
             group["lr"] = lr
-        if not self._saved:  # every optimizer of this step is back: one step of the ramp taken
-            self.done += 1
-            if self.steps_left == 0:
-                self.stop()
+        self._counts[id(opt)] += 1
+        if self.done >= self.total:
+            self.stop()
 
     def state_dict(self) -> Optional[dict[str, int]]:
-        return {"total": self.total, "done": self.done} if self.steps_left else None
+        return {"total": self.total, "done": self.done} if self._counts else None
 
 
 __all__ = ["LRRewarm", "rewarm_length"]
