@@ -9,7 +9,8 @@ method) three schedules train from the same seed in the same process, one after 
 * ``progressive``: the hand schedule ``{3: sqrt(f), 6: f}``;
 * ``auto``: ``LowRankFactorization("auto", target=FixedRank(f))`` with the default ``Readiness``
   (no per-benchmark setting): it switches when every layer's stable rank moved by at most 10 %
-  between two validation runs, at epoch 6 at the latest.
+  between two validation runs or is within a quarter of the rank it will keep, at epoch 6 at the
+  latest.
 
 The speed guard is off by default (``--speed-guard on``: the callback's default) so that every
 schedule ends at the same ranks: on a loaded machine the guard's timings otherwise decide at random
@@ -73,8 +74,8 @@ def run_one(cfg: dict, method: str, fraction: float, seed: int) -> dict:
         method=method, fraction=fraction, seed=seed, test_acc=grid.test_accuracy(model, dm), fit_wall_s=wall,
         fit_cpu_s=cpu, milestone_epochs=[h["epoch"] for h in milestones], final_ranks=cb.ranks,
         speedup_model=[h.get("speedup_model") for h in milestones],
-        watch=[{k: w[k] for k in ("epoch", "stable_rank", "stable_rank_change", "ready", "reason", "signal_seconds",
-                                  "validation_seconds", "watch_cost")} for w in watch],
+        watch=[{k: w[k] for k in ("epoch", "stable_rank", "stable_rank_change", "moving", "within_room", "ready", "reason",
+                                  "signal_seconds", "validation_seconds", "watch_cost")} for w in watch],
     )  # fmt: skip
 
 
