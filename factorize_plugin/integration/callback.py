@@ -477,9 +477,11 @@ class LowRankFactorization(Callback):
         )
 
     def _watch_training_inputs(self, pl_module: LightningModule, epoch: int) -> None:
-        """Before an epoch that precedes a milestone: watch its training inputs for the speed guard."""
+        """Before an epoch that precedes a milestone (or may: ``schedule="auto"`` still watching):
+        watch its training inputs for the speed guard, which then times a real training batch."""
         self._watch.drop()
-        if self.speed_guard is not None and self._due(epoch + 1):
+        undecided = self._auto is not None and self._auto.switch_epoch is None
+        if self.speed_guard is not None and (self._due(epoch + 1) or undecided):
             self._watch.start(self._layers(pl_module), model_scope(self.speed_guard, pl_module))
 
     def _drop_collector(self) -> None:
