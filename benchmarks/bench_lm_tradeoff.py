@@ -17,7 +17,8 @@ item-3 experiments, seed 0 only), then **dense with its LR schedule compressed**
 the same warm-up + cosine shape, the same number of epochs and validation runs) to end at the
 fastest and the slowest other method's time (``--frontier`` points spread between them): with the
 full dense run these trace dense's own loss-vs-time curve, read by linear interpolation at each
-method's time ("dense at equal time"). Last, factorized at initialization given as many steps as fit
+method's time ("dense at equal time"; a method faster than dense's shortest run is compared with
+that run, which had more time). Last, factorized at initialization given as many steps as fit
 in the fastest callback run's time: with its full run, the two trace init's own loss-vs-time
 curve ("init at equal time"; a callback run slower than init's full run is compared with init's
 full run, which had less time).
@@ -276,6 +277,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                  "steps": r["steps"], "speed_vs_dense": t_of(dense, axis) / t, "loss_vs_dense_equal_steps": r["final_val_loss"] / dense["final_val_loss"] - 1,
                  "macs_per_token": r["macs_per_token"]}  # fmt: skip
             at = interpolate(frontier, t) if t <= t_of(dense, axis) else None
+            if at is None and t < min(frontier)[0]:  # faster than dense's shortest run: compare with
+                at = min(frontier)[1]  # that run, which had more time (a conservative reading)
             if at is not None:
                 s["dense_at_equal_time"] = at
                 s["loss_vs_dense_equal_time"] = r["final_val_loss"] / at - 1
@@ -356,7 +359,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if rs[0]["kind"] == "dense_compressed":
                 continue
         style = {"dense": ("k", "o"), "init": ("tab:red", "s"), "init_equal_time": ("tab:red", "D"), "small_dense": ("tab:gray", "^")}
-        color, marker = style.get(rs[0]["kind"], (None, "o"))
+        color, marker = style.get(rs[0]["kind"], ("tab:cyan", "*") if key == "callback_auto" else (None, "o"))
         ls = ":" if key.startswith("exp_") else "-"
         ax.plot(xs, ys, ls, color=color, marker=marker, ms=3, lw=1.2, label=f"{key} ({xs[-1]:.0f} s, {ys[-1]:.3f}, {len(rs)} seeds)")
     if frontier:
