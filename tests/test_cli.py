@@ -61,6 +61,12 @@ def test_cli_runs_example_and_factorizes(tmp_path):
     assert "factorize/params_kept" in logged and "val_acc" in logged
 
 
+def test_cli_reads_rewarm_steps(tmp_path):
+    cli = main(["fit", "--config", str(_tiny_config(tmp_path, rewarm_steps=2))])
+    (fact,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "LowRankFactorization"]
+    assert fact.rewarm_steps == 2 and fact.history[-1]["rewarm_steps"] == 2
+
+
 def _fails(tmp_path, capsys, **callback_args) -> str:
     with pytest.raises((SystemExit, ValueError)) as info:
         main(["fit", "--config", str(_tiny_config(tmp_path, **callback_args))])

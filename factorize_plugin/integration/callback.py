@@ -67,7 +67,8 @@ class LowRankFactorization(Callback):
             model-level meaning of a fraction, as in ``factorize_model``; the core
             ``factorize_matrix`` follows the reference implementation's instead). Or ``"auto"``:
             one switch to ``target``, at the epoch after the validation run where every targeted
-            layer's stable rank has settled (``Readiness``; see ``integration/auto_schedule.py``).
+            layer's stable rank has settled or sits well inside the rank it will keep (``Readiness``;
+            see ``integration/auto_schedule.py``).
         target: with ``schedule="auto"`` only: a ``RankPolicy`` or a scalar read by ``mode``
             (default ``ParamBudget(0.5, metric="macs")``: keep half the targeted multiply-adds).
         readiness: with ``schedule="auto"`` only: when to switch (default ``Readiness()``). Each
