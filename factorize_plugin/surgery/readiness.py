@@ -55,27 +55,29 @@ class Readiness:
             )  # fmt: skip
         self.tolerance = float(t)
         self.patience = check_whole("Readiness.patience", self.patience, 1, "settled validation runs in a row")
-        lt = self.latest
-        if lt is not None and (isinstance(lt, bool) or not isinstance(lt, (int, float)) or not 0.0 < float(lt) <= 1.0):
-            raise refuse(
-                "Readiness.latest", lt, "None or a number in (0, 1]",
-                "the share of max_epochs after which the switch happens even if the signal has not settled",
-            )  # fmt: skip
-        self.latest = None if lt is None else float(lt)
+        self.latest = _optional_share(
+            "Readiness.latest", self.latest,
+            "the share of max_epochs after which the switch happens even if the signal has not settled",
+        )  # fmt: skip
         self.iterations = check_whole("Readiness.iterations", self.iterations, 1, "power-iteration steps")
-        rm = self.room
-        if rm is not None and (isinstance(rm, bool) or not isinstance(rm, (int, float)) or not 0.0 < float(rm) <= 1.0):
-            raise refuse(
-                "Readiness.room", rm, "None or a number in (0, 1]",
-                "the share of its planned rank under which a layer's stable rank counts as settled",
-            )  # fmt: skip
-        self.room = None if rm is None else float(rm)
+        self.room = _optional_share(
+            "Readiness.room", self.room, "the share of its planned rank under which a layer counts as settled"
+        )
 
     def latest_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
         """The epoch from which the model runs at low rank at the latest (None: no such bound)."""
         if self.latest is None or max_epochs is None or max_epochs < 0:
             return None
         return max(1, min(math.ceil(self.latest * max_epochs - 1e-9), max_epochs - 1))
+
+
+def _optional_share(name: str, value: Any, meaning: str) -> Optional[float]:
+    """None, or a number in (0, 1] as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise refuse(name, value, "None or a number in (0, 1]", meaning)
+    return float(value)
 
 
 def stable_ranks(layers: Mapping[str, nn.Module], iterations: int) -> dict[str, float]:
