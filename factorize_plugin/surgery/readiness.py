@@ -1,4 +1,5 @@
-"""The readiness signal of ``schedule="auto"``: each layer's stable rank, and how much it moved.
+"""The readiness signal of ``schedule="auto"``: each layer's stable rank, how much it moved, and how it
+compares with the rank the target plans for the layer.
 
 Plain PyTorch (no Lightning): reads only the layers' weights, never activations, so watching costs
 a few matrix-vector products per layer (``core.stable_rank``), not a pass over data.
