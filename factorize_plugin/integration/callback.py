@@ -385,8 +385,7 @@ class LowRankFactorization(Callback):
         for message in advice:
             self._advise(message)
         self.history[-1]["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
-        swapped = any(r.new_rank != r.old_rank for r in reports)
-        self.history[-1]["rewarm_steps"] = self._rewarm.after_swap(trainer, swapped)
+        self.history[-1]["rewarm_steps"] = self._rewarm.after_swap(trainer, any(r.changed for r in reports))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

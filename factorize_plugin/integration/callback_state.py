@@ -78,9 +78,6 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
-__all__ = ["STATE_VERSION", "migrate_state", "plain"]
-
-
 def param_groups_by_name(
     trainer: Optional[Trainer], pl_module: Optional[LightningModule]
 ) -> Optional[list[list[list[str]]]]:
@@ -103,3 +100,6 @@ def restore_optimizer_order(
         )
     for opt, groups in zip(optimizers, saved):
         restore_param_group_order(opt, groups, named)
+
+
+__all__ = ["STATE_VERSION", "migrate_state", "param_groups_by_name", "plain", "restore_optimizer_order"]

@@ -17,9 +17,8 @@ from ..surgery.blame import naming_failures
 from ..surgery.calling import InputFn, evaluating
 from ..surgery.collector import ActivationCollector
 from ..surgery.model_speed import ModelSpeedCheck
-from ..surgery.passes import PassResults, collect_in_passes, plan_passes
+from ..surgery.passes import PassResults, collect_in_passes, plan_passes, solve_pass
 from ..surgery.pipeline import Selection, TargetSpec, collect_with
-from ..surgery.refactorize import build_candidates
 from ..surgery.reports import LayerReport, format_reports, milestone_metrics
 from ..surgery.sensitivity import OutputProbe
 from .distributed import reduce_statistics
@@ -116,11 +115,8 @@ def solve_in_passes(
             return calibrate(trainer, pl_module, selection, spec, names)
 
     def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Any]) -> dict:
-        leave_out_silent([n for n, k in collector.samples().items() if k == 0])
-        layers = {n: pl_module.get_submodule(n) for n in names if n in selection.layers}
-        return build_candidates(
-            layers, collector.stats, collector.positions, regularization, progress,
-            collector.holdout.pairs(), sharding,  # no halves under DDP: the collector keeps none there
+        return solve_pass(
+            pl_module, collector, names, selection.layers, leave_out_silent, regularization, progress, sharding
         )
 
     loads: list[float] = []  # solve work per rank over the passes: owners balanced over all of them

@@ -541,9 +541,9 @@ class ActivationCollector:
         subset of about twice as many images as needed, so that only those images are padded."""
         per_image = total // images
         k = min(images, 2 * -(-want // per_image))
-        if k >= images:
-            return torch.randperm(total, generator=self._generator(key))[:want]
         generator = self._generator(key)
+        if k >= images:
+            return torch.randperm(total, generator=generator)[:want]
         chosen = torch.randperm(images, generator=generator)[:k]
         pos = torch.randperm(k * per_image, generator=generator)[:want]
         return chosen[pos // per_image] * per_image + pos % per_image

@@ -21,11 +21,11 @@ from . import settings
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .collector import ActivationCollector
-from .passes import collect_in_passes, plan_passes
+from .passes import collect_in_passes, plan_passes, solve_pass
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .policies import RankLike, RankPolicy, make_policy
 from .preflight import check_not_compiled, check_not_meta, uncompiled
-from .refactorize import build_candidates, refactorize
+from .refactorize import refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
@@ -202,12 +202,8 @@ def factorize_model(
         return _collect(model, c, batches, input_fn)
 
     def solve(collector: ActivationCollector, names: list[str], sharding: None) -> dict:
-        silent = [n for n, k in collector.samples().items() if k == 0]
-        leave_out_silent(model, selection, spec, silent, "calibration")
-        layers = {n: selection.layers[n] for n in names if n in selection.layers}
-        return build_candidates(
-            layers, collector.stats, collector.positions, regularization, progress_fn, collector.holdout.pairs()
-        )
+        leave_out = lambda silent: leave_out_silent(model, selection, spec, silent, "calibration")  # noqa: E731
+        return solve_pass(model, collector, names, selection.layers, leave_out, regularization, progress_fn)
 
     solved = collect_in_passes(groups, collect, solve)
     layers = selection.layers

@@ -25,6 +25,7 @@ from ..layers.adapters import layer_view
 from ..layers.factorized import FACTORIZED_PAIRS
 from .candidates import LayerCandidate
 from .collector import ActivationCollector
+from .refactorize import build_candidates
 from .sharding import Sharding
 from .speed import LayerInput
 
@@ -124,6 +125,28 @@ class PassResults:
         self.sharding.solve_cpu_seconds += sharding.solve_cpu_seconds
 
 
+def solve_pass(
+    model: nn.Module,
+    collector: ActivationCollector,
+    names: Sequence[str],
+    targeted: Mapping[str, nn.Module],
+    leave_out_silent: Callable[[list[str]], None],
+    regularization: float,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+    sharding: Optional[Sharding] = None,
+) -> dict[str, LayerCandidate]:
+    """One pass's solve (the ``solve`` of ``collect_in_passes``): ``leave_out_silent`` gets the
+    layers the pass never saw called (it removes them from ``targeted``, the selection's layers);
+    the others of ``names`` still targeted are solved from the collector's statistics as the
+    modules now under their names (an earlier milestone may have swapped them for pairs), with
+    its held-out halves (none under DDP) and ``sharding``."""
+    leave_out_silent([n for n, k in collector.samples().items() if k == 0])
+    layers = {n: model.get_submodule(n) for n in names if n in targeted}
+    return build_candidates(
+        layers, collector.stats, collector.positions, regularization, progress, collector.holdout.pairs(), sharding
+    )
+
+
 def collect_in_passes(
     groups: Sequence[Sequence[str]],
     collect: Callable[[int, list[str]], ActivationCollector],
@@ -150,4 +173,4 @@ def collect_in_passes(
     return out
 
 
-__all__ = ["PassResults", "collect_in_passes", "plan_passes", "statistics_bound"]
+__all__ = ["PassResults", "collect_in_passes", "plan_passes", "solve_pass", "statistics_bound"]

@@ -25,9 +25,10 @@ class Readiness:
     """When ``schedule="auto"`` switches to low rank (every field has a default that works).
 
     Args:
-        tolerance: in (0, 1). The model is *settled* at a validation run when every targeted
-            layer's stable rank ``||W||_F^2 / ||W||_2^2`` moved by at most this fraction since the
-            previous validation run: ``max_l |s_l(t) - s_l(t-1)| / s_l(t-1) <= tolerance``.
+        tolerance: in (0, 1). A layer is *settled* at a validation run when its stable rank
+            ``||W||_F^2 / ||W||_2^2`` moved by at most this fraction since the previous validation
+            run, ``|s(t) - s(t-1)| / s(t-1) <= tolerance`` (or is within ``room``); the model is
+            settled when every targeted layer is.
         patience: how many settled validation runs in a row make the model ready (>= 1).
         latest: in (0, 1], or None. Switch at the latest at epoch ``ceil(latest * max_epochs)``
             (at most the last epoch), settled or not (the speed-up is the point, and a late switch
@@ -93,12 +94,13 @@ def largest_change(now: Mapping[str, float], before: Optional[Mapping[str, float
     inf where a layer's previous value was 0 and it moved)."""
     if not before:
         return None
-    changes = []
-    for name, value in now.items():
-        if name in before:
-            prev = before[name]
-            changes.append(abs(value - prev) / prev if prev > 0 else (0.0 if value == prev else math.inf))
+    changes = [_relative_change(value, before[name]) for name, value in now.items() if name in before]
     return max(changes) if changes else None
+
+
+def _relative_change(value: float, prev: float) -> float:
+    """``|value - prev| / prev`` (inf where ``prev`` is 0 and the value moved)."""
+    return abs(value - prev) / prev if prev > 0 else (0.0 if value == prev else math.inf)
 
 
 def layer_states(
@@ -114,7 +116,7 @@ def layer_states(
         rank, prev = kept.get(name), (before or {}).get(name)
         if readiness.room is not None and rank is not None and value <= readiness.room * rank:
             states[name] = "within_room"
-        elif prev is not None and largest_change({name: value}, {name: prev}) <= readiness.tolerance:
+        elif prev is not None and _relative_change(value, prev) <= readiness.tolerance:
             states[name] = "settled"
         else:
             states[name] = "moving"

@@ -165,6 +165,7 @@ __all__ = [
     "check_callable", "check_choice", "check_device", "check_flag", "check_max_nmse", "check_max_samples",
     "check_max_statistics_bytes",
     "check_min_features", "check_min_params", "check_name", "check_optional_whole", "check_param_budget",
-    "check_patterns", "check_progress", "check_regularization", "check_sample_fraction", "check_space",
+    "check_patterns", "check_progress", "check_regularization", "check_rewarm_steps", "check_sample_fraction",
+    "check_space",
     "check_whole", "refuse",
 ]
