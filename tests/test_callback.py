@@ -16,6 +16,7 @@ from lightning.pytorch.plugins import MixedPrecision
 
 import factorize_plugin.integration.callback as callback_module
 import factorize_plugin.integration.milestone as milestone_module
+import factorize_plugin.surgery.passes as passes_module
 import factorize_plugin.surgery.pipeline as pipeline_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization
@@ -234,7 +235,7 @@ def _spy_candidates(monkeypatch) -> list:
         return out
 
     monkeypatch.setattr(refactorize_module, "build_candidates", spy)
-    monkeypatch.setattr(milestone_module, "build_candidates", spy)  # the callback solves pass by pass
+    monkeypatch.setattr(passes_module, "build_candidates", spy)  # the callback solves pass by pass
     return seen
 
 
