@@ -115,3 +115,29 @@ def test_tradeoff_budget_skips_and_records(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             main(["--gpu", "--out", str(tmp_path)])
+
+
+def test_cpu_configuration_runs_at_the_learning_rate_its_grid_found_best():
+    """The trade-off compares every method at the rate that suits it: the committed grid's best
+    rate of each family (dense, factorized at init, the callback) is the CPU configuration's."""
+    grid = json.loads((ROOT / "benchmarks" / "results" / "lm_lr_grid.json").read_text())
+    lr = config(False, dry_run=False, steps=None)["model"]["lr"]
+    assert set(grid["best"]) == {"dense", "init_0.25", "callback_early_1:0.25"}
+    assert all(float(best) == lr for best in grid["best"].values()), (grid["best"], lr)
+    for by_lr in grid["runs"].values():  # the best is inside the grid, not at its edge
+        rates = sorted(float(r) for r in by_lr)
+        assert rates[0] < lr < rates[-1]
+
+
+@pytest.mark.slow  # ~20 s: 6 tiny fits
+def test_lr_grid_dry_run_trains_every_family_at_every_rate(tmp_path):
+    from benchmarks.bench_lm_lr_grid import FAMILIES
+    from benchmarks.bench_lm_lr_grid import main as grid
+
+    result = grid(["--dry-run", "--lrs", "1e-3", "3e-3", "--out", str(tmp_path)])
+    assert set(result["runs"]) == set(FAMILIES)
+    assert all(set(by_lr) == {"0.001", "0.003"} for by_lr in result["runs"].values())
+    losses = {f: {lr: s["0"]["final_val_loss"] for lr, s in by_lr.items()} for f, by_lr in result["runs"].items()}
+    assert all(result["best"][f] == min(losses[f], key=losses[f].get) for f in FAMILIES)
+    assert losses["dense"]["0.001"] != losses["dense"]["0.003"]  # the rate reached the optimizer
+    assert json.loads((tmp_path / "lm_lr_grid_dry_run.json").read_text())["best"] == result["best"]
