@@ -23,6 +23,10 @@ in the fastest callback run's time: with its full run, the two trace init's own 
 curve ("init at equal time"; a callback run slower than init's full run is compared with init's
 full run, which had less time).
 
+Learning rate: every method trains at the peak rate ``bench_lm_lr_grid.py`` found best for dense,
+factorized at init and the callback alike (CPU: 1e-3; results before that grid used 3e-3, where
+dense ends 0.40 nats higher and smaller or factorized models looked better than they are).
+
 Time: the whole ``trainer.fit`` (validation, statistics collection, solves, the speed decision
 included), both wall-clock and this process's CPU time (``time.process_time``). The CPU
 configuration runs one torch thread on a shared machine whose load changes under it, so its time
