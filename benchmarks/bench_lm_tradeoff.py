@@ -102,6 +102,7 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
         Method("callback_gradual_1:1/2,2:1/3,3:1/4", {1: 0.5, 2: 1 / 3, 3: FRACTION}, expect=0.8),
         # per-layer ranks from each layer's exact NMSE curve under one multiply-add budget (no extra passes)
         Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.65),
+        Method("callback_late_budget_macs_3:0.25", {3: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.8),
         Method("callback_auto", "auto", callback=dict(target=FRACTION), expect=0.7),  # issue 22: no milestone given
         # item 3: the early schedule with one change each (the re-warm's own row backs its default)
         Method("exp_early_no_rewarm", {1: FRACTION}, callback=dict(rewarm_steps=0), expect=0.65),
