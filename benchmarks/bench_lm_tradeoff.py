@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import platform
@@ -363,6 +364,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for key, r in runs.items():
             names.setdefault(key, []).append(r)
     frontier = []
+    palette = itertools.cycle(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "gold", "navy"])
     for key, rs in names.items():
         n = min(len(r["curve"]) for r in rs)
         xs = [statistics.fmean(r["curve"][i][axis] for r in rs) for i in range(n)]
@@ -372,7 +374,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if rs[0]["kind"] == "dense_compressed":
                 continue
         style = {"dense": ("k", "o"), "init": ("tab:red", "s"), "init_equal_time": ("tab:red", "D"), "small_dense": ("tab:gray", "^")}
-        color, marker = style.get(rs[0]["kind"], ("tab:cyan", "*") if key == "callback_auto" else (None, "o"))
+        if rs[0]["kind"] in style:
+            color, marker = style[rs[0]["kind"]]
+        else:
+            color, marker = ("tab:cyan", "*") if key == "callback_auto" else (next(palette), "o")
         ls = ":" if key.startswith("exp_") else "-"
         ax.plot(xs, ys, ls, color=color, marker=marker, ms=3, lw=1.2, label=f"{key} ({xs[-1]:.0f} s, {ys[-1]:.3f}, {len(rs)} seeds)")
     if frontier:
