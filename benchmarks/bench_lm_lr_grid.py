@@ -9,7 +9,7 @@ own best rate on seed 0, and smaller or factorized models look better than they 
 
 Writes ``lm_lr_grid.json`` under ``--out``: every run's final validation loss and CPU time, and per
 family the rate with the lowest mean final loss (``best``), which ``bench_lm_tradeoff.config``
-then uses (``LR``).
+then uses (``LR_CPU``).
 """
 
 from __future__ import annotations

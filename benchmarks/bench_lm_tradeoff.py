@@ -105,7 +105,7 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
         Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.65),
         Method("callback_late_budget_macs_3:0.25", {3: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.8),
         Method("callback_auto", "auto", callback=dict(target=FRACTION), expect=0.7),  # issue 22: no milestone given
-        # item 3: the early schedule with one change each (the re-warm's own row backs its default)
+        # item 3: the early schedule with one change each (the re-warm's own row measures its default)
         Method("exp_early_no_rewarm", {1: FRACTION}, callback=dict(rewarm_steps=0), expect=0.65),
         Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(exclude=ends), first_seed_only=True, expect=0.7),
         # the budget spent by the network's measured output error: 8 probe ranks x 16 layers of forward
