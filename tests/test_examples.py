@@ -20,11 +20,27 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 
 @pytest.mark.slow
-def test_train_mnist_example(tmp_path):
-    out = _run("train_mnist.py", "--limit", "800", "--epochs", "2", "--schedule", "1:0.5", cwd=tmp_path)
+def test_train_mnist_example_factorizes_then_lowers_the_rank(tmp_path):
+    """The structure pinned (--no-speed-guard): the same on any machine, whatever its load."""
+    out = _run("train_mnist.py", "--limit", "800", "--epochs", "3", "--schedule", "1:0.25,2:0.125", "--no-speed-guard",
+               cwd=tmp_path)  # fmt: skip
+    ranks = dict(re.findall(r"^\s+(\d)\s+[\d.]+\s+[\d,]+\s+(.+)$", out, flags=re.M))
+    assert ranks["0"] == "dense"
+    assert ranks["1"] == "classifier.0=196, classifier.2=256"
+    assert ranks["2"] == "classifier.0=98, classifier.2=128"
     kept = float(re.search(r"keep ([\d.]+)% of their weights", out).group(1))
-    assert 0 < kept < 100
+    assert kept == pytest.approx(23.7, abs=0.1)
+    assert "epoch 1: not timed (--no-speed-guard)" in out
     assert (tmp_path / "lightning_logs").exists()
+
+
+def test_train_mnist_example_prints_the_speed_verdict(tmp_path):
+    """With the speed decision on, what it measured is printed at every milestone, whatever it decided."""
+    out = _run("train_mnist.py", "--limit", "800", "--epochs", "2", "--schedule", "1:0.25", cwd=tmp_path)
+    verdict = re.search(r"epoch 1: 2 change\(s\): ([\d.]+)x \(([\d.]+)-([\d.]+), (\d+) rounds, (\w+)\)", out)
+    assert verdict, out[-2000:]
+    ratio, low, high, rounds = float(verdict[1]), float(verdict[2]), float(verdict[3]), int(verdict[4])
+    assert low <= ratio <= high and rounds >= 6 and verdict[5] in ("faster", "slower", "undecided")
 
 
 def test_oneshot_example_keeps_accuracy(tmp_path):

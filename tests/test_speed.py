@@ -21,7 +21,7 @@ from factorize_plugin import (
 from factorize_plugin.layers.adapters import layer_view
 from factorize_plugin.surgery.allocation import allocate
 from factorize_plugin.surgery.candidates import LayerCandidate, admissible, max_rank
-from factorize_plugin.surgery.speed import LayerInput, TimingCase, measure
+from factorize_plugin.surgery.speed import LayerInput, TimingCase, sampler
 from lightning_helpers import TINY, TinyNet, structure
 
 OVERHEAD = 40_000  # fixed cost per layer call in the fake timer's units: small layers lose
@@ -189,7 +189,7 @@ def test_real_timer_leaves_rng_and_nothing_else_touched():
     cases = [TimingCase(view, None, inputs, "train", optimizer=opt), TimingCase(view, 2, inputs, "train"),
              TimingCase(view, 2, inputs, "inference")]  # fmt: skip
     state = torch.random.get_rng_state()
-    secs = measure(cases, repeats=2, min_time=1e-4)
+    secs = [sampler(c, min_time=1e-4)() for c in cases]
     assert torch.equal(torch.random.get_rng_state(), state)
     assert len(secs) == 3 and all(math.isfinite(s) and s > 0 for s in secs)
 

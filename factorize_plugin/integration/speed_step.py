@@ -28,9 +28,8 @@ from .lightning_internals import first_validation_batches, preserved_metric_stat
 
 def model_speed_check(trainer: Trainer, pl_module: LightningModule, guard: SpeedGuard, batch: Any) -> ModelSpeedCheck:
     """A whole-model check timing ``pl_module``'s training step on ``batch`` (already on the
-    device); rank 0 measures under DDP and every rank gets its decision. A whole step is long and
-    steady next to a layer's: median of ``max(3, guard.repeats // 2)`` samples (3 by default)
-    after 2 warm-up steps."""
+    device); rank 0 measures under DDP and every rank gets its decision. Each comparison runs in
+    alternating rounds under the guard's ``confidence``, ``repeats`` (most rounds) and ``budget``."""
 
     def forward() -> Any:
         with trainer.precision_plugin.train_step_context():
@@ -44,7 +43,8 @@ def model_speed_check(trainer: Trainer, pl_module: LightningModule, guard: Speed
     distributed = trainer.world_size > 1
     return ModelSpeedCheck(
         pl_module, forward, trainer.optimizers, margin=guard.margin, clock=guard.clock,
-        repeats=max(3, guard.repeats // 2), min_time=guard.min_time, session=session,
+        repeats=guard.repeats, min_time=guard.min_time, session=session,
+        confidence=guard.confidence, budget=guard.budget,
         broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
         measure_here=trainer.is_global_zero,
     )

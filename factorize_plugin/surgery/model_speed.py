@@ -8,12 +8,18 @@ make the whole model faster. ``ModelSpeedCheck`` times the model's own training 
 same class and param-group hyperparameters over the structure being timed), with today's
 structure and with the candidate one, and drops the candidates that save the fewest
 multiply-adds until the whole step is at least ``margin`` times as fast, or none remain (a
-bisection over how many to keep: 1 + log2(n) timings at most).
+bisection over how many to keep: 1 + log2(n) comparisons at most). Each comparison times the
+two structures in alternating rounds until a confidence interval on the speedup clears the
+margin (``paired_timing.compare``); one that cannot tell keeps today's structure.
 
 Nothing of the run changes: parameters' values and ``.grad`` (the same tensors, None stays None),
-buffers (BatchNorm running statistics and ``num_batches_tracked``), modules' training flags, the
-CPU and CUDA random streams and the real optimizers' state are put back bit for bit
-(``preserved_training_state``); candidate pairs are installed for the timing and removed again.
+buffers (BatchNorm running statistics and ``num_batches_tracked``; a buffer re-assigned in
+``forward`` is put back as the object the module held), modules' training flags, attributes of
+the model and its submodules that the step rebinds (``self.calls += 1``), the CPU and CUDA random
+streams, Python's and NumPy's global random states and the real optimizers' state are put back
+(``preserved_training_state``); candidate pairs are installed for each timed sample and removed
+again. Not restored: objects changed in place that are not parameters or buffers (a list appended
+to, a tensor attribute written in place), and effects outside the model (files, prints).
 Plain PyTorch: the caller gives the step's forward (``forward()`` returns the loss) and the
 context it runs in (``integration.speed_step`` does it for a LightningModule).
 """
@@ -24,19 +30,27 @@ import contextlib
 import dataclasses
 import inspect
 import math
-import statistics
+import random
 import time
-from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from . import paired_timing
 from .candidates import LayerCandidate
+from .paired_timing import Comparison
 from .speed import SpeedVerdict
+
+try:  # NumPy's global random state is put back after timing, where NumPy is installed
+    import numpy as np
+except ImportError:  # pragma: no cover - torch ships without a hard NumPy dependency
+    np = None
 
 ModelClock = Callable[[Callable[[], None], nn.Module], float]
 """``clock(step, model)``: seconds per training step of ``model`` as it is now; ``step()`` runs
-one (``SpeedGuard(clock=...)`` replaces the default ``measure_model_step``, e.g. in tests)."""
+one (``SpeedGuard(clock=...)`` replaces the default paired timing, e.g. in tests: a clock is
+taken as exact, called once per structure)."""
 
 Install = Callable[[Mapping[str, Optional[int]]], Callable[[], None]]
 """Installs ranks into the model and returns what undoes it (``refactorize`` passes its swap)."""
@@ -48,39 +62,15 @@ def _cuda_devices(model: nn.Module) -> list[torch.device]:
     )
 
 
-def measure_model_step(
-    step: Callable[[], None], model: nn.Module, repeats: int = 7, warmup: int = 2, min_time: float = 0.003
-) -> float:
-    """Median seconds of ``step()`` over ``repeats`` samples after ``warmup`` steps (CUDA
-    synchronized around each sample); a sample runs enough steps to last about ``min_time``."""
-    devices = _cuda_devices(model)
-
-    def sync() -> None:
-        for d in devices:
-            torch.cuda.synchronize(d)
-
-    for _ in range(warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    step()
-    sync()
-    count = max(1, min(1000, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7))))
-    samples = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(count):
-            step()
-        sync()
-        samples.append((time.perf_counter() - t0) / count)
-    return statistics.median(samples)
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 class preserved_training_state:
-    """Puts back, bit for bit, what training steps change: parameters' values and ``.grad`` (the
-    same tensor objects; grads are None meanwhile), buffers, modules' training flags, and the CPU
-    and CUDA random streams. ``reset()`` restores values and buffers early (between timings)."""
+    """Puts back what training steps change: parameters' values and ``.grad`` (the same tensor
+    objects; grads are None meanwhile), buffers (the objects each module held, with their
+    values), attributes each module rebinds, modules' training flags, and the CPU, CUDA, Python
+    and NumPy random streams. ``reset()`` puts values, buffers and attributes back early (between
+    timings)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -90,22 +80,31 @@ class preserved_training_state:
         with torch.no_grad():
             self.params = [(p, p.detach().clone(), p.grad) for p in m.parameters()]
             self.buffers = [(b, b.detach().clone()) for b in m.buffers()]
-        self.modes = [(mod, mod.training) for mod in m.modules()]
+        self.modules = [
+            (mod, {k: v for k, v in vars(mod).items() if k not in _MODULE_DICTS}, dict(mod._buffers))
+            for mod in m.modules()
+        ]
         for p, _, _ in self.params:
             p.grad = None
         self._rng = torch.random.fork_rng(devices=_cuda_devices(m))
         self._rng.__enter__()
+        self._python_rng = random.getstate()
+        self._numpy_rng = np.random.get_state() if np is not None else None
         return self
 
     def reset(self) -> None:
+        for mod, attrs, buffers in self.modules:
+            for k in [k for k in vars(mod) if k not in attrs and k not in _MODULE_DICTS]:
+                del mod.__dict__[k]
+            mod.__dict__.update(attrs)
+            mod._buffers.clear()
+            mod._buffers.update(buffers)
         with torch.no_grad():
             for p, value, _ in self.params:
                 p.copy_(value)
                 p.grad = None
             for b, value in self.buffers:
                 b.copy_(value)
-        for mod, training in self.modes:
-            mod.training = training
 
     def __exit__(self, *exc) -> None:
         try:
@@ -113,6 +112,9 @@ class preserved_training_state:
             for p, _, grad in self.params:
                 p.grad = grad
         finally:
+            random.setstate(self._python_rng)
+            if self._numpy_rng is not None:
+                np.random.set_state(self._numpy_rng)
             self._rng.__exit__(*exc)
 
 
@@ -147,11 +149,25 @@ def _loss(out: Any) -> Optional[torch.Tensor]:
 
 @dataclasses.dataclass
 class ModelTrial:
-    """One timing of the model's training step with the ``layers`` candidates that save most."""
+    """One comparison of the model's training step with the ``layers`` candidates that save most
+    against today's structure: the median speedup, its confidence interval, the rounds timed and
+    the verdict (``paired_timing``: only "faster" applies them)."""
 
     layers: int
-    seconds: float
-    speedup: float  # today's seconds / these
+    seconds: float  # median seconds per step with these candidates
+    speedup: float  # median of today's seconds / these, over the rounds
+    low: float
+    high: float
+    rounds: int
+    verdict: str
+
+    @classmethod
+    def of(cls, layers: int, c: Comparison) -> "ModelTrial":
+        return cls(layers, c.candidate_seconds, c.ratio, c.low, c.high, c.rounds, c.verdict)
+
+    @property
+    def passes(self) -> bool:
+        return self.verdict == paired_timing.FASTER
 
 
 @dataclasses.dataclass
@@ -160,7 +176,7 @@ class ModelSpeedResult:
 
     margin: float
     order: list[str]  # candidates, most multiply-adds saved first
-    seconds_before: Optional[float] = None  # today's structure
+    seconds_before: Optional[float] = None  # today's structure (median over the first comparison)
     trials: list[ModelTrial] = dataclasses.field(default_factory=list)
     kept: int = 0  # the first ``kept`` of ``order`` are applied
     optimizer_timed: bool = True
@@ -173,12 +189,12 @@ class ModelSpeedResult:
             return 1.0
         return next(t.speedup for t in self.trials if t.layers == self.kept)
 
-    def history(self) -> list[dict[str, float]]:
+    def history(self) -> list[dict[str, Any]]:
         return [dataclasses.asdict(t) for t in self.trials]
 
     def describe(self) -> str:
         """One line: what was timed and decided."""
-        tried = ", ".join(f"{t.layers} of {len(self.order)}: {t.speedup:.2f}x" for t in self.trials)
+        tried = ", ".join(f"{t.layers} of {len(self.order)}: {_trial_text(t)}" for t in self.trials)
         step = "forward + backward + optimizer step" if self.optimizer_timed else "forward + backward"
         return (
             f"the model's training step ({step}) took {self.seconds_before * 1e3:.3g} ms with today's structure; "
@@ -187,17 +203,27 @@ class ModelSpeedResult:
         )
 
 
+def _trial_text(t: ModelTrial) -> str:
+    if t.rounds <= 1:
+        return f"{t.speedup:.2f}x"
+    undecided = ", undecided" if t.verdict == paired_timing.UNDECIDED else ""
+    return f"{t.speedup:.2f}x ({t.low:.2f}-{t.high:.2f} over {t.rounds} rounds{undecided})"
+
+
 class ModelSpeedCheck:
     """Decides which changing layers to apply from the model's whole training step.
 
     Args:
-        model: the model whose layers are swapped (in place, undone after each timing).
+        model: the model whose layers are swapped (in place, undone after each timed sample).
         forward: runs the model's forward on one training batch (in its precision context) and
             returns the loss (a tensor, or a mapping with ``"loss"``); backward runs outside it.
         optimizers: their classes and param groups are copied for the timed optimizer step.
         margin: the whole step must be at least this many times as fast as today's.
-        clock: ``clock(step, model)`` -> seconds per step (default ``measure_model_step``).
-        repeats / min_time: for the default clock.
+        clock: ``clock(step, model)`` -> seconds per step, taken as exact (one call per
+            structure); default: today's and the candidate structure timed in alternating rounds
+            until the speedup's interval at ``confidence`` clears the margin, at most ``repeats``
+            rounds or ``budget`` seconds per comparison (``paired_timing.compare``).
+        min_time: seconds each timed sample lasts at least.
         session: a context manager factory entered around all timings (e.g. silenced logging).
         broadcast / measure_here: under DDP, rank 0 measures and ``broadcast`` hands its decision
             to every process (called by all of them, in the same order).
@@ -207,12 +233,14 @@ class ModelSpeedCheck:
 
     def __init__(
         self, model: nn.Module, forward: Callable[[], Any], optimizers: Sequence[Any] = (), margin: float = 1.15,
-        clock: Optional[ModelClock] = None, repeats: int = 7, min_time: float = 0.003,
+        clock: Optional[ModelClock] = None, repeats: int = 60, min_time: float = 0.003,
         session: Optional[Callable[[], ContextManager]] = None,
         broadcast: Optional[Callable[[Any], Any]] = None, measure_here: bool = True,
+        confidence: float = 0.95, budget: float = 5.0,
     ) -> None:
         self.model, self.forward, self.optimizers = model, forward, list(optimizers)
         self.margin, self.repeats, self.min_time = float(margin), int(repeats), float(min_time)
+        self.confidence, self.budget = float(confidence), float(budget)
         self.clock = clock
         self.session = session or contextlib.nullcontext
         self.broadcast, self.measure_here = broadcast, measure_here
@@ -223,15 +251,6 @@ class ModelSpeedCheck:
     ) -> dict[str, Optional[int]]:
         """No per-layer caps: a budget is spent freely, the whole model then decides."""
         return {}
-
-    def _seconds(self, run: Callable[[], None]) -> float:
-        if self.clock is not None:
-            secs = float(self.clock(run, self.model))
-        else:
-            secs = measure_model_step(run, self.model, self.repeats, min_time=self.min_time)
-        if not (math.isfinite(secs) and secs > 0):
-            raise ValueError(f"the whole-model clock returned {secs} seconds: expected a positive number")
-        return secs
 
     def _runner(self, optimizers: list) -> Callable[[], None]:
         params = list(self.model.parameters())
@@ -249,9 +268,11 @@ class ModelSpeedCheck:
 
         return run
 
-    def _time(self, layers: Mapping[str, nn.Module], old: Mapping[str, list], install: Optional[Install],
-              ranks: Mapping[str, Optional[int]], state: preserved_training_state,
-              result: ModelSpeedResult) -> float:
+    @contextlib.contextmanager
+    def _installed(self, old: Mapping[str, list], install: Optional[Install], ranks: Mapping[str, Optional[int]],
+                   state: preserved_training_state, result: ModelSpeedResult) -> Iterator[Callable[[], None]]:
+        """The model with ``ranks`` installed, as one training step to run; undone and the
+        training state put back on leaving."""
         undo = install(ranks) if ranks else (lambda: None)
         try:
             replace: dict[int, list] = {}
@@ -263,10 +284,45 @@ class ModelSpeedCheck:
             optimizers = timing_optimizers(self.optimizers, replace)
             if len(optimizers) < len(self.optimizers):
                 result.optimizer_timed = False
-            return self._seconds(self._runner(optimizers))
+            yield self._runner(optimizers)
         finally:
             undo()
             state.reset()
+
+    def _sampler(self, *installed: Any) -> Callable[[], float]:
+        """One timed sample per call: the structure installed, one warm-up step (fresh modules
+        and optimizer state), then enough steps to last ``min_time`` (CUDA synchronized)."""
+        devices = _cuda_devices(self.model)
+        count = 0
+
+        def sync() -> None:
+            for d in devices:
+                torch.cuda.synchronize(d)
+
+        def sample() -> float:
+            nonlocal count
+            with self._installed(*installed) as step:
+                step()
+                sync()
+                if count == 0:
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    count = max(1, min(1000, math.ceil(self.min_time / max(time.perf_counter() - t0, 1e-7))))
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    step()
+                sync()
+                return (time.perf_counter() - t0) / count
+
+        return sample
+
+    def _clocked(self, *installed: Any) -> float:
+        with self._installed(*installed) as step:
+            secs = float(self.clock(step, self.model))
+        if not (math.isfinite(secs) and secs > 0):
+            raise ValueError(f"the whole-model clock returned {secs} seconds: expected a positive number")
+        return secs
 
     def _decide(self, layers, candidates, ranks, install) -> ModelSpeedResult:
         changing = [n for n, r in ranks.items() if r is not None]
@@ -279,12 +335,25 @@ class ModelSpeedCheck:
         result = ModelSpeedResult(self.margin, order)
         old = {n: list(m.parameters()) for n, m in layers.items()}
         with self.session(), preserved_training_state(self.model) as state:
-            result.seconds_before = self._time(layers, old, install, {}, state, result)
+            if self.clock is not None:
+                result.seconds_before = self._clocked(old, install, {}, state, result)
+            base = self._sampler(old, install, {}, state, result)
 
             def passes(k: int) -> bool:
-                secs = self._time(layers, old, install, {n: ranks[n] for n in order[:k]}, state, result)
-                result.trials.append(ModelTrial(k, secs, result.seconds_before / secs))
-                return result.trials[-1].speedup >= self.margin
+                top = {n: ranks[n] for n in order[:k]}
+                if self.clock is not None:
+                    comparison = Comparison.exact(
+                        result.seconds_before, self._clocked(old, install, top, state, result), self.margin
+                    )
+                else:
+                    comparison = paired_timing.compare(
+                        base, self._sampler(old, install, top, state, result), self.margin, self.confidence,
+                        max_rounds=self.repeats, budget=self.budget,
+                    )
+                    if result.seconds_before is None:
+                        result.seconds_before = comparison.base_seconds
+                result.trials.append(ModelTrial.of(k, comparison))
+                return comparison.passes
 
             lo, hi = 0, len(order)  # the top ``lo`` pass (0: trivially), the top ``hi`` do not
             if passes(hi):
@@ -337,10 +406,10 @@ class ModelSpeedCheck:
     def _note(self, name: str, c: LayerCandidate, rank: int, result: ModelSpeedResult) -> str:
         keep = "kept dense" if c.view.rank is None else f"kept at rank {c.view.rank}"
         at = result.order.index(name)
-        failed = [t for t in result.trials if t.layers > at and t.speedup < result.margin]
+        failed = [t for t in result.trials if t.layers > at and not t.passes]
         trial = min(failed, key=lambda t: t.layers)
         return (
-            f"{keep}: the model's training step measured {trial.speedup:.2f}x today's speed with the {trial.layers} "
+            f"{keep}: the model's training step measured {_trial_text(trial)} today's speed with the {trial.layers} "
             f"change{'s' if trial.layers > 1 else ''} saving most multiply-adds, rank {rank} here among them "
             f"(needs {result.margin:.2f}x); applied the "
             f"{result.kept} of {len(result.order)} saving most"

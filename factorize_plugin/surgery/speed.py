@@ -5,9 +5,10 @@ step and the device decide. ``SpeedGuard`` times the dense layer against the can
 inputs the layer really gets (shape, dtype, device, autocast, rows of a training batch), for a
 training step (forward + backward + the optimizer's step on the layer's parameters) or for
 inference (forward only), and allows a rank only where the pair is at least ``margin`` times as
-fast. Measurements are batched (every distinct case of a refactorization is timed together,
-interleaved, median of ``repeats``) and cached by (layer shape, rank, dtype, device, input shape,
-step), so many layers of a few shapes cost a few measurements.
+fast. Each decision times the dense layer and the pair in alternating rounds until a confidence
+interval on the speedup clears the margin one way or the other (``paired_timing``: an undecided
+comparison keeps the layer as it is), and is cached by (layer shape, rank, dtype, device, input
+shape, step), so many layers of a few shapes cost a few comparisons.
 
 ``SpeedCheck`` binds a guard to one refactorization (the layers' recorded inputs, the optimizers,
 and under DDP a broadcast: one process measures, every process gets its decisions).
@@ -33,7 +34,10 @@ import torch.nn as nn
 from ..core.conv import ConvGeometry, conv_output_size
 from ..layers.adapters import LayerView
 from ..layers.factorized import FactorizedConv2d, FactorizedLinear
+from . import paired_timing
 from .candidates import LayerCandidate, max_rank
+from .paired_timing import Comparison
+from ..core.checks import is_int, is_real
 
 MODES = ("train", "inference")
 SCOPES = ("model", "layer")
@@ -197,48 +201,41 @@ def _runner(case: TimingCase) -> Callable[[], None]:
     return step
 
 
-def measure(cases: Sequence[TimingCase], repeats: int = 7, min_time: float = 0.003) -> list[float]:
-    """Median seconds per step of each case, measured together and interleaved (one sample of
-    each case per round, so slow drifts of the machine hit all cases alike). A sample runs enough
-    steps to last about ``min_time`` seconds."""
-    if not cases:
-        return []
-    runners = [_runner(c) for c in cases]
-    devices = {torch.device(c.inputs.device) for c in cases}
+def sampler(case: TimingCase, min_time: float = 0.003) -> Callable[[], float]:
+    """One timed sample of ``case`` per call: seconds per step over enough steps to last about
+    ``min_time`` seconds (CUDA synchronized around it). The first call warms the case up."""
+    run = _runner(case)
+    dev = torch.device(case.inputs.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    count = 0
 
-    def sync() -> None:
-        for d in devices:
-            if d.type == "cuda":
-                torch.cuda.synchronize(d)
-
-    counts = []
-    for run in runners:
-        for _ in range(2):
-            run()
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        counts.append(max(1, min(10_000, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7)))))
-    samples: list[list[float]] = [[] for _ in cases]
-    for _ in range(repeats):
-        for i, run in enumerate(runners):
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(counts[i]):
+    def sample() -> float:
+        nonlocal count
+        if count == 0:
+            for _ in range(2):
                 run()
             sync()
-            samples[i].append((time.perf_counter() - t0) / counts[i])
-    return [statistics.median(s) for s in samples]
+            t0 = time.perf_counter()
+            run()
+            sync()
+            count = max(1, min(10_000, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7))))
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            run()
+        sync()
+        return (time.perf_counter() - t0) / count
+
+    return sample
 
 
 class SpeedGuard:
-    """Allows a layer's rank only where the pair is at least ``margin`` x as fast as the dense layer.
+    """Allows a layer's rank only where the pair is measurably at least ``margin`` x as fast.
 
     Args:
-        margin: required speedup (dense time / pair time). The default 1.15 keeps decisions stable
-            from run to run on a busy CPU, where medians of repeated timings still move by several
-            percent; layers within the margin of break-even stay dense.
+        margin: required speedup (today's seconds / the candidate's), at least 1 (a margin below 1
+            would apply changes that measured slower). The default 1.15 leaves changes near
+            break-even alone: they gain little and cost a re-factorization.
         mode: ``"train"`` times forward + backward + the optimizer's step on the layer's
             parameters (what training with a factorized layer costs); ``"inference"`` times forward
             only (for a model that is factorized and then deployed).
@@ -251,47 +248,78 @@ class SpeedGuard:
             one-shot inference; pessimistic on a GPU for mid-sized layers, whose isolated step is
             bound by host-side work). None (default): where the guard is used decides: ``"model"``
             in ``LowRankFactorization``, ``"layer"`` in ``factorize_model``.
-        repeats / min_time: samples per case (median) and the seconds each sample lasts at least.
+        confidence: every decision times today's structure and the candidate in alternating rounds
+            until a confidence interval at this level on the median speedup lies wholly above the
+            margin (applied) or wholly below it (not applied), see ``paired_timing.compare``.
+        budget: seconds one comparison may take before it stops undecided; an undecided
+            comparison keeps today's structure (the fixed rule: a timing that cannot tell changes
+            nothing). At least ``paired_timing.rounds_needed(confidence)`` rounds (6 at 0.95)
+            are always taken.
+        repeats: the most rounds one comparison takes (an int >= 1; fewer than the confidence
+            needs are raised to that number).
+        min_time: seconds each timed sample lasts at least (it repeats the step as needed).
         timer: replaces the per-layer clock: called with the cases to time, returns seconds per
-            step of each (tests use a deterministic one).
+            step of each (deterministic: the ratio decides alone; tests use one).
         clock: replaces the whole-model clock: ``clock(step, model)`` returns seconds per training
-            step of ``model`` as it is now, ``step()`` runs one (see ``model_speed.ModelClock``).
+            step of ``model`` as it is now, ``step()`` runs one (see ``model_speed.ModelClock``;
+            deterministic like ``timer``).
 
-    ``cache`` keeps every measured case; the same guard object reuses it across milestones.
+    ``cache`` keeps every per-layer comparison; the same guard object reuses it across milestones.
     """
 
     def __init__(
-        self, margin: float = 1.15, mode: str = "train", repeats: int = 7, min_time: float = 0.003,
+        self, margin: float = 1.15, mode: str = "train", repeats: int = 60, min_time: float = 0.003,
         timer: Optional[Timer] = None, scope: Optional[str] = None, clock: Optional[Callable] = None,
+        confidence: float = 0.95, budget: float = 5.0,
     ) -> None:
-        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
-            raise ValueError(f"margin (the speedup a pair must reach) must be a positive number, got {margin!r}")
+        if not (is_real(margin) and math.isfinite(margin) and margin >= 1):
+            raise ValueError(
+                f"margin (the speedup a change must reach) must be a number >= 1, got {margin!r}: below 1 the guard "
+                "would apply changes that measured slower; pass speed_guard=False to factorize for size alone"
+            )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scope is not None and scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES} or None (the caller's default), got {scope!r}")
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if not (is_int(repeats) and repeats >= 1):
+            raise ValueError(f"repeats (the most timing rounds per decision) must be an int >= 1, got {repeats!r}")
+        if not (is_real(confidence) and 0.5 <= confidence < 1):
+            raise ValueError(f"confidence must be a number in [0.5, 1), got {confidence!r}")
+        if not (is_real(budget) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget (seconds per timing decision) must be a positive number, got {budget!r}")
+        if not (is_real(min_time) and math.isfinite(min_time) and min_time >= 0):
+            raise ValueError(f"min_time must be a number >= 0 (seconds), got {min_time!r}")
         self.margin, self.mode, self.repeats, self.min_time = float(margin), mode, int(repeats), float(min_time)
+        self.confidence, self.budget = float(confidence), float(budget)
         self.timer, self.scope, self.clock = timer, scope, clock
-        self.cache: dict[TimingCase, float] = {}
+        self.cache: dict[tuple[TimingCase, TimingCase], Comparison] = {}
 
     def __repr__(self) -> str:
         return f"SpeedGuard(margin={self.margin}, mode={self.mode!r}, scope={self.scope!r})"
 
-    def seconds(self, cases: Sequence[TimingCase]) -> list[float]:
-        """Seconds per step of each case; the uncached ones are measured in one batch."""
-        todo = list(dict.fromkeys(c for c in cases if c not in self.cache))
-        if todo:
-            times = self.timer(todo) if self.timer is not None else measure(todo, self.repeats, self.min_time)
-            for c, t in zip(todo, times):
+    def compare(self, base: Callable[[], float], candidate: Callable[[], float]) -> Comparison:
+        """``paired_timing.compare`` of two samplers with this guard's margin, confidence and budget."""
+        return paired_timing.compare(
+            base, candidate, self.margin, self.confidence, max_rounds=self.repeats, budget=self.budget
+        )
+
+    def comparisons(self, pairs: Sequence[tuple[TimingCase, TimingCase]]) -> list[Comparison]:
+        """Today's case against the candidate's, for each pair (cached). With ``timer`` the cases
+        are timed in one call and compared exactly; otherwise each pair in alternating rounds."""
+        todo = list(dict.fromkeys(p for p in pairs if p not in self.cache))
+        if todo and self.timer is not None:
+            cases = list(dict.fromkeys(c for p in todo for c in p))
+            secs = {}
+            for c, t in zip(cases, self.timer(cases), strict=True):
                 t = float(t)
                 if not (math.isfinite(t) and t > 0):
-                    raise ValueError(
-                        f"the speed guard's timer returned {t} seconds for {c}: expected a positive number"
-                    )
-                self.cache[c] = t
-        return [self.cache[c] for c in cases]
+                    raise ValueError(f"the speed guard's timer returned {t} seconds for {c}: expected a positive number")
+                secs[c] = t
+            for base, cand in todo:
+                self.cache[base, cand] = Comparison.exact(secs[base], secs[cand], self.margin)
+        for base, cand in todo if self.timer is None else ():
+            self.cache[base, cand] = self.compare(sampler(base, self.min_time), sampler(cand, self.min_time))
+        return [self.cache[p] for p in pairs]
 
 
 @dataclasses.dataclass
@@ -300,15 +328,20 @@ class SpeedVerdict:
 
     rank: Optional[int]  # the rank that was measured (None: nothing to decide)
     allowed: bool
-    dense_seconds: Optional[float] = None
-    pair_seconds: Optional[float] = None
+    comparison: Optional[Comparison] = None  # what was timed (None: nothing was)
     note: str = ""
 
     @property
     def speedup(self) -> Optional[float]:
-        if self.dense_seconds is None or self.pair_seconds is None:
-            return None
-        return self.dense_seconds / self.pair_seconds
+        return None if self.comparison is None else self.comparison.ratio
+
+    @property
+    def dense_seconds(self) -> Optional[float]:
+        return None if self.comparison is None else self.comparison.base_seconds
+
+    @property
+    def pair_seconds(self) -> Optional[float]:
+        return None if self.comparison is None else self.comparison.candidate_seconds
 
 
 def _describe_step(mode: str, optimizer: Optional[OptimizerSpec]) -> str:
@@ -354,13 +387,10 @@ class SpeedCheck:
     def _dense_view(self, c: LayerCandidate) -> LayerView:
         return dataclasses.replace(c.view, rank=None)
 
-    def _ratios(self, asks: Mapping[str, tuple[TimingCase, int]]) -> dict[str, tuple[float, float]]:
-        """(dense seconds, pair seconds) per layer for the asked (case, rank), in one batch."""
-        cases = []
-        for case, rank in asks.values():
-            cases += [case.dense, dataclasses.replace(case, rank=rank)]
-        secs = self.guard.seconds(cases)
-        return {n: (secs[2 * i], secs[2 * i + 1]) for i, n in enumerate(asks)}
+    def _compare(self, asks: Mapping[str, tuple[TimingCase, int]]) -> dict[str, Comparison]:
+        """The dense case against the pair at the asked rank, per layer."""
+        pairs = [(case.dense, dataclasses.replace(case, rank=rank)) for case, rank in asks.values()]
+        return dict(zip(asks, self.guard.comparisons(pairs), strict=True))
 
     def caps(
         self, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate]
@@ -380,14 +410,14 @@ class SpeedCheck:
             first = True
             while bounds:
                 asks = {n: (cases[n], hi - 1 if first else (lo + hi) // 2) for n, (lo, hi) in bounds.items()}
-                for n, (dense, pair) in self._ratios(asks).items():
+                for n, comparison in self._compare(asks).items():
                     lo, hi = bounds[n]
                     r = asks[n][1]
-                    if dense / pair >= self.guard.margin:
+                    if comparison.passes:
                         lo = r
                     else:
                         hi = r
-                        refused[n] = self._verdict(candidates[n], asks[n][0], r, dense, pair)
+                        refused[n] = self._verdict(candidates[n], asks[n][0], r, comparison)
                     bounds[n] = (lo, hi)
                 first = False
                 for n, (lo, hi) in list(bounds.items()):
@@ -399,17 +429,17 @@ class SpeedCheck:
         caps, self.refused = self._agreed(compute)
         return caps
 
-    def _verdict(self, c: LayerCandidate, case: TimingCase, rank: int, dense: float, pair: float) -> SpeedVerdict:
-        ok = dense / pair >= self.guard.margin
+    def _verdict(self, c: LayerCandidate, case: TimingCase, rank: int, comparison: Comparison) -> SpeedVerdict:
         note = ""
-        if not ok:
+        if not comparison.passes:
             keep = "kept dense" if c.view.rank is None else f"kept at rank {c.view.rank}"
+            how = "measured" if comparison.verdict != paired_timing.UNDECIDED else "could not be told apart, at"
             note = (
-                f"{keep}: rank {rank} measured {dense / pair:.2f}x the dense layer's speed "
+                f"{keep}: rank {rank} {how} {comparison.describe()} the dense layer's speed "
                 f"(needs {self.guard.margin:.2f}x) on {case.inputs.describe()} at {case.inputs.rows(case.view)} rows, "
                 f"{_describe_step(case.mode, case.optimizer)}"
             )
-        return SpeedVerdict(rank, ok, dense, pair, note)
+        return SpeedVerdict(rank, comparison.passes, comparison, note)
 
     def check(
         self,
@@ -434,8 +464,8 @@ class SpeedCheck:
                     )
                 else:
                     asks[n] = (case, r)
-            for n, (dense, pair) in self._ratios(asks).items():
-                verdicts[n] = self._verdict(candidates[n], *asks[n], dense, pair)
+            for n, comparison in self._compare(asks).items():
+                verdicts[n] = self._verdict(candidates[n], *asks[n], comparison)
             return verdicts
 
         verdicts = self._agreed(compute)
