@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (quick runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (this model is small: 1 is enough)")
     parser.add_argument(
-        "--no-speed-guard", action="store_true", help="factorize for size alone (no timing decides: the same run on any machine)"
+        "--no-speed-guard", action="store_true",
+        help="factorize for size alone (no timing decides: the same run on any machine)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,7 +107,8 @@ def main() -> None:
             print(f"  epoch {h['epoch']}: not timed" + (" (--no-speed-guard)" if args.no_speed_guard else ""))
             continue
         tried = "; ".join(
-            f"{t['layers']} change(s): {t['speedup']:.2f}x ({t['low']:.2f}-{t['high']:.2f}, {t['rounds']} rounds, {t['verdict']})"
+            f"{t['layers']} change(s): {t['speedup']:.2f}x "
+            f"({t['low']:.2f}-{t['high']:.2f}, {t['rounds']} rounds, {t['verdict']})"
             for t in h["speed_trials"]
         )
         print(f"  epoch {h['epoch']}: {tried}; applied at {h['speedup_model']:.2f}x the step's speed")

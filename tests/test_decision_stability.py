@@ -200,3 +200,28 @@ def test_the_timing_leaves_attributes_rebound_buffers_and_python_numpy_rng_as_th
     assert got.noise == ref.noise
     for (n, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.slow
+def test_the_stability_benchmark_dry_run(tmp_path):
+    """bench_decision_stability.py's dry run: both decision codes (a commit's, here HEAD's so that a
+    shallow clone has it, and this tree's), with and without a parallel load, each run's structure
+    recorded."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decision_stability.py"
+    out = subprocess.run([sys.executable, str(bench), "--dry-run", "--before", "HEAD", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "decision_stability_dry_run.json").read_text())
+    cells = {(c["code"], c["load"]): c for c in result["cells"]}
+    assert set(cells) == {("before", False), ("before", True), ("after", False), ("after", True)}
+    for (code, _), c in cells.items():
+        (run,) = c["per_run"]
+        assert set(run["structure"]) == {"1", "2"} and c["identical_to_most_common"] == 1
+        assert ("/benchmarks/.cache/before_" in run["package"]) == (code == "before")
+    for t in cells["after", False]["per_run"][0]["trials"]["1"]:
+        assert t["rounds"] >= 6 and t["low"] <= t["speedup"] <= t["high"]

@@ -169,3 +169,35 @@ def test_rewrap_ddp_uses_the_strategy_api_it_assumes():
     assert callable(getattr(strategies.DDPStrategy, "configure_ddp", None))
     assert isinstance(getattr(strategies.DDPStrategy, "model", None), property)
     assert isinstance(getattr(strategies.DDPStrategy, "lightning_module", None), property)
+
+
+def test_training_position_after_a_fresh_start_and_each_kind_of_resume(tmp_path):
+    """``training_position`` at ``on_train_start``: where training goes on after a checkpoint
+    written at an epoch's end, in its validation run, or mid-epoch (Lightning's loop progress)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from factorize_plugin.integration.lightning_internals import training_position
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.position = training_position(trainer)
+
+    def fit(ckpt=None, save=None):
+        probe = Probe()
+        pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=3, callbacks=[probe] + ([save] if save else []), logger=False,
+            enable_checkpointing=save is not None, enable_progress_bar=False, enable_model_summary=False,
+        ).fit(TinyNet(), ckpt_path=ckpt)  # fmt: skip
+        return probe.position
+
+    at_end = ModelCheckpoint(dirpath=tmp_path / "end", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    in_validation = ModelCheckpoint(
+        dirpath=tmp_path / "val", filename="{epoch}", save_top_k=-1, monitor="val_loss", save_on_train_epoch_end=False
+    )
+    mid = ModelCheckpoint(dirpath=tmp_path / "mid", filename="{step}", save_top_k=-1, every_n_train_steps=11)
+    assert fit(save=at_end) == (0, 0)
+    fit(save=in_validation)
+    fit(save=mid)
+    assert fit(str(tmp_path / "end" / "epoch=1.ckpt")) == (2, 0)
+    assert fit(str(tmp_path / "val" / "epoch=1.ckpt")) == (1, 8)  # epoch 1 resumed with its 8 batches behind
+    assert fit(str(tmp_path / "mid" / "step=11.ckpt")) == (1, 3)  # 8 batches per epoch: 3 of epoch 1 done

@@ -29,6 +29,7 @@ from ..surgery.refactorize import refactorize
 from ..surgery.sharing import CallCounter
 from ..surgery.speed import SpeedGuard, resolve_guard
 from .auto_schedule import Readiness, read_any_schedule
+from .batch_layout import BatchLayoutCheck
 from .callback_state import STATE_VERSION, migrate_state, param_groups_by_name, plain, restore_optimizer_order
 from .lightning_internals import check_strategy, rewrap_ddp
 from .milestone import (
@@ -101,6 +102,9 @@ class LowRankFactorization(Callback):
             without ``forward``: otherwise refused before training).
         input_fn: turns a validation batch into the model's input for those measurements (default:
             the first element of a tuple/list batch, a dict as keyword arguments, else the batch).
+            Where the callback calls the model (``output_batches`` or a measuring ``ParamBudget``),
+            a first validation batch that ``forward``'s signature cannot take is refused before
+            training (``BatchLayoutError``, saying what to pass; ``integration/batch_layout.py``).
         regularization: >= 0; moves the fit toward the plain SVD of the weights (few samples).
         name: distinguishes two instances in a checkpoint (their ``state_key``); default: derived
             from ``targets`` and ``exclude``, never from the schedule, so a schedule can be edited
@@ -145,12 +149,17 @@ class LowRankFactorization(Callback):
             same batches each time (no shuffling). A layer alone over the budget is refused at
             setup. None (default): one pass.
         rewarm_steps: after a milestone that swapped layers in mid-training, the learning rate of
-            every param group ramps from 1/n to 1 of its scheduled value over the next n optimizer
-            steps (inside ``optimizer.step()`` only: schedulers and checkpoints see the scheduled
-            rate; ``integration/rewarm.py``), because the new factors start with empty optimizer
-            moments. ``"auto"`` (default): a quarter of an epoch's optimizer steps, at most 1000
-            (the LM trade-off benchmark's early schedule: 1.1 % lower mean final validation loss
-            over 5 seeds); 0: no re-warm. A milestone before the first optimizer step has none.
+            every param group ramps from 1/n to 1 of its scheduled value over each optimizer's next
+            n steps, because the new factors start with empty optimizer moments. The ramped rate
+            exists only between the step's closure and the update (``training_step``, backward
+            hooks, gradient clipping, schedulers, loggers and checkpoints see the scheduled rate;
+            with ``LBFGS``, which reads its rate first, the closure sees it too;
+            ``integration/rewarm.py``). A ramp cut off by the end of ``fit`` goes on in this
+            callback's next ``fit`` on the same model. ``"auto"`` (default): a quarter of an
+            epoch's optimizer steps, at most 1000; an int n in [0, 10**6]; 0: no re-warm. A
+            milestone before the first optimizer step has none. On the LM trade-off benchmark's
+            early schedule at its tuned rate (3 seeds) it changes nothing measurable: mean final
+            validation loss 2.3903 with, 2.3910 without (``benchmarks/results/lm_tradeoff.json``).
 
     Behaviour worth knowing:
 
@@ -252,6 +261,7 @@ class LowRankFactorization(Callback):
         self._watch = TrainingInputWatch()  # the speed guard's training batch / inputs, before a milestone
         self._counter: Optional[CallCounter] = None  # calls per layer during the sanity check
         self._output_batches = output_batches  # 0 for a module without forward (see output_measurable)
+        self._layout = BatchLayoutCheck()  # a validation batch forward cannot take: refused before training
 
     targets = property(lambda self: self.spec.targets)
     exclude = property(lambda self: self.spec.exclude)
@@ -292,6 +302,8 @@ class LowRankFactorization(Callback):
         planned = self._policies if self._auto is None else {"auto": self._auto.target}
         measurable = output_measurable(pl_module, planned, self.budget_batches, self.output_batches)
         self._output_batches = self.output_batches if measurable else 0
+        probing = self.budget_batches > 0 and any(p.uses_probe for p in planned.values())
+        self._layout.arm(self._output_batches, probing, self.budget_batches)
         check_start_method(trainer, pl_module)
         enable_factorized_loading(pl_module)  # a resumed checkpoint rebuilds the structure before weights load
         self._selection = prepare(pl_module, self.spec, {f"milestone {e}": p for e, p in planned.items()})
@@ -308,8 +320,14 @@ class LowRankFactorization(Callback):
         if self._restored_groups:  # the rebuilt model's parameters back in the saved order
             restore_optimizer_order(trainer.optimizers, self._restored_groups, pl_module)
             self._restored_groups = None
-        self._rewarm.resume(trainer.optimizers)  # a run checkpointed mid-ramp finishes it
+        self._rewarm.resume(trainer.optimizers)  # a ramp checkpointed, or cut off by the last fit's end, goes on
         warn_late_milestones(trainer, self.schedule, self.done)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._layout.before_training(trainer, pl_module, self.input_fn)  # no sanity check showed a batch
+        if self._auto is not None:  # the epoch's length is known from here on: auto's latest switch, warned now
+            self._auto.plan(trainer)
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -340,8 +358,21 @@ class LowRankFactorization(Callback):
             self._auto.after_validation(trainer, pl_module, self.history)
 
     @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.state.fn == "fit" and dataloader_idx == 0:
+            self._layout.see(pl_module, batch, self.input_fn)  # the sanity check's first batch, before training
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._watch.keep(batch)  # on the device: the whole-model speed check's batch
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._rewarm.release()  # the step hooks of optimizers whose ramp ended in this batch
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -391,13 +422,13 @@ class LowRankFactorization(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_collector()
         self._watch.drop()
-        self._rewarm.stop()
+        self._rewarm.pause()  # a ramp cut off here goes on in this callback's next fit on this model
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_collector()  # no hook stays attached to the model after a failed fit
         self._watch.drop()
-        self._rewarm.stop()
+        self._rewarm.pause()  # no hook stays on the optimizers; the ramp's progress is kept
         if self._counter is not None:
             self._counter.detach()
 

@@ -146,3 +146,20 @@ def rewrap_ddp(trainer: Trainer) -> None:
     strategy.model = strategy.lightning_module
     del old
     strategy.configure_ddp()
+
+
+def training_position(trainer: Trainer) -> tuple[int, int]:
+    """(the epoch training goes on in, batches of it already trained) at ``on_train_start``.
+
+    ``trainer.current_epoch`` does not say it after a resume: a checkpoint written at an epoch's end
+    restarts with ``current_epoch`` still on the finished epoch. The fit loop's epoch progress does:
+    ``processed`` counts epochs that ran to their end (the next one to train), and an epoch
+    ``started`` but not ``processed`` is one resumed mid-way (or whose checkpoint came from its
+    validation run), with ``batch_progress.current.processed`` of its batches already trained
+    (``processed``, not ``completed``: a checkpoint written in ``on_train_batch_end`` holds its
+    batch as processed, and the restarting loop counts it done). A fresh run: (0, 0)."""
+    progress = trainer.fit_loop.epoch_progress.current
+    epoch = progress.processed
+    if progress.started > progress.processed:
+        return epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    return epoch, 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Literal, Mapping, Union
 
 from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
@@ -13,7 +14,8 @@ ScheduleValue = Union[int, float, RankPolicy]
 
 
 def _epoch(key: Any) -> int:
-    """A schedule key as a 0-based epoch: an int, or a string / float that is exactly one."""
+    """A schedule key as a 0-based epoch: an int (or NumPy int), or a string / float (any NumPy
+    float width) that is exactly one."""
     if isinstance(key, bool):
         raise ValueError(f"schedule key {key!r} is not an epoch number")
     if isinstance(key, str):
@@ -21,7 +23,8 @@ def _epoch(key: Any) -> int:
             key = int(key.strip())
         except ValueError:
             raise ValueError(f"schedule key {key!r} is not an epoch number") from None
-    if isinstance(key, float):
+    if isinstance(key, numbers.Real) and not isinstance(key, numbers.Integral):  # float, np.float16 ...
+        key = float(key)
         if not key.is_integer():
             raise ValueError(f"schedule key {key!r} is not a whole epoch: milestones fall on epoch starts (use an int)")
         key = int(key)

@@ -26,6 +26,7 @@ from ..core.statistics import MomentAccumulator, work_dtype
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
 from . import fastpath
 from .holdout import HeldOutHalves
+from .settings import is_real
 from .sharding import Sharding, assign_owners, solve_work
 from .speed import LayerInput, autocast_dtype
 
@@ -134,7 +135,7 @@ class ActivationCollector:
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-        if sample_fraction != "auto" and not (isinstance(sample_fraction, (int, float)) and 0 < sample_fraction <= 1):
+        if sample_fraction != "auto" and not (is_real(sample_fraction) and 0 < float(sample_fraction) <= 1):
             raise ValueError(f"sample_fraction must be in (0, 1] or 'auto', got {sample_fraction!r}")
         self.layers = dict(layers)
         self.max_samples = max_samples

@@ -141,6 +141,16 @@ def timing_optimizers(optimizers: Sequence[Any], replace: Mapping[int, list]) ->
     return out
 
 
+def needs_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` requires a closure (``torch.optim.LBFGS``: ``step(closure)``)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps optimizers
+    try:
+        closure = inspect.signature(type(opt).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
 def _loss(out: Any) -> Optional[torch.Tensor]:
     if isinstance(out, Mapping):
         out = out.get("loss")
@@ -255,13 +265,26 @@ class ModelSpeedCheck:
     def _runner(self, optimizers: list) -> Callable[[], None]:
         params = list(self.model.parameters())
 
-        def run() -> None:
+        def forward_backward() -> torch.Tensor:
+            for p in params:  # as Lightning's closure: gradients zeroed before each backward
+                p.grad = None
             with torch.inference_mode(False), torch.enable_grad():
                 loss = _loss(self.forward())
                 if loss is not None:
                     loss.backward()
+            return loss.detach() if loss is not None else torch.zeros(())
+
+        closured = [opt for opt in optimizers if needs_closure(opt)]
+
+        def run() -> None:
+            if closured:  # LBFGS: its step runs the forward + backward (as often as it needs), as in Lightning
+                for opt in closured:
+                    opt.step(forward_backward)
+            else:
+                forward_backward()
             for opt in optimizers:
-                opt.step()
+                if not any(opt is c for c in closured):
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
             for p in params:
                 p.grad = None

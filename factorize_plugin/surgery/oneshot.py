@@ -44,7 +44,8 @@ class _Prepared:
 
 def _advise(message: Optional[str]) -> None:
     if message is not None:
-        warnings.warn(f"factorize_model: {message}", UserWarning, stacklevel=3)
+        # stacklevel 4: the user's call, past the inference_mode(False) wrapper
+        warnings.warn(f"factorize_model: {message}", UserWarning, stacklevel=4)
 
 
 def _print_progress(i: int, n: int, name: str) -> None:
@@ -64,6 +65,7 @@ def _collect(
     return collector
 
 
+@torch.inference_mode(False)  # works under torch.inference_mode(): new parameters are normal tensors
 def factorize_model(
     model: nn.Module,
     calibration: Iterable,
@@ -109,7 +111,9 @@ def factorize_model(
     lower an already-factorized layer's rank), and, with the speed guard on (the default), where
     its pair does not measure ``margin`` (1.15) x as fast as the dense layer on this machine for
     the calibration batches' shape, dtype and device (its report's ``note`` says so). If anything
-    fails, the model is left unchanged.
+    fails, the model is left unchanged. It may be called under ``torch.inference_mode()`` (with
+    batches made there): it runs with inference mode off, so the new parameters are ordinary
+    tensors that can be trained on afterwards.
 
     Args:
         model: any ``nn.Module``. It runs in eval mode during calibration (dropout off, batch-norm

@@ -115,7 +115,8 @@ def compare(
         else:
             c, b = candidate(), base()
         if not (math.isfinite(b) and b > 0 and math.isfinite(c) and c > 0):
-            raise ValueError(f"a timing returned {b if not (math.isfinite(b) and b > 0) else c} seconds: expected a positive number")
+            bad = b if not (math.isfinite(b) and b > 0) else c
+            raise ValueError(f"a timing returned {bad} seconds: expected a positive number")
         base_secs.append(b)
         cand_secs.append(c)
         ratios.append(b / c)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..core.stable_rank import stable_rank
 from ..layers import weight_matrix
 from ..layers.adapters import layer_view
-from .settings import check_whole, refuse
+from .settings import check_whole, is_real, refuse
 
 
 @dataclasses.dataclass
@@ -33,7 +33,13 @@ class Readiness:
         latest: in (0, 1], or None. Switch at the latest at epoch ``ceil(latest * max_epochs)``
             (at most the last epoch), settled or not (the speed-up is the point, and a late switch
             earns little of it); None: never without the signal (no switch if it never settles).
-        iterations: power-iteration steps per layer and validation run for ``||W||_2``.
+            ``max_epochs`` is the run's length in epochs: ``max_steps`` counts where it ends the
+            run first. The switch is decided at the first validation run at or after the end of the
+            epoch before; where ``check_val_every_n_epoch`` leaves none whose next epoch still
+            trains, at the last one that can still apply it (``integration/auto_schedule.py``).
+        iterations: power-iteration steps per layer and validation run for ``||W||_2``, in
+            [1, ``MAX_ITERATIONS``] (1000: the estimate has long converged by then, and each step
+            costs a matrix-vector product per layer at every validation run).
         room: in (0, 1], or None. A layer whose stable rank is at most ``room`` times the rank the
             target will give it (``RankPolicy.planned_rank``) counts as settled however much it
             moved: its weight's energy lies in far fewer directions than it will keep, so its drift
@@ -41,6 +47,8 @@ class Readiness:
             None: every layer must settle. A target whose ranks take the statistics (``MaxNMSE``)
             plans no rank: its layers must settle.
     """
+
+    MAX_ITERATIONS: ClassVar[int] = 1000
 
     tolerance: float = 0.1
     patience: int = 1
@@ -50,7 +58,7 @@ class Readiness:
 
     def __post_init__(self) -> None:
         t = self.tolerance
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) < 1.0:
+        if not (is_real(t) and 0.0 < float(t) < 1.0):  # NaN fails too
             raise refuse(
                 "Readiness.tolerance", t, "a number in (0, 1)",
                 "the largest relative change of a layer's stable rank between validation runs that counts as settled",
@@ -61,13 +69,15 @@ class Readiness:
             "Readiness.latest", self.latest,
             "the share of max_epochs after which the switch happens even if the signal has not settled",
         )  # fmt: skip
-        self.iterations = check_whole("Readiness.iterations", self.iterations, 1, "power-iteration steps")
+        self.iterations = _iterations(self.iterations, self.MAX_ITERATIONS)
         self.room = _optional_share(
             "Readiness.room", self.room, "the share of its planned rank under which a layer counts as settled"
         )
 
     def latest_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
-        """The epoch from which the model runs at low rank at the latest (None: no such bound)."""
+        """The epoch from which the model runs at low rank at the latest (None: no such bound), for
+        a run of ``max_epochs`` epochs (the run's length, whichever Trainer limit sets it; None or
+        negative: not known). Where the validation runs fall is the caller's (``switch_plan``)."""
         if self.latest is None or max_epochs is None or max_epochs < 0:
             return None
         return max(1, min(math.ceil(self.latest * max_epochs - 1e-9), max_epochs - 1))
@@ -77,9 +87,22 @@ def _optional_share(name: str, value: Any, meaning: str) -> Optional[float]:
     """None, or a number in (0, 1] as a float."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if not (is_real(value) and 0.0 < float(value) <= 1.0):
         raise refuse(name, value, "None or a number in (0, 1]", meaning)
     return float(value)
+
+
+def _iterations(value: Any, maximum: int) -> int:
+    """A whole number in [1, ``maximum``] (an int, a NumPy int or a whole float) as an int."""
+    rule = f"a whole number in [1, {maximum}]"
+    meaning = "power-iteration steps per layer and validation run; the estimate converges in far fewer"
+    try:
+        steps = check_whole("Readiness.iterations", value, 1)
+    except ValueError:
+        raise refuse("Readiness.iterations", value, rule, meaning) from None
+    if steps > maximum:
+        raise refuse("Readiness.iterations", value, rule, meaning)
+    return steps
 
 
 def stable_ranks(layers: Mapping[str, nn.Module], iterations: int) -> dict[str, float]:

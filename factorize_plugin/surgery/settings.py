@@ -9,10 +9,11 @@ returns the value normalized (a whole float as an int, one pattern as a list of 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+
+from ..core.checks import is_real  # the one test of "a number": NumPy scalars of any width, no bool
 
 
 def refuse(name: str, value: Any, rule: str, fix: str = "") -> ValueError:
@@ -20,8 +21,7 @@ def refuse(name: str, value: Any, rule: str, fix: str = "") -> ValueError:
     return ValueError(f"{name} must be {rule}, got {value!r}" + (f": {fix}" if fix else ""))
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+_is_real = is_real  # the name this module's checkers use; callers import ``is_real``
 
 
 def check_whole(name: str, value: Any, minimum: int, meaning: str = "") -> int:
@@ -31,11 +31,23 @@ def check_whole(name: str, value: Any, minimum: int, meaning: str = "") -> int:
     return int(value)
 
 
+# The longest learning-rate ramp accepted: 1000x "auto"'s cap (Adam's second moment forgets in about
+# 1000 steps at its default), so a larger value is a slip (an epoch count times a dataset size, say).
+MAX_REWARM_STEPS = 10**6
+
+
 def check_rewarm_steps(value: Any) -> Union[int, str]:
-    """``"auto"`` or a whole number >= 0 (0: no learning-rate re-warm after a swap)."""
+    """``"auto"`` or a whole number in [0, ``MAX_REWARM_STEPS``] (0: no learning-rate re-warm after a swap)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    return check_whole("rewarm_steps", value, 0, "optimizer steps of the learning-rate ramp after a swap, or 'auto'")
+    rule = f"'auto' or a whole number >= 0 and <= {MAX_REWARM_STEPS} (optimizer steps of the ramp after a swap)"
+    try:
+        steps = check_whole("rewarm_steps", value, 0)
+    except ValueError:
+        raise refuse("rewarm_steps", value, rule) from None
+    if steps > MAX_REWARM_STEPS:
+        raise refuse("rewarm_steps", value, rule)
+    return steps
 
 
 def check_optional_whole(name: str, value: Any, minimum: int, none_means: str) -> Optional[int]:
@@ -167,5 +179,5 @@ __all__ = [
     "check_min_features", "check_min_params", "check_name", "check_optional_whole", "check_param_budget",
     "check_patterns", "check_progress", "check_regularization", "check_rewarm_steps", "check_sample_fraction",
     "check_space",
-    "check_whole", "refuse",
+    "check_whole", "is_real", "refuse",
 ]

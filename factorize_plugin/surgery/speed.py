@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..core.checks import is_int, is_real
 from ..core.conv import ConvGeometry, conv_output_size
 from ..layers.adapters import LayerView
 from ..layers.factorized import FactorizedConv2d, FactorizedLinear
 from . import paired_timing
 from .candidates import LayerCandidate, max_rank
 from .paired_timing import Comparison
-from ..core.checks import is_int, is_real
 
 MODES = ("train", "inference")
 SCOPES = ("model", "layer")
@@ -313,7 +312,7 @@ class SpeedGuard:
             for c, t in zip(cases, self.timer(cases), strict=True):
                 t = float(t)
                 if not (math.isfinite(t) and t > 0):
-                    raise ValueError(f"the speed guard's timer returned {t} seconds for {c}: expected a positive number")
+                    raise ValueError(f"the speed guard's timer returned {t} seconds: expected a positive number ({c})")
                 secs[c] = t
             for base, cand in todo:
                 self.cache[base, cand] = Comparison.exact(secs[base], secs[cand], self.margin)
