@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _common import package_version  # benchmarks/ is on sys.path when run as a script
 
 from factorize_plugin.surgery.collector import ActivationCollector
 from factorize_plugin.surgery.targets import select_layers
@@ -115,6 +116,7 @@ def main() -> None:
         "machine": platform.machine(),
         "malloc": malloc or "glibc defaults",
         "quick": args.quick,
+        "package": package_version(),
         "rows": rows,
     }
     name = "collection_overhead" + ("_steady_malloc" if malloc else "") + ("_quick" if args.quick else "")

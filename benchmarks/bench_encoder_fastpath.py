@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn as nn
+from _common import package_version  # benchmarks/ is on sys.path when run as a script
 
 from factorize_plugin import FactorizedLinear
 
@@ -61,6 +62,7 @@ def main() -> None:
             key = f"{'factorized' if factorized else 'dense'}, fast path {'on' if fastpath else 'off'}"
             out[key] = round(timed(model, x, fastpath), 2)
             print(f"{key:>32}: {out[key]:.2f} ms/batch")
+    out["package"] = package_version()
     print(json.dumps(out))
 
 

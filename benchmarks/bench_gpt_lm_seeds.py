@@ -20,6 +20,7 @@ import json
 
 import torch
 
+from benchmarks._common import package_version
 from examples.gpt_train import run
 
 PLANS = {"dense": (None, 600), "callback_1:0.25": ({1: 0.25}, 600), "init_0.25": ({0: 0.25}, 600), "init_0.25_630": ({0: 0.25}, 630)}
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> None:
         schedule, steps = PLANS[plan]
         r = run(schedule, steps, 6, seed=seed)
         record(plan, seed, {"final_val_loss": r["final_val_loss"], "fit_seconds": r["fit_seconds"], "steps": r["steps"],
-                            "curve": [round(p["val_loss"], 4) for p in r["curve"]]})
+                            "curve": [round(p["val_loss"], 4) for p in r["curve"]], "package": package_version()})
         print(f"{plan} seed {seed}: final val loss {r['final_val_loss']:.4f}, {r['fit_seconds']:.0f} s", flush=True)
 
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_gpu_lm.py [--steps 800 | --quick] [--budget-s 300] [--out benchmarks/results]
     python benchmarks/bench_gpu_lm.py --dry-run   # the same code on the CPU at tiny sizes (tested)
 
-The configuration of ``../shared/notes/gpu-measurements.md``: ``examples/gpt_task.GPT`` at dim 1024,
+The configuration of ``benchmarks/results/gpu_measurements_2026.md``: ``examples/gpt_task.GPT`` at dim 1024,
 8 layers, 16 heads, block 512, batch 32, AdamW, ``precision="bf16-mixed"``, 800 steps in 4 epochs,
 trained through ``examples/gpt_train.run`` (same seed, data and steps for every run). In order:
 
@@ -75,7 +75,7 @@ from factorize_plugin import factorize_model
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.5, 0.25, 0.125)
 TARGETS = ["blocks.*"]  # every projection of every block (the tied head is not a target)
-# measured on the H200 for 800 steps (gpu-measurements.md), seconds; the step table's is an estimate
+# measured on the H200 for 800 steps (results/gpu_measurements_2026.md), seconds; the step table's is an estimate
 PLANNED = {
     "dense": 28.0,
     "step_table": 25.0,

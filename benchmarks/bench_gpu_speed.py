@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _common import package_version  # benchmarks/ is on sys.path when run as a script
 
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
 from factorize_plugin.layers.adapters import layer_view
@@ -39,14 +40,14 @@ def guard_decision(dense: nn.Module, x: torch.Tensor, rank: int) -> dict:
     view = layer_view(dense)
     inputs = LayerInput.of(x)
     case = TimingCase(view, rank, inputs, "train", dense.bias is not None, dense.weight.dtype, True, OptimizerSpec(torch.optim.AdamW))
-    t_dense, t_pair = GUARD.seconds([case.dense, case])
-    ratio = t_dense / t_pair
-    allowed = ratio >= GUARD.margin
+    (comparison,) = GUARD.comparisons([(case.dense, case)])
+    ratio, allowed = comparison.ratio, comparison.passes
     note = "" if allowed else (
-        f"kept dense: rank {rank} measured {ratio:.2f}x the dense layer's speed (needs {GUARD.margin:.2f}x) on "
-        f"{inputs.describe()} at {inputs.rows(view)} rows, train step with AdamW"
+        f"kept dense: rank {rank} measured {comparison.describe()} the dense layer's speed (needs {GUARD.margin:.2f}x) on "
+        f"{inputs.describe()} at {inputs.rows(view)} rows, train step with AdamW ({comparison.verdict})"
     )
-    return dict(guard_speedup=ratio, guard_factorizes=allowed, guard_note=note)
+    return dict(guard_speedup=ratio, guard_low=comparison.low, guard_high=comparison.high, guard_rounds=comparison.rounds,
+                guard_verdict=comparison.verdict, guard_factorizes=allowed, guard_note=note)
 
 
 def _time(module: nn.Module, x: torch.Tensor, iters: int) -> float:
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in kept:
         print("  ", r.get("shape") or f"conv3x3 {r['channels']} channels", r["guard_note"])
     result = dict(benchmark="gpu_speed", device=device_name, torch=torch.__version__, dtype=str(dev["dtype"]).replace("torch.", ""),
-                  quick=args.quick, guard=dict(margin=GUARD.margin, mode=GUARD.mode, optimizer="AdamW"), rows=rows)
+                  quick=args.quick, guard=dict(margin=GUARD.margin, mode=GUARD.mode, optimizer="AdamW"),
+                  package=package_version(), rows=rows)
     (out / ("gpu_speed_dry_run.json" if args.dry_run else "gpu_speed.json")).write_text(json.dumps(result, indent=2))
     return result
 

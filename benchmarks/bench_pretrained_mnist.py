@@ -53,6 +53,9 @@ from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates  
 from factorize_plugin.surgery.sensitivity import OutputProbe, measure_output_errors, measure_sensitivity  # noqa: E402
 from factorize_plugin.surgery.targets import select_layers  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import package_version  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("budget", "uniform", "svd", "svd_budget_ranks", "unweighted", "fixed_rank")
 TARGET_SETS = {
@@ -246,6 +249,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     result = run(args)
     result["seconds_total"] = time.time() - t0
+    result["package"] = package_version()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"pretrained_mnist{suffix}.json"
     out.write_text(json.dumps(result, indent=1))

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _common import package_version  # benchmarks/ is on sys.path when run as a script
 
 MODELS = {
     # published sizes: LLaMA (Touvron et al. 2023) / Llama 2 configs, vocabulary 32000, untied head
@@ -247,6 +248,7 @@ def main() -> None:
         "models": {name: estimate(name, args.gemm_tflops, args.eigh_tflops, budget_gb=args.budget_gb) for name in args.models},
     }
     results["seconds"] = time.perf_counter() - start
+    results["package"] = package_version()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))

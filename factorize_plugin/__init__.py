@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # loaded on first use (they import Lightning); visible to typ
     from .integration.callback import LowRankFactorization
     from .integration.cli import FactorizeCLI
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it from here
 
 _LAZY = {
     "LowRankFactorization": "factorize_plugin.integration.callback",

@@ -64,7 +64,8 @@ def test_gpu_benchmark_dry_run_records_every_guard_decision(tmp_path):
     for r in rows:
         assert r["guard_speedup"] > 0 and r["speedup"] > 0
         assert bool(r["guard_note"]) == (not r["guard_factorizes"])
-        assert r["guard_factorizes"] == (r["guard_speedup"] >= 1.15)
+        assert r["guard_factorizes"] == (r["guard_verdict"] == "faster")
+        assert r["guard_low"] >= 1.15 if r["guard_factorizes"] else r["guard_verdict"] in ("slower", "undecided")
 
 
 def test_gpu_lm_benchmark_dry_run_holds_every_run(tmp_path):

@@ -126,8 +126,9 @@ def factorize_model(
             copied into a list).
         targets / exclude: fnmatch patterns over qualified module names (``"encoder.*.fc1"``); a
             single string is one pattern. Every ``targets`` pattern must match something
-            (ValueError), and a layer named exactly must be factorizable (TypeError). Default:
-            every Linear and Conv2d (groups=1).
+            (ValueError), and a layer named exactly must be factorizable (TypeError). An
+            ``exclude`` pattern that matches nothing only warns (UserWarning). Default: every
+            Linear and Conv2d (groups=1).
         min_params: skip layers with fewer weights (1024: as the callback; 0 takes every layer).
         min_features: skip layers whose min(in, out) features is smaller (C_in * k_h * k_w and
             C_out for a convolution; 32, as the callback: by default a 10-class head is left alone).
@@ -165,9 +166,12 @@ def factorize_model(
         over the passes) and ``statistics_passes``.
 
     Raises:
-        ValueError: not exactly one policy, a bad policy value, a pattern that matches nothing, no
-            layer selected, no calibration data, or NaN/inf in a layer's inputs (naming the layer).
+        ValueError: not exactly one policy, a bad policy value, a ``targets`` pattern that matches
+            no module (an ``exclude`` pattern that matches none is not an error: it warns,
+            UserWarning), a layer named in ``targets`` that is unsafe to swap, no layer selected,
+            no calibration data, or NaN/inf in a layer's inputs (naming the layer).
         TypeError: a layer named in ``targets`` has a type that cannot be factorized.
+        NotImplementedError: a layer named in ``targets`` is a grouped convolution.
         RuntimeError: a layer named in ``targets`` never ran on the calibration data (a default
             target that never ran is left out, its report's ``note`` says why).
     """

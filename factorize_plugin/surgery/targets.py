@@ -28,7 +28,8 @@ def select_layers(
         targets: fnmatch patterns over qualified module names (``"encoder.*.fc?"``); None: all.
             Every pattern must match some module. A pattern without wildcards names one layer,
             which must then be factorizable.
-        exclude: patterns of names to leave alone.
+        exclude: patterns of names to leave alone (one that matches nothing is not an error here;
+            ``pipeline.prepare`` turns it into a warning, ``advice.unmatched_excludes``).
         types: module types to consider (Linear / Conv2d; their factorized pairs always count).
         min_params: skip layers with fewer weights than this.
         min_features: skip layers whose min(D, M) is smaller, with D, M the input and output
@@ -43,7 +44,7 @@ def select_layers(
     counts as a Linear.
 
     Raises:
-        ValueError: a pattern matches no module. TypeError / NotImplementedError: a layer named
+        ValueError: a ``targets`` pattern matches no module. TypeError / NotImplementedError: a layer named
         explicitly cannot be factorized (unsupported type, grouped convolution); ValueError: one
         that is unsafe to swap (the reasons ``notes`` lists).
     """
