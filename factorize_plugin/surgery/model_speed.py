@@ -31,7 +31,6 @@ import dataclasses
 import inspect
 import math
 import random
-import time
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -325,18 +324,9 @@ class ModelSpeedCheck:
         def sample() -> float:
             nonlocal count
             with self._installed(*installed) as step:
-                step()
-                sync()
-                if count == 0:
-                    t0 = time.perf_counter()
-                    step()
-                    sync()
-                    count = max(1, min(1000, math.ceil(self.min_time / max(time.perf_counter() - t0, 1e-7))))
-                t0 = time.perf_counter()
-                for _ in range(count):
-                    step()
-                sync()
-                return (time.perf_counter() - t0) / count
+                step()  # warm-up: fresh modules and optimizer state
+                secs, count = paired_timing.seconds_per_step(step, sync, self.min_time, count)
+                return secs
 
         return sample
 

@@ -64,6 +64,25 @@ class Comparison:
         return f"{self.ratio:.2f}x ({self.low:.2f}-{self.high:.2f}, {self.rounds} rounds)"
 
 
+def seconds_per_step(
+    step: Callable[[], None], sync: Callable[[], None], min_time: float, count: int = 0, cap: int = 1000
+) -> tuple[float, int]:
+    """One timed sample: seconds per ``step()`` over ``count`` steps (``sync()`` around them, e.g.
+    CUDA), and the count. ``count=0`` first times one step to pick a count lasting ``min_time``."""
+    if count <= 0:
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        count = max(1, min(cap, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7))))
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / count, count
+
+
 def median_interval(values: list[float], confidence: float) -> Optional[tuple[float, float]]:
     """The distribution-free interval on the median of ``values`` at ``confidence``, None when
     there are too few values for one."""

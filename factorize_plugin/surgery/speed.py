@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -213,17 +212,8 @@ def sampler(case: TimingCase, min_time: float = 0.003) -> Callable[[], float]:
         if count == 0:
             for _ in range(2):
                 run()
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            count = max(1, min(10_000, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7))))
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(count):
-            run()
-        sync()
-        return (time.perf_counter() - t0) / count
+        secs, count = paired_timing.seconds_per_step(run, sync, min_time, count, cap=10_000)
+        return secs
 
     return sample
 
