@@ -110,7 +110,7 @@ def cell(code: str, load: bool, runs: int, args: argparse.Namespace) -> dict:
     keys = [json.dumps(r["structure"], sort_keys=True) for r in results]
     common, count = collections.Counter(keys).most_common(1)[0]
     return {
-        "code": code, "load": load, "runs": runs, "identical_to_most_common": count,
+        "code": code, "load": load, "runs": runs, "identical_to_most_common": count, "version": package_version(),
         "most_common_structure": json.loads(common), "distinct_structures": len(set(keys)),
         "mean_fit_seconds": sum(r["fit_seconds"] for r in results) / runs, "per_run": results,
     }
@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--before", default="faf9b11", help="the commit whose decision code is 'before'")
     p.add_argument("--dry-run", action="store_true", help="1 run per cell on 300 digits (the test of this script)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--cells", default="before:0,before:1,after:0,after:1",
+                   help="code:load cells to run (load 0/1); the others are kept from the existing JSON")
     p.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one_run:
@@ -131,7 +133,13 @@ def main() -> None:
         return
     if args.dry_run:
         args.runs, args.limit = 1, 300
-    cells = [cell(code, load, args.runs, args) for code in ("before", "after") for load in (False, True)]
+    out = Path(args.out)
+    name = "decision_stability_dry_run.json" if args.dry_run else "decision_stability.json"
+    todo = [(code, bool(int(load))) for code, load in (c.split(":") for c in args.cells.split(","))]
+    kept = json.loads((out / name).read_text())["cells"] if (out / name).exists() else []
+    cells = [c for c in kept if (c["code"], c["load"]) not in todo]
+    cells += [cell(code, load, args.runs, args) for code, load in todo]
+    cells.sort(key=lambda c: (c["code"] != "before", c["load"]))
     result = {
         "benchmark": "decision_stability",
         "setup": {"example": "examples/train_mnist.py model (MLP 784-1024-1024-10), schedule " + str(SCHEDULE),
@@ -143,9 +151,7 @@ def main() -> None:
                                        "mean_fit_seconds")} for c in cells],
         "cells": cells,
     }  # fmt: skip
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "decision_stability_dry_run.json" if args.dry_run else "decision_stability.json"
     (out / name).write_text(json.dumps(result, indent=1))
     for row in result["summary"]:
         print(row)

@@ -27,6 +27,7 @@ from .surgery.checkpoint import enable_factorized_loading, load_factorized, load
 from .surgery.hf import load_factorized_pretrained
 from .surgery.oneshot import factorize_model
 from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
+from .surgery.progressive import Progressive, progressive
 from .surgery.readiness import Readiness
 from .surgery.reports import LayerReport, format_reports
 from .surgery.speed import SpeedGuard
@@ -70,6 +71,8 @@ __all__ = [
     "FixedRank",
     "MaxNMSE",
     "ParamBudget",
+    "progressive",
+    "Progressive",
     "factorize_model",
     "LayerReport",
     "format_reports",

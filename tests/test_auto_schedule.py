@@ -161,7 +161,7 @@ def test_resume_mid_watching_switches_at_the_same_epoch(tmp_path, resume_after):
 
     ckpt = torch.load(tmp_path / f"epoch={resume_after}.ckpt", weights_only=True)  # plain data: safe loading
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("LowRankFactorization")]
-    assert state["version"] == LowRankFactorization.STATE_VERSION == 2
+    assert state["version"] == LowRankFactorization.STATE_VERSION == 3
     assert state["auto"]["previous"] == _watch(full)[resume_after]["stable_rank"]
 
     resumed = _callback()

@@ -181,15 +181,23 @@ def read_any_schedule(
     mode: str,
     target: Optional[ScheduleValue],
     readiness: Optional[Readiness],
+    interval: str = "epoch",
 ) -> tuple[dict[int, ScheduleValue], dict[int, RankPolicy], Optional[AutoSchedule]]:
     """(schedule values, policies, AutoSchedule or None) of the callback's arguments: a hand-written
-    ``{epoch: value}`` (``read_schedule``), or ``"auto"`` with a ``target`` (a ``RankPolicy``, or a
-    scalar read by ``mode``; default ``ParamBudget(0.5, metric="macs")``) and its ``Readiness``."""
+    ``{epoch: value}`` (``read_schedule``; ``{step: value}`` with ``interval="step"``), or ``"auto"``
+    with a ``target`` (a ``RankPolicy``, or a scalar read by ``mode``; default
+    ``ParamBudget(0.5, metric="macs")``) and its ``Readiness`` (epochs only)."""
     if isinstance(schedule, str):
         if schedule.strip().lower() != "auto":
             raise ValueError(
-                f"schedule={schedule!r}: a schedule is a mapping {{epoch: value}} such as {{2: 0.5, 4: 0.25}}, "
+                f"schedule={schedule!r}: a schedule is a mapping {{{interval}: value}} such as {{2: 0.5, 4: 0.25}}, "
                 "or 'auto' (switch when the layers' stable ranks settle, to target=...)"
+            )
+        if interval != "epoch":
+            raise ValueError(
+                f"schedule='auto' with interval={interval!r}: auto decides at validation runs and switches at the next "
+                "epoch start, so it counts epochs only. Drop interval= (or pass interval='epoch'), or write the step "
+                "schedule by hand, e.g. schedule=progressive(ParamBudget(0.5), [0, 100, 200]) with interval='step'"
             )
         if readiness is None:
             readiness = Readiness()
@@ -207,7 +215,7 @@ def read_any_schedule(
             f"{' and '.join(given)} only apply to schedule='auto'; with a hand-written schedule {{epoch: value}} "
             "the values are the targets: drop " + " and ".join(f"{n}=" for n in given)
         )
-    values, policies = read_schedule(schedule, mode)
+    values, policies = read_schedule(schedule, mode, unit=interval)
     return values, policies, None
 
 

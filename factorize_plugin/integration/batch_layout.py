@@ -1,14 +1,12 @@
-"""Checks made when ``fit`` starts, before any training batch, for problems that would otherwise
-surface only at the first milestone, after an epoch of training:
+"""A check made when ``fit`` starts, before any training batch, for a problem that would otherwise
+surface only at the first milestone, after an epoch of training.
 
-* ``BatchLayoutCheck``: the callback calls the model itself on validation batches (the output
-  shift, ``output_batches``; a measuring ``ParamBudget``, ``budget_batches``) by the rule of
-  ``surgery/calling.py``. Whether ``forward`` can take what that rule makes of a batch is read
-  from its signature against the batch (``calling.layout_problem``: no forward pass, nothing of the
-  run changes), on the first validation batch of the sanity check, or, without one, on the first
-  validation batch fetched before training (``first_validation_batches``: the RNG left as it was).
-* ``check_closure_optimizers``: an optimizer whose ``step`` needs a closure (LBFGS) with the
-  whole-model speed decision, where that decision cannot step it.
+``BatchLayoutCheck``: the callback calls the model itself on validation batches (the output
+shift, ``output_batches``; a measuring ``ParamBudget``, ``budget_batches``) by the rule of
+``surgery/calling.py``. Whether ``forward`` can take what that rule makes of a batch is read
+from its signature against the batch (``calling.layout_problem``: no forward pass, nothing of the
+run changes), on the first validation batch of the sanity check, or, without one, on the first
+validation batch fetched before training (``first_validation_batches``: the RNG left as it was).
 """
 
 from __future__ import annotations

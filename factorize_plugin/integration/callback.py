@@ -25,12 +25,20 @@ from ..surgery.optim import check_parameter_caches
 from ..surgery.passes import PassResults
 from ..surgery.pipeline import Selection, TargetSpec, finish, leave_out_silent, prepare
 from ..surgery.preflight import check_not_meta
+from ..surgery.progressive import Progressive
 from ..surgery.refactorize import refactorize
 from ..surgery.sharing import CallCounter
 from ..surgery.speed import SpeedGuard, resolve_guard
 from .auto_schedule import Readiness, read_any_schedule
 from .batch_layout import BatchLayoutCheck
-from .callback_state import STATE_VERSION, migrate_state, param_groups_by_name, plain, restore_optimizer_order
+from .callback_state import (
+    STATE_VERSION,
+    check_same_interval,
+    migrate_state,
+    param_groups_by_name,
+    plain,
+    restore_optimizer_order,
+)
 from .lightning_internals import check_strategy, rewrap_ddp
 from .milestone import (
     log_milestone,
@@ -42,7 +50,7 @@ from .milestone import (
     solve_in_passes,
 )
 from .rewarm import LRRewarm
-from .schedule import Mode, ScheduleValue, describe
+from .schedule import INTERVALS, Interval, Mode, ScheduleValue, describe
 from .speed_step import TrainingInputWatch, model_scope, speed_check
 from .workflow import (
     check_callbacks,
@@ -51,6 +59,7 @@ from .workflow import (
     check_validation,
     output_measurable,
     warn_late_milestones,
+    warn_late_steps,
 )
 
 
@@ -66,10 +75,37 @@ class LowRankFactorization(Callback):
             ``init_args`` mapping) or a scalar read by ``mode``. With ``mode="rank"`` a scalar is an
             int rank or a float in (0, 1) = fraction of each original layer's min(in, out) (the
             model-level meaning of a fraction, as in ``factorize_model``; the core
-            ``factorize_matrix`` follows the reference implementation's instead). Or ``"auto"``:
+            ``factorize_matrix`` follows the reference implementation's instead). With
+            ``interval="step"`` the keys are ``trainer.global_step`` values instead (see
+            ``interval``). ``progressive(target, keys)`` (or the mapping ``Progressive``, which
+            YAML builds by ``class_path: factorize_plugin.Progressive``) writes a schedule that
+            reaches ``target`` in ``len(keys)`` equal-ratio steps: ``progressive(ParamBudget(0.4),
+            [0, 1, 2])`` keeps 0.737, 0.543, 0.4 of the dense weights; a fraction runs from 1, an
+            int rank from each layer's min(in, out) (``GeometricRank``), ``MaxNMSE`` is refused
+            (``surgery/progressive.py``). Or ``"auto"``:
             one switch to ``target``, at the epoch after the validation run where every targeted
             layer's stable rank has settled or sits well inside the rank it will keep (``Readiness``;
-            see ``integration/auto_schedule.py``).
+            see ``integration/auto_schedule.py``; epochs only: ``interval="step"`` is refused).
+        interval: what the schedule's keys count (Lightning's word in LR-scheduler configs):
+            ``"epoch"`` (default) or ``"step"``: ``trainer.global_step`` values, for runs of an
+            epoch or less (a recovery of a trained model, say). A step milestone ``s`` applies in
+            ``on_train_batch_start`` of the first training batch after the ``s``-th optimizer step
+            (key 0: before the first batch), so from step ``s`` on the layers run at the new rank;
+            ``global_step`` moves only at optimizer steps, so that batch is at a gradient-accumulation
+            boundary. Its statistics: those of a validation run that ended at step ``s`` with no
+            optimizer step since (``val_check_interval`` placing one there), else a calibration pass
+            over the validation batches at the milestone (as key 0 does with epochs); ``history``
+            records which. The whole-model speed guard times the training batch the milestone
+            precedes; the per-layer guard the layers' first training inputs since the start of the
+            fit or the last milestone. The re-warm and DDP behave as with epochs. A key at or past
+            the run's last optimizer step (``trainer.estimated_stepping_batches``) warns before
+            training. Resume: ``done`` counts steps and ``global_step`` comes back with the
+            checkpoint, so from a checkpoint at an epoch boundary, or mid-epoch with a resumable
+            training loader (one with ``state_dict`` / ``load_state_dict``), the run continues
+            exactly; mid-epoch with a plain loader Lightning warns and the loader starts its epoch
+            again from its first batch while the epoch's batch count (and ``global_step``) goes on,
+            so the data differ from the uninterrupted run's but every milestone still applies once,
+            at its step. A checkpoint's milestones counted in the other unit are refused.
         target: with ``schedule="auto"`` only: a ``RankPolicy`` or a scalar read by ``mode``
             (default ``ParamBudget(0.5, metric="macs")``: keep half the targeted multiply-adds).
         readiness: with ``schedule="auto"`` only: when to switch (default ``Readiness()``). Each
@@ -169,7 +205,9 @@ class LowRankFactorization(Callback):
       ``check_val_every_n_epoch > 1``, a validation run that training steps followed, a resumed
       run) the callback runs the validation batches itself before the swap (``validation_step``
       with logging silenced and torchmetrics states left as they were); ``history`` records which.
-    * The swap happens in ``on_train_epoch_start``: no forward or backward is in flight and
+      With ``interval="step"`` the run counts only if it ended at the milestone's step.
+    * The swap happens in ``on_train_epoch_start`` (``interval="step"``: ``on_train_batch_start``
+      of the batch after the milestone's optimizer step): no forward or backward is in flight and
       gradient accumulation is at a boundary. If solving or swapping fails, the model and the
       optimizers are left as they were before the milestone.
     * Optimizer: the same optimizer and LR-scheduler objects continue (the schedule goes on); a
@@ -193,7 +231,8 @@ class LowRankFactorization(Callback):
       load, puts the optimizer state on the right parameters and neither repeats nor skips a
       milestone. A milestone that was missed (a run resumed past it) is applied at the next epoch
       start, with a warning. For inference use ``load_factorized_checkpoint(cls, path)``.
-    * ``history``: one dict per applied milestone: ``epoch``, ``milestone``, ``value`` (a number, or
+    * ``history``: one dict per applied milestone: ``epoch``, ``global_step`` (where it applied),
+      ``milestone`` (its key: an epoch, or a step with ``interval="step"``), ``value`` (a number, or
       a policy as its ``{"class_path": ..., "init_args": ...}``: plain data, so checkpoints load
       under torch's safe ``weights_only`` unpickler), ``ranks``
       and ``nmse`` and ``samples`` per layer, and ``statistics`` (``"validation"`` or
@@ -213,7 +252,7 @@ class LowRankFactorization(Callback):
 
     def __init__(
         self,
-        schedule: Union[dict[int, ScheduleValue], str],
+        schedule: Union[dict[int, ScheduleValue], Progressive, str],
         mode: Mode = "rank",
         targets: Optional[Union[str, list[str]]] = None,
         exclude: Optional[Union[str, list[str]]] = None,
@@ -232,9 +271,11 @@ class LowRankFactorization(Callback):
         target: Optional[ScheduleValue] = None,
         readiness: Optional[Readiness] = None,
         rewarm_steps: Union[int, str] = "auto",
+        interval: Interval = "epoch",
     ) -> None:
         # every setting checked here, before any training (one shared checker per setting)
-        self.schedule, self._policies, self._auto = read_any_schedule(schedule, mode, target, readiness)
+        self.interval: Interval = settings.check_choice("interval", interval, INTERVALS)  # type: ignore[assignment]
+        self.schedule, self._policies, self._auto = read_any_schedule(schedule, mode, target, readiness, self.interval)
         self.mode = mode
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
@@ -254,7 +295,7 @@ class LowRankFactorization(Callback):
         # transient
         self._selection = Selection({})  # which layers (by name) and which were left out, with why
         self._collector: Optional[ActivationCollector] = None
-        self._collected_for: Optional[int] = None
+        self._collected_for: Optional[int] = None  # the epoch (or step) whose milestone it collected for
         self._collected_at_step: Optional[int] = None  # trainer.global_step when that run ended
         self._trainer: Optional[Trainer] = None
         self._pl_module: Optional[LightningModule] = None
@@ -321,13 +362,17 @@ class LowRankFactorization(Callback):
             restore_optimizer_order(trainer.optimizers, self._restored_groups, pl_module)
             self._restored_groups = None
         self._rewarm.resume(trainer.optimizers)  # a ramp checkpointed, or cut off by the last fit's end, goes on
-        warn_late_milestones(trainer, self.schedule, self.done)
+        if self.interval == "epoch":
+            warn_late_milestones(trainer, self.schedule, self.done)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._layout.before_training(trainer, pl_module, self.input_fn)  # no sanity check showed a batch
         if self._auto is not None:  # the epoch's length is known from here on: auto's latest switch, warned now
             self._auto.plan(trainer)
+        if self.interval == "step":  # the run's optimizer steps are known from here on
+            warn_late_steps(trainer, self.schedule, self.done)
+            self._watch_training_inputs(pl_module, upcoming=self._pending())
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -335,7 +380,8 @@ class LowRankFactorization(Callback):
             self._counter = CallCounter(self._layers(pl_module)).attach()  # finds never-called layers early
         if self._auto is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
             self._auto.before_validation(trainer, self._layers(pl_module), self.schedule, self._policies)
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch + 1):
+        upcoming = self._next_position(trainer)
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(upcoming):
             return
         self._drop_collector()
         # A fresh collector per validation run: the last run before the milestone wins. Projected
@@ -344,7 +390,7 @@ class LowRankFactorization(Callback):
         first = self._plan(pl_module)[0]  # the validation run collects the first pass's layers
         limits = list(trainer.num_val_batches)
         self._collector = new_collector(trainer, pl_module, self._selection, self.spec, limits, first).attach()
-        self._collected_for = trainer.current_epoch + 1
+        self._collected_for = upcoming
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -366,7 +412,16 @@ class LowRankFactorization(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._watch.keep(batch)  # on the device: the whole-model speed check's batch
+        if self.interval == "epoch":
+            self._watch.keep(batch)  # on the device: the whole-model speed check's batch
+            return
+        # interval="step": a milestone due at this optimizer step applies before this batch trains
+        # (global_step moves only at optimizer steps: its first batch is at an accumulation boundary)
+        due = self._due(trainer.global_step)
+        if due:
+            self._watch.keep(batch)  # the whole-model speed check times the batch about to train
+            self._apply(trainer, pl_module, due)
+            self._watch_training_inputs(pl_module, upcoming=self._pending())
 
     @override
     def on_train_batch_end(
@@ -376,26 +431,28 @@ class LowRankFactorization(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.interval == "step":  # milestones fall on optimizer steps (on_train_batch_start)
+            return
         due = self._due(trainer.current_epoch)
         if due:
             self._apply(trainer, pl_module, due)
-        self._watch_training_inputs(pl_module, trainer.current_epoch)
+        self._watch_training_inputs(pl_module, upcoming=bool(self._due(trainer.current_epoch + 1)))
 
     def _apply(self, trainer: Trainer, pl_module: LightningModule, due: list[int]) -> None:
         """Applies the last of the ``due`` milestones: solve, measure, swap, rewrap, record."""
-        epoch, milestone = trainer.current_epoch, due[-1]
+        epoch, position, milestone = trainer.current_epoch, self._position(trainer), due[-1]
         label = f"milestone {milestone} ({describe(self.schedule[milestone], self.mode)})"
-        if due != [epoch]:
+        if due != [position]:
             rank_zero_warn(
                 f"LowRankFactorization: milestone(s) {due} were not applied when due (a run resumed past them?); "
-                f"applying {label} now, at epoch {epoch}"
+                f"applying {label} now, at {self.interval} {position}"
             )
         self._rewarm.stop()  # a ramp still running ends here (the speed check copies the optimizers)
         policy = self._policies[milestone]
         probing = policy.uses_probe and self.budget_batches > 0
         # DDP: each layer's statistics summed into one owner, which alone solves it; a probe runs the
         # model at trial ranks whose factors every rank would need: statistics all-reduced for it
-        solved, source = self._solve_in_passes(trainer, pl_module, epoch, shard=not probing)
+        solved, source = self._solve_in_passes(trainer, pl_module, position, shard=not probing)
         layers = self._layers(pl_module)
         budget = self.budget_batches if probing else 0
         batches, shift, probe = output_measures(trainer, pl_module, layers, self._output_batches, budget, self.input_fn)
@@ -410,8 +467,9 @@ class LowRankFactorization(Callback):
         table, advice = finish(pl_module, self._selection, reports, solved.positions, label)
         self.done.extend(due)
         self.ranks = {r.name: r.new_rank for r in reports}
-        self.history.append(milestone_entry(epoch, milestone, self.schedule[milestone], reports, source, self.skipped))
-        log_milestone(trainer, pl_module, reports, table, self.schedule[milestone], self.mode, self.verbose)
+        value, step = self.schedule[milestone], trainer.global_step
+        self.history.append(milestone_entry(epoch, milestone, value, reports, source, self.skipped, step))
+        log_milestone(trainer, pl_module, reports, table, value, self.mode, self.verbose)
         record_costs(self.history[-1], trainer, pl_module, solved, speed, shift, self.verbose)
         for message in advice:
             self._advise(message)
@@ -450,11 +508,13 @@ class LowRankFactorization(Callback):
             "targets": list(self._target_names),
             "auto": None if self._auto is None else self._auto.state_dict(),
             "rewarm": self._rewarm.state_dict(),
+            "interval": self.interval,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = migrate_state(state_dict)  # a state written by an earlier release, brought up to date
+        check_same_interval(self.interval, state_dict)
         self.done = list(state_dict.get("done", []))
         self.ranks = dict(state_dict.get("ranks", {}))
         self.history = list(state_dict.get("history", []))
@@ -486,19 +546,33 @@ class LowRankFactorization(Callback):
     def _layers(self, pl_module: LightningModule) -> dict[str, torch.nn.Module]:
         return {name: pl_module.get_submodule(name) for name in self._target_names}
 
-    def _due(self, epoch: int) -> list[int]:
-        """Milestones in force at ``epoch`` that have not been applied yet (normally just ``epoch``)."""
-        return [e for e in self.schedule if e <= epoch and e not in self.done]
+    def _due(self, position: int) -> list[int]:
+        """Milestones in force at ``position`` (an epoch, or a step with ``interval="step"``) that
+        have not been applied yet (normally just ``position``)."""
+        return [e for e in self.schedule if e <= position and e not in self.done]
+
+    def _pending(self) -> bool:
+        """Whether a milestone of the schedule is still to come."""
+        return any(e not in self.done for e in self.schedule)
+
+    def _position(self, trainer: Trainer) -> int:
+        """Where training stands in the schedule's unit: the epoch, or ``trainer.global_step``."""
+        return trainer.global_step if self.interval == "step" else trainer.current_epoch
+
+    def _next_position(self, trainer: Trainer) -> int:
+        """At a validation run: the position of the next milestone moment (the next epoch start; with
+        ``interval="step"`` the next training batch, which starts at this same optimizer step)."""
+        return trainer.global_step if self.interval == "step" else trainer.current_epoch + 1
 
     def _plan(self, pl_module: LightningModule, factorized: bool = False) -> list[list[str]]:
         return plan(self._trainer, self._layers(pl_module), self.max_statistics_bytes, factorized=factorized)
 
     def _solve_in_passes(
-        self, trainer: Trainer, pl_module: LightningModule, epoch: int, shard: bool
+        self, trainer: Trainer, pl_module: LightningModule, position: int, shard: bool
     ) -> tuple[PassResults, str]:
-        """The first pass reuses the last validation run before ``epoch`` if no optimizer step
-        followed it (the same decision on every rank: same step), else calibrates now."""
-        fresh = self._collected_for == epoch and self._collected_at_step == trainer.global_step
+        """The first pass reuses the last validation run before ``position`` (an epoch, or a step) if
+        no optimizer step followed it (the same decision on every rank: same step), else calibrates now."""
+        fresh = self._collected_for == position and self._collected_at_step == trainer.global_step
         groups = self._plan(pl_module)
         first = self._collector if fresh and list(self._collector.layers) == groups[0] else None
         self._collector, self._collected_for, self._collected_at_step = None, None, None
@@ -507,12 +581,15 @@ class LowRankFactorization(Callback):
             trainer, pl_module, self._selection, self.spec, groups, first, self.regularization, shard, leave_out
         )
 
-    def _watch_training_inputs(self, pl_module: LightningModule, epoch: int) -> None:
-        """Before an epoch that precedes a milestone (or may: ``schedule="auto"`` still watching):
-        watch its training inputs for the speed guard, which then times a real training batch."""
+    def _watch_training_inputs(self, pl_module: LightningModule, upcoming: bool) -> None:
+        """Before an epoch that precedes a milestone (or may: ``schedule="auto"`` still watching;
+        with ``interval="step"``: from the start of training and after each milestone, while one is
+        ``upcoming``): watch the training inputs for the speed guard, which then times a real
+        training batch (per-layer scope: each layer's first training input from here on; whole-model
+        scope: the epoch's first training batch, or with steps the batch the milestone precedes)."""
         self._watch.drop()
         undecided = self._auto is not None and self._auto.switch_epoch is None
-        if self.speed_guard is not None and (self._due(epoch + 1) or undecided):
+        if self.speed_guard is not None and (upcoming or undecided):
             self._watch.start(self._layers(pl_module), model_scope(self.speed_guard, pl_module))
 
     def _drop_collector(self) -> None:

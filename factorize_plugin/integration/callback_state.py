@@ -14,6 +14,8 @@ Versions:
       last stable ranks, settled runs in a row, the decided switch epoch), None for a hand-written
       schedule; ``history`` may hold ``"event": "watch"`` entries. A version-1 state gets
       ``auto=None`` (a resumed ``schedule="auto"`` run then starts watching afresh).
+    3: plus ``interval``: what the keys of ``done`` (and of the schedule) count, ``"epoch"`` or
+      ``"step"`` (``trainer.global_step``); an older state gets ``"epoch"``, the only one then.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..surgery.optim import param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
 from ..surgery.policy_spec import PLAIN_SCALARS, policy_spec
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def plain(obj: Any, where: str = "state") -> Any:
@@ -74,8 +76,22 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
         state["history"] = plain(list(state["history"]), "history")
     if version <= 1:  # no auto schedule before version 2
         state["auto"] = None
+    if version <= 2:  # milestones counted epochs only before version 3
+        state["interval"] = "epoch"
     state["version"] = STATE_VERSION
     return state
+
+
+def check_same_interval(interval: str, state: Mapping[str, Any]) -> None:
+    """Refuses (before training) to resume milestones done in one unit with a schedule in another:
+    a checkpoint's ``done`` of epochs read as steps (or the reverse) would skip or repeat them."""
+    saved = state.get("interval", "epoch")
+    if saved != interval and state.get("done"):
+        raise ValueError(
+            f"LowRankFactorization: the checkpoint's milestones {list(state['done'])} count {saved}s, this callback's "
+            f"schedule counts {interval}s (interval={interval!r}): resume with interval={saved!r}, the setting of the "
+            "run that wrote the checkpoint"
+        )
 
 
 def param_groups_by_name(
@@ -102,4 +118,11 @@ def restore_optimizer_order(
         restore_param_group_order(opt, groups, named)
 
 
-__all__ = ["STATE_VERSION", "migrate_state", "param_groups_by_name", "plain", "restore_optimizer_order"]
+__all__ = [
+    "STATE_VERSION",
+    "check_same_interval",
+    "migrate_state",
+    "param_groups_by_name",
+    "plain",
+    "restore_optimizer_order",
+]

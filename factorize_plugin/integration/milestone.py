@@ -153,10 +153,13 @@ def milestone_entry(
     reports: list[LayerReport],
     source: str,
     skipped: Mapping[str, str],
+    global_step: int,
 ) -> dict[str, Any]:
-    """The ``history`` entry of a milestone applied at ``epoch`` (plain data)."""
+    """The ``history`` entry of a milestone (key ``milestone``: an epoch, or a step with
+    ``interval="step"``) applied in ``epoch`` at optimizer step ``global_step`` (plain data)."""
     return {
         "epoch": epoch,
+        "global_step": global_step,
         "milestone": milestone,
         "value": plain_value(value),
         "ranks": {r.name: r.new_rank for r in reports},
@@ -184,7 +187,8 @@ def log_milestone(
     )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
     if verbose:
         rank_zero_info(
-            f"LowRankFactorization, epoch {trainer.current_epoch} ({describe(value, mode)}):\n" + format_reports(table)
+            f"LowRankFactorization, epoch {trainer.current_epoch}, step {trainer.global_step} "
+            f"({describe(value, mode)}):\n" + format_reports(table)
         )
 
 

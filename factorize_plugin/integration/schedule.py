@@ -1,4 +1,4 @@
-"""Reading a milestone schedule ``{epoch: value}`` into rank policies (no Lightning)."""
+"""Reading a milestone schedule ``{epoch: value}`` (or ``{step: value}``) into rank policies (no Lightning)."""
 
 from __future__ import annotations
 
@@ -10,38 +10,43 @@ from ..surgery.policy_spec import policy_spec
 from ..surgery.settings import check_choice
 
 Mode = Literal["rank", "max_nmse", "param_budget"]
+Interval = Literal["epoch", "step"]
+INTERVALS = ("epoch", "step")
 ScheduleValue = Union[int, float, RankPolicy]
 
 
-def _epoch(key: Any) -> int:
-    """A schedule key as a 0-based epoch: an int (or NumPy int), or a string / float (any NumPy
-    float width) that is exactly one."""
+def _epoch(key: Any, unit: str = "epoch") -> int:
+    """A schedule key as a 0-based epoch (``unit="step"``: a ``trainer.global_step`` value): an int
+    (or NumPy int), or a string / float (any NumPy float width) that is exactly one."""
+    what = f"an {unit} number" if unit == "epoch" else f"a {unit} number"
     if isinstance(key, bool):
-        raise ValueError(f"schedule key {key!r} is not an epoch number")
+        raise ValueError(f"schedule key {key!r} is not {what}")
     if isinstance(key, str):
         try:
             key = int(key.strip())
         except ValueError:
-            raise ValueError(f"schedule key {key!r} is not an epoch number") from None
+            raise ValueError(f"schedule key {key!r} is not {what}") from None
     if isinstance(key, numbers.Real) and not isinstance(key, numbers.Integral):  # float, np.float16 ...
         key = float(key)
         if not key.is_integer():
-            raise ValueError(f"schedule key {key!r} is not a whole epoch: milestones fall on epoch starts (use an int)")
+            where = "epoch starts" if unit == "epoch" else "optimizer steps"
+            raise ValueError(f"schedule key {key!r} is not a whole {unit}: milestones fall on {where} (use an int)")
         key = int(key)
     if not isinstance(key, int):
         try:
             key = int(key.__index__())
         except (AttributeError, TypeError):
-            raise ValueError(f"schedule key {key!r} is not an epoch number") from None
+            raise ValueError(f"schedule key {key!r} is not {what}") from None
     if key < 0:
-        raise ValueError(f"schedule key {key}: epochs are 0-based and cannot be negative")
+        raise ValueError(f"schedule key {key}: {unit}s are 0-based and cannot be negative")
     return key
 
 
 def read_schedule(
-    schedule: Mapping[Any, ScheduleValue], mode: str
+    schedule: Mapping[Any, ScheduleValue], mode: str, unit: str = "epoch"
 ) -> tuple[dict[int, ScheduleValue], dict[int, RankPolicy]]:
-    """Checks a schedule and returns (values, policies), both sorted by epoch.
+    """Checks a schedule and returns (values, policies), both sorted by key (an epoch, or with
+    ``unit="step"`` a ``trainer.global_step`` value; a ``Progressive`` is such a mapping).
 
     A value is a ``RankPolicy`` or a scalar read by ``mode`` (``"rank"``: ``FixedRank``,
     ``"max_nmse"``: ``MaxNMSE``, ``"param_budget"``: ``ParamBudget``). Compression only grows:
@@ -50,12 +55,13 @@ def read_schedule(
     """
     check_choice("mode", mode, POLICY_ARGS)
     if not schedule:
-        raise ValueError("schedule is empty: give at least one milestone {epoch: value}")
+        raise ValueError(f"schedule is empty: give at least one milestone {{{unit}: value}}")
     values: dict[int, ScheduleValue] = {}
     for key, value in schedule.items():
-        epoch = _epoch(key)
+        epoch = _epoch(key, unit)
         if epoch in values:
-            raise ValueError(f"schedule names epoch {epoch} twice (keys {[k for k in schedule if _epoch(k) == epoch]})")
+            twice = [k for k in schedule if _epoch(k, unit) == epoch]
+            raise ValueError(f"schedule names {unit} {epoch} twice (keys {twice})")
         values[epoch] = value if isinstance(value, RankPolicy) else as_rank_like(value)  # numpy / 0-d tensor: plain
     values = dict(sorted(values.items()))
     policies = {e: v if isinstance(v, RankPolicy) else make_policy(**{mode: v}) for e, v in values.items()}
@@ -65,7 +71,7 @@ def read_schedule(
         if kind in last and key < last[kind][1]:
             prev = last[kind][0]
             raise ValueError(
-                f"schedule goes back up at epoch {epoch} ({values[prev]} at epoch {prev}, then {values[epoch]}): "
+                f"schedule goes back up at {unit} {epoch} ({values[prev]} at {unit} {prev}, then {values[epoch]}): "
                 f"compression may only grow ({kind}); sort the values so that every milestone compresses at least "
                 "as much as the one before"
             )
@@ -83,4 +89,4 @@ def plain_value(value: ScheduleValue) -> Union[RankLike, dict[str, Any]]:
     return policy_spec(value) if isinstance(value, RankPolicy) else value
 
 
-__all__ = ["Mode", "RankLike", "ScheduleValue", "describe", "plain_value", "read_schedule"]
+__all__ = ["INTERVALS", "Interval", "Mode", "RankLike", "ScheduleValue", "describe", "plain_value", "read_schedule"]

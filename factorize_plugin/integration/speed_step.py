@@ -5,7 +5,8 @@
 ``*-mixed``) on the trainer's device, called on the LightningModule itself (not through the DDP
 wrapper: only rank 0 times, with no collective), with ``self.log`` silenced and torchmetrics
 states put back afterwards. The batch: a training batch recorded in the epoch before the
-milestone, else a validation batch.
+milestone (with ``interval="step"``: the training batch the milestone precedes), else a validation
+batch.
 
 ``speed_check`` builds the guard of a milestone in either scope, and ``TrainingInputWatch`` keeps,
 during the epoch before a milestone, what it times: the epoch's first training batch (whole-model
@@ -43,7 +44,7 @@ def model_speed_check(trainer: Trainer, pl_module: LightningModule, guard: Speed
     distributed = trainer.world_size > 1
     return ModelSpeedCheck(
         pl_module, forward, trainer.optimizers, margin=guard.margin, clock=guard.clock,
-        repeats=guard.repeats, min_time=guard.min_time, session=session,
+        repeats=guard.repeats, min_time=guard.sample_seconds("model"), session=session,
         confidence=guard.confidence, budget=guard.budget,
         broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if distributed else None,
         measure_here=trainer.is_global_zero,

@@ -184,3 +184,25 @@ def warn_late_milestones(trainer: Trainer, schedule: Mapping[int, Any], done: li
                 f"LowRankFactorization: milestone(s) {late} are at or after max_epochs={trainer.max_epochs}: "
                 "they will not run"
             )
+
+
+def warn_late_steps(trainer: Trainer, schedule: Mapping[int, Any], done: list[int]) -> None:
+    """With ``interval="step"``: warns about milestones at or after the run's last optimizer step
+    (a milestone applies before the training batch that follows its step, and none follows the
+    last). The run's length is ``trainer.estimated_stepping_batches`` (``max_steps``, or
+    ``max_epochs`` times the epoch's optimizer steps); under manual optimization only ``max_steps``
+    counts (its ``training_step`` decides how often the optimizers step)."""
+    total: float = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else float("inf")
+    if trainer.lightning_module.automatic_optimization:
+        try:
+            estimate = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - only a warning depends on it (e.g. an accumulation schedule)
+            estimate = float("inf")
+        if estimate >= 0:  # -1: a loader without a length and no max_steps
+            total = min(total, estimate)
+    late = [s for s in schedule if s >= total and s not in done]
+    if late:
+        rank_zero_warn(
+            f"LowRankFactorization: milestone(s) {late} are at or after the run's last optimizer step "
+            f"({int(total)}: max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}): they will not run"
+        )

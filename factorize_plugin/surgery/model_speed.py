@@ -242,7 +242,7 @@ class ModelSpeedCheck:
 
     def __init__(
         self, model: nn.Module, forward: Callable[[], Any], optimizers: Sequence[Any] = (), margin: float = 1.15,
-        clock: Optional[ModelClock] = None, repeats: int = 60, min_time: float = 0.003,
+        clock: Optional[ModelClock] = None, repeats: int = 60, min_time: float = 0.05,
         session: Optional[Callable[[], ContextManager]] = None,
         broadcast: Optional[Callable[[Any], Any]] = None, measure_here: bool = True,
         confidence: float = 0.95, budget: float = 5.0,

@@ -96,6 +96,39 @@ class FixedRank(RankPolicy):
 
 
 @dataclasses.dataclass
+class GeometricRank(RankPolicy):
+    """Step ``step`` of ``steps`` on each layer's own equal-ratio path from its min(in, out) = b
+    down to the int ``rank``: ``round(b * (rank / b) ** (step / steps))``, never below ``rank``
+    (a layer with b <= ``rank`` keeps b: no change). ``progressive(FixedRank(8), ...)`` builds
+    these: the earlier milestones of an int target, whose starting point differs per layer."""
+
+    rank: int
+    step: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        self.rank = as_rank_like(self.rank)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool):
+            raise ValueError(f"GeometricRank.rank must be an int >= 1 (the final rank), got {self.rank!r}")
+        resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates: >= 1
+        self.steps = check_whole("steps", self.steps, 1, "milestones on the path")
+        self.step = check_whole("step", self.step, 1, f"which of the {self.steps} milestones")
+        if self.step > self.steps:
+            raise ValueError(f"GeometricRank: step={self.step} is past steps={self.steps}")
+
+    def choose(self, layers, probe=None):
+        return {n: admissible(c.view, self.planned_rank(c.view)) for n, c in layers.items()}
+
+    def planned_rank(self, view: LayerView) -> int:
+        base = view.rank_base
+        final = min(self.rank, base)
+        return max(final, min(base, round(base * (final / base) ** (self.step / self.steps))))
+
+    def order_key(self) -> tuple[str, float]:
+        return (f"geometric rank to {self.rank} in {self.steps} steps", self.step / self.steps)
+
+
+@dataclasses.dataclass
 class MaxNMSE(RankPolicy):
     """Per layer, the smallest rank whose NMSE on the collected statistics is <= ``max_nmse``."""
 

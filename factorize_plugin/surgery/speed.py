@@ -39,6 +39,7 @@ from .paired_timing import Comparison
 
 MODES = ("train", "inference")
 SCOPES = ("model", "layer")
+MIN_TIME = {"layer": 0.003, "model": 0.05}  # seconds a timed sample lasts at least, by default
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -246,7 +247,9 @@ class SpeedGuard:
             are always taken.
         repeats: the most rounds one comparison takes (an int >= 1; fewer than the confidence
             needs are raised to that number).
-        min_time: seconds each timed sample lasts at least (it repeats the step as needed).
+        min_time: seconds each timed sample lasts at least (it repeats the step as needed). None
+            (default): 0.003 for a layer alone, 0.05 for the model's whole training step, whose
+            samples a busy machine's preemptions would otherwise spread widely (``MIN_TIME``).
         timer: replaces the per-layer clock: called with the cases to time, returns seconds per
             step of each (deterministic: the ratio decides alone; tests use one).
         clock: replaces the whole-model clock: ``clock(step, model)`` returns seconds per training
@@ -257,7 +260,7 @@ class SpeedGuard:
     """
 
     def __init__(
-        self, margin: float = 1.15, mode: str = "train", repeats: int = 60, min_time: float = 0.003,
+        self, margin: float = 1.15, mode: str = "train", repeats: int = 60, min_time: Optional[float] = None,
         timer: Optional[Timer] = None, scope: Optional[str] = None, clock: Optional[Callable] = None,
         confidence: float = 0.95, budget: float = 5.0,
     ) -> None:
@@ -276,15 +279,20 @@ class SpeedGuard:
             raise ValueError(f"confidence must be a number in [0.5, 1), got {confidence!r}")
         if not (is_real(budget) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget (seconds per timing decision) must be a positive number, got {budget!r}")
-        if not (is_real(min_time) and math.isfinite(min_time) and min_time >= 0):
-            raise ValueError(f"min_time must be a number >= 0 (seconds), got {min_time!r}")
-        self.margin, self.mode, self.repeats, self.min_time = float(margin), mode, int(repeats), float(min_time)
+        if min_time is not None and not (is_real(min_time) and math.isfinite(min_time) and min_time >= 0):
+            raise ValueError(f"min_time must be None or a number >= 0 (seconds), got {min_time!r}")
+        self.margin, self.mode, self.repeats = float(margin), mode, int(repeats)
+        self.min_time = None if min_time is None else float(min_time)
         self.confidence, self.budget = float(confidence), float(budget)
         self.timer, self.scope, self.clock = timer, scope, clock
         self.cache: dict[tuple[TimingCase, TimingCase], Comparison] = {}
 
     def __repr__(self) -> str:
         return f"SpeedGuard(margin={self.margin}, mode={self.mode!r}, scope={self.scope!r})"
+
+    def sample_seconds(self, scope: str) -> float:
+        """The seconds a timed sample lasts at least in ``scope`` (``min_time`` or its default)."""
+        return MIN_TIME[scope] if self.min_time is None else self.min_time
 
     def compare(self, base: Callable[[], float], candidate: Callable[[], float]) -> Comparison:
         """``paired_timing.compare`` of two samplers with this guard's margin, confidence and budget."""
@@ -307,7 +315,8 @@ class SpeedGuard:
             for base, cand in todo:
                 self.cache[base, cand] = Comparison.exact(secs[base], secs[cand], self.margin)
         for base, cand in todo if self.timer is None else ():
-            self.cache[base, cand] = self.compare(sampler(base, self.min_time), sampler(cand, self.min_time))
+            secs = self.sample_seconds("layer")
+            self.cache[base, cand] = self.compare(sampler(base, secs), sampler(cand, secs))
         return [self.cache[p] for p in pairs]
 
 
