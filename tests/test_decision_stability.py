@@ -225,3 +225,23 @@ def test_the_stability_benchmark_dry_run(tmp_path):
         assert ("/benchmarks/.cache/before_" in run["package"]) == (code == "before")
     for t in cells["after", False]["per_run"][0]["trials"]["1"]:
         assert t["rounds"] >= 6 and t["low"] <= t["speedup"] <= t["high"]
+
+
+def test_on_one_cpu_thread_time_the_process_is_not_running_does_not_count():
+    """A step preempted by other processes (here: asleep) is read in this thread's CPU time, so a
+    parallel load inflates neither structure's samples; with several threads or a GPU the wall
+    clock is what the run pays."""
+    import time
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        clock = paired_timing.step_clock(on_gpu=False)
+        assert clock is time.thread_time
+        secs, count = paired_timing.seconds_per_step(lambda: time.sleep(0.02), lambda: None, 0.0, now=clock)
+        assert count == 1 and secs < 0.005
+        assert paired_timing.step_clock(on_gpu=True) is time.perf_counter
+        torch.set_num_threads(2)
+        assert paired_timing.step_clock(on_gpu=False) is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)

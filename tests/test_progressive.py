@@ -46,12 +46,11 @@ def test_fractions_run_from_one(target):
 def test_int_rank_runs_from_each_layers_min_in_out(target):
     schedule = progressive(target, [0, 10, 20])
     assert list(schedule.values()) == [GeometricRank(8, 1, 3), GeometricRank(8, 2, 3), FixedRank(8)]
-    planned = lambda v: [p.planned_rank(v) for p in schedule.values()]  # noqa: E731
-    assert planned(view(256, 32)) == [20, 13, 8]  # 32 * (8/32)^(k/3)
-    assert planned(view(1024, 256)) == [81, 25, 8]  # 256 * (8/256)^(k/3): its own ratio
-    assert planned(view(4, 100)) == [4, 4, 4]  # already at or below the rank: no change
-    layers = {"a": SimpleNamespace(view=view(256, 32)), "b": SimpleNamespace(view=view(4, 100))}
-    assert GeometricRank(8, 1, 3).choose(layers) == {"a": 20, "b": None}  # b: a pair would not save anything
+    chosen = lambda v: [p.choose({"x": SimpleNamespace(view=v)})["x"] for p in schedule.values()]  # noqa: E731
+    assert chosen(view(256, 32)) == [20, 13, 8]  # 32 * (8/32)^(k/3)
+    assert chosen(view(1024, 256)) == [81, 25, 8]  # 256 * (8/256)^(k/3): its own ratio
+    assert chosen(view(4, 100)) == [None, None, None]  # min(in, out) <= 8 already: no change
+    assert GeometricRank(8, 1, 3).planned_rank(view(4, 100)) == 4
     cb = LowRankFactorization(schedule, speed_guard=False)  # its order check accepts the path
     assert list(cb._policies) == [0, 10, 20]
 

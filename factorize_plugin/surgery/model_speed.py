@@ -315,6 +315,7 @@ class ModelSpeedCheck:
         """One timed sample per call: the structure installed, one warm-up step (fresh modules
         and optimizer state), then enough steps to last ``min_time`` (CUDA synchronized)."""
         devices = _cuda_devices(self.model)
+        clock = paired_timing.step_clock(on_gpu=bool(devices))
         count = 0
 
         def sync() -> None:
@@ -325,7 +326,7 @@ class ModelSpeedCheck:
             nonlocal count
             with self._installed(*installed) as step:
                 step()  # warm-up: fresh modules and optimizer state
-                secs, count = paired_timing.seconds_per_step(step, sync, self.min_time, count)
+                secs, count = paired_timing.seconds_per_step(step, sync, self.min_time, count, now=clock)
                 return secs
 
         return sample

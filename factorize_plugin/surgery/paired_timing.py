@@ -8,7 +8,9 @@ alike), takes each round's ratio ``base seconds / candidate seconds``, and stops
 distribution-free confidence interval on the median ratio lies wholly above the margin
 ("faster") or wholly below it ("slower"), or when ``max_rounds`` or the time ``budget`` is
 spent ("undecided"). The fixed rule for an undecided comparison: today's structure stays, so
-a timing that cannot tell keeps the run as it is.
+a timing that cannot tell keeps the run as it is. On the CPU with one intra-op thread a step is
+read in this thread's CPU time (``step_clock``): other processes that preempt this one then
+inflate neither structure's samples.
 
 The interval comes from order statistics: with ``n`` rounds the median's interval at level
 ``c`` is ``[x_(k), x_(n+1-k)]`` for the largest ``k`` with ``P(Binomial(n, 1/2) < k) <=
@@ -24,6 +26,8 @@ import math
 import statistics
 import time
 from typing import Callable, Optional
+
+import torch
 
 FASTER, SLOWER, UNDECIDED = "faster", "slower", "undecided"
 
@@ -64,23 +68,33 @@ class Comparison:
         return f"{self.ratio:.2f}x ({self.low:.2f}-{self.high:.2f}, {self.rounds} rounds)"
 
 
+def step_clock(on_gpu: bool) -> Callable[[], float]:
+    """The clock a timed step is read with: on the CPU with one intra-op thread, this thread's CPU
+    time, which other processes preempting this one do not inflate (the step's wall-clock time on
+    an idle machine); otherwise (a GPU, or several CPU threads, whose wall-clock time is what the
+    run pays) ``time.perf_counter``."""
+    return time.thread_time if not on_gpu and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def seconds_per_step(
-    step: Callable[[], None], sync: Callable[[], None], min_time: float, count: int = 0, cap: int = 1000
+    step: Callable[[], None], sync: Callable[[], None], min_time: float, count: int = 0, cap: int = 1000,
+    now: Callable[[], float] = time.perf_counter,
 ) -> tuple[float, int]:
-    """One timed sample: seconds per ``step()`` over ``count`` steps (``sync()`` around them, e.g.
-    CUDA), and the count. ``count=0`` first times one step to pick a count lasting ``min_time``."""
+    """One timed sample: seconds per ``step()`` over ``count`` steps by ``now`` (``sync()`` around
+    them, e.g. CUDA), and the count. ``count=0`` first times one step to pick a count lasting
+    ``min_time``."""
     if count <= 0:
         sync()
-        t0 = time.perf_counter()
+        t0 = now()
         step()
         sync()
-        count = max(1, min(cap, math.ceil(min_time / max(time.perf_counter() - t0, 1e-7))))
+        count = max(1, min(cap, math.ceil(min_time / max(now() - t0, 1e-7))))
     sync()
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(count):
         step()
     sync()
-    return (time.perf_counter() - t0) / count, count
+    return (now() - t0) / count, count
 
 
 def median_interval(values: list[float], confidence: float) -> Optional[tuple[float, float]]:

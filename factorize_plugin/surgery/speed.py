@@ -202,10 +202,12 @@ def _runner(case: TimingCase) -> Callable[[], None]:
 
 def sampler(case: TimingCase, min_time: float = 0.003) -> Callable[[], float]:
     """One timed sample of ``case`` per call: seconds per step over enough steps to last about
-    ``min_time`` seconds (CUDA synchronized around it). The first call warms the case up."""
+    ``min_time`` seconds (CUDA synchronized around it; ``paired_timing.step_clock``). The first
+    call warms the case up."""
     run = _runner(case)
     dev = torch.device(case.inputs.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    clock = paired_timing.step_clock(on_gpu=dev.type == "cuda")
     count = 0
 
     def sample() -> float:
@@ -213,7 +215,7 @@ def sampler(case: TimingCase, min_time: float = 0.003) -> Callable[[], float]:
         if count == 0:
             for _ in range(2):
                 run()
-        secs, count = paired_timing.seconds_per_step(run, sync, min_time, count, cap=10_000)
+        secs, count = paired_timing.seconds_per_step(run, sync, min_time, count, cap=10_000, now=clock)
         return secs
 
     return sample
