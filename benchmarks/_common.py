@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
 import subprocess
 from pathlib import Path
 
 
 def package_version() -> dict:
-    """The package's git commit and whether its sources differ from it (results provenance)."""
+    """Where a result comes from: the package's git commit and whether its sources differ from it,
+    the Python, torch and Lightning versions, and the machine (every results file records it;
+    ``tests/test_results_provenance.py``)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*a: str) -> str:
@@ -16,4 +21,18 @@ def package_version() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": git("status", "--porcelain", "factorize_plugin").splitlines()}
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "factorize_plugin").splitlines(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "lightning": version("lightning"),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
