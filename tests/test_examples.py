@@ -44,7 +44,9 @@ def test_train_mnist_example_prints_the_speed_verdict(tmp_path):
 
 
 def test_oneshot_example_keeps_accuracy(tmp_path):
-    out = _run("oneshot_pretrained.py", "--budget", "0.3", "--calibration", "500", cwd=tmp_path)
+    """The structure pinned (--no-speed-guard): under a parallel load the per-layer guard once kept
+    layers dense, the budget then cut the others hard and the accuracy fell to 0.26."""
+    out = _run("oneshot_pretrained.py", "--budget", "0.3", "--calibration", "500", "--no-speed-guard", cwd=tmp_path)
     before, after = map(float, re.search(r"([\d.]+) dense -> ([\d.]+) factorized", out).groups())
     assert before > 0.98 and after > before - 0.02
     assert "kept" in out and "fc_layers.0" in out
