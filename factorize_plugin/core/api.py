@@ -4,7 +4,7 @@ the streaming statistics (``MomentAccumulator``) and the exact solver (``decompo
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Any, Literal, Optional, cast, overload
 
 import torch
 
@@ -22,6 +22,14 @@ def _require_tensor(value: object, name: str, expected: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor ({expected}), got {type(value).__name__}")
     return value
+
+
+@overload
+def _check_weight(value: object, name: str, expected: str, optional: Literal[False] = False) -> torch.Tensor: ...
+
+
+@overload
+def _check_weight(value: object, name: str, expected: str, optional: bool) -> Optional[torch.Tensor]: ...
 
 
 def _check_weight(value: object, name: str, expected: str, optional: bool = False) -> Optional[torch.Tensor]:
@@ -187,7 +195,7 @@ def factorize_matrix(
     d, m = X.shape[-1], Y.shape[-1]
     if Wa.ndim != 2 or Wa.shape[0] != d:
         raise ValueError(f"Wa must be [D={d}, ...], got {tuple(Wa.shape)}")
-    f64 = dict(dtype=torch.float64, device=X.device)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=X.device)
     if Wb is None:
         if Wa.shape[1] != m:
             raise ValueError(f"Wa must be [D={d}, M={m}] when Wb is None, got {tuple(Wa.shape)}")
@@ -204,12 +212,12 @@ def factorize_matrix(
     stats = MomentAccumulator(d, m, device=X.device).update(X, Y)
     stats.check("X and Y")
     wa, wb, new_bias, k = _solve(stats, weight, b64, k, current)
-    like = dict(dtype=Wa.dtype, device=Wa.device)
+    like: dict[str, Any] = dict(dtype=Wa.dtype, device=Wa.device)
     if wa is None:  # unchanged pair
         wa, wb = Wa, Wb
     else:
         wa, wb = wa.to(**like), None if wb is None else wb.to(**like)
-    new_bias = new_bias.to(**like)
+    new_bias = cast(torch.Tensor, new_bias).to(**like)  # explicit targets (Y): _solve fits the intercept
     nmse = _measured_nmse(stats, wa, wb, new_bias, weight, b64)
     return LowRankSolution(Wa=wa, Wb=wb, bias=new_bias, rank=k, nmse=nmse)
 
@@ -303,7 +311,7 @@ def factorize_conv2d(
     c_in = Wa.shape[1]
     if biasA is not None and biasA.shape != (Wa.shape[0],):
         raise ValueError(f"biasA must have shape [{Wa.shape[0]}] (Wa's output channels), got {tuple(biasA.shape)}")
-    f64 = dict(dtype=torch.float64, device=X.device)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=X.device)
     w_mat = conv_weight_to_matrix(Wa.detach()).to(**f64)  # [D, C_out or d]
     b = None if biasA is None else biasA.detach().to(**f64)
     current = None
@@ -327,7 +335,7 @@ def factorize_conv2d(
         stats.update(patches)
     stats.check("X")
     wa, wb, new_bias, k = _solve(stats, w_mat, b, k, current)
-    like = dict(dtype=Wa.dtype, device=Wa.device)
+    like: dict[str, Any] = dict(dtype=Wa.dtype, device=Wa.device)
     if wa is None:  # unchanged pair, with its combined bias
         wa_conv, wb_conv = Wa, Wb
     else:

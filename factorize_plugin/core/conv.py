@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Iterator, Union
+from typing import Iterator, Sequence, TypeGuard, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,11 @@ IntPair = tuple[int, int]
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[numbers.Integral]:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _pair(v: Union[int, tuple, list], name: str, minimum: int = 0) -> IntPair:
+def _pair(v: object, name: str, minimum: int = 0) -> IntPair:
     """``v`` as a pair of ints >= ``minimum``; ValueError naming ``name`` otherwise."""
     if _is_int(v):
         pair = (int(v), int(v))
@@ -48,7 +48,7 @@ class ConvGeometry:
     padding_mode: str = "zeros"
 
     @classmethod
-    def from_kwargs(cls, kernel_size: IntPair, **kwargs) -> "ConvGeometry":
+    def from_kwargs(cls, kernel_size: Sequence[int], **kwargs) -> "ConvGeometry":
         """Builds it from ``nn.Conv2d``-style keyword arguments. Raises NotImplementedError for
         ``groups != 1`` and TypeError for unknown keys."""
         known = {"stride", "padding", "dilation", "groups", "padding_mode", "bias"}
@@ -102,7 +102,7 @@ class ConvGeometry:
                 total = d * (k - 1)
                 out += [total // 2, total - total // 2]
             return tuple(out)  # type: ignore[return-value]
-        ph, pw = self.padding
+        ph, pw = cast(IntPair, self.padding)  # the strings are 'same' and 'valid' (from_kwargs)
         return (pw, pw, ph, ph)
 
 
@@ -116,7 +116,7 @@ def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def conv_output_size(hw: tuple[int, int], geometry: ConvGeometry) -> tuple[int, int]:
+def conv_output_size(hw: Sequence[int], geometry: ConvGeometry) -> tuple[int, int]:
     """(H_out, W_out) of the convolution on inputs of spatial size ``hw``."""
     left, right, top, bottom = geometry.pad_amounts()
     out = []
@@ -160,6 +160,6 @@ def conv_weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], math.prod(weight.shape[1:])).T  # explicit: a 0-channel weight has no -1
 
 
-def matrix_to_conv_weight(mat: torch.Tensor, in_channels: int, kernel_size: IntPair) -> torch.Tensor:
+def matrix_to_conv_weight(mat: torch.Tensor, in_channels: int, kernel_size: Sequence[int]) -> torch.Tensor:
     """[C_in * k_h * k_w, C_out] -> [C_out, C_in, k_h, k_w]."""
     return mat.T.reshape(mat.shape[1], in_channels, *kernel_size)

@@ -36,7 +36,7 @@ import dataclasses
 import math
 import numbers
 import operator
-from typing import Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 
@@ -193,8 +193,11 @@ def _moments(
         syy, mean_y = torch.diagonal(cxx).sum(), stats.mean_x
     else:
         cxx = stats.cxx
-        cxy = None if wwt is not None else cxx @ weight
-        syy = (cxx * wwt).sum() if wwt is not None else (weight * cxy).sum()
+        if wwt is not None:
+            cxy, syy = None, (cxx * wwt).sum()
+        else:
+            cxy = cxx @ weight
+            syy = (weight * cxy).sum()
         mean_y = stats.mean_x @ weight
     if not stats.has_targets and bias is not None:
         mean_y = mean_y + bias
@@ -235,7 +238,7 @@ def _weight_side(stats: MomentAccumulator, weight: torch.Tensor, same_cross: boo
     With projected statistics (z = x @ W) the problem is solved in z-space with weight I [M, M];
     the input map W is applied to the first factor at the end."""
     d, m = weight.shape
-    f64 = dict(dtype=torch.float64, device=stats.device)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=stats.device)
     # the projection is stored in W's own dtype: upcast (exactly) to float64 here
     input_map = None if stats.projection is None else stats.projection.to(**f64).contiguous()
     if input_map is not None:
@@ -342,7 +345,8 @@ class LowRankDecomposition:
             evals, evecs = torch.linalg.eigh(self._metric(mom.cxx))
             cutoff = evals.max().clamp_min(0.0) * self.weight.shape[0] * torch.finfo(torch.float64).eps
             inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ (mom.cxy - mom.cxx @ self.weight)))
+            cxy = cast(torch.Tensor, mom.cxy)  # explicit targets: _moments formed Cxy
+            self.B = self.weight + evecs @ (inv[:, None] * (evecs.T @ (cxy - mom.cxx @ self.weight)))
         else:
             self.B = self.weight
         self._cache: dict[str, torch.Tensor] = {}
@@ -353,7 +357,8 @@ class LowRankDecomposition:
             g = self._g_all()
             cg = mom.cxx @ g
             q = (cg * g).sum(0)
-            gains = 2 * (q if self._same_cross else (g * (mom.cxy @ self._v_all())).sum(0)) - q
+            # not same_cross: no W W^T was passed, so _moments formed Cxy
+            gains = 2 * (q if self._same_cross else (g * (cast(torch.Tensor, mom.cxy) @ self._v_all())).sum(0)) - q
         zero = gains.new_zeros(1)
         self.nmse_curve = _normalized(mom.syy - torch.cat([zero, gains.cumsum(0)]), mom.total)
 
@@ -363,7 +368,8 @@ class LowRankDecomposition:
         if (stats.projection is None) != (side.input_map is None):
             raise ValueError("statistics to refit must be projected exactly when the fitted ones were")
         if stats.projection is not None and stats.projection is not side.projection:
-            if not torch.allclose(stats.projection.to(side.input_map), side.input_map, rtol=1e-6, atol=1e-9):
+            input_map = cast(torch.Tensor, side.input_map)  # projected both, as checked above
+            if not torch.allclose(stats.projection.to(input_map), input_map, rtol=1e-6, atol=1e-9):
                 raise ValueError("statistics to refit were projected by another map than the fitted ones")
         d_space = d if side.input_map is None else m
         if d_space != stats.in_features:
@@ -419,7 +425,7 @@ class LowRankDecomposition:
         a = c if extra is None else c + extra
         root = self._side.root if self._same_cross else None
         if m <= d or root is not None:
-            if m > d:  # R A R^T = R (R A)^T, A symmetric
+            if m > d and root is not None:  # R A R^T = R (R A)^T, A symmetric (m > d: root is set)
                 self._kind, gram = "input", _triangular_matmul(root, _triangular_matmul(root, a).T)
             elif self._identity and b is self.weight:
                 self._kind, gram = "output", a
@@ -449,13 +455,18 @@ class LowRankDecomposition:
         self.sigma2 = torch.where(reached, sigma2, torch.zeros_like(sigma2))
         self._cache.update(v=v, g=g)
 
+    @property
+    def _input_root(self) -> torch.Tensor:
+        """R of the weight side, which kind "input" has (``_solve`` chose that kind for it)."""
+        return cast(torch.Tensor, self._side.root)
+
     def _columns(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(V [M, r], G [D, r]): the first r directions, before the sign convention."""
         if "v" in self._cache and "g" in self._cache:
             return self._cache["v"][:, :r], self._cache["g"][:, :r]
         z = self._z[:, :r]
         if self._kind == "input":
-            root = self._side.root
+            root = self._input_root
             v = self.weight.T @ torch.linalg.solve_triangular(root, z, upper=True)
             return v, _triangular_matmul(root.T, z, lower=True)
         return z, (z if self._identity and self.B is self.weight else self.B @ z)
@@ -465,7 +476,7 @@ class LowRankDecomposition:
         if "g" not in self._cache:
             z = self._z
             if self._kind == "input":
-                self._cache["g"] = _triangular_matmul(self._side.root.T, z, lower=True)
+                self._cache["g"] = _triangular_matmul(self._input_root.T, z, lower=True)
             else:
                 self._cache["g"] = z if self._identity and self.B is self.weight else self.B @ z
         return self._cache["g"]
@@ -475,7 +486,7 @@ class LowRankDecomposition:
         if "v" not in self._cache:
             z = self._z
             if self._kind == "input":
-                z = self.weight.T @ torch.linalg.solve_triangular(self._side.root, z, upper=True)
+                z = self.weight.T @ torch.linalg.solve_triangular(self._input_root, z, upper=True)
             self._cache["v"] = z
         return self._cache["v"]
 
@@ -483,7 +494,7 @@ class LowRankDecomposition:
         """u @ V [k] for u [M] (before the sign convention), without forming V."""
         if "v" in self._cache or self._kind == "output":
             return u @ self._v_all()
-        root = self._side.root
+        root = self._input_root
         s = torch.linalg.solve_triangular(root.T, (self.weight @ u)[:, None], upper=False)[:, 0]
         return s @ self._z
 
@@ -507,7 +518,8 @@ class LowRankDecomposition:
         if self._same_cross and not stats.has_targets:  # Cxy V = C W V = C G
             cross = q
         else:
-            cross = (g * (mom.cxy @ self._v_all())).sum(0)  # g_i^T Cxy v_i
+            # explicit targets, or not same_cross (no W W^T passed): _moments formed Cxy
+            cross = (g * (cast(torch.Tensor, mom.cxy) @ self._v_all())).sum(0)  # g_i^T Cxy v_i
         n = mom.count
         dx = mom.mean_x - self.mean_x
         dy = mom.mean_y - self.mean_y
@@ -584,14 +596,16 @@ def nmse_of(
         b = torch.zeros(w.shape[1], dtype=torch.float64, device=dev)
     else:
         b = bias.detach().to(dev, torch.float64)
+    tb: Optional[torch.Tensor]
     if target_weight is None:  # the map's own output is the target: only the bias can be off
         tw, tb = w, (b if target_bias is None else target_bias.detach().to(dev, torch.float64))
     else:
         tw = target_weight.detach().to(dev, torch.float64)
         tb = None if target_bias is None else target_bias.detach().to(dev, torch.float64)
     mom = _moments(stats, tw, tb, fit_bias=True)
-    err = (mom.cxx @ w * w).sum() - 2 * (w * mom.cxy).sum() + mom.syy
+    cxy = cast(torch.Tensor, mom.cxy)  # no W W^T passed: _moments formed Cxy
+    err = (mom.cxx @ w * w).sum() - 2 * (w * cxy).sum() + mom.syy
     err = err + mom.count * (mom.mean_y - mom.mean_x @ w - b).square().sum()
-    err = float(err.clamp_min(0.0))
+    loss = float(err.clamp_min(0.0))
     denom = float(mom.total)
-    return err / denom if denom > 0 else (0.0 if err == 0 else 1.0)
+    return loss / denom if denom > 0 else (0.0 if loss == 0 else 1.0)

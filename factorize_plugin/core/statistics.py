@@ -11,7 +11,7 @@ all-reduces.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 
@@ -111,7 +111,7 @@ class MomentAccumulator:
 
     # ------------------------------------------------------------------ state
     def _allocate(self, device: torch.device) -> None:
-        f64 = dict(dtype=torch.float64, device=device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=device)
         d = self.in_features
         self._count = torch.zeros((), **f64)
         self._mean_x = torch.zeros(d, **f64)
@@ -132,7 +132,8 @@ class MomentAccumulator:
     def num_samples(self) -> int:
         return (int(self._count.item()) if self._allocated else 0) + self._pending_rows
 
-    def _flushed(name: str):  # noqa: N805 - builds a property that merges pending rows first
+    @staticmethod  # called in the class body below (callable from Python 3.10), then deleted
+    def _flushed(name: str) -> Any:  # builds a property that merges pending rows first
         def get(self: "MomentAccumulator") -> torch.Tensor:
             self.flush()
             return getattr(self, name)
@@ -217,7 +218,8 @@ class MomentAccumulator:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
         x = torch.cat([p[0] for p in pending])
-        y = None if pending[0][1] is None else torch.cat([p[1] for p in pending])
+        # every chunk has targets or none has (update checks the kind of accumulator)
+        y = None if pending[0][1] is None else torch.cat([cast(torch.Tensor, p[1]) for p in pending])
         self._merge_chunk(x, y)
 
     def _merge_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -125,7 +125,8 @@ class AutoSchedule:
         timer = _timer(trainer)
         if timer is None:
             return
-        left, per_epoch = timer.time_remaining(), timer.time_elapsed() / (epoch + 1)  # the Timer counts all epochs
+        left = cast(float, timer.time_remaining())  # _timer returns only a Timer with a duration
+        per_epoch = timer.time_elapsed() / (epoch + 1)  # the Timer counts all epochs
         if per_epoch <= 0 or left >= (plan.decide_at - epoch) * per_epoch:
             return
         self._time_warned = True

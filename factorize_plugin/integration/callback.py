@@ -9,7 +9,7 @@ wrapper, log, and checkpoint the callback's own state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -337,7 +337,7 @@ class LowRankFactorization(Callback):
             )
             self._reset_state()
         check_strategy(trainer.strategy)
-        check_callbacks(trainer.callbacks)
+        check_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         check_validation(trainer, pl_module)
         check_not_meta(pl_module, "LowRankFactorization")
         planned = self._policies if self._auto is None else {"auto": self._auto.target}
@@ -574,7 +574,8 @@ class LowRankFactorization(Callback):
         no optimizer step followed it (the same decision on every rank: same step), else calibrates now."""
         fresh = self._collected_for == position and self._collected_at_step == trainer.global_step
         groups = self._plan(pl_module)
-        first = self._collector if fresh and list(self._collector.layers) == groups[0] else None
+        collected = cast(ActivationCollector, self._collector)  # used only when fresh: collected for this position
+        first = self._collector if fresh and list(collected.layers) == groups[0] else None
         self._collector, self._collected_for, self._collected_at_step = None, None, None
         leave_out = lambda silent: self._leave_out_silent(pl_module, silent, "validation")  # noqa: E731
         return solve_in_passes(

@@ -7,11 +7,14 @@ so that a Lightning release that moves them fails loudly there rather than deep 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loops.progress import _ProcessedTracker
 
 
 def validation_loaders(trainer: Trainer) -> tuple[list, list]:
@@ -158,8 +161,10 @@ def training_position(trainer: Trainer) -> tuple[int, int]:
     validation run), with ``batch_progress.current.processed`` of its batches already trained
     (``processed``, not ``completed``: a checkpoint written in ``on_train_batch_end`` holds its
     batch as processed, and the restarting loop counts it done). A fresh run: (0, 0)."""
-    progress = trainer.fit_loop.epoch_progress.current
+    # the fit loop's progress trackers count processed items (Lightning types them as the base tracker)
+    progress = cast("_ProcessedTracker", trainer.fit_loop.epoch_progress.current)
     epoch = progress.processed
     if progress.started > progress.processed:
-        return epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        batches = cast("_ProcessedTracker", trainer.fit_loop.epoch_loop.batch_progress.current)
+        return epoch, int(batches.processed)
     return epoch, 0

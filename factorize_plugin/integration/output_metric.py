@@ -20,6 +20,10 @@ class OutputNMSE(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    sse: torch.Tensor  # the states add_state registers
+    sum_y: torch.Tensor
+    sum_y2: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

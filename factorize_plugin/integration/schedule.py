@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Union, cast
 
 from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
 from ..surgery.policy_spec import policy_spec
@@ -62,9 +62,10 @@ def read_schedule(
         if epoch in values:
             twice = [k for k in schedule if _epoch(k, unit) == epoch]
             raise ValueError(f"schedule names {unit} {epoch} twice (keys {twice})")
-        values[epoch] = value if isinstance(value, RankPolicy) else as_rank_like(value)  # numpy / 0-d tensor: plain
+        # numpy / 0-d tensor: plain (make_policy below refuses what is not a rank)
+        values[epoch] = value if isinstance(value, RankPolicy) else cast(ScheduleValue, as_rank_like(value))
     values = dict(sorted(values.items()))
-    policies = {e: v if isinstance(v, RankPolicy) else make_policy(**{mode: v}) for e, v in values.items()}
+    policies = {e: v if isinstance(v, RankPolicy) else make_policy(**{mode: cast(Any, v)}) for e, v in values.items()}
     last: dict[str, tuple[int, float]] = {}
     for epoch, policy in policies.items():
         kind, key = policy.order_key()

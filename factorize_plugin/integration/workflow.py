@@ -53,7 +53,7 @@ def check_validation(trainer: Trainer, pl_module: LightningModule) -> None:
 
 
 def output_measurable(
-    pl_module: LightningModule, policies: Mapping[int, RankPolicy], budget_batches: int, output_batches: int
+    pl_module: LightningModule, policies: Mapping[Any, RankPolicy], budget_batches: int, output_batches: int
 ) -> bool:
     """Whether the module's output can be measured on a batch (``pl_module(input_fn(batch))``: it
     defines ``forward``); checked at setup. Without ``forward`` (all logic in the steps) a measuring

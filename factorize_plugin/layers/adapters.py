@@ -8,7 +8,7 @@ W; an nn.Linear stores W.T); a Conv2d is that on its input patches
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn as nn
@@ -72,13 +72,15 @@ def layer_view(module: nn.Module) -> LayerView:
         d, m = module.in_features, module.out_features
         return LayerView(d, m, min(d, m), module.rank, None)
     if isinstance(module, TransposedLinear):
-        d, m = module.weight.shape
+        d, m = cast(torch.Tensor, module.weight).shape  # a Conv1D's weight [D, M]
         return LayerView(d, m, min(d, m), None, None)
-    conv = module.first if isinstance(module, FactorizedConv2d) else module
+    if isinstance(module, FactorizedConv2d):
+        conv, c_out, rank = module.first, module.out_channels, module.rank
+    else:
+        conv = cast(nn.Conv2d, module)  # check_factorizable leaves only Conv2d here
+        c_out, rank = conv.out_channels, None
     c_in = conv.in_channels
-    c_out = module.out_channels
     d = c_in * conv.kernel_size[0] * conv.kernel_size[1]
-    rank = module.rank if isinstance(module, FactorizedConv2d) else None
     return LayerView(d, c_out, min(c_in, c_out), rank, ConvGeometry.of(conv))
 
 
@@ -87,8 +89,10 @@ def weight_matrix(module: nn.Module, own_dtype: bool = False) -> tuple[torch.Ten
     a view of the parameter (no copy; a factorized layer's composed map is float64 either way)."""
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
         return module.matrix()
-    bias = None if module.bias is None else module.bias.detach().double()
-    weight = module.weight.detach() if own_dtype else module.weight.detach().double()
+    # a Linear, Conv1D or Conv2d: a weight parameter and a bias parameter or None
+    layer_weight, layer_bias = cast(torch.Tensor, module.weight), cast(Optional[torch.Tensor], module.bias)
+    bias = None if layer_bias is None else layer_bias.detach().double()
+    weight = layer_weight.detach() if own_dtype else layer_weight.detach().double()
     if isinstance(module, nn.Linear):
         return weight.T, bias
     if isinstance(module, TransposedLinear):
@@ -141,4 +145,4 @@ def install_factors(module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias:
         return FactorizedLinear.from_linear(module, wa, wb, bias)
     if isinstance(module, TransposedLinear):
         return FactorizedLinear.from_transposed(module, wa, wb, bias)
-    return FactorizedConv2d.from_conv(module, wa, wb, bias)
+    return FactorizedConv2d.from_conv(cast(nn.Conv2d, module), wa, wb, bias)  # the rest are Conv2d

@@ -11,7 +11,7 @@ and the older ``{"factorize_plugin": kind, "rank": r}`` dict.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -44,18 +44,21 @@ def decode_extra_state(value: Any) -> Optional[dict[str, Any]]:
     return None
 
 
+_Half = Union[nn.Linear, nn.Conv2d]  # the type of each half of a pair
+
+
 class _FactorizedPair(nn.Module):
     """Shared behaviour: rank bookkeeping, the matrix view, extra state."""
 
-    first: nn.Module
-    second: nn.Module
+    first: _Half
+    second: _Half
     kind: str
 
     @property
     def rank(self) -> int:
         return self._rank
 
-    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
+    def _build(self, rank: int, bias: bool, **kw) -> tuple[_Half, _Half]:
         """A new (first, second) pair at ``rank``; ``kw``: device and dtype."""
         raise NotImplementedError
 
@@ -64,7 +67,7 @@ class _FactorizedPair(nn.Module):
         old_bias = self.second.bias
         self.first, self.second = self._build(rank, old_bias is not None, device=like.device, dtype=like.dtype)
         if old_bias is not None:
-            self.second.bias.copy_(old_bias)
+            cast(torch.Tensor, self.second.bias).copy_(old_bias)  # built with a bias (old_bias is not None)
         self.requires_grad_(requires_grad)
         self._rank = rank
 
@@ -106,12 +109,12 @@ class _FactorizedPair(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 self._make_pair(rank, like, like.requires_grad)
 
-    def snapshot(self) -> tuple[dict[str, nn.Module], int]:
+    def snapshot(self) -> tuple[dict[str, Optional[nn.Module]], int]:
         """What ``restore`` needs to undo later resizes: the current children (a resize gives the
         pair new children and leaves these, with their parameters, intact) and the rank."""
         return dict(self._modules), self._rank
 
-    def restore(self, snapshot: tuple[dict[str, nn.Module], int]) -> None:
+    def restore(self, snapshot: tuple[dict[str, Optional[nn.Module]], int]) -> None:
         """Puts the pair back exactly as it was when ``snapshot`` was taken (same parameter objects)."""
         children, rank = snapshot
         for name, child in children.items():
@@ -132,6 +135,8 @@ class FactorizedLinear(_FactorizedPair):
     """
 
     kind = "linear"
+    first: nn.Linear
+    second: nn.Linear
     transposed_from: Optional[type] = None
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
@@ -159,7 +164,7 @@ class FactorizedLinear(_FactorizedPair):
     ) -> "FactorizedLinear":
         """The pair replacing a transposed linear layer (Hugging Face ``Conv1D``: weight [D, M],
         ``y = x @ W + b``); it computes the same kind of map, ``y = x @ wa @ wb + bias``."""
-        w = layer.weight
+        w = cast(torch.Tensor, layer.weight)  # a Conv1D's weight parameter (nn.Module types attributes loosely)
         d, m = w.shape
         out = cls(d, m, wa.shape[1], layer.bias is not None, w.device, w.dtype)
         out.requires_grad_(w.requires_grad)
@@ -167,7 +172,7 @@ class FactorizedLinear(_FactorizedPair):
         out.transposed_from = conv1d_class(type(layer))
         return out
 
-    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
+    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Linear, nn.Linear]:
         return nn.Linear(self.in_features, rank, bias=False, **kw), nn.Linear(rank, self.out_features, bias=bias, **kw)
 
     @property
@@ -228,6 +233,8 @@ class FactorizedConv2d(_FactorizedPair):
     """
 
     kind = "conv2d"
+    first: nn.Conv2d
+    second: nn.Conv2d
 
     def __init__(
         self,
@@ -270,7 +277,7 @@ class FactorizedConv2d(_FactorizedPair):
         layer.set_factors(wa, wb, bias)
         return layer
 
-    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Module, nn.Module]:
+    def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Conv2d, nn.Conv2d]:
         first = nn.Conv2d(self.in_channels, rank, bias=False, **self._conv_args, **kw)
         return first, nn.Conv2d(rank, self.out_channels, 1, bias=bias, **kw)
 
@@ -298,7 +305,7 @@ class FactorizedConv2d(_FactorizedPair):
         with torch.no_grad():
             dense.weight.copy_(matrix_to_conv_weight(w, self.in_channels, dense.kernel_size))
             if b is not None:
-                dense.bias.copy_(b)
+                cast(torch.Tensor, dense.bias).copy_(b)  # built with a bias (second.bias, so b, is not None)
         return dense.requires_grad_(like.requires_grad)
 
     def extra_repr(self) -> str:

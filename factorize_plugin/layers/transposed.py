@@ -9,7 +9,7 @@ attribute: the same test wherever the package checks layer types.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch.nn as nn
 
@@ -27,7 +27,7 @@ class _TransposedMeta(type):
         if not isinstance(obj, nn.Module) or conv1d_class(type(obj)) is None:
             return False
         w = getattr(obj, "weight", None)
-        return getattr(w, "ndim", 0) == 2 and getattr(obj, "nf", None) == w.shape[1]
+        return w is not None and getattr(w, "ndim", 0) == 2 and getattr(obj, "nf", None) == w.shape[1]
 
     def __subclasscheck__(cls, sub: type) -> bool:
         return isinstance(sub, type) and conv1d_class(sub) is not None
@@ -44,10 +44,10 @@ def plain_forward_class(module: nn.Module) -> Optional[type]:
     """The library class whose computation ``module`` performs (nn.Linear, nn.Conv2d or Conv1D) if
     its class does not override that class's ``forward``; None if it computes something else."""
     cls = type(module)
-    bases = [b for b in (nn.Linear, nn.Conv2d) if issubclass(cls, b)]
+    bases: list[type[nn.Module]] = [b for b in (nn.Linear, nn.Conv2d) if issubclass(cls, b)]
     conv1d = conv1d_class(cls)
     if conv1d is not None:
-        bases.append(conv1d)
+        bases.append(cast(type[nn.Module], conv1d))  # a class in the MRO of a Module subclass
     for base in bases:
         if cls.forward is base.forward:
             return base

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Mapping, Optional
+from typing import Mapping, Optional, cast
 
 from .candidates import COST_METRICS, LayerCandidate, admissible, cost, dense_cost, max_rank, total_cost
 
@@ -83,11 +83,12 @@ def _greedy(
     while heap:
         _, i, n = heapq.heappop(heap)
         costs = points[n][0]
-        a, b = steps[n][at[n]], steps[n][at[n] + 1]
+        k = cast(int, at[n])  # push queues only a layer with a next step
+        a, b = steps[n][k], steps[n][k + 1]
         if spent + costs[b] - costs[a] > budget * (1 + 1e-12):
             continue  # this layer's next step does not fit; a later phase may still use part of it
         spent += costs[b] - costs[a]
-        at[n] += 1
+        at[n] = k + 1
         pos[n] = b
         push(i, n)
     return spent

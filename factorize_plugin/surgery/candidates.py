@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 import torch
 
 from ..core.solver import LowRankDecomposition
 from ..layers.adapters import LayerView
+
+if TYPE_CHECKING:
+    from .sharding import SharedSolution
 
 COST_METRICS = ("params", "macs")
 
@@ -28,7 +31,7 @@ class LayerCandidate:
     """
 
     view: LayerView
-    decomposition: LowRankDecomposition
+    decomposition: Union[LowRankDecomposition, SharedSolution]  # SharedSolution: solved by another process
     positions: float = 1.0
     weight: float = 1.0
     samples: int = 0

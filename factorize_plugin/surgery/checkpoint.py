@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from typing import Any, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Mapping, Optional, Type, TypeVar, Union, cast
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,8 @@ _HOOK_FLAG = "_factorize_plugin_loading"
 
 def _placeholder(module: nn.Module, kind: str, rank: int) -> nn.Module:
     """A pair of the right shape for ``module`` (weights are about to be overwritten)."""
-    w = module.weight
+    w = cast(torch.Tensor, module.weight)  # a Linear's, Conv1D's or Conv2d's parameter
+    pair: Union[FactorizedLinear, FactorizedConv2d]
     if kind == "linear" and isinstance(module, nn.Linear):
         pair = FactorizedLinear(
             module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype
@@ -94,11 +95,12 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
     for name, pair in pairs:
         if _dense_in(state_dict, prefix, name):
             dense = pair.to_dense()  # its weights are about to be overwritten
+            dense_weight = cast(torch.Tensor, dense.weight)  # a Linear's, Conv1D's or Conv2d's parameter
             held = tuple(getattr(state_dict[f"{prefix}{name}.weight"], "shape", ()))
-            if held != tuple(dense.weight.shape):
+            if held != tuple(dense_weight.shape):
                 raise ValueError(
                     f"the state dict holds layer '{name}' dense with a weight of shape {held}, but a "
-                    f"{type(dense).__name__} of this pair's sizes has {tuple(dense.weight.shape)} (a layer of another "
+                    f"{type(dense).__name__} of this pair's sizes has {tuple(dense_weight.shape)} (a layer of another "
                     "type?): load it into a freshly built model instead"
                 )
             replace(name, pair, dense)
@@ -131,7 +133,7 @@ M = TypeVar("M", bound=nn.Module)
 def load_factorized(model: M, state_dict: Union[Mapping[str, Any], str], strict: bool = True) -> M:
     """Loads a (possibly factorized) state dict, or a path to one, into a freshly built model."""
     if not isinstance(state_dict, Mapping):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+        state_dict = cast(Mapping[str, Any], torch.load(state_dict, map_location="cpu", weights_only=True))
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]  # a Lightning checkpoint
     restore_structure(model, state_dict)
@@ -175,7 +177,7 @@ def _instantiate(cls: Type[M], hparams: dict[str, Any]) -> M:
         return instantiator(cls, hparams)
     if class_path is not None:  # a `_class_path` without instantiator: build that class from the rest
         hparams.pop("_class_path")
-        cls = _imported_class(class_path)
+        cls = cast(Type[M], _imported_class(class_path))  # checked above: an imported subclass of cls
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         hparams = {k: v for k, v in hparams.items() if k in params and k != "self"}
@@ -195,6 +197,7 @@ def load_factorized_checkpoint(cls: Type[M], checkpoint_path: str, map_location:
     hparams = dict(ckpt.get(getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters"), {}) or {})
     hparams.update(kwargs)
     model = _instantiate(cls, hparams)
-    if hasattr(model, "on_load_checkpoint"):
-        model.on_load_checkpoint(ckpt)
+    hook = getattr(model, "on_load_checkpoint", None)
+    if hook is not None:
+        hook(ckpt)
     return load_factorized(model, ckpt["state_dict"], strict=True)

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import weakref
 import zlib
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -186,7 +186,7 @@ class ActivationCollector:
         self._stream: dict[str, str] = {name: name for name in self.layers}
         self._members: dict[str, list[str]] = {}
         self._round: dict[str, _Round] = {}
-        self._first: dict[int, tuple[str, weakref.ref, int]] = {}
+        self._first: dict[int, list[tuple[str, weakref.ref, int]]] = {}
         self._signature = {name: (v.in_dim, v.geometry, self.fractions[name]) for name, v in self.views.items()}
         self._peak_bytes = 0
         self._dropped: dict[str, int] = {}  # accumulators reduced to another process: their rows
@@ -200,8 +200,11 @@ class ActivationCollector:
         keys = dict.fromkeys(self._stream.values())
         for key in keys:
             self._drain(key)
-        unions = {key: self.holdout.union(key) for key in keys}
-        return {name: self._stats[key] if unions[key] is None else unions[key] for name, key in self._stream.items()}
+        merged: dict[str, MomentAccumulator] = {}
+        for key in keys:
+            union = self.holdout.union(key)
+            merged[key] = self._stats[key] if union is None else union
+        return {name: merged[key] for name, key in self._stream.items()}
 
     def groups(self) -> dict[str, list[str]]:
         """The layers using each accumulator, by its key (one layer each, or a shared-input group)."""
@@ -218,7 +221,8 @@ class ActivationCollector:
         if key in self.projections:  # the snapshot of W projected statistics keep (W's dtype), copies on other devices
             weight = getattr(self.layers[key], "weight", None)
             own = {weight.untyped_storage().data_ptr()} if isinstance(weight, torch.Tensor) else set()
-            copies = [acc.projection] + [w for k, w in self._projection_copies.items() if k[0] == key]
+            snapshot = cast(torch.Tensor, acc.projection)  # a projected layer's accumulator
+            copies = [snapshot] + [w for k, w in self._projection_copies.items() if k[0] == key]
             for w in copies:
                 ptr = w.untyped_storage().data_ptr()
                 if ptr not in own:
@@ -275,7 +279,10 @@ class ActivationCollector:
         stats = self.stats
         for key in sorted(groups):  # the keys are layer names; same collectives, same order, on every rank
             acc, owner = stats[key], owners[key]
-            acc.all_reduce_(sharding.all_sum, lambda t, owner=owner: sharding.reduce_to(t, owner))
+            def to_owner(t: torch.Tensor, owner: int = owner) -> torch.Tensor:
+                return sharding.reduce_to(t, owner)
+
+            acc.all_reduce_(sharding.all_sum, to_owner)
             if owner != sharding.rank:
                 self._dropped[key] = acc.num_samples  # the union's count: what samples() reports
                 self._stats[key] = MomentAccumulator(acc.in_features)  # empty, never allocated
@@ -391,7 +398,7 @@ class ActivationCollector:
         if name in self.projections and _exact_output(x, output):
             # the projected rows z = x @ W are the layer's own output less its bias: no patches
             # to gather and no product to compute
-            rows = output_rows(output.detach(), view, keep)
+            rows = output_rows(cast(torch.Tensor, output).detach(), view, keep)  # a tensor: _exact_output
             rows = rows.clone() if bias is None else rows - bias.to(rows.device, rows.dtype)
             return rows, True
         rows = input_rows(x, view, keep)
@@ -513,7 +520,7 @@ class ActivationCollector:
         are multiplied in: the snapshot itself when it has both (float32 W, float32 or bf16 rows),
         else cast for this block only (bf16 W: a float32 copy while the block is projected, O(D M)
         against the product's O(rows D M)); a copy to another device is cached."""
-        snapshot = self._stats[name].projection
+        snapshot = cast(torch.Tensor, self._stats[name].projection)  # a projected layer's accumulator
         if snapshot.device == rows.device:
             return snapshot.to(work_dtype(rows))
         key = (name, rows.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Type, TypeVar
+from typing import Any, Type, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -64,7 +64,7 @@ def load_factorized_pretrained(cls: Type[M], path: str, **config_kwargs: Any) ->
         KeyError: the weights name a layer the model does not have, or the model has weights the
             directory lacks / the directory has weights the model lacks.
     """
-    config = cls.config_class.from_pretrained(path, **config_kwargs)
+    config = cast(Any, cls).config_class.from_pretrained(path, **config_kwargs)  # a transformers PreTrainedModel
     model = cls(config)
     state = read_pretrained_state_dict(path)
     if not factorized_entries(state):

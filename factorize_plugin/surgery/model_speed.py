@@ -31,7 +31,7 @@ import dataclasses
 import inspect
 import math
 import random
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ from .speed import SpeedVerdict
 try:  # NumPy's global random state is put back after timing, where NumPy is installed
     import numpy as np
 except ImportError:  # pragma: no cover - torch ships without a hard NumPy dependency
-    np = None
+    np = None  # type: ignore[assignment]
 
 ModelClock = Callable[[Callable[[], None], nn.Module], float]
 """``clock(step, model)``: seconds per training step of ``model`` as it is now; ``step()`` runs
@@ -205,8 +205,9 @@ class ModelSpeedResult:
         """One line: what was timed and decided."""
         tried = ", ".join(f"{t.layers} of {len(self.order)}: {_trial_text(t)}" for t in self.trials)
         step = "forward + backward + optimizer step" if self.optimizer_timed else "forward + backward"
+        before = cast(float, self.seconds_before)  # a decided result: set by its first comparison
         return (
-            f"the model's training step ({step}) took {self.seconds_before * 1e3:.3g} ms with today's structure; "
+            f"the model's training step ({step}) took {before * 1e3:.3g} ms with today's structure; "
             f"with the candidates saving most multiply-adds: {tried} (needs {self.margin:.2f}x); applied {self.kept} "
             f"of {len(self.order)}, {self.speedup:.2f}x today's speed"
         )
@@ -291,7 +292,7 @@ class ModelSpeedCheck:
         return run
 
     @contextlib.contextmanager
-    def _installed(self, old: Mapping[str, list], install: Optional[Install], ranks: Mapping[str, Optional[int]],
+    def _installed(self, old: Mapping[str, list], install: Install, ranks: Mapping[str, Optional[int]],
                    state: preserved_training_state, result: ModelSpeedResult) -> Iterator[Callable[[], None]]:
         """The model with ``ranks`` installed, as one training step to run; undone and the
         training state put back on leaving."""
@@ -333,7 +334,7 @@ class ModelSpeedCheck:
 
     def _clocked(self, *installed: Any) -> float:
         with self._installed(*installed) as step:
-            secs = float(self.clock(step, self.model))
+            secs = float(cast(ModelClock, self.clock)(step, self.model))  # called only with a clock
         if not (math.isfinite(secs) and secs > 0):
             raise ValueError(f"the whole-model clock returned {secs} seconds: expected a positive number")
         return secs
@@ -357,7 +358,9 @@ class ModelSpeedCheck:
                 top = {n: ranks[n] for n in order[:k]}
                 if self.clock is not None:
                     comparison = Comparison.exact(
-                        result.seconds_before, self._clocked(old, install, top, state, result), self.margin
+                        cast(float, result.seconds_before),  # set above, with the same clock
+                        self._clocked(old, install, top, state, result),
+                        self.margin,
                     )
                 else:
                     comparison = paired_timing.compare(
@@ -400,7 +403,8 @@ class ModelSpeedCheck:
                 return ModelSpeedResult(self.margin, [], error=f"{type(err).__name__}: {err}")
 
         value = compute() if self.measure_here or self.broadcast is None else None
-        result = value if self.broadcast is None else self.broadcast(value)
+        # without a broadcast, this process computed the result
+        result = cast(ModelSpeedResult, value if self.broadcast is None else self.broadcast(value))
         if result.error is not None:
             raise RuntimeError(
                 f"the whole-model speed check failed ({result.error}); the model is unchanged. Pass "
@@ -408,7 +412,8 @@ class ModelSpeedCheck:
             )
         self.result = result
         kept = set(result.order[: result.kept])
-        out, verdicts = {}, {}
+        out: dict[str, Optional[int]] = {}
+        verdicts: dict[str, SpeedVerdict] = {}
         for n, r in ranks.items():
             if r is None:
                 out[n] = None

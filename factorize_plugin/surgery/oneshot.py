@@ -28,6 +28,7 @@ from .preflight import check_not_compiled, check_not_meta, uncompiled
 from .refactorize import refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe
+from .sharding import Sharding
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
 
 
@@ -209,7 +210,7 @@ def factorize_model(
         c = collect_with(model, selection, spec, expected_batches=expected, space=space, names=names)
         return _collect(model, c, batches, input_fn)
 
-    def solve(collector: ActivationCollector, names: list[str], sharding: None) -> dict:
+    def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Sharding]) -> dict:  # never sharded
         leave_out = lambda silent: leave_out_silent(model, selection, spec, silent, "calibration")  # noqa: E731
         return solve_pass(model, collector, names, selection.layers, leave_out, regularization, progress_fn)
 

@@ -17,8 +17,9 @@ Plain PyTorch: no Lightning.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, cast
 
+import torch
 import torch.nn as nn
 
 from ..layers.adapters import layer_view
@@ -47,7 +48,10 @@ def statistics_bound(module: nn.Module, space: str = "auto", holdout: bool = Tru
     accumulator = 8 * (width * width + width + 1)
     total = accumulator * (HELD_OUT_COPIES if holdout else 1)
     if projected:
-        itemsize = 8 if factorized or isinstance(module, FACTORIZED_PAIRS) else module.weight.element_size()
+        if factorized or isinstance(module, FACTORIZED_PAIRS):
+            itemsize = 8
+        else:
+            itemsize = cast(torch.Tensor, module.weight).element_size()  # a Linear's, Conv1D's or Conv2d's
         total += view.in_dim * view.out_dim * itemsize
     return total
 
@@ -130,7 +134,7 @@ def solve_pass(
     collector: ActivationCollector,
     names: Sequence[str],
     targeted: Mapping[str, nn.Module],
-    leave_out_silent: Callable[[list[str]], None],
+    leave_out_silent: Callable[[list[str]], object],
     regularization: float,
     progress: Optional[Callable[[int, int, str], None]] = None,
     sharding: Optional[Sharding] = None,

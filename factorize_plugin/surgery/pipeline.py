@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -37,8 +37,8 @@ from .reports import LayerReport
 from .sharing import explicit_targets, resolve_silent, skip_report
 from .targets import select_layers
 
-TRAINING_STATISTICS = {"max_samples": 100_000, "sample_fraction": "auto"}  # the callback's defaults
-ONE_SHOT_STATISTICS = {"max_samples": 200_000, "sample_fraction": 1.0}  # factorize_model's defaults
+TRAINING_STATISTICS: dict[str, Any] = {"max_samples": 100_000, "sample_fraction": "auto"}  # the callback's defaults
+ONE_SHOT_STATISTICS: dict[str, Any] = {"max_samples": 200_000, "sample_fraction": 1.0}  # factorize_model's defaults
 
 
 @dataclass(frozen=True)

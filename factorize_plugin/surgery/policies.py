@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Union, cast
 
 import torch
 
@@ -82,7 +82,8 @@ class FixedRank(RankPolicy):
     rank: RankLike
 
     def __post_init__(self) -> None:
-        self.rank = as_rank_like(self.rank)  # numpy.int64(16), torch.tensor(16): the int 16
+        # numpy.int64(16), torch.tensor(16): the int 16; resolve_rank refuses what is not a rank
+        self.rank = cast(RankLike, as_rank_like(self.rank))
         resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates
 
     def choose(self, layers, probe=None):
@@ -107,9 +108,10 @@ class GeometricRank(RankPolicy):
     steps: int
 
     def __post_init__(self) -> None:
-        self.rank = as_rank_like(self.rank)
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool):
-            raise ValueError(f"GeometricRank.rank must be an int >= 1 (the final rank), got {self.rank!r}")
+        rank = as_rank_like(self.rank)
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(f"GeometricRank.rank must be an int >= 1 (the final rank), got {rank!r}")
+        self.rank = rank
         resolve_rank(self.rank, 1 << 30, 1 << 30)  # validates: >= 1
         self.steps = check_whole("steps", self.steps, 1, "milestones on the path")
         self.step = check_whole("step", self.step, 1, f"which of the {self.steps} milestones")
@@ -247,4 +249,4 @@ def make_policy(
         return FixedRank(rank)
     if max_nmse is not None:
         return MaxNMSE(max_nmse)
-    return ParamBudget(param_budget)
+    return ParamBudget(cast(float, param_budget))  # the one given

@@ -11,6 +11,7 @@ Plain PyTorch: no Lightning.
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import torch.nn as nn
 
@@ -23,7 +24,7 @@ def is_compiled(module: nn.Module) -> bool:
 def uncompiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile``'d model wraps (its ``_orig_mod``, unwrapped repeatedly), else ``model``."""
     while is_compiled(model):
-        model = model._orig_mod
+        model = cast(nn.Module, model._orig_mod)  # a Module: is_compiled checks it
     return model
 
 

@@ -69,7 +69,8 @@ def _values(target: ProgressiveTarget, n: int) -> list[ScheduleEntry]:
         return [dataclasses.replace(target, fraction=f) for f in _fraction_path(target.fraction, n)]
     if isinstance(target, FixedRank):
         if isinstance(target.rank, int):
-            return [GeometricRank(target.rank, k, n) for k in range(1, n)] + [FixedRank(target.rank)]
+            path: list[ScheduleEntry] = [GeometricRank(target.rank, k, n) for k in range(1, n)]
+            return path + [FixedRank(target.rank)]
         return [FixedRank(f) for f in _fraction_path(target.rank, n)]
     if isinstance(target, RankPolicy):
         raise TypeError(

@@ -11,14 +11,14 @@ Plain PyTorch: no Lightning.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union, cast
 
 import torch.nn as nn
 
 from ..core.solver import decompose
 from ..core.statistics import MomentAccumulator
 from ..layers.adapters import install_factors, layer_view, weight_matrix
-from ..layers.factorized import FACTORIZED_PAIRS
+from ..layers.factorized import FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear
 from .calling import evaluating
 from .candidates import LayerCandidate
 from .holdout import Halves, heldout_curve
@@ -89,7 +89,8 @@ def build_candidates(
 
 
 def _swap(
-    model: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate], ranks: Ranks
+    model: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, LayerCandidate],
+    ranks: Mapping[str, Optional[int]],
 ) -> Callable[[], None]:
     """Installs the chosen ranks (None: unchanged) and returns what undoes it; on an error during
     the swap every layer is put back as it was before raising."""
@@ -101,8 +102,8 @@ def _swap(
             for alias in aliases[name]:
                 if model.get_submodule(alias) is not module:
                     set_submodule(model, alias, module)
-            if name in snapshots:
-                module.restore(snapshots[name])
+            if name in snapshots:  # a pair: snapshots holds only those
+                cast(Union[FactorizedLinear, FactorizedConv2d], module).restore(snapshots[name])
 
     try:
         for name, module in layers.items():
@@ -198,7 +199,8 @@ def refactorize(
     if sharding is not None and (probe is not None or agree is None):
         raise ValueError("a sharded solve needs agree= (the processes' agreement on the ranks) and no probe=")
     if candidates is None:
-        candidates = build_candidates(layers, stats, positions, regularization, progress, holdout, sharding)
+        given = cast(Mapping[str, MomentAccumulator], stats)  # no candidates: stats given (see Args)
+        candidates = build_candidates(layers, given, positions, regularization, progress, holdout, sharding)
     else:
         missing = [n for n in layers if n not in candidates]
         if missing:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 from ..layers.adapters import LayerView
 
@@ -106,7 +106,8 @@ def measured_speedup(reports: Sequence[LayerReport]) -> Optional[float]:
     timed = [r for r in reports if r.changed and r.speedup is not None and r.measured_rank == r.new_rank]
     if not timed:
         return None
-    return sum(r.dense_seconds for r in timed) / sum(r.pair_seconds for r in timed)
+    # speedup is not None: both times are set
+    return sum(cast(float, r.dense_seconds) for r in timed) / sum(cast(float, r.pair_seconds) for r in timed)
 
 
 def milestone_metrics(reports: Sequence[LayerReport]) -> dict[str, float]:

@@ -21,7 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -85,7 +85,7 @@ class OutputErrorSum:
     def relative(self) -> float:
         if self.n == 0:
             return float("nan")
-        denom = self.ss - float(self.s.square().sum()) / self.n
+        denom = self.ss - float(cast(torch.Tensor, self.s).square().sum()) / self.n  # n > 0: update set s
         return self.err / denom if denom > 0 else (0.0 if self.err == 0 else math.inf)
 
     @property

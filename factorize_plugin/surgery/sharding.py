@@ -156,13 +156,15 @@ def share_factors(
     """Broadcasts, in name order, the float64 factors (Wa, Wb, bias) of every layer at its chosen
     rank from its owner into every process's ``SharedSolution`` (every process must call it with
     the same ``ranks``)."""
-    f64 = dict(dtype=torch.float64, device=sharding.device)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=sharding.device)
     for name in sorted(solutions):
         rank, s = ranks.get(name), solutions[name]
         if rank is None:
             continue
         if s.local is not None:
-            wa, wb, bias = (None if t is None else t.to(**f64).contiguous() for t in s.local.factors(rank))
+            fa, fb, fbias = s.local.factors(rank)
+            wa, wb = fa.to(**f64).contiguous(), fb.to(**f64).contiguous()
+            bias = None if fbias is None else fbias.to(**f64).contiguous()
         else:
             wa, wb = torch.empty(s.in_features, rank, **f64), torch.empty(rank, s.out_features, **f64)
             bias = torch.empty(s.out_features, **f64) if s.fit_bias else None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -149,14 +149,17 @@ Timer = Callable[[Sequence[TimingCase]], list]
 
 
 def _modules_for(case: TimingCase) -> nn.Module:
-    v, kw = case.view, dict(device=torch.device(case.inputs.device), dtype=case.dtype)
+    v = case.view
+    kw: dict[str, Any] = dict(device=torch.device(case.inputs.device), dtype=case.dtype)
     if v.geometry is None:
         if case.rank is None:
             return nn.Linear(v.in_dim, v.out_dim, bias=case.bias, **kw)
         return FactorizedLinear(v.in_dim, v.out_dim, case.rank, bias=case.bias, **kw)
     g: ConvGeometry = v.geometry
     c_in = case.inputs.shape[-3]
-    args = dict(stride=g.stride, padding=g.padding, dilation=g.dilation, padding_mode=g.padding_mode, bias=case.bias)
+    args: dict[str, Any] = dict(
+        stride=g.stride, padding=g.padding, dilation=g.dilation, padding_mode=g.padding_mode, bias=case.bias
+    )
     if case.rank is None:
         return nn.Conv2d(c_in, v.out_dim, g.kernel_size, **args, **kw)
     return FactorizedConv2d(c_in, v.out_dim, g.kernel_size, case.rank, **args, **kw)
@@ -170,7 +173,7 @@ def _runner(case: TimingCase) -> Callable[[], None]:
         module = _modules_for(case)
         x = torch.randn(case.inputs.shape, device=dev, dtype=case.inputs.dtype)
     if case.inputs.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
         x = x.contiguous(memory_format=torch.channels_last)
     train = case.mode == "train"
     module.requires_grad_(train and case.trainable)
@@ -317,8 +320,8 @@ class SpeedGuard:
             for base, cand in todo:
                 self.cache[base, cand] = Comparison.exact(secs[base], secs[cand], self.margin)
         for base, cand in todo if self.timer is None else ():
-            secs = self.sample_seconds("layer")
-            self.cache[base, cand] = self.compare(sampler(base, secs), sampler(cand, secs))
+            seconds = self.sample_seconds("layer")
+            self.cache[base, cand] = self.compare(sampler(base, seconds), sampler(cand, seconds))
         return [self.cache[p] for p in pairs]
 
 
@@ -409,7 +412,11 @@ class SpeedCheck:
             }
             first = True
             while bounds:
-                asks = {n: (cases[n], hi - 1 if first else (lo + hi) // 2) for n, (lo, hi) in bounds.items()}
+                # bounds holds only the layers that have a case
+                asks = {
+                    n: (cast(TimingCase, cases[n]), hi - 1 if first else (lo + hi) // 2)
+                    for n, (lo, hi) in bounds.items()
+                }
                 for n, comparison in self._compare(asks).items():
                     lo, hi = bounds[n]
                     r = asks[n][1]
