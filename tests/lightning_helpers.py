@@ -366,3 +366,27 @@ def resume_trainer(callbacks: list, max_epochs: int, ckpt_dir=None) -> pl.Traine
         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
         deterministic=True,
     )
+
+
+def callback_from_yaml(tmp_path, **init_args):
+    """The ``LowRankFactorization`` LightningCLI builds from examples/mnist.yaml with these callback
+    ``init_args`` (parsed, not run)."""
+    from pathlib import Path
+
+    import yaml
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from factorize_plugin import LowRankFactorization
+    from factorize_plugin.integration.cli import FactorizeCLI
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "mnist.yaml").read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"].update(init_args)
+    cfg["trainer"]["logger"] = False
+    path = tmp_path / "callback.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = FactorizeCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(path)],
+    )  # fmt: skip
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LowRankFactorization)]
+    return cb

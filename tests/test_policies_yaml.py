@@ -3,32 +3,15 @@
 from pathlib import Path
 
 import pytest
-import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
 
 from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget
-from factorize_plugin.integration.cli import FactorizeCLI
+from lightning_helpers import callback_from_yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _callback_from_yaml(tmp_path, **init_args) -> LowRankFactorization:
-    """The callback LightningCLI builds from examples/mnist.yaml with these callback init_args."""
-    cfg = yaml.safe_load((EXAMPLES / "mnist.yaml").read_text())
-    cfg["trainer"]["callbacks"][0]["init_args"].update(init_args)
-    cfg["trainer"]["logger"] = False
-    path = tmp_path / "policies.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cli = FactorizeCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-        args=["--config", str(path)],
-    )  # fmt: skip
-    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LowRankFactorization)]
-    return cb
-
-
 def test_policy_objects_in_yaml(tmp_path):
-    cb = _callback_from_yaml(
+    cb = callback_from_yaml(
         tmp_path,
         schedule={
             1: {"class_path": "factorize_plugin.FixedRank", "init_args": {"rank": 8}},
@@ -40,7 +23,7 @@ def test_policy_objects_in_yaml(tmp_path):
 
 def test_yaml_policy_with_a_bad_value_is_refused(tmp_path):
     with pytest.raises((SystemExit, ValueError)):
-        _callback_from_yaml(tmp_path, schedule={1: {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 1.5}}})
+        callback_from_yaml(tmp_path, schedule={1: {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 1.5}}})
 
 
 def test_python_schedule_mixes_policies_and_checks_their_order():
@@ -55,14 +38,14 @@ def test_python_schedule_mixes_policies_and_checks_their_order():
 def test_schedule_auto_in_yaml(tmp_path):
     from factorize_plugin import Readiness
 
-    cb = _callback_from_yaml(
+    cb = callback_from_yaml(
         tmp_path, schedule="auto",
         target={"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.3, "metric": "macs"}},
         readiness={"tolerance": 0.05, "latest": None},
     )  # fmt: skip
     assert cb.schedule == {} and cb._auto.target == ParamBudget(0.3, metric="macs")
     assert cb._auto.readiness == Readiness(tolerance=0.05, latest=None)
-    default = _callback_from_yaml(tmp_path, schedule="auto")  # no other knob needed
+    default = callback_from_yaml(tmp_path, schedule="auto")  # no other knob needed
     assert default._auto.target == ParamBudget(0.5, metric="macs") and default._auto.readiness == Readiness()
     with pytest.raises((SystemExit, ValueError)):
-        _callback_from_yaml(tmp_path, schedule="auto", readiness={"tolerance": 2.0})
+        callback_from_yaml(tmp_path, schedule="auto", readiness={"tolerance": 2.0})

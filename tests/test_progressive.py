@@ -8,13 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
 
 from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, Progressive, progressive
-from factorize_plugin.integration.cli import FactorizeCLI
 from factorize_plugin.layers.adapters import LayerView
 from factorize_plugin.surgery.policies import GeometricRank
 from factorize_plugin.surgery.policy_spec import policy_from_spec, policy_spec
+from lightning_helpers import callback_from_yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 Q = 0.4 ** (1 / 3)
@@ -90,38 +89,23 @@ def test_progressive_mapping_is_the_same_schedule():
     assert [q.fraction for q in cb._policies.values()] == pytest.approx([Q, Q**2, 0.4])
 
 
-def _callback_from_yaml(tmp_path, **init_args) -> LowRankFactorization:
-    """The callback LightningCLI builds from examples/mnist.yaml with these callback init_args."""
-    cfg = yaml.safe_load((EXAMPLES / "mnist.yaml").read_text())
-    cfg["trainer"]["callbacks"][0]["init_args"].update(init_args)
-    cfg["trainer"]["logger"] = False
-    path = tmp_path / "progressive.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cli = FactorizeCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-        args=["--config", str(path)],
-    )  # fmt: skip
-    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LowRankFactorization)]
-    return cb
-
-
 def test_progressive_in_yaml(tmp_path):
     budget = {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.4, "metric": "macs"}}
-    cb = _callback_from_yaml(
+    cb = callback_from_yaml(
         tmp_path, interval="step",
         schedule={"class_path": "factorize_plugin.Progressive", "init_args": {"target": budget, "epochs": [0, 50, 100]}},
     )  # fmt: skip
     assert cb.interval == "step" and list(cb._policies) == [0, 50, 100]
     assert [p.fraction for p in cb._policies.values()] == pytest.approx([Q, Q**2, 0.4])
     assert all(p.metric == "macs" for p in cb._policies.values())
-    scalar = _callback_from_yaml(
+    scalar = callback_from_yaml(
         tmp_path, schedule={"class_path": "factorize_plugin.Progressive", "init_args": {"target": 16, "epochs": [1, 3]}}
     )
     assert scalar.interval == "epoch" and scalar._policies == {1: GeometricRank(16, 1, 2), 3: FixedRank(16)}
-    plain = _callback_from_yaml(tmp_path, schedule={2: 0.5, 4: 0.25})  # the plain mapping still reads as before
+    plain = callback_from_yaml(tmp_path, schedule={2: 0.5, 4: 0.25})  # the plain mapping still reads as before
     assert plain._policies == {2: FixedRank(0.5), 4: FixedRank(0.25)}
     with pytest.raises((SystemExit, ValueError)):
-        _callback_from_yaml(
+        callback_from_yaml(
             tmp_path,
             schedule={"class_path": "factorize_plugin.Progressive", "init_args": {
                 "target": {"class_path": "factorize_plugin.MaxNMSE", "init_args": {"max_nmse": 0.1}}, "epochs": [0, 1],
