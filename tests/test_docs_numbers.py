@@ -426,22 +426,11 @@ def gpt_lm_seeds_table() -> str:
 
 @generated
 def llm_statistics() -> str:
-    """The table ``benchmarks/estimate_llm_statistics.py`` prints (same columns, same rounding)."""
-    d = res("llm_statistics_estimate.json")
-    gb = 1e9
-    rows = [
-        "| shapes | ranks | statistics per rank, all-reduce | with shared inputs | shared + sharded, after the reduce | "
-        f"passes within {d['assumptions']['budget_gb']:g} GB | peak per rank with passes | solve per rank, all-reduce | sharded |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in d["models"].items():
-        for r, row in m["ranks"].items():
-            rows.append(
-                f"| {name} | {r} | {row['today_unshared_bytes'] / gb:.1f} GB | {row['today_shared_inputs_bytes'] / gb:.1f} GB | "
-                f"{row['sharded_after_reduce_bytes'] / gb:.2f} GB | {row['with_passes']['passes']} | "
-                f"{row['with_passes']['peak_bytes'] / gb:.2f} GB | {row['today_solve_s']:.0f} s | {row['sharded_solve_s']:.1f} s |"
-            )
-    return "\n".join(rows)
+    """The table ``benchmarks/estimate_llm_statistics.py`` prints, made by that script's own ``table``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from estimate_llm_statistics import table
+
+    return table(res("llm_statistics_estimate.json"))
 
 
 @generated
