@@ -228,6 +228,23 @@ class GPTTask(pl.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``, whose mesh Lightning sets before this hook):
+        every projection its own ``fully_shard`` unit (what the factorization callback needs to
+        swap it for a sharded pair), then each block, then the network (the root, holding the
+        tied embedding and head). Nothing under DDP or on one device."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        for block in self.net.blocks:
+            for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+                fully_shard(layer, mesh=dp)
+            fully_shard(block, mesh=dp)
+        fully_shard(self.net, mesh=dp)
+
     def _loss(self, batch) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(self(x).flatten(0, 1), y.flatten())

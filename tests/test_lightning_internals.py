@@ -98,12 +98,24 @@ def _bare(cls):
 
 @pytest.mark.parametrize(
     "cls",
-    [strategies.FSDPStrategy, strategies.DeepSpeedStrategy, strategies.ModelParallelStrategy, strategies.XLAStrategy,
-     strategies.SingleDeviceXLAStrategy],
+    [strategies.FSDPStrategy, strategies.DeepSpeedStrategy, strategies.XLAStrategy, strategies.SingleDeviceXLAStrategy],
 )  # fmt: skip
 def test_check_strategy_refuses_sharding_strategies_by_isinstance(cls):
     with pytest.raises(NotImplementedError, match=rf"does not support {cls.__name__}.*strategy='ddp'"):
         check_strategy(_bare(cls))
+
+
+@pytest.mark.parametrize("cls", [strategies.FSDPStrategy, strategies.DeepSpeedStrategy])
+def test_fsdp1_and_deepspeed_refusals_name_fsdp2(cls):
+    with pytest.raises(NotImplementedError, match=r"ModelParallelStrategy\(data_parallel_size=<processes>, "
+                                                  r"tensor_parallel_size=1\) with fully_shard"):
+        check_strategy(_bare(cls))
+
+
+def test_check_strategy_accepts_fsdp2_and_refuses_tensor_parallelism():
+    check_strategy(strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    with pytest.raises(NotImplementedError, match=r"tensor parallelism.*size 2.*tensor_parallel_size=1"):
+        check_strategy(strategies.ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
 
 
 def test_check_strategy_refuses_a_subclass_and_anything_it_does_not_know():

@@ -214,7 +214,7 @@ def test_bad_guard_arguments_are_refused(kwargs, match):
 
 
 def test_bad_speed_guard_value_and_bad_timer_are_refused():
-    with pytest.raises(TypeError, match="speed_guard must be True, False or a SpeedGuard"):
+    with pytest.raises(TypeError, match="speed_guard must be 'auto', True, False or a SpeedGuard"):
         factorize_model(_mlp(), _calib(16), rank=2, speed_guard="on", min_params=0, min_features=0)
     with pytest.raises(TypeError, match="speed_guard"):
         LowRankFactorization({1: 0.5}, speed_guard=1.5)

@@ -9,7 +9,7 @@ wrapper, log, and checkpoint the callback's own state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union, cast
+from typing import Any, Callable, Literal, Optional, Union, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from ..layers.sharded import check_units
 from ..surgery import settings
 from ..surgery.calling import InputFn
 from ..surgery.checkpoint import enable_factorized_loading
@@ -27,6 +28,7 @@ from ..surgery.pipeline import Selection, TargetSpec, finish, leave_out_silent, 
 from ..surgery.preflight import check_not_meta
 from ..surgery.progressive import Progressive
 from ..surgery.refactorize import refactorize
+from ..surgery.sharded_resume import restore_sharded_structure
 from ..surgery.sharing import CallCounter
 from ..surgery.speed import SpeedGuard, resolve_guard
 from .auto_schedule import Readiness, read_any_schedule
@@ -39,7 +41,13 @@ from .callback_state import (
     plain,
     restore_optimizer_order,
 )
-from .lightning_internals import check_strategy, rewrap_ddp
+from .lightning_internals import (
+    before_checkpoint_load,
+    check_strategy,
+    distributed_checkpoint_shapes,
+    is_fsdp2,
+    rewrap_ddp,
+)
 from .milestone import (
     log_milestone,
     milestone_entry,
@@ -146,7 +154,10 @@ class LowRankFactorization(Callback):
             from ``targets`` and ``exclude``, never from the schedule, so a schedule can be edited
             between a run and its resume.
         verbose: print a summary table on rank zero after each milestone.
-        speed_guard: True (default): ``SpeedGuard(scope="model")``: after the ranks are chosen and
+        speed_guard: ``"auto"`` (default): True, except under FSDP2 (``ModelParallelStrategy``),
+            where it is off with a one-line notice (an explicit guard is refused there: a timed
+            step would need collectives on every process). True: ``SpeedGuard(scope="model")``:
+            after the ranks are chosen and
             agreed, the model's own training step (``training_step`` forward + backward on the
             first training batch of the epoch before the milestone, a validation batch where there
             is none, under the trainer's precision context and device, plus the optimizer's step
@@ -265,7 +276,7 @@ class LowRankFactorization(Callback):
         regularization: float = 0.0,
         name: Optional[str] = None,
         verbose: bool = True,
-        speed_guard: Union[bool, SpeedGuard] = True,
+        speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
         output_batches: int = 2,
         max_statistics_bytes: Optional[int] = None,
         target: Optional[ScheduleValue] = None,
@@ -278,6 +289,7 @@ class LowRankFactorization(Callback):
         self.schedule, self._policies, self._auto = read_any_schedule(schedule, mode, target, readiness, self.interval)
         self.mode = mode
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
+        self._speed_setting = speed_guard
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
         self.spec = TargetSpec(targets, exclude, min_params, min_features, max_samples, sample_fraction)
         self.budget_batches = settings.check_whole("budget_batches", budget_batches, 0)
@@ -337,6 +349,9 @@ class LowRankFactorization(Callback):
             )
             self._reset_state()
         check_strategy(trainer.strategy)
+        self.speed_guard = resolve_guard(self._speed_setting, "train", scope="model", sharded=is_fsdp2(trainer.strategy))
+        if self._speed_setting == "auto" and is_fsdp2(trainer.strategy):
+            rank_zero_info("LowRankFactorization: the speed decision is off under FSDP2 (speed_guard='auto')")
         check_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         check_validation(trainer, pl_module)
         check_not_meta(pl_module, "LowRankFactorization")
@@ -358,15 +373,28 @@ class LowRankFactorization(Callback):
         self._trainer, self._pl_module = trainer, pl_module
         for opt in trainer.optimizers:
             check_parameter_caches(opt)  # refused before training, not at the first milestone
-        if self._restored_groups:  # the rebuilt model's parameters back in the saved order
-            restore_optimizer_order(trainer.optimizers, self._restored_groups, pl_module)
-            self._restored_groups = None
-        self._rewarm.resume(trainer.optimizers)  # a ramp checkpointed, or cut off by the last fit's end, goes on
+        if is_fsdp2(trainer.strategy):  # configure_model sharded the model; a checkpoint loads after this hook
+            check_units(pl_module, self._layers(pl_module))
+            before_checkpoint_load(trainer.strategy, lambda path: restore_sharded_structure(
+                trainer.lightning_module, distributed_checkpoint_shapes(path), trainer.optimizers
+            ))  # the checkpoint's pairs, sharded, before its weights and optimizer state load
+        else:
+            self._resume_optimizers(trainer, pl_module)
         if self.interval == "epoch":
             warn_late_milestones(trainer, self.schedule, self.done)
 
+    def _resume_optimizers(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The optimizers as the checkpointed run left them, once this callback's state is loaded:
+        parameters in the saved order (a rebuilt model's), the re-warm ramp going on."""
+        if self._restored_groups and not is_fsdp2(trainer.strategy):  # (FSDP2 loads optimizer state by name)
+            restore_optimizer_order(trainer.optimizers, self._restored_groups, pl_module)
+        self._restored_groups = None
+        self._rewarm.resume(trainer.optimizers)  # a ramp checkpointed, or cut off by the last fit's end, goes on
+
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if is_fsdp2(trainer.strategy):  # its checkpoint (with this callback's state) loaded after on_fit_start
+            self._resume_optimizers(trainer, pl_module)
         self._layout.before_training(trainer, pl_module, self.input_fn)  # no sanity check showed a batch
         if self._auto is not None:  # the epoch's length is known from here on: auto's latest switch, warned now
             self._auto.plan(trainer)

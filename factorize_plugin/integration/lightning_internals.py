@@ -7,7 +7,7 @@ so that a Lightning release that moves them fails loudly there rather than deep 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 import torch.nn as nn
@@ -113,10 +113,12 @@ class preserved_metric_states:
 
 def check_strategy(strategy: Any) -> None:
     """Refuses, before training, a strategy that shards or replicates parameters in ways a layer
-    whose shape changes mid-training does not survive. Accepted: ``SingleDeviceStrategy`` and
-    ``DDPStrategy`` (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...) instances, except DeepSpeed (a
-    ``DDPStrategy`` subclass); refused by ``isinstance``: FSDP, DeepSpeed, ModelParallel, XLA, and
-    anything else."""
+    whose shape changes mid-training does not survive. Accepted: ``SingleDeviceStrategy``,
+    ``DDPStrategy`` (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...) instances except DeepSpeed (a
+    ``DDPStrategy`` subclass), and ``ModelParallelStrategy`` (FSDP2) with a data-parallel mesh
+    only; refused by ``isinstance``, each with the alternative: FSDP1, DeepSpeed, tensor
+    parallelism, XLA, and anything else. Call it after the strategy's ``setup_environment`` (the
+    callback's ``setup``): the mesh is read then."""
     from lightning.pytorch.strategies import (
         DDPStrategy,
         DeepSpeedStrategy,
@@ -127,13 +129,89 @@ def check_strategy(strategy: Any) -> None:
         XLAStrategy,
     )
 
-    refused = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, XLAStrategy, SingleDeviceXLAStrategy)
-    if isinstance(strategy, refused) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy):
+        tensor_parallel = tensor_parallel_size(strategy)
+        if tensor_parallel > 1:
+            raise NotImplementedError(
+                f"LowRankFactorization does not support tensor parallelism (ModelParallelStrategy with a "
+                f"'tensor_parallel' mesh dimension of size {tensor_parallel}): a layer split across processes "
+                "cannot be solved or swapped one layer at a time. Shard the data-parallel way only: "
+                "ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) with fully_shard "
+                "(FSDP2) in configure_model"
+            )
+        return
+    alternatives = {
+        FSDPStrategy: "FSDP1 (FSDPStrategy) wraps parameters in flat buffers a changed layer shape breaks: use "
+        "FSDP2, ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) with fully_shard "
+        "in configure_model (each targeted layer its own unit), or strategy='ddp'",
+        DeepSpeedStrategy: "DeepSpeed's engine owns the parameters and their optimizer partitions, which a swapped "
+        "layer cannot join: use FSDP2 (ModelParallelStrategy(data_parallel_size=<processes>, "
+        "tensor_parallel_size=1) with fully_shard in configure_model) or strategy='ddp'",
+    }
+    for cls, message in alternatives.items():
+        if isinstance(strategy, cls):
+            raise NotImplementedError(f"LowRankFactorization does not support {name}: {message}")
+    xla = (XLAStrategy, SingleDeviceXLAStrategy)  # subclasses of the DDP / single-device strategies
+    if isinstance(strategy, xla) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise NotImplementedError(
-            f"LowRankFactorization does not support {type(strategy).__name__} yet: it shards or replicates parameters "
-            "in ways that do not survive layers whose shapes change during training; use strategy='ddp' (or "
-            "'ddp_spawn' / a single device)"
+            f"LowRankFactorization does not support {name}: it shards or replicates parameters in ways that do not "
+            "survive layers whose shapes change during training; use strategy='ddp' (or 'ddp_spawn' / a single "
+            "device), or FSDP2 through ModelParallelStrategy"
         )
+
+
+def is_fsdp2(strategy: Any) -> bool:
+    """Whether the strategy is Lightning's ``ModelParallelStrategy`` (FSDP2 in ``configure_model``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def tensor_parallel_size(strategy: Any) -> int:
+    """The size of a ``ModelParallelStrategy``'s ``tensor_parallel`` mesh dimension (its public
+    ``device_mesh``, set up by ``setup_environment``; the private ``_tensor_parallel_size`` before)."""
+    try:
+        return int(strategy.device_mesh["tensor_parallel"].size())
+    except (AssertionError, AttributeError, RuntimeError, KeyError, TypeError):
+        size = getattr(strategy, "_tensor_parallel_size", 1)
+        return int(size) if isinstance(size, int) else 1
+
+
+def distributed_checkpoint_shapes(path: Any) -> dict[str, tuple[int, ...]]:
+    """The model's tensors in a distributed checkpoint Lightning's ``ModelParallelStrategy`` wrote
+    (a directory): state-dict key -> shape, from the checkpoint's metadata alone (no tensor read).
+    Lightning stores the model's state under ``state_dict.``; an empty dict where ``path`` is not
+    such a directory."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if path is None or not Path(path).is_dir() or not (Path(path) / ".metadata").is_file():
+        return {}
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    return {
+        key[len(prefix):]: tuple(getattr(value, "size", ()))
+        for key, value in metadata.items() if key.startswith(prefix)
+    }
+
+
+def before_checkpoint_load(strategy: Any, hook: Callable[[Any], None]) -> None:
+    """Makes ``strategy.load_checkpoint(path, ...)`` call ``hook(path)`` first (once per strategy
+    object). ``ModelParallelStrategy`` loads a checkpoint into the live sharded model after
+    ``on_fit_start`` with no hook in between, and the path is not public before that load
+    (``trainer.ckpt_path`` is set inside it): wrapping the strategy's own method is the one way in."""
+    if getattr(strategy.load_checkpoint, "_factorize_plugin_hook", False):
+        return
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        hook(checkpoint_path)
+        return original(checkpoint_path, *args, **kwargs)
+
+    load_checkpoint._factorize_plugin_hook = True  # type: ignore[attr-defined]
+    strategy.load_checkpoint = load_checkpoint
 
 
 def rewrap_ddp(trainer: Trainer) -> None:

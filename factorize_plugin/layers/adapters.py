@@ -8,13 +8,14 @@ W; an nn.Linear stores W.T); a Conv2d is that on its input patches
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, cast
+from typing import Optional, Union, cast
 
 import torch
 import torch.nn as nn
 
 from ..core.conv import ConvGeometry, conv_output_size, conv_patches, conv_patches_at, conv_weight_to_matrix
 from .factorized import FactorizedConv2d, FactorizedLinear
+from .sharded import gathered, is_unit, shard_like
 from .transposed import TransposedLinear
 
 FACTORIZABLE_TYPES = (nn.Linear, nn.Conv2d, TransposedLinear, FactorizedLinear, FactorizedConv2d)
@@ -86,7 +87,17 @@ def layer_view(module: nn.Module) -> LayerView:
 
 def weight_matrix(module: nn.Module, own_dtype: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(W [D, M], bias [M] or None) in float64. ``own_dtype``: W in the weight's own dtype instead,
-    a view of the parameter (no copy; a factorized layer's composed map is float64 either way)."""
+    a view of the parameter (no copy; a factorized layer's composed map is float64 either way).
+    An FSDP2 unit's full weight is gathered for the read and copied (``sharded.gathered``): a
+    collective, so every process reads the same layers in the same order."""
+    if not is_unit(module):
+        return _weight_matrix(module, own_dtype)
+    with gathered(module):
+        w, b = _weight_matrix(module, own_dtype)
+        return w.clone(), None if b is None else b.clone()
+
+
+def _weight_matrix(module: nn.Module, own_dtype: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
         return module.matrix()
     # a Linear, Conv1D or Conv2d: a weight parameter and a bias parameter or None
@@ -137,10 +148,23 @@ def output_rows(y: torch.Tensor, view: LayerView, keep: Optional[torch.Tensor] =
 
 def install_factors(module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
     """Puts factors (``wa`` [D, r], ``wb`` [r, M], ``bias`` [M]) into the layer: a dense layer is
-    replaced by a new factorized pair (returned; the caller swaps it in), a pair is resized in place."""
+    replaced by a new factorized pair (returned; the caller swaps it in), a pair is resized in place.
+    An FSDP2 unit is always replaced, by a new pair sharded like it (``sharded.shard_like``: a
+    collective); the caller then calls ``sharded.rediscover_units`` on the model."""
+    if is_unit(module):
+        return shard_like(_new_pair(module, wa, wb, bias), module)
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
         module.set_factors(wa, wb, bias)
         return module
+    return _new_pair(module, wa, wb, bias)
+
+
+def _new_pair(
+    module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Union[FactorizedLinear, FactorizedConv2d]:
+    """A new pair (new module, new parameters) computing the factors, in ``module``'s place."""
+    if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+        return module.rebuilt(wa, wb, bias)
     if isinstance(module, nn.Linear):
         return FactorizedLinear.from_linear(module, wa, wb, bias)
     if isinstance(module, TransposedLinear):

@@ -92,6 +92,22 @@ class _FactorizedPair(nn.Module):
     def _copy_factors(self, wa: torch.Tensor, wb: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def _blank(self, rank: int, bias: bool, device: torch.device, dtype: torch.dtype) -> "_FactorizedPair":
+        """A new pair of this configuration at ``rank`` (weights to be set)."""
+        raise NotImplementedError
+
+    def rebuilt(self, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]) -> "_FactorizedPair":
+        """A new pair (new module and parameters; this one is left as it is) of this configuration
+        holding ``wa`` [D, r], ``wb`` [r, M] and ``bias`` [M] (given exactly when the pair has one)."""
+        if (bias is None) != (self.second.bias is None):
+            raise ValueError(f"a factorized {self.kind} layer {'with' if bias is None else 'without'} a bias got "
+                             f"{'none' if bias is None else 'one'}")
+        like = self._like()
+        new = self._blank(wa.shape[1], self.second.bias is not None, like.device, like.dtype)
+        new.requires_grad_(like.requires_grad)
+        new.set_factors(wa, wb, bias)
+        return new
+
     def matrix(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(W [D, M], bias [M] or None) of the composed map, float64."""
         raise NotImplementedError
@@ -171,6 +187,11 @@ class FactorizedLinear(_FactorizedPair):
         out.set_factors(wa, wb, bias)
         out.transposed_from = conv1d_class(type(layer))
         return out
+
+    def _blank(self, rank: int, bias: bool, device: torch.device, dtype: torch.dtype) -> "FactorizedLinear":
+        new = FactorizedLinear(self.in_features, self.out_features, rank, bias, device, dtype)
+        new.transposed_from = self.transposed_from
+        return new
 
     def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Linear, nn.Linear]:
         return nn.Linear(self.in_features, rank, bias=False, **kw), nn.Linear(rank, self.out_features, bias=bias, **kw)
@@ -276,6 +297,11 @@ class FactorizedConv2d(_FactorizedPair):
         layer.requires_grad_(w.requires_grad)
         layer.set_factors(wa, wb, bias)
         return layer
+
+    def _blank(self, rank: int, bias: bool, device: torch.device, dtype: torch.dtype) -> "FactorizedConv2d":
+        return FactorizedConv2d(
+            self.in_channels, self.out_channels, rank=rank, bias=bias, device=device, dtype=dtype, **self._conv_args
+        )
 
     def _build(self, rank: int, bias: bool, **kw) -> tuple[nn.Conv2d, nn.Conv2d]:
         first = nn.Conv2d(self.in_channels, rank, bias=False, **self._conv_args, **kw)

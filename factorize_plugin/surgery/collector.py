@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..core.statistics import MomentAccumulator, work_dtype
 from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
+from ..layers.sharded import is_unit
 from . import fastpath
 from .holdout import HeldOutHalves
 from .settings import is_real
@@ -219,7 +220,8 @@ class ActivationCollector:
         acc = self._stats[key]
         held = (acc.nbytes() if acc.allocated else 0) + self.holdout.nbytes(key)
         if key in self.projections:  # the snapshot of W projected statistics keep (W's dtype), copies on other devices
-            weight = getattr(self.layers[key], "weight", None)
+            layer = self.layers[key]  # (a pair's weight is computed, an FSDP2 unit's a shard: not W's storage)
+            weight = None if is_unit(layer) else getattr(layer, "weight", None)
             own = {weight.untyped_storage().data_ptr()} if isinstance(weight, torch.Tensor) else set()
             snapshot = cast(torch.Tensor, acc.projection)  # a projected layer's accumulator
             copies = [snapshot] + [w for k, w in self._projection_copies.items() if k[0] == key]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence, Sized, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Sized, Union
 
 import torch
 import torch.nn as nn
 
+from ..layers.sharded import check_units, is_sharded
 from . import settings
 from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
@@ -66,6 +67,24 @@ def _collect(
     return collector
 
 
+def _sum_over_processes(collector: ActivationCollector) -> None:
+    """An FSDP2-sharded model in a ``torch.distributed`` job: every process's statistics summed
+    (the default process group), so that all of them solve the same problem."""
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t)
+        return t
+
+    collector.all_reduce_(all_sum)
+
+
+def _rank_zero_choice(ranks: dict) -> dict:
+    """The ranks process 0 chose, on every process."""
+    box = [ranks]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @torch.inference_mode(False)  # works under torch.inference_mode(): new parameters are normal tensors
 def factorize_model(
     model: nn.Module,
@@ -88,7 +107,7 @@ def factorize_model(
     output_fn: Callable[[Any], torch.Tensor] = output_tensor,
     sensitivity_batches: Optional[int] = None,
     progress: Union[bool, Callable[[int, int, str], None]] = False,
-    speed_guard: Union[bool, SpeedGuard] = True,
+    speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
     max_statistics_bytes: Optional[int] = None,
 ) -> list[LayerReport]:
     """Factorizes the model's Linear / Conv2d layers in place from statistics of their inputs on
@@ -121,7 +140,11 @@ def factorize_model(
             statistics frozen); afterwards every submodule has its own training mode back. A
             ``torch.compile``'d model: the module it wraps is calibrated (eagerly) and changed (the
             compiled model recompiles on its next call); a compiled submodule or a parameter on
-            the meta device is refused (ValueError) before anything runs.
+            the meta device is refused (ValueError) before anything runs. A model sharded by FSDP2
+            (``fully_shard``, each targeted layer its own unit) in a ``torch.distributed`` job:
+            every process calls this with its own calibration batches (as many batches each); the
+            statistics are summed over the processes, each layer is gathered for its solve one at
+            a time, and the new pairs are sharded like the layers they replace.
         calibration: an iterable of batches (see the module docstring for how they are called).
             With a measuring ``ParamBudget`` it is iterated again (a one-shot iterator is first
             copied into a list).
@@ -148,7 +171,8 @@ def factorize_model(
             ``logits``, or its first tensor); used by a measuring ``ParamBudget``.
         sensitivity_batches: a measuring ``ParamBudget`` uses only the first so many batches.
         progress: True prints one line per solved layer to stderr; a callable gets (i, n, name).
-        speed_guard: True (default): ``SpeedGuard(mode="inference")``, forward-only timings at the
+        speed_guard: ``"auto"`` (default): True, except on an FSDP2-sharded model, where it is off
+            (an explicit guard is refused there). True: ``SpeedGuard(mode="inference")``, forward-only timings at the
             calibration batches' rows; pass ``SpeedGuard(mode="train", ...)`` for a model that is
             trained on afterwards (the rows of a training batch then matter: calibrate with
             batches of that size), or False for the same structure on every machine (the guard's
@@ -190,13 +214,16 @@ def factorize_model(
     sensitivity_batches = settings.check_optional_whole("sensitivity_batches", sensitivity_batches, 1, "all batches")
     progress = settings.check_progress(progress)
     budget = settings.check_max_statistics_bytes(max_statistics_bytes)
-    guard = resolve_guard(speed_guard, "inference")
+    sharded = is_sharded(model)
+    distributed = sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    guard = resolve_guard(speed_guard, "inference", sharded=sharded)
     if guard is not None and guard.scope == "model":
         raise ValueError(
             "factorize_model times layers alone: SpeedGuard(scope='model') needs a training step to time (the "
             "LowRankFactorization callback); pass SpeedGuard(scope='layer') or leave scope unset"
         )
     selection = prepare(model, spec, {"": policy})
+    check_units(model, selection.layers)
     for message in selection.advice:
         _advise(message)
     groups = plan_passes({n: model.get_submodule(n) for n in selection.layers}, budget, space)
@@ -207,20 +234,22 @@ def factorize_model(
     expected = len(calibration) if isinstance(calibration, Sized) else None
 
     def collect(i: int, names: list[str]) -> ActivationCollector:
-        c = collect_with(model, selection, spec, expected_batches=expected, space=space, names=names)
+        c = collect_with(model, selection, spec, expected_batches=expected, space=space, names=names,
+                         holdout=not distributed)
         return _collect(model, c, batches, input_fn)
 
     def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Sharding]) -> dict:  # never sharded
         leave_out = lambda silent: leave_out_silent(model, selection, spec, silent, "calibration")  # noqa: E731
         return solve_pass(model, collector, names, selection.layers, leave_out, regularization, progress_fn)
 
-    solved = collect_in_passes(groups, collect, solve)
+    solved = collect_in_passes(groups, collect, solve, _sum_over_processes if distributed else None)
     layers = selection.layers
     if not layers:
         raise RuntimeError(f"no targeted layer ran on the calibration data: {selection.skipped}")
     probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if policy.uses_probe else None
     reports = refactorize(
         model, layers, None, policy, probe=probe, candidates=solved.candidates,
+        agree=_rank_zero_choice if distributed else None,
         speed=None if guard is None else SpeedCheck(guard, solved.inputs),
     )
     reports, advice = finish(model, selection, reports, solved.positions, f"factorize_model({policy!r})")

@@ -19,6 +19,7 @@ from ..core.solver import decompose
 from ..core.statistics import MomentAccumulator
 from ..layers.adapters import install_factors, layer_view, weight_matrix
 from ..layers.factorized import FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear
+from ..layers.sharded import is_unit, rediscover_units
 from .calling import evaluating
 from .candidates import LayerCandidate
 from .holdout import Halves, heldout_curve
@@ -55,20 +56,23 @@ def build_candidates(
     start, start_cpu = time.perf_counter(), time.process_time()
     failure = None  # sharded: an owner's error, handed to every process so that all of them raise alike
     for i, (name, module) in enumerate(layers.items()):
-        if sharding is not None and not sharding.owns(name):
+        mine = sharding is None or sharding.owns(name)
+        # an FSDP2 unit's weight is gathered by a collective: every process reads every layer
+        matrix = weight_matrix(module) if (mine and failure is None) or is_unit(module) else None
+        if not mine or failure is not None:
             continue
         if progress is not None:
             progress(i, len(layers), name)
         try:
             stats[name].check(f"inputs of layer '{name}'")
-            w, b = weight_matrix(module)
+            w, b = cast(tuple, matrix)
             dec = decompose(stats[name], w, b, regularization, fit_bias=b is not None)  # no bias: the pair gets none
             heldout = None if sharding is not None else heldout_curve((holdout or {}).get(name), w, b, solved=dec)
         except ValueError as err:
             if sharding is None:
                 raise ValueError(f"cannot factorize layer '{name}': {err}") from err
             failure = f"cannot factorize layer '{name}': {err}"
-            break
+            continue
         if sharding is not None:
             solved[name] = (dec, stats[name].num_samples, *w.shape)
             continue
@@ -104,6 +108,7 @@ def _swap(
                     set_submodule(model, alias, module)
             if name in snapshots:  # a pair: snapshots holds only those
                 cast(Union[FactorizedLinear, FactorizedConv2d], module).restore(snapshots[name])
+        rediscover_units(model)
 
     try:
         for name, module in layers.items():
@@ -114,6 +119,7 @@ def _swap(
             if new is not module:
                 for alias in aliases[name]:
                     set_submodule(model, alias, new)
+        rediscover_units(model)  # FSDP2: the root finds the new units at its next forward
     except BaseException:
         undo()
         raise

@@ -522,13 +522,26 @@ class InputRecorder:
         return bool(self._handles)
 
 
-def resolve_guard(speed_guard: Any, mode: str, scope: Optional[str] = None) -> Optional[SpeedGuard]:
-    """``True`` -> ``SpeedGuard(mode=mode, scope=scope)``, ``False``/None -> None, a ``SpeedGuard``
-    as it is."""
+def resolve_guard(speed_guard: Any, mode: str, scope: Optional[str] = None, sharded: bool = False) -> Optional[SpeedGuard]:
+    """``"auto"`` (the entry points' default) -> as ``True``, except on a model sharded by FSDP2
+    (``sharded``): None, as every timed step there would need collectives on every process.
+    ``True`` -> ``SpeedGuard(mode=mode, scope=scope)``, ``False``/None -> None, a ``SpeedGuard``
+    as it is.
+
+    Raises:
+        ValueError: a guard asked for explicitly on a sharded model.
+    """
+    if isinstance(speed_guard, str) and speed_guard == "auto":
+        speed_guard = not sharded
+    if sharded and speed_guard is not False and speed_guard is not None:
+        raise ValueError(
+            "speed_guard: the speed decision does not run under FSDP2 (timing a sharded model's step needs "
+            "collectives on every process); pass speed_guard=False, or leave the default ('auto', off under FSDP2)"
+        )
     if speed_guard is True:
         return SpeedGuard(mode=mode, scope=scope)
     if speed_guard is False or speed_guard is None:
         return None
     if isinstance(speed_guard, SpeedGuard):
         return speed_guard
-    raise TypeError(f"speed_guard must be True, False or a SpeedGuard, got {type(speed_guard).__name__}")
+    raise TypeError(f"speed_guard must be 'auto', True, False or a SpeedGuard, got {speed_guard!r}")
