@@ -1,5 +1,6 @@
 """``factorize_model`` on a model sharded by FSDP2 (``fully_shard``) in a 2-process gloo job, and
-the same call on one process over both processes' batches (run by tests/test_fsdp.py).
+the same calls on one process over both processes' batches (a uniform rank, then a
+``ParamBudget`` that measures the output, on the pairs the first call made) (run by tests/test_fsdp.py).
 
 ``python tests/fsdp_oneshot_script.py OUT_DIR PORT``: writes ``OUT_DIR/oneshot.pt`` with each
 process's ranks, output on a fixed input and composed weights, and the single-process reference's.
@@ -50,7 +51,11 @@ def worker(rank: int, world: int, out: str, port: str) -> None:
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)
     reports = factorize_model(model, batches(rank), rank=16, min_features=16)  # speed_guard "auto": off here
+    first = {r.name: r.new_rank for r in reports}
+    # again on the sharded pairs, with ranks chosen by their measured effect on the output
+    reports = factorize_model(model, batches(rank), param_budget=0.2, min_features=16)
     result = {
+        "first": first,
         "ranks": {r.name: r.new_rank for r in reports},
         "kinds": {i: type(model[i]).__name__ for i in LAYERS},
         "output": model(probe_input()).detach(),
@@ -66,7 +71,9 @@ def main(out: str, port: str) -> None:
     mp.spawn(worker, args=(2, out, port), nprocs=2)
     reference = make()
     factorize_model(reference, batches(0) + batches(1), rank=16, min_features=16, speed_guard=False)
+    reports = factorize_model(reference, batches(0) + batches(1), param_budget=0.2, min_features=16, speed_guard=False)
     torch.save({
+        "ranks": {r.name: r.new_rank for r in reports},
         "output": reference(probe_input()).detach(),
         "composed": {i: weight_matrix(reference[i])[0] for i in LAYERS},
     }, os.path.join(out, "oneshot_reference.pt"))  # fmt: skip

@@ -349,8 +349,9 @@ class LowRankFactorization(Callback):
             )
             self._reset_state()
         check_strategy(trainer.strategy)
-        self.speed_guard = resolve_guard(self._speed_setting, "train", scope="model", sharded=is_fsdp2(trainer.strategy))
-        if self._speed_setting == "auto" and is_fsdp2(trainer.strategy):
+        fsdp2 = is_fsdp2(trainer.strategy)
+        self.speed_guard = resolve_guard(self._speed_setting, "train", scope="model", sharded=fsdp2)
+        if self._speed_setting == "auto" and fsdp2:
             rank_zero_info("LowRankFactorization: the speed decision is off under FSDP2 (speed_guard='auto')")
         check_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         check_validation(trainer, pl_module)

@@ -7,6 +7,7 @@ from .adapters import (
     input_rows,
     install_factors,
     layer_view,
+    new_pair,
     weight_matrix,
 )
 from .factorized import FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear, decode_extra_state
@@ -25,5 +26,6 @@ __all__ = [
     "input_rows",
     "install_factors",
     "layer_view",
+    "new_pair",
     "weight_matrix",
 ]

@@ -152,17 +152,18 @@ def install_factors(module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias:
     An FSDP2 unit is always replaced, by a new pair sharded like it (``sharded.shard_like``: a
     collective); the caller then calls ``sharded.rediscover_units`` on the model."""
     if is_unit(module):
-        return shard_like(_new_pair(module, wa, wb, bias), module)
+        return shard_like(new_pair(module, wa, wb, bias), module)
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
         module.set_factors(wa, wb, bias)
         return module
-    return _new_pair(module, wa, wb, bias)
+    return new_pair(module, wa, wb, bias)
 
 
-def _new_pair(
+def new_pair(
     module: nn.Module, wa: torch.Tensor, wb: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Union[FactorizedLinear, FactorizedConv2d]:
-    """A new pair (new module, new parameters) computing the factors, in ``module``'s place."""
+    """A new plain pair (new module, new parameters; never sharded) computing the factors, in
+    ``module``'s place; ``module`` (dense or a pair) is left as it is."""
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
         return module.rebuilt(wa, wb, bias)
     if isinstance(module, nn.Linear):

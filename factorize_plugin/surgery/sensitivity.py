@@ -18,7 +18,6 @@ and is plain PyTorch.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, cast
@@ -26,8 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, cast
 import torch
 import torch.nn as nn
 
-from ..layers.adapters import install_factors
-from ..layers.transposed import TransposedLinear
+from ..layers.adapters import new_pair
 from .allocation import uniform_ranks_for_budget
 from .calling import InputFn, call_model, output_tensor
 from .candidates import LayerCandidate, max_rank
@@ -116,11 +114,9 @@ def _replaced_outputs(layers: Mapping[str, nn.Module], substitutes: Mapping[str,
 
 
 def _substitute(module: nn.Module, candidate: LayerCandidate, rank: int) -> nn.Module:
-    """A throwaway module computing ``module``'s rank-``rank`` approximation (``module`` untouched)."""
-    wa, wb, bias = candidate.decomposition.factors(rank)
-    if isinstance(module, (nn.Linear, nn.Conv2d, TransposedLinear)):  # a dense layer is left untouched
-        return install_factors(module, wa, wb, bias)
-    return install_factors(copy.deepcopy(module), wa, wb, bias)
+    """A throwaway plain module computing ``module``'s rank-``rank`` approximation (``module``
+    untouched; an FSDP2 unit's substitute is not sharded: the probe needs no gradients)."""
+    return new_pair(module, *candidate.decomposition.factors(rank))
 
 
 def _measure(probe: OutputProbe, variants: Mapping[Any, Mapping[str, nn.Module]]) -> dict[Any, OutputErrorSum]:

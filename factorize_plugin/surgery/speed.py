@@ -522,7 +522,9 @@ class InputRecorder:
         return bool(self._handles)
 
 
-def resolve_guard(speed_guard: Any, mode: str, scope: Optional[str] = None, sharded: bool = False) -> Optional[SpeedGuard]:
+def resolve_guard(
+    speed_guard: Any, mode: str, scope: Optional[str] = None, sharded: bool = False
+) -> Optional[SpeedGuard]:
     """``"auto"`` (the entry points' default) -> as ``True``, except on a model sharded by FSDP2
     (``sharded``): None, as every timed step there would need collectives on every process.
     ``True`` -> ``SpeedGuard(mode=mode, scope=scope)``, ``False``/None -> None, a ``SpeedGuard``
