@@ -30,7 +30,30 @@ def test_every_example_yaml_parses(path):
     printed = yaml.safe_load(out.stdout)
     callbacks = printed["trainer"]["callbacks"]
     (fact,) = [c for c in callbacks if c["class_path"].endswith("LowRankFactorization")]
-    assert {int(k): v for k, v in fact["init_args"]["schedule"].items()} == {2: 0.5, 4: 0.25}
+    (written,) = [c for c in yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+                  if c["class_path"].endswith("LowRankFactorization")]  # fmt: skip
+    assert {int(k): v for k, v in fact["init_args"]["schedule"].items()} == written["init_args"]["schedule"]
+
+
+@pytest.mark.slow
+def test_fsdp_example_runs_on_two_processes(tmp_path):
+    """examples/gpt_fsdp.yaml, made tiny: ModelParallelStrategy on 2 gloo processes, step milestones."""
+    cfg = yaml.safe_load((EXAMPLES / "gpt_fsdp.yaml").read_text())
+    cfg["trainer"].update(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=False,
+                          enable_progress_bar=False, default_root_dir=str(tmp_path))  # fmt: skip
+    cfg["trainer"]["callbacks"][0]["init_args"].update(schedule={2: 0.5, 4: 0.25}, verbose=True)
+    cfg["model"]["init_args"].update(dim=32, layers=1, heads=2, block=16, batch_size=4, max_steps=6,
+                                     train_windows=48, val_windows=16, corpus_bytes=100_000)  # fmt: skip
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run(
+        [sys.executable, "-m", "factorize_plugin", "fit", "--config", str(path)],
+        capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "the speed decision is off under FSDP2" in log
+    assert "LowRankFactorization, epoch 0, step 2" in log and "LowRankFactorization, epoch 0, step 4" in log
 
 
 def _tiny_config(tmp_path, **callback_args):

@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
@@ -60,7 +60,7 @@ def run(args: Optional[list[str]] = None) -> FactorizeCLI:
         sys.path.insert(0, os.getcwd())
     return FactorizeCLI(
         LightningModule,
-        LightningDataModule,
+        None,  # any LightningDataModule by class_path, or none: a model with its own dataloaders
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
