@@ -197,7 +197,7 @@ def distributed_checkpoint_shapes(path: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
-def before_checkpoint_load(strategy: Any, hook: Callable[[Any], None]) -> None:
+def before_checkpoint_load(strategy: Any, hook: Callable[[Any], object]) -> None:
     """Makes ``strategy.load_checkpoint(path, ...)`` call ``hook(path)`` first (once per strategy
     object). ``ModelParallelStrategy`` loads a checkpoint into the live sharded model after
     ``on_fit_start`` with no hook in between, and the path is not public before that load

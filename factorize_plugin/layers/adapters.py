@@ -165,7 +165,7 @@ def new_pair(
     """A new plain pair (new module, new parameters; never sharded) computing the factors, in
     ``module``'s place; ``module`` (dense or a pair) is left as it is."""
     if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
-        return module.rebuilt(wa, wb, bias)
+        return cast(Union[FactorizedLinear, FactorizedConv2d], module.rebuilt(wa, wb, bias))
     if isinstance(module, nn.Linear):
         return FactorizedLinear.from_linear(module, wa, wb, bias)
     if isinstance(module, TransposedLinear):

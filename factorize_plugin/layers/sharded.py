@@ -103,7 +103,8 @@ def shard_like(new: nn.Module, old: nn.Module) -> nn.Module:
     returns ``new``, now a unit whose parameters are this process's shards (DTensors)."""
     from torch.distributed.fsdp import fully_shard
 
-    return fully_shard(new, **unit_settings(old))
+    fully_shard(new, **unit_settings(old))
+    return new
 
 
 def rediscover_units(model: nn.Module) -> None:

@@ -57,6 +57,7 @@ def restore_sharded_structure(
                 f"the checkpoint holds layer '{name}' as a factorized pair, but it is not its own fully_shard unit "
                 "here: shard it alone in configure_model, as in the run that wrote the checkpoint"
             )
+        new: nn.Module
         if isinstance(module, FACTORIZED_PAIRS):
             like = module.second.weight
             new = module._blank(rank, module.second.bias is not None, like.device, like.dtype)
