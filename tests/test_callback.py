@@ -332,20 +332,21 @@ def test_parameter_copying_callbacks_are_refused():
 
 
 def test_unsupported_strategies_are_refused():
-    """FSDP cannot be built on CPU and DeepSpeed is not installed: the real strategy classes are
-    checked through the callback's setup (what Trainer.fit calls first)."""
+    """FSDP1 cannot be built on CPU and DeepSpeed is not installed: the real strategy classes are
+    checked through the callback's setup (what Trainer.fit calls first); FSDP2 with a
+    tensor-parallel mesh dimension is refused too."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    strategies = [FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)]
-    try:
-        from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategies.append(ModelParallelStrategy.__new__(ModelParallelStrategy))
-    except ImportError:
-        pass
-    for strategy in strategies:
+    strategies = {
+        FSDPStrategy(): "FSDPStrategy",
+        DeepSpeedStrategy.__new__(DeepSpeedStrategy): "DeepSpeedStrategy",
+        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2): "tensor parallelism",
+    }
+    for strategy, named in strategies.items():
         fake_trainer = types.SimpleNamespace(strategy=strategy, callbacks=[])
-        with pytest.raises(NotImplementedError, match=type(strategy).__name__):
+        with pytest.raises(NotImplementedError, match=named):
             LowRankFactorization({1: 0.5}).setup(fake_trainer, TinyNet(), "fit")
 
 
