@@ -335,9 +335,7 @@ def test_unsupported_strategies_are_refused():
     """FSDP1 cannot be built on CPU and DeepSpeed is not installed: the real strategy classes are
     checked through the callback's setup (what Trainer.fit calls first); FSDP2 with a
     tensor-parallel mesh dimension is refused too."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     strategies = {
         FSDPStrategy(): "FSDPStrategy",
