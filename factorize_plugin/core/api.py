@@ -222,6 +222,32 @@ def factorize_matrix(
     return LowRankSolution(Wa=wa, Wb=wb, bias=new_bias, rank=k, nmse=nmse)
 
 
+def _conv_matrix(
+    Wa: torch.Tensor,
+    Wb: Optional[torch.Tensor],
+    biasA: Optional[torch.Tensor],
+    biasB: Optional[torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W [D, C_out], bias [C_out] or None) in float64 of a conv weight ``Wa`` with ``biasA``, or of
+    the pair ``Wa`` [d, C_in, k_h, k_w], ``Wb`` [C_out, d, 1, 1] with their biases (shapes checked)."""
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=device)
+    w_mat = conv_weight_to_matrix(Wa.detach()).to(**f64)  # [D, C_out or d]
+    b = None if biasA is None else biasA.detach().to(**f64)
+    if Wb is None:
+        return w_mat, b
+    if Wb.ndim != 4 or Wb.shape[1] != Wa.shape[0] or Wb.shape[2:] != (1, 1):
+        raise ValueError(f"Wb must be [C_out, {Wa.shape[0]}, 1, 1], got {tuple(Wb.shape)}")
+    if biasB is not None and biasB.shape != (Wb.shape[0],):
+        raise ValueError(f"biasB must have shape [{Wb.shape[0]}] (Wb's output channels), got {tuple(biasB.shape)}")
+    wb_mat = conv_weight_to_matrix(Wb.detach()).to(**f64)  # [d, C_out]
+    if b is not None:  # the pair computes Wb (Wa x + biasA) + biasB
+        b = b @ wb_mat
+    if biasB is not None:
+        b = biasB.detach().to(**f64) if b is None else b + biasB.detach().to(**f64)
+    return w_mat @ wb_mat, b
+
+
 def factorize_conv2d(
     X: torch.Tensor,
     Wa: torch.Tensor,
@@ -311,22 +337,8 @@ def factorize_conv2d(
     c_in = Wa.shape[1]
     if biasA is not None and biasA.shape != (Wa.shape[0],):
         raise ValueError(f"biasA must have shape [{Wa.shape[0]}] (Wa's output channels), got {tuple(biasA.shape)}")
-    f64: dict[str, Any] = dict(dtype=torch.float64, device=X.device)
-    w_mat = conv_weight_to_matrix(Wa.detach()).to(**f64)  # [D, C_out or d]
-    b = None if biasA is None else biasA.detach().to(**f64)
-    current = None
-    if Wb is not None:
-        if Wb.ndim != 4 or Wb.shape[1] != Wa.shape[0] or Wb.shape[2:] != (1, 1):
-            raise ValueError(f"Wb must be [C_out, {Wa.shape[0]}, 1, 1], got {tuple(Wb.shape)}")
-        if biasB is not None and biasB.shape != (Wb.shape[0],):
-            raise ValueError(f"biasB must have shape [{Wb.shape[0]}] (Wb's output channels), got {tuple(biasB.shape)}")
-        wb_mat = conv_weight_to_matrix(Wb.detach()).to(**f64)  # [d, C_out]
-        current = Wa.shape[0]
-        if b is not None:  # the pair computes Wb (Wa x + biasA) + biasB
-            b = b @ wb_mat
-        if biasB is not None:
-            b = biasB.detach().to(**f64) if b is None else b + biasB.detach().to(**f64)
-        w_mat = w_mat @ wb_mat
+    w_mat, b = _conv_matrix(Wa, Wb, biasA, biasB, X.device)
+    current = None if Wb is None else Wa.shape[0]
     d, m = w_mat.shape
     k = max(1, _reference_rank(rank, d, Wa.shape[0]))  # no 0-channel kernels (see above)
 

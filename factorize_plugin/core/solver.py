@@ -274,7 +274,7 @@ def _triangular_matmul(t: torch.Tensor, x: torch.Tensor, lower: bool = False) ->
         return t @ x
     out = x.new_empty(d, x.shape[1])
     edges = [i * d // blocks for i in range(blocks + 1)]
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         out[lo:hi] = t[lo:hi, :hi] @ x[:hi] if lower else t[lo:hi, lo:] @ x[lo:]
     return out
 

@@ -48,7 +48,7 @@ def add_gram_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if blocks < 2:
         return out.add_(x.T @ x)
     edges = [i * d // blocks for i in range(blocks + 1)]
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         upper = x[:, lo:hi].T @ x[:, lo:]  # [hi - lo, d - lo]
         out[lo:hi, lo:].add_(upper)
         out[hi:, lo:hi].add_(upper[:, hi - lo :].T)

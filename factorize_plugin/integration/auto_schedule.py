@@ -383,7 +383,7 @@ def _agreed(trainer: Any, values: dict[str, float]) -> dict[str, float]:
     names = sorted(values)
     t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=trainer.strategy.root_device)
     t = trainer.strategy.reduce(t, reduce_op="sum") / world
-    return {n: float(v) for n, v in zip(names, t.cpu().tolist())}
+    return {n: float(v) for n, v in zip(names, t.cpu().tolist(), strict=True)}
 
 
 __all__ = ["AutoSchedule", "Readiness", "SwitchPlan", "read_any_schedule", "switch_plan"]

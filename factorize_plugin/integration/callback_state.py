@@ -114,7 +114,7 @@ def restore_optimizer_order(
             f"the checkpoint holds {len(saved)} optimizer(s), configure_optimizers built "
             f"{len(optimizers)}: cannot restore the optimizer state onto the factorized parameters"
         )
-    for opt, groups in zip(optimizers, saved):
+    for opt, groups in zip(optimizers, saved, strict=True):
         restore_param_group_order(opt, groups, named)
 
 

@@ -72,7 +72,7 @@ def calibrate(
     collector = new_collector(trainer, pl_module, selection, spec, limits, names)
     with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
             naming_failures(pl_module, "a validation batch"):
-        for dl_idx, (loader, limit) in enumerate(zip(loaders, limits)):
+        for dl_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
             for i, batch in enumerate(loader):
                 if i >= limit:

@@ -112,7 +112,7 @@ class LRRewarm:
         counts = done if isinstance(done, list) else [done] * len(optimizers)
         if min(counts, default=total) >= total:
             return
-        for optimizer, count in zip(optimizers, counts):
+        for optimizer, count in zip(optimizers, counts, strict=True):
             opt = unwrap_optimizer(optimizer)
             key = id(opt)
             self._order.append(key)
@@ -190,7 +190,8 @@ class LRRewarm:
         key = id(opt)
         if key not in self._saved:
             return
-        for group, lr in zip(opt.param_groups, self._saved.pop(key)[1]):
+        # strict=False: a param group added after the swap has no saved rate and keeps its own
+        for group, lr in zip(opt.param_groups, self._saved.pop(key)[1], strict=False):
             group["lr"] = lr
 
 

@@ -154,7 +154,7 @@ class OutputShift:
         """The output NMSE after the swap (summed over all processes under DDP: a collective)."""
         start = time.perf_counter()
         metric = OutputNMSE().to(self.pl_module.device)
-        for before, after in zip(self.before, self._outputs()):
+        for before, after in zip(self.before, self._outputs(), strict=True):
             metric.update(after, before)
         value = float(metric.compute())
         self.batches, self.before = [], []

@@ -308,7 +308,8 @@ class ActivationCollector:
             )
             total = sum_fn(torch.cat([torch.ones(1, dtype=torch.float64), v, v * v]).to(device)).cpu()
             n, sums, squares = total[0], total[1 : 1 + len(names)], total[1 + len(names) :]
-            differ = [name for name, s, q in zip(names, sums.tolist(), squares.tolist()) if float(n) * q != s * s]
+            pairs = zip(names, sums.tolist(), squares.tolist(), strict=True)
+            differ = [name for name, s, q in pairs if float(n) * q != s * s]
             if not differ:  # (decided on the sums: the same on every process)
                 return
             for key in dict.fromkeys(self._stream[name] for name in differ):

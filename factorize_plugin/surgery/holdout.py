@@ -60,7 +60,7 @@ class HeldOutHalves:
         if halves is None:
             return False
         p = self._parity[name]
-        for half, part in zip(halves, (rows[p::2], rows[1 - p :: 2])):
+        for half, part in zip(halves, (rows[p::2], rows[1 - p :: 2]), strict=True):
             if part.shape[0]:
                 half.update(part)
         self._parity[name] = (p + rows.shape[0]) % 2

@@ -47,39 +47,41 @@ def replace_in_optimizer(optimizer, swaps: Iterable[tuple[NamedParams, NamedPara
     """
     opt = unwrap_optimizer(optimizer)
     for old, new in swaps:
-        old_ids = {id(p) for p in old.values()}
-        where: dict[int, tuple[int, int]] = {}  # id(old param) -> (group index, position)
-        for g, group in enumerate(opt.param_groups):
-            for i, p in enumerate(group["params"]):
-                if id(p) in old_ids:
-                    where[id(p)] = (g, i)
-        if not where:
-            continue  # the optimizer never held this layer (e.g. frozen)
-        fallback = min(where.values())
-        inserts: dict[tuple[int, int], list[nn.Parameter]] = {}
-        for name, p in new.items():
-            if not p.requires_grad:
-                continue
-            partner = _counterpart(name, old)
-            slot = where.get(id(old[partner]), fallback) if partner is not None else fallback
-            inserts.setdefault(slot, []).append(p)
-        new_groups = []
-        for g, group in enumerate(opt.param_groups):
-            params = []
-            for i, p in enumerate(group["params"]):
-                params.extend(inserts.get((g, i), []))
-                if id(p) not in old_ids:
-                    params.append(p)
-            new_groups.append(params)
-        for group, params in zip(opt.param_groups, new_groups):  # all computed first: no half-edited optimizer
-            group["params"][:] = params  # in place: the list object is the one the optimizer knows
-        for p in old.values():
-            opt.state.pop(p, None)
+        _replace_layer(opt, old, new)
     if isinstance(opt, torch.optim.LBFGS):
         # its curvature history (one flat vector over all parameters) and its cached element count
         # are for the old sizes: it restarts from plain gradient steps, as at its first step
         opt.state.clear()
         opt._numel_cache = None
+
+
+def _replace_layer(opt: torch.optim.Optimizer, old: NamedParams, new: NamedParams) -> None:
+    """One layer's parameters ``old`` replaced by ``new`` in ``opt`` (nothing if it held none)."""
+    old_ids = {id(p) for p in old.values()}
+    where = {id(p): (g, i) for g, group in enumerate(opt.param_groups)
+             for i, p in enumerate(group["params"]) if id(p) in old_ids}  # id(old param) -> (group, position)
+    if not where:
+        return  # the optimizer never held this layer (e.g. frozen)
+    fallback = min(where.values())
+    inserts: dict[tuple[int, int], list[nn.Parameter]] = {}
+    for name, p in new.items():
+        if p.requires_grad:
+            partner = _counterpart(name, old)
+            slot = where.get(id(old[partner]), fallback) if partner is not None else fallback
+            inserts.setdefault(slot, []).append(p)
+    new_groups = []
+    for g, group in enumerate(opt.param_groups):
+        params = []
+        for i, p in enumerate(group["params"]):
+            params.extend(inserts.get((g, i), []))
+            if id(p) not in old_ids:
+                params.append(p)
+        new_groups.append(params)
+    # all computed first: no half-edited optimizer
+    for group, params in zip(opt.param_groups, new_groups, strict=True):
+        group["params"][:] = params  # in place: the list object is the one the optimizer knows
+    for p in old.values():
+        opt.state.pop(p, None)
 
 
 def check_parameter_caches(optimizer) -> None:
@@ -120,7 +122,7 @@ class OptimizerEdit:
         replace_in_optimizer(self.optimizer, swaps)
 
     def undo(self) -> None:
-        for group, params in zip(self.optimizer.param_groups, self._params):
+        for group, params in zip(self.optimizer.param_groups, self._params, strict=True):
             group["params"][:] = params
         self.optimizer.state.clear()
         self.optimizer.state.update(self._state)
@@ -156,7 +158,7 @@ def restore_param_group_order(optimizer, groups: list[list[str]], named: dict[st
             f"the checkpoint's optimizer had {len(groups)} param groups, configure_optimizers built "
             f"{len(opt.param_groups)}: cannot restore the optimizer state"
         )
-    for group, saved in zip(opt.param_groups, groups):
+    for group, saved in zip(opt.param_groups, groups, strict=True):
         current = {id(p) for p in group["params"]}
         try:
             ordered = [named[n] for n in saved]

@@ -104,7 +104,7 @@ class Progressive(Mapping[int, ScheduleEntry]):
     def __init__(self, target: ProgressiveTarget, epochs: list[int]) -> None:
         keys = _keys(epochs)
         self.target, self.epochs = target, keys
-        self._schedule: dict[int, ScheduleEntry] = dict(zip(keys, _values(target, len(keys))))
+        self._schedule: dict[int, ScheduleEntry] = dict(zip(keys, _values(target, len(keys)), strict=True))
 
     def __getitem__(self, key: int) -> ScheduleEntry:
         return self._schedule[key]

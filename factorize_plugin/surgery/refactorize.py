@@ -212,6 +212,34 @@ def refactorize(
         if missing:
             raise ValueError(f"no solved candidate for layer(s) {missing}")
         candidates = {n: candidates[n] for n in layers}
+    ranks = _choose(model, layers, candidates, policy, probe, agree, speed)
+    if sharding is not None:  # every process gets the owners' factors at the agreed ranks
+        share_factors({n: c.decomposition for n, c in candidates.items()
+                       if isinstance(c.decomposition, SharedSolution)}, ranks, sharding)
+    verdicts: dict[str, SpeedVerdict] = {}
+    if speed is not None:
+        ranks, verdicts = speed.check(layers, candidates, ranks, install=lambda r: _swap(model, layers, candidates, r))
+    _install(model, layers, candidates, ranks, optimizers)
+    reports = _reports(layers, candidates, ranks)
+    for r in reports:
+        if r.name in verdicts:
+            v = verdicts[r.name]
+            r.note = r.note or v.note
+            r.dense_seconds, r.pair_seconds, r.measured_rank = v.dense_seconds, v.pair_seconds, v.rank
+    return reports
+
+
+def _choose(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    candidates: dict[str, LayerCandidate],
+    policy: RankPolicy,
+    probe: Optional[OutputProbe],
+    agree: Optional[Callable[[Ranks], Ranks]],
+    speed: Optional[Union[SpeedCheck, ModelSpeedCheck]],
+) -> Ranks:
+    """The policy's ranks (within the speed guard's caps where it respects them; judged on the
+    network's output with a probe, in eval mode), agreed between the processes."""
     if speed is not None and policy.uses_rank_caps:
         for name, cap in speed.caps(layers, candidates).items():
             candidates[name].rank_cap = cap
@@ -220,14 +248,17 @@ def refactorize(
             ranks = policy.choose(candidates, probe)
     else:
         ranks = policy.choose(candidates)
-    if agree is not None:
-        ranks = agree(ranks)
-    if sharding is not None:  # every process gets the owners' factors at the agreed ranks
-        share_factors({n: c.decomposition for n, c in candidates.items()
-                       if isinstance(c.decomposition, SharedSolution)}, ranks, sharding)
-    verdicts: dict[str, SpeedVerdict] = {}
-    if speed is not None:
-        ranks, verdicts = speed.check(layers, candidates, ranks, install=lambda r: _swap(model, layers, candidates, r))
+    return agree(ranks) if agree is not None else ranks
+
+
+def _install(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    candidates: Mapping[str, LayerCandidate],
+    ranks: Ranks,
+    optimizers: Sequence[Any],
+) -> None:
+    """Swaps the layers to ``ranks`` and edits the optimizers, all or nothing."""
     old_params = {name: dict(m.named_parameters()) for name, m in layers.items()}
     edits = [OptimizerEdit(opt) for opt in optimizers]
     undo = _swap(model, layers, candidates, ranks)
@@ -247,10 +278,3 @@ def refactorize(
         raise
     for edit in edits:
         edit.commit()
-    reports = _reports(layers, candidates, ranks)
-    for r in reports:
-        if r.name in verdicts:
-            v = verdicts[r.name]
-            r.note = r.note or v.note
-            r.dense_seconds, r.pair_seconds, r.measured_rank = v.dense_seconds, v.pair_seconds, v.rank
-    return reports
