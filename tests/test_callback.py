@@ -284,12 +284,12 @@ def test_budget_probe_and_output_shift_share_one_fetch_of_the_validation_batches
     """At a param_budget milestone with output_batches > 0 the first validation batches are read
     once, and each of the two measurements gets its own count of them."""
     import factorize_plugin.integration.lightning_internals as internals_module
+    import factorize_plugin.integration.output_shift as output_shift_module
     import factorize_plugin.integration.speed_step as speed_step_module
-    import factorize_plugin.integration.workflow as workflow_module
 
     calls = []
     real = internals_module.first_validation_batches
-    for module in (callback_module, milestone_module, speed_step_module, workflow_module):  # wherever imported
+    for module in (callback_module, milestone_module, speed_step_module, output_shift_module):  # wherever imported
         monkeypatch.setattr(module, "first_validation_batches", lambda t, n: calls.append(n) or real(t, n), raising=False)
     pl.seed_everything(0)
     cb = LowRankFactorization({1: 0.5}, mode="param_budget", **TINY, budget_batches=2, output_batches=1)

@@ -41,6 +41,14 @@ from .callback_state import (
     plain,
     restore_optimizer_order,
 )
+from .fit_checks import (
+    check_callbacks,
+    check_resumed_targets,
+    check_start_method,
+    check_validation,
+    warn_late_milestones,
+    warn_late_steps,
+)
 from .lightning_internals import (
     before_checkpoint_load,
     check_strategy,
@@ -57,18 +65,10 @@ from .milestone import (
     record_costs,
     solve_in_passes,
 )
+from .output_shift import output_measurable
 from .rewarm import LRRewarm
 from .schedule import INTERVALS, Interval, Mode, ScheduleValue, describe
 from .speed_step import TrainingInputWatch, model_scope, speed_check
-from .workflow import (
-    check_callbacks,
-    check_resumed_targets,
-    check_start_method,
-    check_validation,
-    output_measurable,
-    warn_late_milestones,
-    warn_late_steps,
-)
 
 
 class LowRankFactorization(Callback):

@@ -23,8 +23,8 @@ from ..surgery.reports import LayerReport, format_reports, milestone_metrics
 from ..surgery.sensitivity import OutputProbe
 from .distributed import reduce_statistics
 from .lightning_internals import first_validation_batches, preserved_metric_states, silenced_logging, validation_loaders
+from .output_shift import OutputShift
 from .schedule import Mode, ScheduleValue, describe, plain_value
-from .workflow import OutputShift
 
 
 def _single(trainer: Optional[Trainer]) -> bool:
