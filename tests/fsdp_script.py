@@ -2,13 +2,14 @@
 under FSDP2 (``ModelParallelStrategy``, every projection its own ``fully_shard`` unit) or under
 DDP, with the same data order (run by tests/test_fsdp.py).
 
-``python tests/fsdp_script.py OUT_DIR fsdp|ddp``: Lightning re-launches this script as rank 1. A
+``python tests/fsdp_script.py OUT_DIR fsdp|ddp|auto``: Lightning re-launches this script as rank 1. A
 2-epoch run with milestones at epochs 0 and 1 (``{0: 0.5, 1: 0.25}``). After each milestone
 (and at the end) every rank records its targeted layers' composed weights (gathered), its local parameter and
 optimizer-state bytes, and the most layers the package held gathered at once; at the end, the
 full state dict. Under FSDP2 a second fit resumes a fresh dense model from the distributed
 checkpoint written at the end of epoch 0 (after the first milestone). Each rank writes
-``OUT_DIR/<mode>_rank<r>.pt``.
+``OUT_DIR/<mode>_rank<r>.pt``. ``auto``: ``schedule="auto"`` under FSDP2 (its speed decision off),
+4 epochs, the history and final weights only.
 """
 
 from __future__ import annotations
@@ -88,15 +89,24 @@ class Recorder(pl.Callback):
         GATHERED.reset()
 
 
-def make_trainer(mode: str, callbacks: list, **kwargs) -> pl.Trainer:
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp" else "ddp"
+def make_trainer(mode: str, callbacks: list, max_epochs: int = 2, **kwargs) -> pl.Trainer:
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode != "ddp" else "ddp"
     return pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, callbacks=callbacks, logger=False,
+        strategy=strategy, accelerator="cpu", devices=2, max_epochs=max_epochs, callbacks=callbacks, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
     )  # fmt: skip
 
 
 def main(out: str, mode: str) -> None:
+    if mode == "auto":  # schedule="auto" under FSDP2: the watch, then ParamBudget(0.5, "macs") with its probe
+        pl.seed_everything(0)
+        model = GPTTask(**MODEL)
+        cb = LowRankFactorization("auto", targets="net.blocks.*", sample_fraction=1.0, verbose=False)
+        trainer = make_trainer(mode, [cb], max_epochs=4)
+        trainer.fit(model)
+        result = {"history": cb.history, "final": full_state(model)}
+        torch.save(result, os.path.join(out, f"{mode}_rank{trainer.global_rank}.pt"))
+        return
     pl.seed_everything(0)
     model = GPTTask(**MODEL)
     cb = LowRankFactorization(SCHEDULE, targets="net.blocks.*", sample_fraction=1.0, verbose=False, speed_guard=False)

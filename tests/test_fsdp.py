@@ -94,6 +94,19 @@ def test_fsdp_resume_from_the_distributed_checkpoint_is_bit_identical(gpt_runs):
 
 
 @pytest.mark.slow
+def test_fsdp_auto_schedule_switches_alike_on_every_process(tmp_path):
+    """schedule="auto" under FSDP2: the watch's stable ranks read gathered weights, the measuring
+    ParamBudget probes the sharded model; both processes switch at the same epoch to the same ranks."""
+    _run("fsdp_script.py", str(tmp_path), "auto")
+    r0, r1 = (torch.load(tmp_path / f"auto_rank{r}.pt", weights_only=False) for r in (0, 1))
+    (m0,) = [h for h in r0["history"] if h["event"] == "milestone"]
+    (m1,) = [h for h in r1["history"] if h["event"] == "milestone"]
+    assert m0["epoch"] == m1["epoch"] and m0["ranks"] == m1["ranks"]
+    assert all(r is not None for r in m0["ranks"].values())
+    assert _max_diff(r0["final"], r1["final"]) == 0.0
+
+
+@pytest.mark.slow
 def test_factorize_model_on_a_fully_sharded_model_matches_one_process(tmp_path):
     _run("fsdp_oneshot_script.py", str(tmp_path), _free_port(), timeout=300)
     r0, r1 = (torch.load(tmp_path / f"oneshot_rank{r}.pt", weights_only=False) for r in (0, 1))
