@@ -65,3 +65,17 @@ def test_the_readme_is_short_and_keeps_the_commands_ci_runs():
     assert test and test.group(1) == "bash setup.sh && .venv/bin/python -m pytest -q"
     for link in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (ROOT / link).is_file(), link
+
+
+def test_the_arguments_table_names_every_parameter_of_both_entry_points():
+    import inspect
+    import re
+
+    from factorize_plugin import LowRankFactorization, factorize_model
+
+    table = (DOCS / "arguments.md").read_text()
+    rows = [line.split("|")[2:4] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    named = [set(re.findall(r"`(\w+)`", " ".join(column))) for column in zip(*rows, strict=True)]  # (callback, one-shot)
+    for names, fn in zip(named, (LowRankFactorization.__init__, factorize_model), strict=True):
+        params = set(inspect.signature(fn).parameters) - {"self"}
+        assert params == names, (sorted(params - names), sorted(names - params))
