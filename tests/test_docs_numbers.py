@@ -346,6 +346,29 @@ def pretrained_table() -> str:
     return "\n".join(rows)
 
 
+COMPRESS_METHODS = {
+    "svd": "truncated SVD of each weight (no data)",
+    "asvd": "ASVD-style (columns scaled by mean absolute input)",
+    "exact_uniform": "exact data-aware fit, uniform ranks",
+    "exact_budget_params": "exact fit, `ParamBudget` ranks",
+}
+
+
+@generated
+def compress_trained_table() -> str:
+    d = res("compress_trained.json")
+    cells = d["stages"]["compress"]
+    fractions = list(cells["svd"])
+    rows = [
+        "| method | " + " | ".join(f"{pct(float(f))} kept" for f in fractions) + " |",
+        "|---" * (len(fractions) + 1) + "|",
+    ]
+    for key, label in COMPRESS_METHODS.items():
+        rows.append(f"| {label} | " + " | ".join(f"{cells[key][f]['val_loss']:.3f}" for f in fractions) + " |")
+    rows.append(f"| the trained dense model | {d['dense']['val_loss']:.3f} (all) |" + " |" * (len(fractions) - 1))
+    return "\n".join(rows)
+
+
 @generated
 def collection_overhead_table() -> str:
     rows = [
