@@ -72,6 +72,7 @@ class Recorder(pl.Callback):
         self.record(trainer, pl_module)
 
     def record(self, trainer, pl_module):
+        peak = GATHERED.peak  # the milestone's (before this record's own reads below)
         for module in pl_module.modules():
             if is_unit(module):
                 module.reshard()  # the root keeps its parameters gathered after a forward: count shards only
@@ -83,10 +84,10 @@ class Recorder(pl.Callback):
             "param_bytes": local_bytes(pl_module.parameters()),
             "param_full": sum(p.numel() * p.element_size() for p in pl_module.parameters()),
             "optimizer_bytes": local_bytes(state),
-            "gathered_peak": GATHERED.peak,
+            "gathered_peak": peak,
             "kinds": {n: type(pl_module.get_submodule(n)).__name__ for n in TARGETS},
         })  # fmt: skip
-        GATHERED.reset()
+        GATHERED.reset()  # (after the composed weights were read: the next record sees the next milestone's)
 
 
 def make_trainer(mode: str, callbacks: list, max_epochs: int = 2, **kwargs) -> pl.Trainer:

@@ -80,7 +80,18 @@ def test_fsdp_memory_per_process_is_the_factorized_models_over_two(gpt_runs):
         assert fa["optimizer_bytes"] + fb["optimizer_bytes"] == da["optimizer_bytes"]
     assert d0["after"][-1]["optimizer_bytes"] > 0
     # the milestones gathered one layer's full weight at a time (beyond FSDP's own all-gathers)
-    assert [a["gathered_peak"] for a in f0["after"][:2]] == [1, 1]
+    assert [a["gathered_peak"] for a in f0["after"]] == [1, 1, 0]  # milestones 0 and 1; none while training
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_reads_halves_from_these_runs(gpt_runs):
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.bench_fsdp_memory import rows
+
+    table = rows([gpt_runs["fsdp", r] for r in (0, 1)], [gpt_runs["ddp", r] for r in (0, 1)])
+    assert [r["param_ratio"] for r in table] == [0.5, 0.5, 0.5]
+    assert [r["optimizer_ratio"] for r in table][1:] == [0.5, 0.5]
+    assert [r["layers_gathered_at_once"] for r in table] == [1, 1, 0]
 
 
 @pytest.mark.slow
