@@ -121,7 +121,7 @@ def conv_output_size(hw: Sequence[int], geometry: ConvGeometry) -> tuple[int, in
     left, right, top, bottom = geometry.pad_amounts()
     out = []
     for size, pad, k, s, d in zip(
-        hw, (top + bottom, left + right), geometry.kernel_size, geometry.stride, geometry.dilation, strict=False
+        hw, (top + bottom, left + right), geometry.kernel_size, geometry.stride, geometry.dilation, strict=True
     ):
         out.append((size + pad - d * (k - 1) - 1) // s + 1)
     return out[0], out[1]

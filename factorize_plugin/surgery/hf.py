@@ -70,7 +70,7 @@ def load_factorized_pretrained(cls: Type[M], path: str, **config_kwargs: Any) ->
     if not factorized_entries(state):
         raise ValueError(f"{path!r} holds no factorized layer: load it with {cls.__name__}.from_pretrained")
     restore_structure(model, state)
-    result = model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)  # tied weights are saved once: checked below
     tied = _tied_keys(model)
     missing = [k for k in result.missing_keys if not (tied.get(k, set()) & state.keys())]
     if missing or result.unexpected_keys:
