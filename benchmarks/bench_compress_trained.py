@@ -3,10 +3,15 @@
 60 / 40 / 20 % of the targeted layers' weights kept.
 
     python benchmarks/bench_compress_trained.py [--stage compress]      # resumes from its JSON
-    python benchmarks/bench_compress_trained.py --dry-run [--out DIR]   # tiny model, seconds (tested)
+    python benchmarks/bench_compress_trained.py --stage recover [--fractions 0.4 0.6] [--seeds 0 1 2]
+                                                [--deadline HH:MM]      # UTC: no cell started after it
+    python benchmarks/bench_compress_trained.py --stage scratch
+    python benchmarks/bench_compress_trained.py --dry-run [--out DIR]   # tiny model, every stage, ~20 s (tested)
 
-Stage ``compress`` (this file's only stage so far; ``recover`` and ``scratch`` will add their own
-sections to the same JSON): the validation loss right after compression, no training, by
+Three stages write their own sections of one JSON (``stages.compress.<method>.<fraction>``,
+``stages.recover.<method>.<fraction>.<seed>``, ``stages.scratch.<fraction>``).
+
+Stage ``compress``: the validation loss right after compression, no training, by
 
 * ``svd``: truncated SVD of each weight at one uniform rank (no data);
 * ``asvd``: ASVD-style (Yuan et al., 2023, written from the paper's description): the weight's
@@ -38,6 +43,46 @@ layer's output NMSE on the calibration batches, sum ||y - y'||^2 / sum ||y - mea
 dense layer's output on the dense model's inputs: the exact solver's own objective, on which it
 must not be above SVD's or ASVD's at the same rank.
 
+Stage ``recover``: S = 120 optimizer steps (12.5 % of the 960 training steps) of continued
+training, then the validation loss (the same validation batches). Every method trains through the
+same Lightning ``Trainer`` (``RecoveryTask``: one epoch of exactly S batches, logger and checkpoints
+off, no sanity or validation run) with ``GPTTask.configure_optimizers``' optimizer (AdamW, betas
+(0.9, 0.95), weight decay 0.1 on the matrices, 0 on vectors) and one fixed recovery schedule
+(``RecoverSetup``: linear warm-up over 10 steps to 3e-4, then a cosine to 3e-5 at the last step; the
+trained run ended at 1e-4). Recovery seed s picks the training windows (``S * 16`` random windows of
+the training split drawn by ``Windows(seed=100 + s)``, none of the training run's or the
+calibration's), fed in the same order to every method: each cell records a hash of every training
+input its ``training_step`` saw (``batches_seen``). Methods, per (fraction, seed):
+
+* ``dense_ft``: the trained dense model fine-tuned S steps (the reference; once per seed, stored
+  under fraction "1.0");
+* ``svd_ft`` / ``exact_uniform_ft`` / ``exact_budget_params_ft``: stage compress's compression
+  (recomputed once per fraction and shared by the seeds), then S steps of fine-tuning of the
+  factorized model. ``ParamBudget``'s output probe uses 4 calibration batches
+  (``sensitivity_batches=4``, against all 16 in stage compress, which spent ~225 s per cell on it);
+* ``callback_progressive``: ``LowRankFactorization(progressive(ParamBudget(f), [0, 40, 80]),
+  interval="step", speed_guard=False, budget_batches=4, sample_fraction=1.0, max_samples=None)`` on
+  the trained dense model over the S steps (kept 0.737 / 0.543 / 0.4 of the weights for f = 0.4;
+  the re-warm is the callback's default: a quarter of the epoch, 30 steps, after the swaps at steps
+  40 and 80). Its ``val_dataloader`` is the calibration batches (training split), so the statistics
+  of every milestone come from a calibration pass over them (``history[i]["statistics"]``) and no
+  held-out data is fitted to;
+* ``callback_switch0``: the same callback with ``{0: ParamBudget(f)}`` (one-shot plus fine-tuning
+  through the callback: the same solve and probe as ``exact_budget_params_ft``).
+
+Each cell records the validation loss after recovery (and before it, for the one-shot methods), the
+kept fraction and ranks, the training loss per step, wall and CPU seconds, and for the callback the
+history per milestone (step, policy, ranks, kept fraction). The summary holds mean / min / max over
+the seeds and issue 30's recovery goals. ``compress_trained_recover.png``: validation loss after
+recovery against the kept fraction, one line per method (mean, bars min to max over seeds), the
+fine-tuned dense model as a dashed line with its seeds' range shaded.
+
+Stage ``scratch``: a dense GPT whose width (a multiple of the heads) gives the parameter count
+nearest the compressed model's at 40 % kept (every parameter: embeddings, norms and biases too),
+trained from scratch for 960 + 120 steps with the original recipe (``examples/trained_gpt.py``, its
+learning-rate schedule stretched to 1080 steps, 27 epochs of 40 steps; one seed; cached like the
+trained model), and its validation loss.
+
 Writes ``compress_trained.json`` after every cell (a cell already in the file is skipped: a killed
 run resumes) and ``compress_trained.png`` (validation loss against the kept fraction, one line per
 method); the trained model's loss curve goes to ``trained_gpt_curve.json`` / ``.png``. One torch
@@ -54,20 +99,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import copy
 import dataclasses
+import datetime
+import hashlib
 import json
+import math
 import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
+import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from benchmarks._common import package_version
 from examples.gpt_task import Windows, corpus
 from examples.trained_gpt import TrainedGPTConfig, dry_run_config, load_trained_gpt, mean_loss, write_curve
-from factorize_plugin import FactorizedLinear, ParamBudget, factorize_model
+from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, factorize_model, progressive
 from factorize_plugin.layers.adapters import LayerView, layer_view
 from factorize_plugin.surgery.candidates import admissible
 from factorize_plugin.surgery.modules import match_names, set_submodule
@@ -79,7 +129,7 @@ METHODS = ("svd", "asvd", "exact_uniform", "exact_budget_params", "exact_budget_
 UNIFORM = ("svd", "asvd", "exact_uniform")  # one rank everywhere: the same layers kept dense, the same weights
 ASVD_ALPHA = 0.5
 CALIBRATION_SEED = 1  # the training run drew its windows with seed 0 (generators 0..epochs-1); this draws 7919
-STAGES = ("compress",)
+STAGES = ("compress", "recover", "scratch")
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] int64, next-byte targets [B, T] int64
 
@@ -419,6 +469,404 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ stage "recover"
+
+RECOVER_METHODS = ("dense_ft", "svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "callback_progressive",
+                   "callback_switch0")  # fmt: skip
+ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft")
+CALLBACKS = ("callback_progressive", "callback_switch0")
+RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
+RECOVER_SEEDS = (0, 1, 2)
+RECOVERY_WINDOW_SEED = 100  # recovery seed s draws its windows with Windows(seed=100 + s): generator 791900 + ...
+DENSE_KEY = "1.0"  # dense_ft is stored under this fraction (one per seed, shared by the fractions)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverSetup:
+    """The recovery protocol (stored as the JSON's ``recover_setup``; a file with another is refused).
+
+    ``steps`` optimizer steps of AdamW (betas (0.9, 0.95), weight decay 0.1 on the matrices, 0 on
+    vectors: ``GPTTask.configure_optimizers``' groups) at the training batch size; the learning rate
+    rises linearly over ``warmup`` steps to ``peak_lr`` then follows a cosine to ``final_lr`` at the
+    last step (the trained run ended at 1e-4, 0.1x its peak 1e-3). ``progressive_keys``: the
+    callback's milestones (optimizer steps); ``sensitivity_batches``: the calibration batches on
+    which a ``ParamBudget`` measures each layer's effect on the logits (stage compress used all 16)."""
+
+    steps: int = 120
+    warmup: int = 10
+    peak_lr: float = 3e-4
+    final_lr: float = 3e-5
+    progressive_keys: tuple[int, ...] = (0, 40, 80)
+    sensitivity_batches: int = 4
+    window_seed: int = RECOVERY_WINDOW_SEED
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``peak_lr`` for the update after ``step`` optimizer steps (LambdaLR)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.steps - 1 - self.warmup))
+        low = self.final_lr / self.peak_lr
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def recover_setup_for(dry_run: bool) -> RecoverSetup:
+    if dry_run:
+        return RecoverSetup(steps=6, warmup=2, progressive_keys=(0, 2, 4), sensitivity_batches=2)
+    return RecoverSetup()
+
+
+def recovery_windows(setup: Setup, rs: RecoverSetup, seed: int) -> Windows:
+    """The recovery run's training windows for ``seed``: ``steps * batch_size`` random windows of the
+    training split (``Windows(seed=window_seed + seed)``, none of the training run's generators)."""
+    cfg = setup.model
+    train, _ = corpus(cfg.corpus)
+    return Windows(train, cfg.block, rs.steps * cfg.batch_size, seed=rs.window_seed + seed)
+
+
+def windows_hash(windows: Windows) -> str:
+    return hashlib.sha256(windows.starts.numpy().tobytes()).hexdigest()[:16]
+
+
+class RecoveryTask(pl.LightningModule):
+    """The GPT (``net``) fine-tuned by a Lightning ``Trainer``: the training windows of one seed in
+    order, the calibration batches as its ``val_dataloader`` (read only by the callback: training
+    split, no held-out data), the optimizer of ``GPTTask`` with the recovery schedule. Records the
+    training loss per step and a SHA-256 of every training input it saw (``batches_seen``)."""
+
+    def __init__(self, net: nn.Module, train: Windows, calibration: Windows, batch_size: int, rs: RecoverSetup) -> None:
+        super().__init__()
+        self.net, self.rs, self.batch_size = net, rs, batch_size
+        self._train, self._calibration = train, calibration
+        self._seen = hashlib.sha256()
+        self.train_losses: list[float] = []
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._seen.update(batch[0].numpy().tobytes())
+        loss = self._loss(batch)
+        self.train_losses.append(float(loss.detach()))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:  # the callback's statistics only
+        self._loss(batch)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
+        other = [p for n, p in self.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                                lr=self.rs.peak_lr, betas=(0.9, 0.95))  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self.rs.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._train, batch_size=self.batch_size, shuffle=False, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._calibration, batch_size=self.batch_size, shuffle=False)
+
+    @property
+    def batches_seen(self) -> str:
+        return self._seen.hexdigest()[:16]
+
+
+def calibration_windows(setup: Setup) -> Windows:
+    """The calibration windows of ``calibration_batches`` (the same batches, as a dataset)."""
+    cfg = setup.model
+    train, _ = corpus(cfg.corpus)
+    return Windows(train, cfg.block, setup.calibration_batches * cfg.batch_size, seed=CALIBRATION_SEED)
+
+
+def fine_tune(net: nn.Module, setup: Setup, rs: RecoverSetup, seed: int,
+              callback: Optional[LowRankFactorization] = None) -> RecoveryTask:  # fmt: skip
+    """``rs.steps`` optimizer steps of ``net`` (in place) through a real ``Trainer`` (one epoch of
+    exactly those batches; ``check_val_every_n_epoch=2``: no validation run in this one-epoch fit, the
+    callback runs its own calibration passes over the ``val_dataloader`` at its milestones)."""
+    pl.seed_everything(seed, verbose=False)
+    task = RecoveryTask(net, recovery_windows(setup, rs, seed), calibration_windows(setup), setup.model.batch_size, rs)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=rs.steps, max_epochs=1, callbacks=[callback] if callback else [],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=setup.calibration_batches, check_val_every_n_epoch=2,
+    )  # fmt: skip
+    net.train()  # no dropout or batch norm here: the same arithmetic as eval mode, without Lightning's warning
+    trainer.fit(task)
+    assert trainer.global_step == rs.steps, (trainer.global_step, rs.steps)
+    net.eval()
+    return task
+
+
+def compress_for_recovery(method: str, fraction: float, ctx: Context, rs: RecoverSetup) -> dict[str, Any]:
+    """The stage-compress compression behind a one-shot ``*_ft`` method (ParamBudget with a cheaper
+    probe: ``sensitivity_batches``): ``{"model", "seconds", "record"}``."""
+    model = copy.deepcopy(ctx.trained)
+    t0 = time.perf_counter()
+    if method == "exact_budget_params_ft":
+        record = solver_record(exact(model, ctx, policy=ParamBudget(fraction), sensitivity_batches=rs.sensitivity_batches))
+    else:
+        record = compress(method.removesuffix("_ft"), model, fraction, ctx)
+    return {"model": model, "seconds": time.perf_counter() - t0, "record": record}
+
+
+def kept_of_ranks(shapes: dict[str, LayerView], ranks: dict[str, Optional[int]]) -> float:
+    """Kept share of the layers' dense weights for ``ranks`` (None: dense)."""
+    kept = sum(v.params() if ranks.get(n) is None else ranks[n] * (v.in_dim + v.out_dim) for n, v in shapes.items())
+    return kept / sum(v.params() for v in shapes.values())
+
+
+def make_callback(method: str, fraction: float, rs: RecoverSetup) -> LowRankFactorization:
+    schedule = progressive(ParamBudget(fraction), list(rs.progressive_keys)) if method == "callback_progressive" \
+        else {0: ParamBudget(fraction)}  # fmt: skip
+    return LowRankFactorization(
+        schedule, interval="step", targets=[f"net.{t}" for t in TARGETS], min_params=0, min_features=0,
+        max_samples=None, sample_fraction=1.0, speed_guard=False, budget_batches=rs.sensitivity_batches, verbose=False,
+    )  # fmt: skip
+
+
+def history_record(cb: LowRankFactorization, shapes: dict[str, LayerView]) -> list[dict[str, Any]]:
+    """Per applied milestone: its step, the policy, the ranks (keyed like ``shapes``), the kept share."""
+    out = []
+    for h in cb.history:
+        ranks = {n.removeprefix("net."): r for n, r in h["ranks"].items()}
+        out.append({"milestone": h["milestone"], "global_step": h["global_step"], "value": h["value"],
+                    "statistics": h["statistics"], "ranks": ranks, "kept_fraction": kept_of_ranks(shapes, ranks),
+                    "output_nmse": h.get("output_nmse"), "rewarm_steps": h.get("rewarm_steps")})  # fmt: skip
+    return json.loads(json.dumps(out, default=str))
+
+
+def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val: list[Batch], setup: Setup,
+                     rs: RecoverSetup, compressed: dict[tuple[str, float], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """One (method, fraction, seed): the model before, ``rs.steps`` steps of recovery, the validation loss."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    cell: dict[str, Any] = {"target_fraction": None if method == "dense_ft" else fraction, "seed": seed}
+    callback = None
+    if method == "dense_ft":
+        net = copy.deepcopy(ctx.trained)
+        cell["val_loss_before"] = None
+    elif method in ONE_SHOT_FT:
+        if (method, fraction) not in compressed:  # the same compression for every seed (deterministic)
+            entry = compress_for_recovery(method, fraction, ctx, rs)
+            entry["val_loss_before"] = mean_loss(entry["model"], val)
+            compressed[(method, fraction)] = entry
+        entry = compressed[(method, fraction)]
+        net = copy.deepcopy(entry["model"])
+        cell.update(val_loss_before=entry["val_loss_before"], compress_seconds=entry["seconds"],
+                    compress=entry["record"])  # fmt: skip
+    elif method in CALLBACKS:
+        net = copy.deepcopy(ctx.trained)
+        callback = make_callback(method, fraction, rs)
+    else:
+        raise ValueError(f"unknown recovery method {method!r}; one of {RECOVER_METHODS}")
+    t1 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = fine_tune(net, setup, rs, seed, callback)
+    train_seconds = time.perf_counter() - t1
+    ranks, kept = structure(net, ctx.shapes)
+    cell.update({
+        "val_loss": mean_loss(net, val), "kept_fraction": kept, "ranks": ranks, "steps": rs.steps,
+        "train_loss": [round(v, 5) for v in task.train_losses], "batches_seen": task.batches_seen,
+        "windows": windows_hash(task._train), "fine_tune_seconds": train_seconds,
+        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+        "warnings": sorted({str(w.message)[:300] for w in caught}), "commit": package_version()["commit"],
+    })  # fmt: skip
+    if callback is not None:
+        cell["history"] = history_record(callback, ctx.shapes)
+        cell["milestones_applied"] = len(callback.history)
+    return cell
+
+
+def past(deadline: Optional[datetime.datetime]) -> bool:
+    return deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline
+
+
+def stage_recover(result: dict[str, Any], ctx: Context, val: list[Batch], setup: Setup, rs: RecoverSetup,
+                  fractions: Iterable[float], seeds: Iterable[int], write: Callable[[], None],
+                  deadline: Optional[datetime.datetime] = None) -> list[str]:  # fmt: skip
+    """Runs the missing cells of stage ``recover`` in the order fraction, seed, method (dense_ft once
+    per seed, under fraction "1.0"), writing after each; starts none after ``deadline``. Returns the
+    cells it ran ("recover/method/fraction/seed")."""
+    cells = result["stages"].setdefault("recover", {})
+    compressed: dict[tuple[str, float], dict[str, Any]] = {}
+    ran = []
+    for fraction in fractions:
+        for seed in seeds:
+            for method in RECOVER_METHODS:
+                key = DENSE_KEY if method == "dense_ft" else str(fraction)
+                if str(seed) in cells.get(method, {}).get(key, {}):
+                    continue
+                if past(deadline):
+                    print(f"deadline {deadline:%H:%M} UTC passed: no new cell started", flush=True)
+                    return ran
+                cell = run_recover_cell(method, fraction, seed, ctx, val, setup, rs, compressed)
+                cells.setdefault(method, {}).setdefault(key, {})[str(seed)] = cell
+                ran.append(f"recover/{method}/{key}/{seed}")
+                print(f"{method:>24} @ {key} seed {seed}: val loss {cell['val_loss']:.4f} "
+                      f"(kept {cell['kept_fraction']:.3f}, {cell['seconds']:.0f} s)", flush=True)  # fmt: skip
+                write()
+    return ran
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize_recover(result: dict[str, Any]) -> dict[str, Any]:
+    """Mean / min / max over seeds per method and fraction, and issue 30's recovery goals on the
+    seeds that every compared method has."""
+    cells = result["stages"].get("recover", {})
+    per_seed = {m: {f: {s: c["val_loss"] for s, c in by_seed.items()} for f, by_seed in cells.get(m, {}).items()}
+                for m in RECOVER_METHODS}  # fmt: skip
+    table = {m: {f: spread(list(v.values())) for f, v in t.items() if v} for m, t in per_seed.items()}
+    dense = per_seed["dense_ft"].get(DENSE_KEY, {})
+    goals: dict[str, Any] = {}
+    for f in sorted({f for m in RECOVER_METHODS[1:] for f in per_seed[m]}):
+        methods = [m for m in RECOVER_METHODS[1:] if per_seed[m].get(f)]
+        seeds = sorted(set(dense).intersection(*(per_seed[m][f] for m in methods)))
+        if not seeds:
+            continue
+        mean = {m: sum(per_seed[m][f][s] for s in seeds) / len(seeds) for m in methods}
+        one_shot = [m for m in ONE_SHOT_FT if m in methods]
+        callbacks = [m for m in CALLBACKS if m in methods]
+        entry: dict[str, Any] = {"seeds": seeds, "mean": mean, "dense_ft_mean": sum(dense[s] for s in seeds) / len(seeds)}
+        entry["vs_dense_ft"] = {m: {s: per_seed[m][f][s] / dense[s] - 1 for s in seeds} for m in methods}
+        best_all = min(methods, key=mean.get)
+        worst_rel = max(entry["vs_dense_ft"][best_all].values())
+        entry["best"] = {"method": best_all, "worst_seed_vs_dense_ft": worst_rel}
+        limit = {"0.6": 0.01, "0.4": 0.03}.get(f)
+        if limit is not None:
+            entry["within_of_dense_ft"] = {"limit": limit, "holds": worst_rel <= limit}
+        if one_shot and callbacks:
+            bo, bc = min(one_shot, key=mean.get), min(callbacks, key=mean.get)
+            per = {}
+            for s in seeds:
+                o, c, d = per_seed[bo][f][s], per_seed[bc][f][s], dense[s]
+                closed = (o - c) / (o - d) if o > d else None
+                ok = c < o and (closed >= 0.3 if closed is not None else c <= o * (1 - 0.005))
+                per[s] = {"one_shot": o, "callback": c, "dense_ft": d, "gap_closed": closed, "holds": ok}
+            entry["callback_vs_one_shot"] = {"best_one_shot": bo, "best_callback": bc, "per_seed": per,
+                                             "holds_on_every_seed": all(p["holds"] for p in per.values())}  # fmt: skip
+        goals[f] = entry
+    return {"val_loss": table, "per_seed": per_seed, "goals": goals}
+
+
+def plot_recover(result: dict[str, Any], path: Path) -> bool:
+    """Validation loss after recovery against the kept fraction, one line per method (mean over seeds,
+    bars: min to max), the fine-tuned dense model as a dashed line with its seeds' range shaded, the
+    trained dense model before recovery dotted (before recovery the compressed models are in
+    ``compress_trained.png``). False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["stages"].get("recover", {})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"svd_ft": "o-", "exact_uniform_ft": "^-", "exact_budget_params_ft": "D-", "callback_progressive": "*-",
+              "callback_switch0": "s--"}  # fmt: skip
+    for i, method in enumerate(RECOVER_METHODS[1:]):
+        pts = []
+        for by_seed in cells.get(method, {}).values():
+            losses = [c["val_loss"] for c in by_seed.values()]
+            kept = sum(c["kept_fraction"] for c in by_seed.values()) / len(by_seed)
+            pts.append((kept + (i - 2.5) * 0.004, sum(losses) / len(losses), min(losses), max(losses), len(losses)))
+        if pts:
+            pts.sort()
+            x, m, lo, hi, n = zip(*pts)
+            ax.errorbar(x, m, yerr=[[a - b for a, b in zip(m, lo)], [b - a for a, b in zip(m, hi)]], fmt=styles[method],
+                        ms=5, capsize=3, label=f"{method} (seeds: {min(n)}-{max(n)})" if min(n) != max(n) else
+                        f"{method} ({n[0]} seeds)")  # fmt: skip
+    dense = [c["val_loss"] for c in cells.get("dense_ft", {}).get(DENSE_KEY, {}).values()]
+    if dense:
+        mean = sum(dense) / len(dense)
+        ax.axhline(mean, color="k", ls="--", lw=1, label=f"dense_ft ({mean:.4f}, {len(dense)} seeds)")
+        ax.axhspan(min(dense), max(dense), color="k", alpha=0.08)
+    ax.axhline(result["dense"]["val_loss"], color="gray", ls=":", lw=1,
+               label=f"trained dense, no recovery ({result['dense']['val_loss']:.4f})")  # fmt: skip
+    ax.set_xlabel("kept fraction of the targeted layers' weights")
+    ax.set_ylabel("validation loss (nats / byte) after recovery")
+    m, r = result["setup"]["model"], result.get("recover_setup", {})
+    ax.set_title(f"trained GPT (d={m['dim']}, {m['layers']} layers, {m['steps']} steps) + {r.get('steps')} recovery steps;"
+                 " mean, min-max over seeds", fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------ stage "scratch"
+
+
+def gpt_params(dim: int, cfg: TrainedGPTConfig) -> int:
+    """Parameters of the GPT of ``cfg`` at width ``dim`` (the tied head counted once)."""
+    per_block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (4 * dim * dim + 4 * dim) + (4 * dim * dim + dim)
+    return 256 * dim + cfg.block * dim + cfg.layers * per_block + 2 * dim
+
+
+def scratch_width(target_params: int, cfg: TrainedGPTConfig) -> int:
+    """The width (a multiple of the heads, so that every head has an integer width) whose dense GPT's
+    parameter count is nearest ``target_params``."""
+    return min(range(cfg.heads, cfg.dim + 1, cfg.heads), key=lambda d: abs(gpt_params(d, cfg) - target_params))
+
+
+def summarize_scratch(result: dict[str, Any]) -> dict[str, Any]:
+    """Issue 30's goal: the compressed and recovered model (each method's mean over seeds) against
+    the same-size dense model trained from scratch for the same total steps."""
+    out = {}
+    recovered = result.get("summary", {}).get("recover", {}).get("val_loss", {})
+    for f, cell in result["stages"].get("scratch", {}).items():
+        means = {m: t[f]["mean"] for m, t in recovered.items() if f in t}
+        out[f] = {"scratch_val_loss": cell["val_loss"], "recovered_mean": means,
+                  "recovered_beat_scratch": {m: v < cell["val_loss"] for m, v in means.items()}}  # fmt: skip
+    return out
+
+
+def stage_scratch(result: dict[str, Any], ctx: Context, setup: Setup, rs: RecoverSetup, val: list[Batch],
+                  cache_root: Optional[Path], write: Callable[[], None], fraction: float = 0.4) -> list[str]:  # fmt: skip
+    """A dense GPT of the compressed model's parameter count (``exact_budget_params_ft`` at
+    ``fraction``: every parameter, the untouched embeddings, norms and biases included) trained from
+    scratch for the trained model's steps plus the recovery's with the original recipe
+    (``examples/trained_gpt.py``: one seed, cached like the trained model)."""
+    cells = result["stages"].setdefault("scratch", {})
+    key = str(fraction)
+    if key in cells:
+        return []
+    cfg = setup.model
+    recovered = result["stages"].get("recover", {}).get("exact_budget_params_ft", {}).get(key, {})
+    kept = next(iter(recovered.values()))["kept_fraction"] if recovered else fraction
+    dense_total = gpt_params(cfg.dim, cfg)
+    targeted = sum(v.params() for v in ctx.shapes.values())
+    target_params = round(dense_total - (1 - kept) * targeted)
+    width = scratch_width(target_params, cfg)
+    epochs = cfg.epochs + max(1, round(cfg.epochs * rs.steps / cfg.steps))
+    steps = cfg.steps + rs.steps
+    while steps % epochs:
+        epochs += 1
+    config = dataclasses.replace(cfg, dim=width, steps=steps, epochs=epochs)
+    t0 = time.perf_counter()
+    model, info = load_trained_gpt(config, cache_root, progress=lambda s: print(s, flush=True))
+    cells[key] = {
+        "fraction": fraction, "kept_fraction": kept, "target_params": target_params, "width": width,
+        "params": sum(p.numel() for p in model.parameters()), "config": dataclasses.asdict(config),
+        "val_loss": mean_loss(model, val), "train_seconds": info["train_seconds"],
+        "train_cpu_seconds": info["train_cpu_seconds"], "cached": info["cached"], "seconds": time.perf_counter() - t0,
+        "val_curve": info["val_curve"], "commit": package_version()["commit"],
+    }  # fmt: skip
+    print(f"scratch d={width} ({cells[key]['params']} params, target {target_params}) {steps} steps: "
+          f"val loss {cells[key]['val_loss']:.4f}", flush=True)  # fmt: skip
+    write()
+    return [f"scratch/{key}"]
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -441,14 +889,27 @@ def stage_compress(result: dict[str, Any], ctx: Context, val: list[Batch], setup
     return ran
 
 
+def deadline_of(text: Optional[str]) -> Optional[datetime.datetime]:
+    """``"HH:MM"`` (UTC, today) -> an aware datetime; None stays None."""
+    if text is None:
+        return None
+    hour, minute = map(int, text.split(":"))
+    return datetime.datetime.now(datetime.timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=STAGES, default="compress")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default=None,
+                        help="default: compress (the dry run: all)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="tiny model, few steps, written under a temp folder")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; dry run: a temp folder)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(RECOVER_FRACTIONS), help="stage recover, in order")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(RECOVER_SEEDS), help="stage recover's seeds")
+    parser.add_argument("--deadline", default=None, help="HH:MM UTC: stage recover starts no cell after it")
     args = parser.parse_args(argv)
+    stage = args.stage or ("all" if args.dry_run else "compress")
     torch.set_num_threads(1)
-    setup = setup_for(args.dry_run)
+    setup, rs = setup_for(args.dry_run), recover_setup_for(args.dry_run)
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "compress_trained_dry_run" if args.dry_run else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     cache_root = out / "trained_gpt_cache" if args.dry_run else None
@@ -458,6 +919,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         write_curve(info, curve, curve.with_suffix(".png"))
     path = out / "compress_trained.json"
     result = load_results(path, setup)
+    if stage in ("recover", "scratch", "all"):
+        record = json.loads(json.dumps(dataclasses.asdict(rs)))
+        if result.get("recover_setup", record) != record:
+            raise SystemExit(f"{path} holds recovery cells of another protocol: {result['recover_setup']} (now {record})")
+        result["recover_setup"] = record
     result["trained"] = {k: info[k] for k in ("key", "steps", "final_val_loss", "train_seconds", "train_cpu_seconds")}
     calibration, val = calibration_batches(setup), validation_batches(setup)
     if "dense" not in result:
@@ -465,11 +931,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     names = target_names(trained)
     ctx = Context(trained, calibration, views(trained, names), setup.asvd_alpha)
     result["setup_detail"] = {"layers": names, "uniform_ranks": {str(f): uniform_rank(ctx.shapes, f) for f in setup.fractions}}
-    ran = stage_compress(result, ctx, val, setup, lambda: save(result, path))
+    write = lambda: save(result, path)  # noqa: E731
+    ran: list[str] = []
+    if stage in ("compress", "all"):
+        ran += stage_compress(result, ctx, val, setup, write)
+    if stage in ("recover", "all"):
+        ran += stage_recover(result, ctx, val, setup, rs, args.fractions, args.seeds, write, deadline_of(args.deadline))
+    if stage in ("scratch", "all"):
+        ran += stage_scratch(result, ctx, setup, rs, val, cache_root, write)
     result["summary"] = {"compress": summarize_compress(result)}
-    result["last_run"] = {"stage": args.stage, "ran": ran}
+    if result["stages"].get("recover"):
+        result["summary"]["recover"] = summarize_recover(result)
+    if result["stages"].get("scratch"):
+        result["summary"]["scratch"] = summarize_scratch(result)
+    result["last_run"] = {"stage": stage, "ran": ran}
     save(result, path)
     plotted = plot(result, out / "compress_trained.png")
+    if result["stages"].get("recover"):
+        plot_recover(result, out / "compress_trained_recover.png")
+        print(json.dumps(result["summary"]["recover"]["goals"], indent=1))
     print(json.dumps(result["summary"]["compress"]["goal_exact_below_svd_and_asvd"], indent=1))
     print(f"wrote {path}" + (f" and {out / 'compress_trained.png'}" if plotted else " (no matplotlib: no PNG)"))
     return result

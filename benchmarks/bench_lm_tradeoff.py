@@ -9,7 +9,9 @@ time spent? (issue 21)
 
 A seed's work can be split over processes: ``--methods`` runs some rows of the table, ``--compressed
 120 180`` only dense compressed to those step counts, ``--resume FILE`` counts a file's runs as done,
-``--frontier 0`` skips the automatic compressed runs; ``--merge`` then joins the files run by run.
+``--frontier 0`` skips the automatic compressed runs, ``--small-for none`` the smaller dense model's
+longer runs; ``--merge`` then joins the files run by run (a merged file keeps its earlier
+``merged_from`` and ``note``, the new ones appended).
 
 Per seed, in order: every row of ``METHODS`` (dense; factorized at initialization; a smaller dense
 model with about the multiply-adds of the factorized one; the callback at several schedules; the
@@ -22,6 +24,30 @@ that run, which had more time). Last, factorized at initialization given as many
 in the fastest callback run's time: with its full run, the two trace init's own loss-vs-time
 curve ("init at equal time"; a callback run slower than init's full run is compared with init's
 full run, which had less time).
+
+Last, **the smaller dense model at each callback run's time** (issue 30 item 5: the same final
+multiply-adds *and* the same time): the smaller dense model trained for more steps, its LR schedule
+stretched the same way (the same warm-up + cosine shape over the new step count, the same number of
+epochs and validation runs), one run per callback row of ``--small-for`` (default: every callback
+row of the table but the ``exp_`` experiments), rows whose mean times lie within 2 % of each other
+sharing one run (``--small-steps`` adds step counts, e.g. one past the slowest row on every seed).
+The step count comes from the rows' mean time over the seeds present and the smaller model's
+240-step run, with a fixed per-run cost (validation, setup) that does not grow with the
+steps: its share of a run, the intercept of time against steps over dense's own runs of several
+lengths. With the 240-step run these trace the smaller model's loss-vs-time curve, read by linear
+interpolation at every callback run's own time ("small dense at equal time"; a callback run slower
+than the smaller model's longest run is compared with that run, which had less time, and one faster
+than its shortest with that one, which had more; ``small_dense_equal_time_outside_range`` marks
+both).
+
+CPU time is one machine's in one session: the same run measured on another day (another virtual
+machine, other neighbours on its cores) can take a different CPU time (2.5x less, the afternoon the
+smaller model's longer runs were made). ``--rerun ROW ...`` runs those rows again in the current
+process (``<row>_rerun``, the same seed and steps): the smaller dense model's rerun puts its longer
+runs, made in that session, on the table's time scale (times multiplied by its full run's time over
+the rerun's; seeds without a rerun take the mean of the others' factors), and a callback row's rerun
+checks that the factor is the same for a factorized model (``summary.reruns``: time ratios and losses,
+which repeat to the digit when the code has not changed).
 
 Learning rate: every method trains at the peak rate ``bench_lm_lr_grid.py`` found best for dense,
 factorized at init and the callback alike (CPU: 1e-3; results before that grid used 3e-3, where
@@ -60,7 +86,7 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks._common import package_version
-from examples.gpt_task import VOCAB
+from examples.gpt_task import VOCAB, stdlib_tree
 from examples.gpt_train import run
 from factorize_plugin import ParamBudget
 
@@ -87,6 +113,9 @@ class Method:
     first_seed_only: bool = False
     expect: float = 1.0
     kind: str = "callback"
+
+
+SMALL_MERGE = 0.02  # callback rows whose mean times lie this close share one longer small-dense run
 
 
 def methods(cfg: dict[str, Any]) -> list[Method]:
@@ -183,6 +212,76 @@ def achieved_macs(model: dict[str, Any], ranks: dict[str, Optional[int]]) -> flo
     return float(total)
 
 
+def time_scales(result: dict[str, Any]) -> dict[str, float]:
+    """Per seed, the factor that puts the smaller dense model's longer runs on the table's time scale:
+    its full run's time over that run's ``_rerun`` (made in the longer runs' session); the mean of the
+    seeds that have one for those that do not; 1 when none has."""
+    axis = result["setup"]["time_axis"]
+    found = {}
+    for seed, runs in result["runs"].items():
+        small = next((k for k, r in runs.items() if r["kind"] == "small_dense"), None)
+        if small is not None and f"{small}_rerun" in runs:
+            found[seed] = t_of(runs[small], axis) / t_of(runs[f"{small}_rerun"], axis)
+    default = statistics.fmean(found.values()) if found else 1.0
+    return {seed: found.get(seed, default) for seed in result["runs"]}
+
+
+def t_scaled(r: dict[str, Any], axis: str, scale: float) -> float:
+    """A run's time on the table's scale (only the smaller model's longer runs are rescaled)."""
+    return t_of(r, axis) * (scale if r["kind"] == "small_dense_equal_time" else 1.0)
+
+
+def fixed_share(result: dict[str, Any], axis: str) -> float:
+    """The share of a full-length run's time that does not grow with its steps (validation, setup):
+    the intercept of a least-squares line of time (each seed's as a share of its full dense run)
+    against steps, over dense's runs of several lengths; 0 without two lengths, clamped to [0, 0.5]."""
+    points = []
+    for runs in result["runs"].values():
+        dense = runs.get("dense")
+        if dense is not None:
+            points += [(r["steps"], t_of(r, axis) / t_of(dense, axis)) for r in runs.values() if r["kind"] in ("dense", "dense_compressed")]
+    if len({x for x, _ in points}) < 2:
+        return 0.0
+    mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    full = max(x for x, _ in points)
+    intercept = my - slope * mx
+    return min(max(intercept / (intercept + slope * full), 0.0), 0.5)
+
+
+def small_dense_plan(result: dict[str, Any], cfg: dict[str, Any]) -> dict[int, list[str]]:
+    """Step count -> the callback rows whose time the smaller dense model's longer run is to match:
+    each row's mean time over the seeds present, rows within ``SMALL_MERGE`` of each other sharing a
+    run; the step count from the smaller model's mean full-run time less its fixed share
+    (``fixed_share``), rounded to whole epochs. Rows faster than the smaller model's full run get none."""
+    axis, table = cfg["time_axis"], methods(cfg)
+    small = next(m.name for m in table if m.kind == "small_dense")
+    wanted = cfg["small_for"]
+    if wanted is None:
+        wanted = [m.name for m in table if m.kind == "callback" and not m.name.startswith("exp_")]
+    seeds = [runs for runs in result["runs"].values() if small in runs]
+    if not seeds:
+        return {}
+    t_small = statistics.fmean(t_of(runs[small], axis) for runs in seeds)
+    targets = sorted((statistics.fmean(t_of(runs[row], axis) for runs in seeds if row in runs), row)
+                     for row in wanted if any(row in runs for runs in seeds))  # fmt: skip
+    groups: list[list[tuple[float, str]]] = []
+    for t, row in targets:
+        if groups and t <= groups[-1][0][0] * (1 + SMALL_MERGE):
+            groups[-1].append((t, row))
+        else:
+            groups.append([(t, row)])
+    fixed = fixed_share(result, axis) * t_small
+    per_step = (t_small - fixed) / cfg["steps"]
+    plan: dict[int, list[str]] = {}
+    for group in groups:
+        t = statistics.fmean(x for x, _ in group)
+        steps = round((t - fixed) / per_step / cfg["epochs"]) * cfg["epochs"]
+        if steps > cfg["steps"]:
+            plan.setdefault(steps, []).extend(row for _, row in group)
+    return plan
+
+
 def t_of(r: dict[str, Any], axis: str) -> float:
     return r["fit_cpu_seconds"] if axis == "cpu_seconds" else r["fit_seconds"]
 
@@ -220,6 +319,10 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
     def attempt(key: str, method: Method, share: float, steps: Optional[int] = None) -> Optional[dict[str, Any]]:
         if key in runs:  # done by an earlier process (--resume)
             return runs[key]
+        if cfg.get("deadline") and time.strftime("%H:%M", time.gmtime()) >= cfg["deadline"]:
+            result["skipped"][f"{seed}/{key}"] = f"--deadline {cfg['deadline']} UTC passed"
+            print(f"seed {seed} {key}: skipped (--deadline {cfg['deadline']} UTC passed)", flush=True)
+            return None
         ok, why = budget.allows(share)
         if not ok:
             result["skipped"][f"{seed}/{key}"] = why
@@ -248,7 +351,7 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
     dense = runs.get("dense")
     if dense is None:
         return
-    others = [r for k, r in runs.items() if k != "dense" and not k.startswith(("dense_", "init_equal"))]
+    others = [r for k, r in runs.items() if k != "dense" and not k.startswith(("dense_", "init_equal")) and r["kind"] not in ("small_dense_equal_time", "rerun")]
     shares = sorted(t_of(r, axis) / t_of(dense, axis) for r in others)
     done = sum(1 for r in runs.values() if r["kind"] == "dense_compressed")
     if shares and done < cfg["frontier"]:  # dense compressed: --frontier points spread over the other methods' times
@@ -269,14 +372,42 @@ def run_seed(seed: int, first: bool, cfg: dict[str, Any], result: dict[str, Any]
         r = attempt("init_equal_time", dataclasses.replace(init_method, kind="init_equal_time"), share * init_method.expect, steps)
         if r is not None:
             r["matched_to"] = best
+    small = next(m for m in methods(cfg) if m.kind == "small_dense")
+    if small.name not in runs or (cfg["small_for"] is not None and not cfg["small_for"]):
+        return
+    for name in cfg["rerun"] or ():  # the same run again, in this session: its time against the table's
+        again = next(m for m in methods(cfg) if m.name == name)
+        r = attempt(f"{name}_rerun", dataclasses.replace(again, kind="rerun"), again.expect, runs[name]["steps"] if name in runs else None)
+        if r is not None:
+            r["rerun_of"] = name
+    if cfg.get("small_plan") is None:  # once per process: every seed's runs get the same step counts
+        cfg["small_plan"] = small_dense_plan(result, cfg)
+        for steps in cfg.get("small_steps") or ():  # --small-steps: matched to no row (e.g. past the slowest)
+            cfg["small_plan"].setdefault(steps - steps % cfg["epochs"], [])
+        print(f"small dense at the callback rows' times: {cfg['small_plan']}", flush=True)
+    for steps, rows in sorted(cfg["small_plan"].items()):
+        share = steps / cfg["steps"] * small.expect
+        r = attempt(f"{small.name}_{steps}", dataclasses.replace(small, kind="small_dense_equal_time"), share, steps)
+        if r is not None:
+            r["matched_to"] = rows
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Per method over seeds: mean (and each seed's) final loss and time, the ratios to dense at
     equal steps, and the loss of dense (and of factorized at init) at the method's own time: dense
-    compressed (its frontier, the fair baseline) and also dense's own full run read at that time."""
+    compressed (its frontier, the fair baseline) and also dense's own full run read at that time;
+    for callback rows, the smaller dense model's curve read at their time (its longer runs on the
+    table's time scale, ``time_scales``); the reruns' time ratios and losses."""
     axis = result["setup"]["time_axis"]
     per: dict[str, dict[str, Any]] = {}
+    scales, reruns = time_scales(result), {}
+    for seed, runs in result["runs"].items():
+        for key, r in runs.items():
+            if r["kind"] == "rerun" and r["rerun_of"] in runs:
+                first = runs[r["rerun_of"]]
+                reruns.setdefault(seed, {})[r["rerun_of"]] = {
+                    "time": t_of(first, axis), "time_rerun": t_of(r, axis), "time_ratio": t_of(first, axis) / t_of(r, axis),
+                    "final_val_loss": first["final_val_loss"], "final_val_loss_rerun": r["final_val_loss"]}  # fmt: skip
     for seed, runs in result["runs"].items():
         dense = runs.get("dense")
         if dense is None:
@@ -284,9 +415,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         frontier = [(t_of(r, axis), r["final_val_loss"]) for r in runs.values() if r["kind"] in ("dense", "dense_compressed")]
         dense_curve = [(p[axis], p["val_loss"]) for p in dense["curve"]]
         init_frontier = [(t_of(r, axis), r["final_val_loss"]) for r in runs.values() if r["kind"] in ("init", "init_equal_time")]
+        small_frontier = [(t_scaled(r, axis, scales[seed]), r["final_val_loss"])
+                          for r in runs.values() if r["kind"] in ("small_dense", "small_dense_equal_time")]  # fmt: skip
         for key, r in runs.items():
+            if r["kind"] == "rerun":  # in "reruns" (its time is another session's)
+                continue
             row = per.setdefault(key, {"kind": r["kind"], "seeds": {}})
-            t = t_of(r, axis)
+            t = t_scaled(r, axis, scales[seed])
             s = {"final_val_loss": r["final_val_loss"], "time": t, "fit_seconds": r["fit_seconds"], "fit_cpu_seconds": r["fit_cpu_seconds"],
                  "steps": r["steps"], "speed_vs_dense": t_of(dense, axis) / t, "loss_vs_dense_equal_steps": r["final_val_loss"] / dense["final_val_loss"] - 1,
                  "macs_per_token": r["macs_per_token"]}  # fmt: skip
@@ -305,6 +440,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 at_init = interpolate(init_frontier, t) or (last[1] if t > last[0] else first[1])
                 s["init_at_equal_time"] = at_init
                 s["loss_vs_init_equal_time"] = r["final_val_loss"] / at_init - 1
+            if small_frontier and r["kind"] == "callback":  # the smaller dense model's own curve at this run's time
+                at_small = interpolate(small_frontier, t)
+                s["small_dense_equal_time_outside_range"] = at_small is None
+                if at_small is None:  # past its longest run (which had less time) or before its shortest (more)
+                    at_small = max(small_frontier)[1] if t > max(small_frontier)[0] else min(small_frontier)[1]
+                s["small_dense_at_equal_time"] = at_small
+                s["loss_vs_small_dense_equal_time"] = r["final_val_loss"] / at_small - 1
+            if r["kind"] == "small_dense_equal_time":
+                s["time_scale"], s["time_unscaled"] = scales[seed], t_of(r, axis)
             row["seeds"][seed] = s
     for row in per.values():
         seeds = list(row["seeds"].values())
@@ -330,6 +474,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "per_schedule": {
                 k: {"loss_vs_dense_at_equal_time": r.get("mean_loss_vs_dense_equal_time"),
                     "loss_vs_init_at_equal_time": r.get("mean_loss_vs_init_equal_time"),
+                    "loss_vs_small_dense_at_equal_time": r.get("mean_loss_vs_small_dense_equal_time"),
+                    "beats_small_dense_at_equal_time": r.get("mean_loss_vs_small_dense_equal_time", 1.0) < 0,
                     "beats_both": r.get("mean_loss_vs_dense_equal_time", 1.0) < 0 and r.get("mean_loss_vs_init_equal_time", 1.0) < 0}
                 for k, r in main.items()
             },  # fmt: skip
@@ -338,6 +484,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "loss_vs_dense_own_curve_at_equal_time": b.get("mean_loss_vs_dense_curve_equal_time"),
             "beats_init_at_equal_time": b.get("mean_loss_vs_init_equal_time", 1.0) < 0,
             "loss_vs_init_at_equal_time": b.get("mean_loss_vs_init_equal_time"),
+            "small_dense_at_equal_time": {  # issue 30 item 5: the same final multiply-adds (about) and the same time
+                "beaten_by": sorted(k for k, r in main.items() if r.get("mean_loss_vs_small_dense_equal_time", 1.0) < 0),
+                "beaten_on_every_seed_by": sorted(k for k, r in main.items() if r["seeds"] and all(
+                    s.get("loss_vs_small_dense_equal_time", 1.0) < 0 for s in r["seeds"].values())),
+                "best": min(main, key=lambda k: main[k].get("mean_loss_vs_small_dense_equal_time", math.inf)),
+            },
         }
         ok = {k: r for k, r in main.items() if r["mean_loss_vs_dense_equal_steps"] <= GOAL_LOSS and r["mean_speed_vs_dense"] >= GOAL_SPEED}
         pick = min(ok or main, key=lambda k: main[k]["mean_final_val_loss"] if ok else
@@ -347,7 +499,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "met_by": sorted(ok), "closest" if not ok else "best": pick,
             "loss_vs_dense": main[pick]["mean_loss_vs_dense_equal_steps"], "speed_vs_dense": main[pick]["mean_speed_vs_dense"],
         }  # fmt: skip
-    result["summary"] = {"methods": per, "goals": goals}
+    result["summary"] = {"methods": per, "goals": goals, "reruns": reruns, "time_scales": scales}
     return result["summary"]
 
 
@@ -358,12 +510,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     axis = result["setup"]["time_axis"]
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(13.5, 6.0))
     names: dict[str, list[dict[str, Any]]] = {}
-    for runs in result["runs"].values():
+    scales = time_scales(result)
+    for seed, runs in result["runs"].items():
         for key, r in runs.items():
-            names.setdefault(key, []).append(r)
-    frontier = []
+            if r["kind"] == "rerun":
+                continue
+            scale = scales[seed] if r["kind"] == "small_dense_equal_time" else 1.0  # on the table's time scale
+            names.setdefault(key, []).append({**r, "curve": [{**p, axis: p[axis] * scale} for p in r["curve"]]})
+    frontier, small_frontier = [], []
     palette = itertools.cycle(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "gold", "navy"])
     for key, rs in names.items():
         n = min(len(r["curve"]) for r in rs)
@@ -372,6 +528,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if rs[0]["kind"] in ("dense", "dense_compressed"):
             frontier.append((xs[-1], ys[-1]))
             if rs[0]["kind"] == "dense_compressed":
+                continue
+        if rs[0]["kind"] in ("small_dense", "small_dense_equal_time"):
+            small_frontier.append((xs[-1], ys[-1]))
+            if rs[0]["kind"] == "small_dense_equal_time":
+                ax.plot(xs, ys, "-", color="tab:gray", lw=0.8, alpha=0.45)
                 continue
         style = {"dense": ("k", "o"), "init": ("tab:red", "s"), "init_equal_time": ("tab:red", "D"), "small_dense": ("tab:gray", "^")}
         if rs[0]["kind"] in style:
@@ -383,6 +544,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if frontier:
         frontier.sort()
         ax.plot(*zip(*frontier), "--", color="k", lw=2, alpha=0.5, marker="x", ms=8, label="dense, LR schedule compressed (final points)")
+    if len(small_frontier) > 1:
+        small_frontier.sort()
+        ax.plot(*zip(*small_frontier), "--", color="tab:gray", lw=2, alpha=0.8, marker="^", ms=7,
+                label="small dense, LR schedule stretched to the callback runs' times (final points; thin: curves)")  # fmt: skip
     ax.set_xlabel("CPU seconds since the start of fit (1 thread)" if axis == "cpu_seconds" else "wall-clock seconds since the start of fit")
     ax.set_ylabel("validation loss (nats / byte)")
     s = result["setup"]
@@ -390,10 +555,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"GPT LM on the whole stdlib, d={m['dim']} x {m['layers']} layers, {s['steps']} steps, "
                  f"mean of seeds", fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
-    finals = [y for _, y in frontier]
+    finals = [y for _, y in frontier + small_frontier]
     if finals:
-        ax.set_ylim(min(finals) - 0.15, max(finals) + 0.35)
-    ax.legend(fontsize=6.5)
+        ax.set_ylim(min(finals) - 0.05, max(y for _, y in frontier) + 0.35)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -412,6 +577,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--compressed", type=int, nargs="+", default=None,
                         help="run only dense compressed to these step counts (a seed's frontier in another process)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these rows of the table (default: all)")
+    parser.add_argument("--small-for", nargs="+", default=None,
+                        help="callback rows whose time the smaller dense model's longer runs match (default: every "
+                             "callback row but exp_*; 'none': no such runs)")
+    parser.add_argument("--small-steps", type=int, nargs="+", default=None,
+                        help="more step counts for the smaller model's longer runs (e.g. to reach past the slowest "
+                             "row's time on every seed)")
+    parser.add_argument("--rerun", nargs="+", default=None,
+                        help="rows of the table to run again in this process (<row>_rerun): the session's time scale")
+    parser.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time (skipped, with why)")
     parser.add_argument("--resume", nargs="+", default=None, help="result files whose runs count as done (not rerun)")
     parser.add_argument("--note", default=None, help="with --merge: how the runs were made, kept in setup.note")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these result files' runs, summarize and plot")
@@ -428,19 +602,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 result["runs"].setdefault(seed, {}).update(runs)
             result["skipped"].update(part["skipped"])
             result["errors"].update(part["errors"])
-        result["setup"]["merged_from"] = [Path(p).name for p in args.merge]
+        earlier = result["setup"].get("merged_from", [])  # a merged file merged again keeps its history
+        result["setup"]["merged_from"] = earlier + [n for n in (Path(p).name for p in args.merge[1:]) if n not in earlier]
+        if not earlier:
+            result["setup"]["merged_from"].insert(0, Path(args.merge[0]).name)
         result["setup"]["seeds"] = sorted(int(seed) for seed in result["runs"])
-        if args.note:
-            result["setup"]["note"] = args.note
+        if args.note and args.note not in result["setup"].get("note", ""):
+            result["setup"]["note"] = " ".join(filter(None, [result["setup"].get("note"), args.note]))
         return finish(result, json_path, png_path)
     if args.gpu and not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench_lm_tradeoff.py --gpu needs a CUDA GPU; none is visible here (--dry-run checks the script on the CPU)")
     torch.set_num_threads(1)  # a shared CPU: more threads only contend (and CPU time stays one core's)
     cfg = config(args.gpu, args.dry_run, args.steps)
     cfg["frontier"], cfg["only"] = args.frontier, args.methods
-    unknown = set(args.methods or ()) - {m.name for m in methods(cfg)}
+    cfg["small_for"] = [] if args.small_for == ["none"] else args.small_for
+    cfg["rerun"], cfg["deadline"], cfg["small_steps"] = args.rerun, args.deadline, args.small_steps
+    unknown = (set(args.methods or ()) | set(cfg["small_for"] or ()) | set(args.rerun or ())) - {m.name for m in methods(cfg)}
     if unknown:
-        raise SystemExit(f"--methods: no such rows {sorted(unknown)}; the table has {[m.name for m in methods(cfg)]}")
+        raise SystemExit(f"--methods / --small-for: no such rows {sorted(unknown)}; the table has {[m.name for m in methods(cfg)]}")
     budget_s = args.budget_s if args.budget_s is not None else cfg["budget_s"]
     result: dict[str, Any] = {
         "benchmark": "lm_tradeoff",
@@ -464,6 +643,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=1, default=str))
 
+    if cfg["model"].get("corpus") == "full" and not args.dry_run:
+        stdlib_tree()  # read (and cached) before any timed fit: no run's time holds the corpus's reading
+    # (the dry run's tiny fits take a fraction of a second: there the first, dense, holds the reading,
+    # and the compressed-dense path is exercised because dense is the slowest of the plain fits)
     budget = Budget(budget_s, cfg["dense_seconds_planned"] * cfg["steps"] / (792 if args.gpu else 240))
     t0 = time.perf_counter()
     for seed in args.seeds:

@@ -1,11 +1,12 @@
-"""``benchmarks/bench_compress_trained.py`` (issue 30, item 3, stage "compress") and the trained GPT
-it compresses (``examples/trained_gpt.py``), through the benchmark's dry run: a tiny GPT trained a
-few steps, the same code, results under a temp folder."""
+"""``benchmarks/bench_compress_trained.py`` (issue 30, item 3: stages "compress", "recover" and
+"scratch") and the trained GPT it compresses (``examples/trained_gpt.py``), through the benchmark's
+dry run: a tiny GPT trained a few steps, the same code, results under a temp folder."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -21,7 +22,10 @@ def dry_run(tmp_path_factory):
     """(results folder, the first run's result)."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("compress_trained")
-    return out, bench.main(["--dry-run", "--out", str(out)])
+    t0 = time.perf_counter()
+    result = bench.main(["--dry-run", "--out", str(out)])  # every stage
+    result["_test_seconds"] = time.perf_counter() - t0
+    return out, result
 
 
 def cells(result):
@@ -117,3 +121,121 @@ def test_trained_gpt_is_cached_by_configuration_and_deterministic(tmp_path):
     rebuilt, _ = load_trained_gpt(config, tmp_path / "other", progress=None)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
     assert type(config)(**{**config.__dict__, "steps": 12}).key() != config.key()
+
+
+# ------------------------------------------------------------------------------ stage "recover"
+
+
+def recover(result):
+    return result["stages"]["recover"]
+
+
+def test_the_dry_run_covers_every_stage_quickly(dry_run):
+    out, result = dry_run
+    assert result["_test_seconds"] < 90
+    assert set(result["stages"]) == {"compress", "recover", "scratch"}
+    assert result["last_run"]["stage"] == "all"
+    assert (out / "compress_trained_recover.png").stat().st_size > 0
+    assert result["recover_setup"] == json.loads(json.dumps(bench.dataclasses.asdict(bench.recover_setup_for(True))))
+
+
+def test_every_recovery_cell_is_measured(dry_run):
+    _, result = dry_run
+    seeds = sorted(str(s) for s in bench.RECOVER_SEEDS)
+    assert sorted(recover(result)) == sorted(bench.RECOVER_METHODS)
+    assert sorted(recover(result)["dense_ft"]) == [bench.DENSE_KEY]
+    for method in bench.RECOVER_METHODS[1:]:
+        assert sorted(recover(result)[method]) == sorted(str(f) for f in bench.RECOVER_FRACTIONS), method
+    for method, by_fraction in recover(result).items():
+        for by_seed in by_fraction.values():
+            assert sorted(by_seed) == seeds, method
+            for cell in by_seed.values():
+                steps = result["recover_setup"]["steps"]
+                assert math.isfinite(cell["val_loss"]) and cell["commit"] and cell["steps"] == steps
+                assert len(cell["train_loss"]) == steps, method  # one loss per optimizer step
+    summary = result["summary"]["recover"]
+    for f in map(str, bench.RECOVER_FRACTIONS):
+        assert summary["val_loss"]["svd_ft"][f]["n"] == len(seeds)
+        assert summary["goals"][f]["callback_vs_one_shot"]["per_seed"].keys() == set(seeds)
+
+
+def test_every_method_trains_on_the_same_batches_given_the_seed(dry_run):
+    """The SHA-256 of every training input a run saw (recorded in ``training_step``) is the same for
+    every method of a seed, the compressed ones and the callback's included, and differs between seeds."""
+    _, result = dry_run
+    by_seed: dict[str, set] = {}
+    for by_fraction in recover(result).values():
+        for by_seed_cells in by_fraction.values():
+            for seed, cell in by_seed_cells.items():
+                by_seed.setdefault(seed, set()).add((cell["batches_seen"], cell["windows"]))
+    assert all(len(hashes) == 1 for hashes in by_seed.values()), by_seed
+    assert len({next(iter(h)) for h in by_seed.values()}) == len(by_seed)  # seeds draw different windows
+
+
+def test_callback_cells_end_at_the_target_fraction(dry_run):
+    _, result = dry_run
+    keys = result["recover_setup"]["progressive_keys"]
+    for method, milestones in (("callback_progressive", keys), ("callback_switch0", [0])):
+        for f, by_seed in recover(result)[method].items():
+            for cell in by_seed.values():
+                history = cell["history"]
+                assert [h["milestone"] for h in history] == [h["global_step"] for h in history] == milestones
+                assert cell["milestones_applied"] == len(milestones)
+                kept = [h["kept_fraction"] for h in history]
+                assert kept == sorted(kept, reverse=True) and kept[-1] == pytest.approx(cell["kept_fraction"])
+                assert float(f) - 0.05 <= cell["kept_fraction"] <= float(f) + 1e-9, (method, f)
+                assert history[-1]["value"]["init_args"]["fraction"] == pytest.approx(float(f))
+                assert {h["statistics"] for h in history} == {"calibration"}  # no held-out data fitted to
+    progressive = next(iter(recover(result)["callback_progressive"]["0.4"].values()))["history"]
+    assert [h["value"]["init_args"]["fraction"] for h in progressive] == pytest.approx([0.4 ** (1 / 3), 0.4 ** (2 / 3), 0.4])
+
+
+def test_one_shot_cells_keep_their_compression(dry_run):
+    _, result = dry_run
+    for f in map(str, bench.RECOVER_FRACTIONS):
+        for method in bench.ONE_SHOT_FT:
+            compressed = cells(result)[method.removesuffix("_ft")][f]
+            for cell in recover(result)[method][f].values():
+                assert cell["ranks"] == compressed["ranks"] or method == "exact_budget_params_ft"  # cheaper probe there
+                assert math.isfinite(cell["val_loss_before"])
+        kept = {c["kept_fraction"] for c in recover(result)["exact_budget_params_ft"][f].values()}
+        assert len(kept) == 1 and float(f) - 0.05 <= kept.pop() <= float(f) + 1e-9
+
+
+def test_recovery_cells_resume_and_honour_the_deadline(dry_run):
+    out, first = dry_run
+    path = out / "compress_trained.json"
+    saved = json.loads(path.read_text())
+    del saved["stages"]["recover"]["callback_progressive"]["0.6"]["1"]
+    del saved["stages"]["recover"]["dense_ft"][bench.DENSE_KEY]["2"]
+    path.write_text(json.dumps(saved))
+    late = bench.main(["--dry-run", "--out", str(out), "--stage", "recover", "--deadline", "00:00"])
+    assert late["last_run"]["ran"] == []  # the deadline passed: no cell started, the others kept
+    assert "1" not in recover(late)["callback_progressive"]["0.6"]
+    again = bench.main(["--dry-run", "--out", str(out), "--stage", "recover"])
+    assert again["last_run"]["ran"] == ["recover/dense_ft/1.0/2", "recover/callback_progressive/0.6/1"]
+    for method, f, seed in (("callback_progressive", "0.6", "1"), ("dense_ft", bench.DENSE_KEY, "2")):
+        new, old = recover(again)[method][f][seed], recover(first)[method][f][seed]
+        assert new["val_loss"] == pytest.approx(old["val_loss"], rel=1e-6)  # deterministic
+        assert new["batches_seen"] == old["batches_seen"]
+    assert bench.main(["--dry-run", "--out", str(out), "--stage", "recover"])["last_run"]["ran"] == []
+
+
+def test_recovery_learning_rate_schedule():
+    rs = bench.RecoverSetup()
+    lr = [rs.peak_lr * rs.lr_factor(s) for s in range(rs.steps)]
+    assert lr[0] == pytest.approx(3e-5) and lr[rs.warmup - 1] == pytest.approx(3e-4) == lr[rs.warmup]
+    assert lr[-1] == pytest.approx(3e-5) and all(a >= b for a, b in zip(lr[rs.warmup :], lr[rs.warmup + 1 :]))
+
+
+def test_scratch_model_matches_the_compressed_size(dry_run):
+    _, result = dry_run
+    cell = result["stages"]["scratch"]["0.4"]
+    cfg = bench.setup_for(True).model
+    assert cell["config"]["steps"] == cfg.steps + result["recover_setup"]["steps"]
+    assert cell["params"] == bench.gpt_params(cell["width"], cfg) and cell["width"] % cfg.heads == 0
+    others = [bench.gpt_params(d, cfg) for d in range(cfg.heads, cfg.dim + 1, cfg.heads)]
+    assert abs(cell["params"] - cell["target_params"]) == min(abs(p - cell["target_params"]) for p in others)
+    assert math.isfinite(cell["val_loss"])
+    summary = result["summary"]["scratch"]["0.4"]
+    assert summary["scratch_val_loss"] == cell["val_loss"] and "exact_budget_params_ft" in summary["recovered_beat_scratch"]

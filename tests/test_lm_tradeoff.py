@@ -60,6 +60,52 @@ def test_smaller_dense_model_matches_the_factorized_multiply_adds():
     assert names[:3] == ["dense", "init_0.25", "small_dense_d152"]
 
 
+def _synthetic_result() -> dict:
+    """Runs with only what planning and the summary read: two dense lengths (time = 20 + 0.8 x steps),
+    the smaller model's full run (time = 10 + 0.35 x steps) and three callback rows."""
+
+    def r(kind, steps, t, loss):
+        return {"kind": kind, "steps": steps, "fit_cpu_seconds": t, "fit_seconds": t, "final_val_loss": loss, "macs_per_token": 1.0,
+                "curve": [{"cpu_seconds": t, "seconds": t, "step": steps, "val_loss": loss}]}  # fmt: skip
+
+    runs = {"dense": r("dense", 240, 212.0, 2.3), "dense_120": r("dense_compressed", 120, 116.0, 2.6),
+            "small_dense_d152": r("small_dense", 240, 94.0, 2.4),
+            "callback_early_1:0.25": r("callback", 240, 136.0, 2.39), "callback_budget_macs_1:0.25": r("callback", 240, 137.0, 2.37),
+            "callback_auto": r("callback", 240, 213.0, 2.33)}  # fmt: skip
+    return {"setup": {"time_axis": "cpu_seconds"}, "runs": {"0": runs}}
+
+
+def test_small_dense_plan_matches_each_callback_time_with_a_fixed_per_run_cost():
+    from benchmarks.bench_lm_tradeoff import fixed_share, small_dense_plan
+
+    result = _synthetic_result()
+    assert fixed_share(result, "cpu_seconds") == pytest.approx(20 / 212)
+    cfg = {**config(False, dry_run=False, steps=None), "small_for": None}
+    plan = small_dense_plan(result, cfg)
+    fixed = 20 / 212 * 94
+    expect = {round((t - fixed) / ((94 - fixed) / 240) / 6) * 6 for t in (136.5, 213.0)}  # rows 1 % apart share a run
+    assert set(plan) == expect and all(s % cfg["epochs"] == 0 and s > 240 for s in plan)
+    assert sorted(plan.values()) == [["callback_auto"], ["callback_early_1:0.25", "callback_budget_macs_1:0.25"]]
+    assert small_dense_plan(result, {**cfg, "small_for": ["callback_auto"]}) == {max(expect): ["callback_auto"]}
+
+
+def test_summary_reads_the_small_dense_curve_at_each_callback_time():
+    from benchmarks.bench_lm_tradeoff import summarize
+
+    result = _synthetic_result()
+    runs = result["runs"]["0"]
+    runs["small_dense_d152_360"] = {**runs["small_dense_d152"], "kind": "small_dense_equal_time", "steps": 360,
+                                    "fit_cpu_seconds": 156.0, "final_val_loss": 2.30}  # fmt: skip
+    methods = summarize(result)["methods"]
+    early = methods["callback_early_1:0.25"]  # 136 s: 2/3 of the way from 94 s (2.4) to 156 s (2.3)
+    assert early["mean_small_dense_at_equal_time"] == pytest.approx(2.4 - 0.1 * 42 / 62)
+    assert early["mean_loss_vs_small_dense_equal_time"] == pytest.approx(2.39 / early["mean_small_dense_at_equal_time"] - 1)
+    assert early["mean_small_dense_equal_time_outside_range"] == 0
+    auto = methods["callback_auto"]  # slower than the longest run: compared with it (it had less time)
+    assert auto["mean_small_dense_at_equal_time"] == 2.30 and auto["mean_small_dense_equal_time_outside_range"] == 1
+    assert "small_dense_at_equal_time" not in methods["dense"]["seeds"]["0"]
+
+
 @pytest.mark.slow
 def test_cpu_configuration_dense_validation_loss_falls_at_every_validation_run():
     """The benchmark's CPU configuration (4 layers, width 256, the whole standard library) on a
@@ -76,15 +122,17 @@ def test_cpu_configuration_dense_validation_loss_falls_at_every_validation_run()
     assert losses[-1] < min(3.2, losses[0] - 0.1), losses  # below the ~3.3-nat plateau of byte frequencies alone
 
 
-@pytest.mark.slow  # ~35 s on an idle core: 12 tiny fits
+@pytest.mark.slow  # ~50 s on an idle core: 17 tiny fits
 def test_tradeoff_dry_run_records_every_method_and_a_fair_compressed_dense(tmp_path):
     """--dry-run --gpu: the GPU configuration's code (bf16-mixed, the budget) on a tiny CPU model.
     Every method of the table ran; dense compressed to the others' times ran fewer steps with the
-    same number of validation runs; factorized at init was given the best callback's time; every
-    run carries wall-clock and CPU time; the summary compares at equal time; the PNG is written."""
+    same number of validation runs; factorized at init was given the best callback's time; the
+    smaller dense model trained longer for the callback rows' times and rerun (the session's time
+    scale); every run carries wall-clock and CPU time; the summary compares at equal time; the PNG
+    is written."""
     bench = ROOT / "benchmarks" / "bench_lm_tradeoff.py"
-    args = [sys.executable, str(bench), "--dry-run", "--gpu", "--seeds", "0", "--out", str(tmp_path)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    args = [sys.executable, str(bench), "--dry-run", "--gpu", "--seeds", "0", "--rerun", "small_dense_d20", "--out", str(tmp_path)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "lm_tradeoff_gpu_dry_run.json").read_text())
     assert (tmp_path / "lm_tradeoff_gpu_dry_run.png").stat().st_size > 0
@@ -102,6 +150,25 @@ def test_tradeoff_dry_run_records_every_method_and_a_fair_compressed_dense(tmp_p
     summary = result["summary"]
     assert summary["goals"]["best_callback"] in runs and "equal_steps" in summary["goals"]
     assert summary["methods"]["dense"]["mean_loss_vs_dense_equal_steps"] == 0
+    # issue 30 item 5: the smaller dense model trained longer (its LR schedule stretched, the same
+    # validation runs) for the callback rows' times; every callback row read against its curve
+    longer = {k: r for k, r in runs.items() if r["kind"] == "small_dense_equal_time"}
+    assert longer and all(k == f"{small['method']}_{r['steps']}" and r["steps"] > small["steps"] for k, r in longer.items())
+    assert all(len(r["curve"]) == len(small["curve"]) and r["model_kwargs"] == small["model_kwargs"] for r in longer.values())
+    assert all(runs[row]["kind"] == "callback" for r in longer.values() for row in r["matched_to"])
+    for key, row in summary["methods"].items():
+        if row["kind"] == "callback":
+            s = row["seeds"]["0"]
+            assert s["loss_vs_small_dense_equal_time"] == pytest.approx(s["final_val_loss"] / s["small_dense_at_equal_time"] - 1), key
+            assert "mean_loss_vs_small_dense_equal_time" in row and "small_dense_equal_time_outside_range" in s
+    assert summary["goals"]["small_dense_at_equal_time"]["best"] in runs
+    again = runs[f"{small['method']}_rerun"]
+    assert again["kind"] == "rerun" and again["steps"] == small["steps"] and again["rerun_of"] == small["method"]
+    assert summary["time_scales"]["0"] == pytest.approx(small["fit_seconds"] / again["fit_seconds"])
+    assert summary["reruns"]["0"][small["method"]]["final_val_loss_rerun"] == pytest.approx(small["final_val_loss"], abs=1e-4)
+    longest = max(longer.values(), key=lambda r: r["steps"])  # on the table's time scale
+    assert summary["methods"][f"{small['method']}_{longest['steps']}"]["seeds"]["0"]["time"] == pytest.approx(
+        longest["fit_seconds"] * summary["time_scales"]["0"])
 
 
 def test_tradeoff_budget_skips_and_records(tmp_path):
