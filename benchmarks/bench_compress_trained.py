@@ -68,7 +68,9 @@ input its ``training_step`` saw (``batches_seen``). Methods, per (fraction, seed
   of every milestone come from a calibration pass over them (``history[i]["statistics"]``) and no
   held-out data is fitted to;
 * ``callback_switch0``: the same callback with ``{0: ParamBudget(f)}`` (one-shot plus fine-tuning
-  through the callback: the same solve and probe as ``exact_budget_params_ft``).
+  through the callback: the same solve and probe as ``exact_budget_params_ft``);
+* ``callback_progressive_no_rewarm``: ``callback_progressive`` with ``rewarm_steps=0`` (a lever of
+  item 4: the learning rate is not ramped again after each swap; run at 40 % kept).
 
 Each cell records the validation loss after recovery (and before it, for the one-shot methods), the
 kept fraction and ranks, the training loss per step, wall and CPU seconds, and for the callback the
@@ -472,9 +474,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 # ------------------------------------------------------------------------------ stage "recover"
 
 RECOVER_METHODS = ("dense_ft", "svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "callback_progressive",
-                   "callback_switch0")  # fmt: skip
+                   "callback_switch0", "callback_progressive_no_rewarm")  # fmt: skip
 ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft")
-CALLBACKS = ("callback_progressive", "callback_switch0")
+CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm")
 RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
 RECOVER_SEEDS = (0, 1, 2)
 RECOVERY_WINDOW_SEED = 100  # recovery seed s draws its windows with Windows(seed=100 + s): generator 791900 + ...
@@ -620,11 +622,12 @@ def kept_of_ranks(shapes: dict[str, LayerView], ranks: dict[str, Optional[int]])
 
 
 def make_callback(method: str, fraction: float, rs: RecoverSetup) -> LowRankFactorization:
-    schedule = progressive(ParamBudget(fraction), list(rs.progressive_keys)) if method == "callback_progressive" \
-        else {0: ParamBudget(fraction)}  # fmt: skip
+    schedule = progressive(ParamBudget(fraction), list(rs.progressive_keys)) \
+        if method.startswith("callback_progressive") else {0: ParamBudget(fraction)}  # fmt: skip
     return LowRankFactorization(
         schedule, interval="step", targets=[f"net.{t}" for t in TARGETS], min_params=0, min_features=0,
         max_samples=None, sample_fraction=1.0, speed_guard=False, budget_batches=rs.sensitivity_batches, verbose=False,
+        rewarm_steps=0 if method.endswith("_no_rewarm") else "auto",  # a lever of item 4: no learning-rate re-warm
     )  # fmt: skip
 
 
@@ -770,7 +773,7 @@ def plot_recover(result: dict[str, Any], path: Path) -> bool:
     cells = result["stages"].get("recover", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"svd_ft": "o-", "exact_uniform_ft": "^-", "exact_budget_params_ft": "D-", "callback_progressive": "*-",
-              "callback_switch0": "s--"}  # fmt: skip
+              "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:"}  # fmt: skip
     for i, method in enumerate(RECOVER_METHODS[1:]):
         pts = []
         for by_seed in cells.get(method, {}).values():
