@@ -14,17 +14,13 @@ from typing import Any, Optional
 import torch
 
 from ..surgery.collector import ActivationCollector
-from ..surgery.sharding import Sharding
+from ..surgery.sharding import Sharding, default_group_sum
 
 
 def default_group_sharding(device: Optional[torch.device] = None) -> Sharding:
     """A ``Sharding`` over ``torch.distributed``'s default process group (initialized), with
     broadcast factors on ``device`` (default: CPU; a GPU for NCCL)."""
     import torch.distributed as dist
-
-    def all_sum(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
 
     def reduce_to(t: torch.Tensor, owner: int) -> torch.Tensor:
         dist.reduce(t, dst=owner, op=dist.ReduceOp.SUM)
@@ -40,7 +36,7 @@ def default_group_sharding(device: Optional[torch.device] = None) -> Sharding:
         return out
 
     return Sharding(
-        dist.get_rank(), dist.get_world_size(), all_sum, reduce_to, broadcast_from, all_gather,
+        dist.get_rank(), dist.get_world_size(), default_group_sum, reduce_to, broadcast_from, all_gather,
         device=torch.device("cpu") if device is None else torch.device(device),
     )
 

@@ -102,11 +102,16 @@ class _FactorizedPair(nn.Module):
         if (bias is None) != (self.second.bias is None):
             raise ValueError(f"a factorized {self.kind} layer {'with' if bias is None else 'without'} a bias got "
                              f"{'none' if bias is None else 'one'}")
-        like = self._like()
-        new = self._blank(wa.shape[1], self.second.bias is not None, like.device, like.dtype)
-        new.requires_grad_(like.requires_grad)
+        new = self.resized(wa.shape[1])
         new.set_factors(wa, wb, bias)
         return new
+
+    def resized(self, rank: int) -> "_FactorizedPair":
+        """A new pair of this configuration at ``rank`` (same bias, device, dtype and
+        ``requires_grad``; weights to be set); this one is left as it is."""
+        like = self._like()
+        new = self._blank(rank, self.second.bias is not None, like.device, like.dtype)
+        return new.requires_grad_(like.requires_grad)
 
     def matrix(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(W [D, M], bias [M] or None) of the composed map, float64."""

@@ -29,7 +29,7 @@ from .preflight import check_not_compiled, check_not_meta, uncompiled
 from .refactorize import refactorize
 from .reports import LayerReport, Reports
 from .sensitivity import OutputProbe
-from .sharding import Sharding
+from .sharding import Sharding, default_group_sum
 from .speed import SpeedCheck, SpeedGuard, resolve_guard
 
 
@@ -70,12 +70,7 @@ def _collect(
 def _sum_over_processes(collector: ActivationCollector) -> None:
     """An FSDP2-sharded model in a ``torch.distributed`` job: every process's statistics summed
     (the default process group), so that all of them solve the same problem."""
-
-    def all_sum(t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t)
-        return t
-
-    collector.all_reduce_(all_sum)
+    collector.all_reduce_(default_group_sum)
 
 
 def _rank_zero_choice(ranks: dict) -> dict:

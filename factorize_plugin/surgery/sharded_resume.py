@@ -57,13 +57,7 @@ def restore_sharded_structure(
                 f"the checkpoint holds layer '{name}' as a factorized pair, but it is not its own fully_shard unit "
                 "here: shard it alone in configure_model, as in the run that wrote the checkpoint"
             )
-        new: nn.Module
-        if isinstance(module, FACTORIZED_PAIRS):
-            like = module.second.weight
-            new = module._blank(rank, module.second.bias is not None, like.device, like.dtype)
-            new.requires_grad_(like.requires_grad)
-        else:
-            new = _placeholder(module, kind, rank)
+        new = module.resized(rank) if isinstance(module, FACTORIZED_PAIRS) else _placeholder(module, kind, rank)
         shard_like(new, module)
         swaps.append((dict(module.named_parameters()), dict(new.named_parameters())))
         for alias in alias_names(model, {name: module})[name]:

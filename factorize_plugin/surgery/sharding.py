@@ -65,6 +65,12 @@ class Sharding:
         return self.owners[name] == self.rank
 
 
+def default_group_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed in place over ``torch.distributed``'s default process group (initialized); returns ``t``."""
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
 def solve_work(in_features: int, out_features: int) -> float:
     """Relative cost of one exact solve from statistics of width D = ``in_features`` for M =
     ``out_features`` outputs (``core.solver``): C W (D^2 M), the Gram of the smaller side and
