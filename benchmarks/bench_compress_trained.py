@@ -473,10 +473,13 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 # ------------------------------------------------------------------------------ stage "recover"
 
-RECOVER_METHODS = ("dense_ft", "svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "callback_progressive",
-                   "callback_switch0", "callback_progressive_no_rewarm")  # fmt: skip
-ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft")
-CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm")
+ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "exact_budget_params_ft_kd")
+CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm", "callback_progressive_early",
+             "callback_progressive_kd")  # fmt: skip
+RECOVER_METHODS = ("dense_ft", *ONE_SHOT_FT, *CALLBACKS)
+LEVERS = ("exact_budget_params_ft_kd", "callback_progressive_no_rewarm", "callback_progressive_early",
+          "callback_progressive_kd")  # item 4's levers: run at 40 % kept only  # fmt: skip
+KD_WEIGHT = 0.5  # distillation: loss = (1 - w) CE(labels) + w KL(teacher || student), temperature 1
 RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
 RECOVER_SEEDS = (0, 1, 2)
 RECOVERY_WINDOW_SEED = 100  # recovery seed s draws its windows with Windows(seed=100 + s): generator 791900 + ...
@@ -535,9 +538,11 @@ class RecoveryTask(pl.LightningModule):
     split, no held-out data), the optimizer of ``GPTTask`` with the recovery schedule. Records the
     training loss per step and a SHA-256 of every training input it saw (``batches_seen``)."""
 
-    def __init__(self, net: nn.Module, train: Windows, calibration: Windows, batch_size: int, rs: RecoverSetup) -> None:
+    def __init__(self, net: nn.Module, train: Windows, calibration: Windows, batch_size: int, rs: RecoverSetup,
+                 teacher: Optional[nn.Module] = None) -> None:  # fmt: skip
         super().__init__()
         self.net, self.rs, self.batch_size = net, rs, batch_size
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
         self._train, self._calibration = train, calibration
         self._seen = hashlib.sha256()
         self.train_losses: list[float] = []
@@ -551,7 +556,15 @@ class RecoveryTask(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self._seen.update(batch[0].numpy().tobytes())
-        loss = self._loss(batch)
+        if self._teacher:
+            x, y = batch
+            logits = self(x).flatten(0, 1)
+            with torch.no_grad():
+                target = F.log_softmax(self._teacher[0](x).flatten(0, 1), dim=-1)
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
+            loss = (1 - KD_WEIGHT) * F.cross_entropy(logits, y.flatten()) + KD_WEIGHT * kl
+        else:
+            loss = self._loss(batch)
         self.train_losses.append(float(loss.detach()))
         return loss
 
@@ -585,12 +598,13 @@ def calibration_windows(setup: Setup) -> Windows:
 
 
 def fine_tune(net: nn.Module, setup: Setup, rs: RecoverSetup, seed: int,
-              callback: Optional[LowRankFactorization] = None) -> RecoveryTask:  # fmt: skip
+              callback: Optional[LowRankFactorization] = None, teacher: Optional[nn.Module] = None) -> RecoveryTask:  # fmt: skip
     """``rs.steps`` optimizer steps of ``net`` (in place) through a real ``Trainer`` (one epoch of
     exactly those batches; ``check_val_every_n_epoch=2``: no validation run in this one-epoch fit, the
     callback runs its own calibration passes over the ``val_dataloader`` at its milestones)."""
     pl.seed_everything(seed, verbose=False)
-    task = RecoveryTask(net, recovery_windows(setup, rs, seed), calibration_windows(setup), setup.model.batch_size, rs)
+    task = RecoveryTask(net, recovery_windows(setup, rs, seed), calibration_windows(setup), setup.model.batch_size, rs,
+                        teacher)  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=rs.steps, max_epochs=1, callbacks=[callback] if callback else [],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -608,7 +622,7 @@ def compress_for_recovery(method: str, fraction: float, ctx: Context, rs: Recove
     probe: ``sensitivity_batches``): ``{"model", "seconds", "record"}``."""
     model = copy.deepcopy(ctx.trained)
     t0 = time.perf_counter()
-    if method == "exact_budget_params_ft":
+    if method.startswith("exact_budget_params_ft"):
         record = solver_record(exact(model, ctx, policy=ParamBudget(fraction), sensitivity_batches=rs.sensitivity_batches))
     else:
         record = compress(method.removesuffix("_ft"), model, fraction, ctx)
@@ -621,8 +635,17 @@ def kept_of_ranks(shapes: dict[str, LayerView], ranks: dict[str, Optional[int]])
     return kept / sum(v.params() for v in shapes.values())
 
 
+def progressive_keys(method: str, rs: RecoverSetup) -> tuple[int, ...]:
+    """The milestones of a progressive method: ``rs.progressive_keys``, or for ``_early`` (a lever of
+    item 4: spacing) the same three milestones at 3/8 of those steps (0, 15, 30 of 120: the target
+    is reached a quarter of the way in, leaving 90 steps at the final ranks)."""
+    if method.endswith("_early"):
+        return tuple(round(k * 3 / 8) for k in rs.progressive_keys)
+    return rs.progressive_keys
+
+
 def make_callback(method: str, fraction: float, rs: RecoverSetup) -> LowRankFactorization:
-    schedule = progressive(ParamBudget(fraction), list(rs.progressive_keys)) \
+    schedule = progressive(ParamBudget(fraction), list(progressive_keys(method, rs))) \
         if method.startswith("callback_progressive") else {0: ParamBudget(fraction)}  # fmt: skip
     return LowRankFactorization(
         schedule, interval="step", targets=[f"net.{t}" for t in TARGETS], min_params=0, min_features=0,
@@ -652,11 +675,12 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
         net = copy.deepcopy(ctx.trained)
         cell["val_loss_before"] = None
     elif method in ONE_SHOT_FT:
-        if (method, fraction) not in compressed:  # the same compression for every seed (deterministic)
-            entry = compress_for_recovery(method, fraction, ctx, rs)
+        base = method.removesuffix("_kd")  # distillation changes the recovery, not the compression
+        if (base, fraction) not in compressed:  # the same compression for every seed (deterministic)
+            entry = compress_for_recovery(base, fraction, ctx, rs)
             entry["val_loss_before"] = mean_loss(entry["model"], val)
-            compressed[(method, fraction)] = entry
-        entry = compressed[(method, fraction)]
+            compressed[(base, fraction)] = entry
+        entry = compressed[(base, fraction)]
         net = copy.deepcopy(entry["model"])
         cell.update(val_loss_before=entry["val_loss_before"], compress_seconds=entry["seconds"],
                     compress=entry["record"])  # fmt: skip
@@ -666,9 +690,10 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
     else:
         raise ValueError(f"unknown recovery method {method!r}; one of {RECOVER_METHODS}")
     t1 = time.perf_counter()
+    teacher = copy.deepcopy(ctx.trained) if method.endswith("_kd") else None  # a lever of item 4: distillation from the dense model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        task = fine_tune(net, setup, rs, seed, callback)
+        task = fine_tune(net, setup, rs, seed, callback, teacher)
     train_seconds = time.perf_counter() - t1
     ranks, kept = structure(net, ctx.shapes)
     cell.update({
@@ -690,7 +715,7 @@ def past(deadline: Optional[datetime.datetime]) -> bool:
 
 def stage_recover(result: dict[str, Any], ctx: Context, val: list[Batch], setup: Setup, rs: RecoverSetup,
                   fractions: Iterable[float], seeds: Iterable[int], write: Callable[[], None],
-                  deadline: Optional[datetime.datetime] = None) -> list[str]:  # fmt: skip
+                  deadline: Optional[datetime.datetime] = None, methods: Iterable[str] = RECOVER_METHODS) -> list[str]:  # fmt: skip
     """Runs the missing cells of stage ``recover`` in the order fraction, seed, method (dense_ft once
     per seed, under fraction "1.0"), writing after each; starts none after ``deadline``. Returns the
     cells it ran ("recover/method/fraction/seed")."""
@@ -699,7 +724,9 @@ def stage_recover(result: dict[str, Any], ctx: Context, val: list[Batch], setup:
     ran = []
     for fraction in fractions:
         for seed in seeds:
-            for method in RECOVER_METHODS:
+            for method in methods:
+                if method in LEVERS and fraction != 0.4:
+                    continue
                 key = DENSE_KEY if method == "dense_ft" else str(fraction)
                 if str(seed) in cells.get(method, {}).get(key, {}):
                     continue
@@ -772,14 +799,15 @@ def plot_recover(result: dict[str, Any], path: Path) -> bool:
 
     cells = result["stages"].get("recover", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    styles = {"svd_ft": "o-", "exact_uniform_ft": "^-", "exact_budget_params_ft": "D-", "callback_progressive": "*-",
-              "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:"}  # fmt: skip
+    styles = {"svd_ft": "o-", "exact_uniform_ft": "^-", "exact_budget_params_ft": "D-", "exact_budget_params_ft_kd": "d:",
+              "callback_progressive": "*-", "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:",
+              "callback_progressive_early": "P:", "callback_progressive_kd": "h:"}  # fmt: skip
     for i, method in enumerate(RECOVER_METHODS[1:]):
         pts = []
         for by_seed in cells.get(method, {}).values():
             losses = [c["val_loss"] for c in by_seed.values()]
             kept = sum(c["kept_fraction"] for c in by_seed.values()) / len(by_seed)
-            pts.append((kept + (i - 2.5) * 0.004, sum(losses) / len(losses), min(losses), max(losses), len(losses)))
+            pts.append((kept + (i - len(RECOVER_METHODS) / 2 + 1) * 0.003, sum(losses) / len(losses), min(losses), max(losses), len(losses)))
         if pts:
             pts.sort()
             x, m, lo, hi, n = zip(*pts)
@@ -909,6 +937,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(RECOVER_FRACTIONS), help="stage recover, in order")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(RECOVER_SEEDS), help="stage recover's seeds")
     parser.add_argument("--deadline", default=None, help="HH:MM UTC: stage recover starts no cell after it")
+    parser.add_argument("--methods", nargs="+", choices=RECOVER_METHODS, default=list(RECOVER_METHODS),
+                        help="stage recover's methods (item 4's levers run at 40 %% kept only)")  # fmt: skip
     args = parser.parse_args(argv)
     stage = args.stage or ("all" if args.dry_run else "compress")
     torch.set_num_threads(1)
@@ -939,7 +969,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if stage in ("compress", "all"):
         ran += stage_compress(result, ctx, val, setup, write)
     if stage in ("recover", "all"):
-        ran += stage_recover(result, ctx, val, setup, rs, args.fractions, args.seeds, write, deadline_of(args.deadline))
+        ran += stage_recover(result, ctx, val, setup, rs, args.fractions, args.seeds, write, deadline_of(args.deadline),
+                             args.methods)  # fmt: skip
     if stage in ("scratch", "all"):
         ran += stage_scratch(result, ctx, setup, rs, val, cache_root, write)
     result["summary"] = {"compress": summarize_compress(result)}

@@ -145,7 +145,8 @@ def test_every_recovery_cell_is_measured(dry_run):
     assert sorted(recover(result)) == sorted(bench.RECOVER_METHODS)
     assert sorted(recover(result)["dense_ft"]) == [bench.DENSE_KEY]
     for method in bench.RECOVER_METHODS[1:]:
-        assert sorted(recover(result)[method]) == sorted(str(f) for f in bench.RECOVER_FRACTIONS), method
+        fractions = [0.4] if method in bench.LEVERS else bench.RECOVER_FRACTIONS  # item 4's levers: 40 % only
+        assert sorted(recover(result)[method]) == sorted(str(f) for f in fractions), method
     for method, by_fraction in recover(result).items():
         for by_seed in by_fraction.values():
             assert sorted(by_seed) == seeds, method
@@ -175,7 +176,9 @@ def test_every_method_trains_on_the_same_batches_given_the_seed(dry_run):
 def test_callback_cells_end_at_the_target_fraction(dry_run):
     _, result = dry_run
     keys = result["recover_setup"]["progressive_keys"]
-    for method, milestones in (("callback_progressive", keys), ("callback_switch0", [0])):
+    early = [round(k * 3 / 8) for k in keys]
+    for method, milestones in (("callback_progressive", keys), ("callback_switch0", [0]),
+                               ("callback_progressive_kd", keys), ("callback_progressive_early", early)):  # fmt: skip
         for f, by_seed in recover(result)[method].items():
             for cell in by_seed.values():
                 history = cell["history"]
@@ -194,12 +197,24 @@ def test_one_shot_cells_keep_their_compression(dry_run):
     _, result = dry_run
     for f in map(str, bench.RECOVER_FRACTIONS):
         for method in bench.ONE_SHOT_FT:
-            compressed = cells(result)[method.removesuffix("_ft")][f]
-            for cell in recover(result)[method][f].values():
-                assert cell["ranks"] == compressed["ranks"] or method == "exact_budget_params_ft"  # cheaper probe there
+            compressed = cells(result)[method.removesuffix("_kd").removesuffix("_ft")][f]
+            for cell in recover(result)[method].get(f, {}).values():
+                cheaper_probe = method.startswith("exact_budget_params_ft")
+                assert cell["ranks"] == compressed["ranks"] or cheaper_probe
                 assert math.isfinite(cell["val_loss_before"])
         kept = {c["kept_fraction"] for c in recover(result)["exact_budget_params_ft"][f].values()}
         assert len(kept) == 1 and float(f) - 0.05 <= kept.pop() <= float(f) + 1e-9
+
+
+def test_distillation_changes_the_recovery_not_the_compression(dry_run):
+    """Item 4's distillation lever: the same compressed model (the same loss before) and batches as
+    ``exact_budget_params_ft``, a different training loss (half of it is the KL to the dense model)."""
+    _, result = dry_run
+    plain, kd = recover(result)["exact_budget_params_ft"]["0.4"], recover(result)["exact_budget_params_ft_kd"]["0.4"]
+    for seed in plain:
+        assert kd[seed]["val_loss_before"] == plain[seed]["val_loss_before"]
+        assert kd[seed]["ranks"] == plain[seed]["ranks"] and kd[seed]["batches_seen"] == plain[seed]["batches_seen"]
+        assert kd[seed]["train_loss"] != plain[seed]["train_loss"]
 
 
 def test_recovery_cells_resume_and_honour_the_deadline(dry_run):
