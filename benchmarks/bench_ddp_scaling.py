@@ -282,7 +282,7 @@ def _shard_worker(rank: int, world: int, port: int, blocks: int, width: int, row
 
     torch.set_num_threads(1)
     import factorize_plugin.surgery.refactorize as refactorize_module
-    from factorize_plugin.integration.distributed import default_group_sharding
+    from factorize_plugin.engine.distributed import default_group_sharding
     from factorize_plugin.surgery.collector import ActivationCollector
     from factorize_plugin.surgery.policies import FixedRank
 

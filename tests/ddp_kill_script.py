@@ -27,7 +27,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-import factorize_plugin.integration.callback as callback_module  # noqa: E402
+import factorize_plugin.integration.lightning_host as host_module  # noqa: E402
 import factorize_plugin.surgery.refactorize as refactorize_module  # noqa: E402
 from factorize_plugin import LowRankFactorization  # noqa: E402
 from factorize_plugin.surgery.passes import statistics_bound  # noqa: E402
@@ -99,13 +99,13 @@ class Record(pl.Callback):
 
 def resume(out: str) -> None:
     before_rewrap: list = []
-    real = callback_module.rewrap_ddp
+    real = host_module.rewrap_ddp
 
     def spy(trainer):
         before_rewrap.append(composed(trainer.lightning_module, WIDE_TARGETS))
         real(trainer)
 
-    callback_module.rewrap_ddp = spy
+    host_module.rewrap_ddp = spy
     ckpts = sorted(os.listdir(os.path.join(out, "ckpt")))
     pl.seed_everything(0)
     model = WideNet(**DDP_MODEL_KWARGS)  # dense

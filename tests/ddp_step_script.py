@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-import factorize_plugin.integration.callback as callback_module  # noqa: E402
+import factorize_plugin.integration.lightning_host as host_module  # noqa: E402
 from factorize_plugin import FixedRank, LowRankFactorization, progressive  # noqa: E402
 from lightning_helpers import DDP_CALLBACK_KWARGS, DDP_MODEL_KWARGS, TinyNet, composed, state_dict_cpu, structure  # noqa: E402
 
@@ -31,7 +31,7 @@ SCHEDULE = progressive(FixedRank(4), [0, 4, 10])
 # every rank's own factors right before the DDP wrapper is rebuilt (the new wrapper broadcasts rank
 # 0's parameters, which would hide ranks that solved different problems)
 before_rewrap: list[dict] = []
-_real_rewrap = callback_module.rewrap_ddp
+_real_rewrap = host_module.rewrap_ddp
 
 
 def _spy_rewrap(trainer):
@@ -39,7 +39,7 @@ def _spy_rewrap(trainer):
     _real_rewrap(trainer)
 
 
-callback_module.rewrap_ddp = _spy_rewrap
+host_module.rewrap_ddp = _spy_rewrap
 
 
 class StepProbe(pl.Callback):

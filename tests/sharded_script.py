@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import factorize_plugin.surgery.refactorize as refactorize_module
-from factorize_plugin.integration.distributed import default_group_sharding
+from factorize_plugin.engine.distributed import default_group_sharding
 from factorize_plugin.surgery.collector import ActivationCollector
 from factorize_plugin.surgery.policies import FixedRank, MaxNMSE, ParamBudget
 

@@ -10,7 +10,7 @@ import torch
 
 from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, Readiness
 from factorize_plugin.core.stable_rank import spectral_norm_sq, stable_rank
-from factorize_plugin.integration.callback_state import migrate_state
+from factorize_plugin.engine.state import migrate_state
 from factorize_plugin.layers.adapters import LayerView
 from factorize_plugin.surgery.readiness import largest_change, layer_states
 from lightning_helpers import TARGETS, TINY, SettlingNet, resume_trainer, structure

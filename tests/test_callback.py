@@ -14,8 +14,7 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 
-import factorize_plugin.integration.callback as callback_module
-import factorize_plugin.integration.milestone as milestone_module
+import factorize_plugin.engine.milestone as milestone_module
 import factorize_plugin.surgery.passes as passes_module
 import factorize_plugin.surgery.pipeline as pipeline_module
 import factorize_plugin.surgery.refactorize as refactorize_module
@@ -283,14 +282,13 @@ def test_param_budget_mode():
 def test_budget_probe_and_output_shift_share_one_fetch_of_the_validation_batches(monkeypatch):
     """At a param_budget milestone with output_batches > 0 the first validation batches are read
     once, and each of the two measurements gets its own count of them."""
-    import factorize_plugin.integration.lightning_internals as internals_module
-    import factorize_plugin.integration.output_shift as output_shift_module
-    import factorize_plugin.integration.speed_step as speed_step_module
+    import factorize_plugin.engine.output_shift as output_shift_module
+    import factorize_plugin.engine.speed as speed_module
 
     calls = []
-    real = internals_module.first_validation_batches
-    for module in (callback_module, milestone_module, speed_step_module, output_shift_module):  # wherever imported
-        monkeypatch.setattr(module, "first_validation_batches", lambda t, n: calls.append(n) or real(t, n), raising=False)
+    real = output_shift_module.first_batches
+    for module in (milestone_module, speed_module, output_shift_module):  # wherever imported
+        monkeypatch.setattr(module, "first_batches", lambda h, n: calls.append(n) or real(h, n), raising=False)
     pl.seed_everything(0)
     cb = LowRankFactorization({1: 0.5}, mode="param_budget", **TINY, budget_batches=2, output_batches=1)
     make_trainer([cb], max_epochs=2).fit(TinyNet())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import factorize_plugin.integration.callback as callback_module
-import factorize_plugin.integration.callback_state as callback_state_module
+import factorize_plugin.engine.engine as engine_module
+import factorize_plugin.engine.state as callback_state_module
 import factorize_plugin.surgery.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization, load_factorized, load_factorized_checkpoint
 from factorize_plugin.layers import decode_extra_state
@@ -192,7 +192,7 @@ def test_crash_between_solve_and_swap(reference, tmp_path, monkeypatch):
     """The swap of the second milestone dies after installing one layer: the model is put back as
     it was (no half-swapped model, optimizer consistent, no hooks left); the last checkpoint on disk
     loads and resumes to the uninterrupted run's weights."""
-    real_refactorize, real_install = callback_module.refactorize, refactorize_module.install_factors
+    real_refactorize, real_install = engine_module.refactorize, refactorize_module.install_factors
     milestones, installs = [], []
 
     def counting(*args, **kwargs):
@@ -206,7 +206,7 @@ def test_crash_between_solve_and_swap(reference, tmp_path, monkeypatch):
                 raise RuntimeError("injected crash between solve and swap")
         return real_install(module, *factors)
 
-    monkeypatch.setattr(callback_module, "refactorize", counting)
+    monkeypatch.setattr(engine_module, "refactorize", counting)
     monkeypatch.setattr(refactorize_module, "install_factors", crashing)
     crashed = run(ckpt_dir=tmp_path)
     assert "injected crash" in str(crashed.get("error"))

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import factorize_plugin.integration.callback as callback_module
+import factorize_plugin.integration.lightning_host as host_module
 from factorize_plugin import (
     LowRankFactorization,
     enable_factorized_loading,
@@ -43,13 +43,13 @@ def single_process_union_run() -> dict:
     """One process, batches of 32 = the union of the two ranks' batches of 16 (same order), the
     whole validation set (= the union of the ranks' halves)."""
     snapshots, weights = [], {}
-    real = callback_module.rewrap_ddp
+    real = host_module.rewrap_ddp
 
     def spy(trainer):
         snapshots.append(composed(trainer.lightning_module))
         real(trainer)
 
-    callback_module.rewrap_ddp = spy
+    host_module.rewrap_ddp = spy
     try:
         pl.seed_everything(0)
         kwargs = dict(DDP_MODEL_KWARGS, batch_size=2 * DDP_MODEL_KWARGS["batch_size"], shuffle="union_of_2_ranks")
@@ -66,7 +66,7 @@ def single_process_union_run() -> dict:
             enable_progress_bar=False, enable_model_summary=False, deterministic=True,
         ).fit(model)  # fmt: skip
     finally:
-        callback_module.rewrap_ddp = real
+        host_module.rewrap_ddp = real
     return {"snapshots": snapshots, "history": cb.history, "final": state_dict_cpu(model), "epoch0": weights["epoch0"]}
 
 

@@ -1,6 +1,7 @@
-"""The package's four floors, checked statically (issue 32 item 3): ``core`` (math) imports no other
+"""The package's floors, checked statically (issue 32 item 3): ``core`` (math) imports no other
 floor, ``layers`` only ``core``, ``surgery`` (plain-PyTorch model surgery) ``core`` and ``layers``,
-and only ``integration`` imports Lightning or torchmetrics. Read from the source with ``ast``
+``engine`` (when to factorize, plain PyTorch) the floors below it and torchmetrics (its output-shift
+metric) but no Lightning, and only ``integration`` imports Lightning. Read from the source with ``ast``
 (every import, also those inside functions), so a lazy import cannot hide a wrong direction."""
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 import factorize_plugin
 
 PACKAGE = Path(factorize_plugin.__file__).resolve().parent
-FLOORS = {"core": 1, "layers": 2, "surgery": 3, "integration": 4}
-LIGHTNING = ("lightning", "pytorch_lightning", "torchmetrics", "jsonargparse")
+FLOORS = {"core": 1, "layers": 2, "surgery": 3, "engine": 4, "integration": 5}
+LIGHTNING = ("lightning", "pytorch_lightning", "jsonargparse")
+METRICS = ("torchmetrics",)  # from the engine up
 
 
 def _imports(path: Path) -> list[str]:
@@ -50,6 +52,8 @@ def test_imports_point_down_the_floors_only():
                 wrong.append(f"{path.relative_to(PACKAGE)} imports {name}")
             if floor < FLOORS["integration"] and name.split(".")[0] in LIGHTNING:
                 wrong.append(f"{path.relative_to(PACKAGE)} imports {name} (Lightning lives in integration/ only)")
+            if floor < FLOORS["engine"] and name.split(".")[0] in METRICS:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {name} (metrics live in engine/ and above)")
     assert not wrong, "\n".join(wrong)
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from factorize_plugin import LowRankFactorization
-from factorize_plugin.integration import rewarm as rewarm_module
-from factorize_plugin.integration.rewarm import LRRewarm
+from factorize_plugin.engine import rewarm as rewarm_module
+from factorize_plugin.engine.rewarm import LRRewarm
 from factorize_plugin.surgery import settings
 from factorize_plugin.surgery.optim import unwrap_optimizer
 from lightning_helpers import TINY, TinyNet, resume_trainer

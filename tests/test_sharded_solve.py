@@ -134,7 +134,7 @@ def test_reduce_statistics_without_sharding():
     layer) when the policy probes the model at trial ranks (``shard=False``)."""
     from types import SimpleNamespace
 
-    from factorize_plugin.integration.distributed import reduce_statistics
+    from factorize_plugin.engine.distributed import reduce_statistics
 
     seen = []
 
@@ -145,8 +145,8 @@ def test_reduce_statistics_without_sharding():
         def reduce_to_owners_(self, sharding):  # needs a process group: not reached here
             raise AssertionError("not sharded")
 
-    strategy = SimpleNamespace(reduce=lambda t, reduce_op: 2 * t)
-    assert reduce_statistics(SimpleNamespace(world_size=1, strategy=strategy), Collector(), shard=True) is None
+    double = lambda t: 2 * t  # noqa: E731
+    assert reduce_statistics(SimpleNamespace(world_size=1, all_reduce=double), Collector(), shard=True) is None
     assert not seen
-    assert reduce_statistics(SimpleNamespace(world_size=2, strategy=strategy), Collector(), shard=False) is None
+    assert reduce_statistics(SimpleNamespace(world_size=2, all_reduce=double), Collector(), shard=False) is None
     assert len(seen) == 1 and torch.equal(seen[0], torch.full((2,), 2.0))

@@ -13,7 +13,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-import factorize_plugin.integration.callback as callback_module
+import factorize_plugin.engine.engine as engine_module
 from factorize_plugin import LowRankFactorization, ParamBudget, SpeedGuard
 from lightning_helpers import TARGETS, TINY, TinyNet, max_abs_diff, state_dict_cpu, structure
 
@@ -180,7 +180,7 @@ def faster_when_smaller(step, model) -> float:
 
 def test_the_speed_decision_times_the_batch_the_milestone_precedes(monkeypatch):
     kept, sums = [], {}
-    real = callback_module.speed_check
+    real = engine_module.speed_check
 
     def spy(trainer, pl_module, guard, watch, *args):
         kept.append((trainer.global_step, [float(b[0].sum()) for b in watch.batch or []]))
@@ -190,7 +190,7 @@ def test_the_speed_decision_times_the_batch_the_milestone_precedes(monkeypatch):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sums[trainer.global_step] = float(batch[0].sum())
 
-    monkeypatch.setattr(callback_module, "speed_check", spy)
+    monkeypatch.setattr(engine_module, "speed_check", spy)
     run = fit(callback_kw={"speed_guard": SpeedGuard(clock=faster_when_smaller)}, extra=[BatchSums()])
     assert kept == [(3, [sums[3]]), (10, [sums[10]])]  # the training batch about to train, mid-epoch
     assert run.probe.at == WANT

@@ -309,12 +309,12 @@ def test_second_fit_on_a_fresh_model_starts_the_schedule_over():
 
 # --------------------------------------------------------------------------- metrics
 def test_output_nmse_is_logged_per_milestone_and_equals_a_direct_measurement(monkeypatch):
-    from factorize_plugin.integration import callback as callback_module
+    from factorize_plugin.engine import engine as engine_module
 
     model = TinyNet()
     x = torch.cat([b[0] for b, _ in zip(model.val_dataloader(), range(2))])
     seen = {}
-    real = callback_module.refactorize
+    real = engine_module.refactorize
 
     def around(pl_module, *a, **k):
         with torch.no_grad():
@@ -325,7 +325,7 @@ def test_output_nmse_is_logged_per_milestone_and_equals_a_direct_measurement(mon
         pl_module.train()
         return out
 
-    monkeypatch.setattr(callback_module, "refactorize", around)
+    monkeypatch.setattr(engine_module, "refactorize", around)
     logged = {}
     cb = LowRankFactorization({1: 0.25}, output_batches=2, **TINY)
     grab = pl.Callback()
@@ -342,7 +342,7 @@ def test_output_nmse_is_logged_per_milestone_and_equals_a_direct_measurement(mon
 
 
 def test_output_metric_sums_states_in_float64():
-    from factorize_plugin.integration.output_metric import OutputNMSE
+    from factorize_plugin.engine.output_metric import OutputNMSE
 
     m = OutputNMSE()
     assert all(getattr(m, s).dtype == torch.float64 for s in ("sse", "sum_y", "sum_y2", "count"))

@@ -1,7 +1,7 @@
 """The callback's checks of a fit, kept out of the hooks so that each hook stays a few lines:
 refusals before training (callbacks that copy parameters, missing validation data, targets changed
-between a run and its resume, a spawn start without factorized loading) and warnings about
-milestones the run will not reach."""
+between a run and its resume, a spawn start without factorized loading, a measuring budget on a
+module without ``forward``) and warnings about milestones the run will not reach."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..surgery.checkpoint import factorized_entries, loading_enabled
+from ..surgery.policies import RankPolicy
 from .lightning_internals import start_method, validation_source_defined
 
 _STATE_FIELDS = {"done", "ranks", "history"}
@@ -139,3 +140,30 @@ def warn_late_steps(trainer: Trainer, schedule: Mapping[int, Any], done: list[in
             f"LowRankFactorization: milestone(s) {late} are at or after the run's last optimizer step "
             f"({int(total)}: max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}): they will not run"
         )
+
+
+def output_measurable(
+    pl_module: LightningModule, policies: Mapping[Any, RankPolicy], budget_batches: int, output_batches: int
+) -> bool:
+    """Whether the module's output can be measured on a batch (``pl_module(input_fn(batch))``: it
+    defines ``forward``); checked at setup. Without ``forward`` (all logic in the steps) a measuring
+    ``ParamBudget`` is refused before training; the output-shift metric (only a metric) is skipped
+    with a warning (returns False)."""
+    if is_overridden("forward", pl_module, parent=LightningModule):
+        return True
+    name = type(pl_module).__name__
+    measuring = sorted(epoch for epoch, policy in policies.items() if policy.uses_probe)
+    if measuring and budget_batches > 0:
+        raise ValueError(
+            f"LowRankFactorization: {name} defines no forward, but the ParamBudget of milestone(s) {measuring} "
+            f"measures each layer's effect on the output of {name}(input_fn(batch)) on budget_batches={budget_batches} "
+            "validation batches. Define forward (training_step / validation_step can call it), or set "
+            "budget_batches=0 to allocate by the layers' NMSE alone"
+        )
+    if output_batches > 0:
+        rank_zero_warn(
+            f"LowRankFactorization: {name} defines no forward, so the output shift at each milestone "
+            f"(factorize/output_nmse, output_batches={output_batches}) cannot be measured and is skipped. Define "
+            "forward to get it, or set output_batches=0 to silence this warning"
+        )
+    return False

@@ -21,7 +21,7 @@ streams, Python's and NumPy's global random states and the real optimizers' stat
 again. Not restored: objects changed in place that are not parameters or buffers (a list appended
 to, a tensor attribute written in place), and effects outside the model (files, prints).
 Plain PyTorch: the caller gives the step's forward (``forward()`` returns the loss) and the
-context it runs in (``integration.speed_step`` does it for a LightningModule).
+context it runs in (``engine.speed`` does it through the training loop's host).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The callback's checkpointed state as plain data, with a version and its migrations.
+"""The engine's checkpointed state as plain data, with a version and its migrations.
 
-Lightning loads checkpoints with torch's safe ``weights_only`` unpickler: the state may hold only
+Lightning (and a careful plain loop) loads checkpoints with torch's safe ``weights_only``
+unpickler: the state may hold only
 numbers, strings, bools, None, lists, tuples and dicts. ``plain`` turns what the callback records
 into that (a rank policy into its ``policy_spec``); ``migrate_state`` brings a state written by an
 earlier release up to ``STATE_VERSION``.
@@ -24,7 +25,7 @@ import numbers
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+import torch.nn as nn
 
 from ..surgery.optim import param_group_names, restore_param_group_order
 from ..surgery.policies import RankPolicy
@@ -95,23 +96,23 @@ def check_same_interval(interval: str, state: Mapping[str, Any]) -> None:
 
 
 def param_groups_by_name(
-    trainer: Optional[Trainer], pl_module: Optional[LightningModule]
+    optimizers: Optional[Sequence[torch.optim.Optimizer]], model: Optional[nn.Module]
 ) -> Optional[list[list[list[str]]]]:
-    """The parameter names of each param group of each of the trainer's optimizers (None outside a fit)."""
-    if trainer is None or pl_module is None:
+    """The parameter names of each param group of each optimizer (None outside training)."""
+    if optimizers is None or model is None:
         return None
-    return [param_group_names(opt, pl_module) for opt in trainer.optimizers]
+    return [param_group_names(opt, model) for opt in optimizers]
 
 
 def restore_optimizer_order(
-    optimizers: Sequence[torch.optim.Optimizer], saved: list[list[list[str]]], pl_module: LightningModule
+    optimizers: Sequence[torch.optim.Optimizer], saved: list[list[list[str]]], model: nn.Module
 ) -> None:
-    """configure_optimizers ran on the rebuilt model: put its parameters back in the ``saved`` order
+    """The optimizers were built on the rebuilt model: put its parameters back in the ``saved`` order
     (``param_groups_by_name``) so that the optimizer state (loaded next) lands on the right tensors."""
-    named = dict(pl_module.named_parameters())
+    named = dict(model.named_parameters())
     if len(saved) != len(optimizers):
         raise RuntimeError(
-            f"the checkpoint holds {len(saved)} optimizer(s), configure_optimizers built "
+            f"the checkpoint holds {len(saved)} optimizer(s), the run built "
             f"{len(optimizers)}: cannot restore the optimizer state onto the factorized parameters"
         )
     for opt, groups in zip(optimizers, saved, strict=True):

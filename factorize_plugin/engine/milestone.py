@@ -1,8 +1,8 @@
-"""The mechanics of one milestone of ``LowRankFactorization`` (kept out of the hooks, which only
-decide when and where): the plan of collection passes under ``max_statistics_bytes``, the
-calibration pass over the validation batches, the solve pass by pass (statistics summed over the
-DDP ranks), the output probe of a ``ParamBudget``, and the milestone's history entry, metrics and
-log lines. Each function takes the trainer, the module and the callback's settings explicitly.
+"""The mechanics of one milestone (kept out of the engine, which decides when): the plan of
+collection passes under ``max_statistics_bytes``, the calibration pass over the evaluation batches,
+the solve pass by pass (statistics summed over the processes), the output probe of a
+``ParamBudget``, and the milestone's history entry, metrics and log lines. Each function takes the
+``Host``, the model and the settings explicitly.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+import torch.nn as nn
 
 from ..surgery.blame import naming_failures
 from ..surgery.calling import InputFn, evaluating
@@ -22,19 +21,19 @@ from ..surgery.pipeline import Selection, TargetSpec, collect_with
 from ..surgery.reports import LayerReport, format_reports, milestone_metrics
 from ..surgery.sensitivity import OutputProbe
 from .distributed import reduce_statistics
-from .lightning_internals import first_validation_batches, preserved_metric_states, silenced_logging, validation_loaders
-from .output_shift import OutputShift
+from .host import Host
+from .output_shift import OutputShift, first_batches
 from .schedule import Mode, ScheduleValue, describe, plain_value
 
 
-def _single(trainer: Optional[Trainer]) -> bool:
+def _single(host: Optional[Host]) -> bool:
     """Held-out halves are kept on one process only."""
-    return trainer is None or trainer.world_size == 1
+    return host is None or host.world_size == 1
 
 
 def new_collector(
-    trainer: Optional[Trainer],
-    pl_module: LightningModule,
+    host: Optional[Host],
+    model: nn.Module,
     selection: Selection,
     spec: TargetSpec,
     batch_limits: list,
@@ -44,50 +43,48 @@ def new_collector(
     batches (inf where unknown)."""
     finite = [n for n in batch_limits if n < float("inf")]
     return collect_with(
-        pl_module, selection, spec, expected_batches=int(sum(finite)) or None, holdout=_single(trainer), names=names,
+        model, selection, spec, expected_batches=int(sum(finite)) or None, holdout=_single(host), names=names,
     )
 
 
 def plan(
-    trainer: Optional[Trainer],
+    host: Optional[Host],
     layers: Mapping[str, torch.nn.Module],
     max_statistics_bytes: Optional[int],
     factorized: bool = False,
 ) -> list[list[str]]:
     """The layers of each collection pass under ``max_statistics_bytes`` (one pass without it);
     ``factorized``: with the layers' bounds once they are pairs (the check at setup)."""
-    return plan_passes(layers, max_statistics_bytes, space="auto", holdout=_single(trainer), factorized=factorized)
+    return plan_passes(layers, max_statistics_bytes, space="auto", holdout=_single(host), factorized=factorized)
 
 
 def calibrate(
-    trainer: Trainer,
-    pl_module: LightningModule,
+    host: Host,
+    model: nn.Module,
     selection: Selection,
     spec: TargetSpec,
     names: Optional[list[str]] = None,
 ) -> ActivationCollector:
-    """Runs the validation batches through ``validation_step`` (no logging, no grad, metric states
-    kept), collecting the statistics of layers ``names`` (default: all)."""
-    loaders, limits = validation_loaders(trainer)
-    collector = new_collector(trainer, pl_module, selection, spec, limits, names)
-    with evaluating(pl_module), collector, silenced_logging(pl_module), preserved_metric_states(pl_module), \
-            naming_failures(pl_module, "a validation batch"):
+    """Runs the evaluation batches through the host's evaluation step (logging silenced, no grad,
+    metric states kept), collecting the statistics of layers ``names`` (default: all)."""
+    loaders, limits = host.evaluation_loaders()
+    collector = new_collector(host, model, selection, spec, limits, names)
+    with evaluating(model), collector, host.quiet(), naming_failures(model, "a validation batch"):
         for dl_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
-            extra = {"dataloader_idx": dl_idx} if len(loaders) > 1 else {}
             for i, batch in enumerate(loader):
                 if i >= limit:
                     break
-                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
-                with trainer.precision_plugin.val_step_context():
-                    pl_module.validation_step(batch, i, **extra)
+                batch = host.to_device(batch, dl_idx)
+                with host.eval_context():
+                    host.evaluation_step(batch, i, dl_idx, len(loaders))
                 if spec.max_samples is not None and min(collector.samples().values()) >= spec.max_samples:
                     break
     return collector
 
 
 def solve_in_passes(
-    trainer: Trainer,
-    pl_module: LightningModule,
+    host: Host,
+    model: nn.Module,
     selection: Selection,
     spec: TargetSpec,
     groups: list[list[str]],
@@ -104,29 +101,29 @@ def solve_in_passes(
     statistics came from (``"validation"`` or ``"calibration"``)."""
     pending = [first] if first is not None else []
     source = "validation" if pending else "calibration"
-    progress = _progress_printer(trainer) if len(selection.layers) >= 8 else None
+    progress = _progress_printer(host) if len(selection.layers) >= 8 else None
 
     def collect(i: int, names: list[str]) -> ActivationCollector:
         if pending:
             return pending.pop()  # (popped: its statistics go with the pass)
         if i == 0:
-            return calibrate(trainer, pl_module, selection, spec, names)
+            return calibrate(host, model, selection, spec, names)
         with torch.random.fork_rng(devices=[]):  # another pass must not move the training run's RNG
-            return calibrate(trainer, pl_module, selection, spec, names)
+            return calibrate(host, model, selection, spec, names)
 
     def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Any]) -> dict:
         return solve_pass(
-            pl_module, collector, names, selection.layers, leave_out_silent, regularization, progress, sharding
+            model, collector, names, selection.layers, leave_out_silent, regularization, progress, sharding
         )
 
     loads: list[float] = []  # solve work per rank over the passes: owners balanced over all of them
-    reduce = lambda c: reduce_statistics(trainer, c, shard, loads)  # noqa: E731
+    reduce = lambda c: reduce_statistics(host, c, shard, loads)  # noqa: E731
     return collect_in_passes(groups, collect, solve, reduce), source
 
 
 def output_measures(
-    trainer: Trainer,
-    pl_module: LightningModule,
+    host: Host,
+    model: nn.Module,
     layers: Mapping[str, torch.nn.Module],
     output_batches: int,
     probe_batches: int,
@@ -137,12 +134,11 @@ def output_measures(
     the swap are taken now) and the probe judging a policy's choices (``OutputProbe`` on
     ``probe_batches``); 0 switches either off. Returns the batches, the shift and the probe."""
     need = max(output_batches, probe_batches)
-    batches = first_validation_batches(trainer, need) if need else []
-    shift = OutputShift(trainer, pl_module, batches[:output_batches], input_fn) if output_batches else None
+    batches = first_batches(host, need) if need else []
+    shift = OutputShift(host, model, batches[:output_batches], input_fn) if output_batches else None
     probe = None
     if probe_batches:
-        context = trainer.precision_plugin.val_step_context
-        probe = OutputProbe(pl_module, layers, batches[:probe_batches], input_fn, context=context)
+        probe = OutputProbe(model, layers, batches[:probe_batches], input_fn, context=host.eval_context)
     return batches, shift, probe
 
 
@@ -173,8 +169,7 @@ def milestone_entry(
 
 
 def log_milestone(
-    trainer: Trainer,
-    pl_module: LightningModule,
+    host: Host,
     reports: list[LayerReport],
     table: list[LayerReport],
     value: ScheduleValue,
@@ -182,20 +177,17 @@ def log_milestone(
     verbose: bool,
 ) -> None:
     """The milestone's per-layer metrics, and its summary table on rank zero when ``verbose``."""
-    pl_module.log_dict(
-        milestone_metrics(reports), on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
-    )  # identical on every rank; sync_dist only keeps Lightning from warning about epoch-level logs
+    host.log(milestone_metrics(reports))
     if verbose:
-        rank_zero_info(
-            f"LowRankFactorization, epoch {trainer.current_epoch}, step {trainer.global_step} "
+        host.info(
+            f"LowRankFactorization, epoch {host.epoch}, step {host.global_step} "
             f"({describe(value, mode)}):\n" + format_reports(table)
         )
 
 
 def record_costs(
     entry: dict[str, Any],
-    trainer: Trainer,
-    pl_module: LightningModule,
+    host: Host,
     solved: PassResults,
     speed: Optional[Any],
     shift: Optional[OutputShift],
@@ -211,20 +203,18 @@ def record_costs(
             solve_seconds=sharding.solve_seconds, solve_cpu_seconds=sharding.solve_cpu_seconds,
             owners=dict(sharding.owners),
         )
-    sync = trainer.world_size > 1
     if isinstance(speed, ModelSpeedCheck) and speed.result is not None:  # the whole model's ratio
         entry.update(speedup_model=speed.result.speedup, speed_trials=speed.result.history())
-        pl_module.log("factorize/speedup", speed.result.speedup, on_step=False, on_epoch=True, sync_dist=sync)
+        host.log({"factorize/speedup": speed.result.speedup})
         if verbose:
-            rank_zero_info(f"LowRankFactorization: {speed.result.describe()}")
+            host.info(f"LowRankFactorization: {speed.result.describe()}")
     if shift is not None:  # every rank: the metric's compute() is a collective under DDP
         entry.update(output_nmse=shift.after(), output_nmse_seconds=shift.seconds)
-        pl_module.log("factorize/output_nmse", entry["output_nmse"], on_step=False, on_epoch=True, sync_dist=sync)
+        host.log({"factorize/output_nmse": entry["output_nmse"]})
 
 
-def _progress_printer(trainer: Trainer) -> Callable[[int, int, str], None]:
+def _progress_printer(host: Host) -> Callable[[int, int, str], None]:
     def progress(i: int, n: int, name: str) -> None:
-        if trainer.is_global_zero:
-            rank_zero_info(f"LowRankFactorization: solving layer {i + 1}/{n} ({name})")
+        host.info(f"LowRankFactorization: solving layer {i + 1}/{n} ({name})")
 
     return progress

@@ -1,10 +1,9 @@
-"""The collectives of a milestone under DDP: all-reduced statistics, or statistics reduced to the
-owner of each layer (``surgery.sharding``), built from the trainer's strategy.
+"""The collectives of a milestone in a ``torch.distributed`` job: all-reduced statistics, or
+statistics reduced to the owner of each layer (``surgery.sharding``).
 
-Lightning's strategies offer an all-reduce (``strategy.reduce``), a broadcast of objects and an
-all-gather of tensors, but no reduce to one process: ``default_group_sharding`` uses
-``torch.distributed`` on the default process group directly (the group Lightning's DDP strategy
-initializes), which is also what a plain ``torch.distributed`` script would pass.
+The host offers an all-reduce; a reduce to one process comes from ``torch.distributed`` on the
+default process group directly (``default_group_sharding``: the group Lightning's DDP strategy
+initializes, and what a plain ``torch.distributed`` script uses).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 
 from ..surgery.collector import ActivationCollector
 from ..surgery.sharding import Sharding, default_group_sum
+from .host import Host
 
 
 def default_group_sharding(device: Optional[torch.device] = None) -> Sharding:
@@ -42,18 +42,18 @@ def default_group_sharding(device: Optional[torch.device] = None) -> Sharding:
 
 
 def reduce_statistics(
-    trainer: Any, collector: ActivationCollector, shard: bool, loads: Optional[list[float]] = None
+    host: Host, collector: ActivationCollector, shard: bool, loads: Optional[list[float]] = None
 ) -> Optional[Sharding]:
-    """Under DDP, the milestone's statistics of every process summed: into each layer's owner
+    """In a distributed job, the milestone's statistics of every process summed: into each layer's owner
     (``shard``: each layer then solved once per job; returns the ``Sharding`` with its owners) or
     on every process (all-reduce; returns None: every process solves every layer). Nothing on one
     process. ``loads``: the solve work per process of the milestone's earlier passes (updated)."""
-    if trainer.world_size <= 1:
+    if host.world_size <= 1:
         return None
     if not shard:
-        collector.all_reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))  # a shared accumulator once
+        collector.all_reduce_(host.all_reduce)  # a shared accumulator once
         return None
-    sharding = default_group_sharding(trainer.strategy.root_device)
+    sharding = default_group_sharding(host.device)
     if loads is not None:
         sharding.loads = loads
     sharding.owners = collector.reduce_to_owners_(sharding)

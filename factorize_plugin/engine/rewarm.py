@@ -44,16 +44,14 @@ AUTO_SHARE, AUTO_CAP = 0.25, 1000
 READS_RATE_FIRST: tuple[type, ...] = (torch.optim.LBFGS,)
 
 
-def rewarm_length(setting: Union[int, str], trainer: Any) -> int:
+def rewarm_length(setting: Union[int, str], steps_per_epoch: Optional[int]) -> int:
     """The ramp's length in optimizer steps for this run (``setting`` "auto": a quarter of an epoch's
     optimizer steps, at least 1, at most 1000; 0 where an epoch's length is unknown)."""
     if setting != "auto":
         return int(setting)
-    batches = trainer.num_training_batches
-    if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
+    if not steps_per_epoch or steps_per_epoch <= 0:
         return 0
-    per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
-    return max(1, min(AUTO_CAP, round(AUTO_SHARE * per_epoch)))
+    return max(1, min(AUTO_CAP, round(AUTO_SHARE * steps_per_epoch)))
 
 
 class LRRewarm:
@@ -71,11 +69,11 @@ class LRRewarm:
         self._saved: dict[int, tuple[Any, list[Any]]] = {}  # id(optimizer) -> it, its scheduled rates while scaled
         self._pending: Optional[dict[str, Any]] = None  # a ramp waiting for its optimizers
 
-    def after_swap(self, trainer: Any, swapped: bool) -> int:
+    def after_swap(self, host: Any, swapped: bool) -> int:
         """Starts the ramp after a milestone (none if nothing was swapped, or before the first
         optimizer step: no moments to catch up with); returns its length."""
-        steps = rewarm_length(self.setting, trainer) if swapped and trainer.global_step > 0 else 0
-        self.start(trainer.optimizers, steps)
+        steps = rewarm_length(self.setting, host.steps_per_epoch()) if swapped and host.global_step > 0 else 0
+        self.start(host.optimizers, steps)
         return steps
 
     def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:

@@ -1,0 +1,77 @@
+"""``examples/plain_loop.py`` (issue 32, item 2): the engine behind the callback, driven by a
+hand-written PyTorch loop on real MNIST digits, with no Lightning import; its milestones, its ranks
+and a resume from a saved state that continues exactly as the uninterrupted run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mlxtend")
+from examples import plain_loop  # noqa: E402
+from factorize_plugin import FactorizedLinear  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ranks(model: torch.nn.Module) -> dict[str, int | None]:
+    return {n: (m.rank if isinstance(m, FactorizedLinear) else None) for n, m in model.named_children() if n in "024"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    torch.set_num_threads(1)
+    return plain_loop.train(4, checkpoint=tmp_path_factory.mktemp("plain") / "run.pt", verbose=False)
+
+
+def test_milestones_apply_at_their_epochs_with_the_scheduled_ranks(uninterrupted):
+    engine, model = uninterrupted["engine"], uninterrupted["model"]
+    assert engine.done == [1, 3]
+    assert [h["epoch"] for h in engine.history] == [1, 3]
+    assert [h["statistics"] for h in engine.history] == ["validation", "validation"]  # the observed evaluations
+    # rank = fraction x min(in, out); a pair that would not save multiply-adds stays dense (256x256 at 0.5)
+    assert engine.history[0]["ranks"] == {"0": 128, "2": None, "4": 32}
+    assert ranks(model) == engine.ranks == {"0": 64, "2": 64, "4": 16}
+    assert uninterrupted["accuracy"][3] > 0.85  # it still learns the digits at a quarter of the ranks
+    assert [h["global_step"] for h in engine.history] == [63, 189]  # 63 optimizer steps per epoch
+
+
+def test_a_resumed_run_continues_exactly(uninterrupted, tmp_path):
+    """Stopped after epoch 2 (one milestone done, one to come) and resumed from its checkpoint in a
+    fresh model, optimizer and engine: the same milestones, ranks, history and weights."""
+    torch.set_num_threads(1)
+    path = tmp_path / "run.pt"
+    first = plain_loop.train(4, checkpoint=path, stop_after=2, verbose=False)
+    assert first["engine"].done == [1]
+    resumed = plain_loop.train(4, checkpoint=path, resume=path, verbose=False)
+    engine = resumed["engine"]
+    assert engine.done == [1, 3] and ranks(resumed["model"]) == ranks(uninterrupted["model"])
+    assert [(h["epoch"], h["ranks"]) for h in engine.history] == [
+        (h["epoch"], h["ranks"]) for h in uninterrupted["engine"].history
+    ]
+    a, b = resumed["model"].state_dict(), uninterrupted["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["accuracy"][3] == uninterrupted["accuracy"][3]
+
+
+def test_the_engine_state_is_plain_data(uninterrupted, tmp_path):
+    state = uninterrupted["engine"].state_dict()
+    torch.save(state, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == state  # torch's safe unpickler
+
+
+def test_the_plain_loop_imports_no_lightning():
+    code = (
+        "import sys; sys.argv = ['plain_loop', '--epochs', '2']\n"
+        "import runpy; runpy.run_path('examples/plain_loop.py', run_name='__main__')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
+        "assert not bad, bad\n"
+        "print('no lightning')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no lightning" in out.stdout and "epoch 1: evaluation accuracy" in out.stdout
