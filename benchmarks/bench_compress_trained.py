@@ -473,12 +473,14 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 # ------------------------------------------------------------------------------ stage "recover"
 
-ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "exact_budget_params_ft_kd")
+ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "exact_budget_params_ft_kd",
+               "exact_budget_params_ft_fade")  # fmt: skip
 CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm", "callback_progressive_early",
-             "callback_progressive_kd")  # fmt: skip
+             "callback_progressive_kd", "callback_progressive_fade")  # fmt: skip
 RECOVER_METHODS = ("dense_ft", *ONE_SHOT_FT, *CALLBACKS)
-LEVERS = ("exact_budget_params_ft_kd", "callback_progressive_no_rewarm", "callback_progressive_early",
-          "callback_progressive_kd")  # item 4's levers: run at 40 % kept only  # fmt: skip
+LEVERS = ("exact_budget_params_ft_kd", "exact_budget_params_ft_fade", "callback_progressive_no_rewarm",
+          "callback_progressive_early", "callback_progressive_kd", "callback_progressive_fade")  # 40 % kept only  # fmt: skip
+FADE_SHARE = 0.25  # the fading residual's length: a quarter of the recovery (30 of 120 steps), as the re-warm
 KD_WEIGHT = 0.5  # distillation: loss = (1 - w) CE(labels) + w KL(teacher || student), temperature 1
 RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
 RECOVER_SEEDS = (0, 1, 2)
@@ -590,6 +592,98 @@ class RecoveryTask(pl.LightningModule):
         return self._seen.hexdigest()[:16]
 
 
+class FadingResidual(pl.Callback):
+    """Item 4's lever, after StructuredFFN's fading dense path: after a swap, each changed layer's
+    output gets ``+ a(t) (x R + r)``, with ``R`` / ``r`` the weight / bias the swap dropped (the layer's
+    effective map just before the swap minus the pair's after it: dense [in, out], float32) and
+    ``a`` falling linearly from 1 to 0 over ``steps`` optimizer steps; then the hooks go. The dense
+    cost is paid only during the fade. Placed after the ``LowRankFactorization`` callback (its swap
+    at a step's first batch happens first); with ``initial`` (``{name: dense module}``), the model
+    was compressed before training (one-shot) and the fade starts at step 0."""
+
+    def __init__(self, names: list[str], keys: Iterable[int], steps: int, initial: Optional[dict] = None) -> None:
+        self.names, self.keys, self.steps, self.initial = names, set(keys), steps, initial
+        self.residual: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (R, r, start step)
+        self.handles: list[Any] = []
+        self.snapshot: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
+        self.faded_steps = 0
+
+    def _effective(self, net: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from factorize_plugin.layers import weight_matrix
+
+        out = {}
+        for name in self.names:
+            w, b = weight_matrix(net.get_submodule(name))
+            b = torch.zeros(w.shape[1], dtype=w.dtype) if b is None else b
+            if name in self.residual:
+                rw, rb, start = self.residual[name]
+                a = self._alpha(start, self._step)
+                w, b = w + a * rw.double(), b + a * rb.double()
+            out[name] = (w, b)
+        return out
+
+    def _alpha(self, start: int, step: int) -> float:
+        return max(0.0, 1.0 - (step - start) / self.steps)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step
+        if self.initial is not None:  # one-shot: the dense layers it replaced
+            dense = {n: weight_matrix_of(m) for n, m in self.initial.items()}
+            self._start(pl_module.net, dense, trainer.global_step)
+        elif 0 in self.keys:
+            self.snapshot = self._effective(pl_module.net)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._step = step = trainer.global_step
+        if self.snapshot is not None and step in self.keys:  # the swap of this step just happened
+            self._start(pl_module.net, self.snapshot, step)
+            self.snapshot = None
+        if self.handles and all(self._alpha(start, step) <= 0 for _, _, start in self.residual.values()):
+            self._remove()
+        self.faded_steps += bool(self.handles)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.keys:  # a milestone applies before the next batch: its map before the swap
+            self._step = trainer.global_step
+            self.snapshot = self._effective(pl_module.net)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove()
+
+    def _start(self, net: nn.Module, before: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> None:
+        self._remove()
+        after = {n: v for n, v in self._effective_plain(net).items()}
+        self.residual = {}
+        for name in self.names:
+            rw, rb = before[name][0] - after[name][0], before[name][1] - after[name][1]
+            if rw.abs().max() > 0:
+                self.residual[name] = (rw.float(), rb.float(), step)
+        for name, (rw, rb, start) in self.residual.items():
+            def hook(module: nn.Module, args: tuple, out: torch.Tensor, rw=rw, rb=rb, start=start) -> torch.Tensor:
+                return out + self._alpha(start, self._step) * (args[0] @ rw + rb)
+
+            self.handles.append(net.get_submodule(name).register_forward_hook(hook))
+
+    def _effective_plain(self, net: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        saved, self.residual = self.residual, {}
+        try:
+            return self._effective(net)
+        finally:
+            self.residual = saved
+
+    def _remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def weight_matrix_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    from factorize_plugin.layers import weight_matrix
+
+    w, b = weight_matrix(module)
+    return w, torch.zeros(w.shape[1], dtype=w.dtype) if b is None else b
+
+
 def calibration_windows(setup: Setup) -> Windows:
     """The calibration windows of ``calibration_batches`` (the same batches, as a dataset)."""
     cfg = setup.model
@@ -597,8 +691,8 @@ def calibration_windows(setup: Setup) -> Windows:
     return Windows(train, cfg.block, setup.calibration_batches * cfg.batch_size, seed=CALIBRATION_SEED)
 
 
-def fine_tune(net: nn.Module, setup: Setup, rs: RecoverSetup, seed: int,
-              callback: Optional[LowRankFactorization] = None, teacher: Optional[nn.Module] = None) -> RecoveryTask:  # fmt: skip
+def fine_tune(net: nn.Module, setup: Setup, rs: RecoverSetup, seed: int, callback: Optional[LowRankFactorization] = None,
+              teacher: Optional[nn.Module] = None, extra: Optional[pl.Callback] = None) -> RecoveryTask:  # fmt: skip
     """``rs.steps`` optimizer steps of ``net`` (in place) through a real ``Trainer`` (one epoch of
     exactly those batches; ``check_val_every_n_epoch=2``: no validation run in this one-epoch fit, the
     callback runs its own calibration passes over the ``val_dataloader`` at its milestones)."""
@@ -606,7 +700,8 @@ def fine_tune(net: nn.Module, setup: Setup, rs: RecoverSetup, seed: int,
     task = RecoveryTask(net, recovery_windows(setup, rs, seed), calibration_windows(setup), setup.model.batch_size, rs,
                         teacher)  # fmt: skip
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=rs.steps, max_epochs=1, callbacks=[callback] if callback else [],
+        accelerator="cpu", devices=1, max_steps=rs.steps, max_epochs=1,
+        callbacks=[c for c in (callback, extra) if c is not None],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=setup.calibration_batches, check_val_every_n_epoch=2,
     )  # fmt: skip
@@ -675,7 +770,7 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
         net = copy.deepcopy(ctx.trained)
         cell["val_loss_before"] = None
     elif method in ONE_SHOT_FT:
-        base = method.removesuffix("_kd")  # distillation changes the recovery, not the compression
+        base = method.removesuffix("_kd").removesuffix("_fade")  # levers of the recovery, not the compression
         if (base, fraction) not in compressed:  # the same compression for every seed (deterministic)
             entry = compress_for_recovery(base, fraction, ctx, rs)
             entry["val_loss_before"] = mean_loss(entry["model"], val)
@@ -691,9 +786,16 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
         raise ValueError(f"unknown recovery method {method!r}; one of {RECOVER_METHODS}")
     t1 = time.perf_counter()
     teacher = copy.deepcopy(ctx.trained) if method.endswith("_kd") else None  # a lever of item 4: distillation from the dense model
+    fade = None
+    if method.endswith("_fade"):  # a lever of item 4: the dropped weight fades out after each swap
+        names, steps = list(ctx.shapes), max(1, round(FADE_SHARE * rs.steps))
+        if callback is None:
+            fade = FadingResidual(names, (), steps, initial={n: ctx.trained.get_submodule(n) for n in names})
+        else:
+            fade = FadingResidual(names, progressive_keys(method, rs), steps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        task = fine_tune(net, setup, rs, seed, callback, teacher)
+        task = fine_tune(net, setup, rs, seed, callback, teacher, fade)
     train_seconds = time.perf_counter() - t1
     ranks, kept = structure(net, ctx.shapes)
     cell.update({
@@ -703,6 +805,8 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
         "warnings": sorted({str(w.message)[:300] for w in caught}), "commit": package_version()["commit"],
     })  # fmt: skip
+    if fade is not None:
+        cell["fade_steps"] = fade.faded_steps
     if callback is not None:
         cell["history"] = history_record(callback, ctx.shapes)
         cell["milestones_applied"] = len(callback.history)
@@ -801,7 +905,8 @@ def plot_recover(result: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"svd_ft": "o-", "exact_uniform_ft": "^-", "exact_budget_params_ft": "D-", "exact_budget_params_ft_kd": "d:",
               "callback_progressive": "*-", "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:",
-              "callback_progressive_early": "P:", "callback_progressive_kd": "h:"}  # fmt: skip
+              "callback_progressive_early": "P:", "callback_progressive_kd": "h:",
+              "exact_budget_params_ft_fade": "v:", "callback_progressive_fade": "<:"}  # fmt: skip
     for i, method in enumerate(RECOVER_METHODS[1:]):
         pts = []
         for by_seed in cells.get(method, {}).values():

@@ -197,7 +197,7 @@ def test_one_shot_cells_keep_their_compression(dry_run):
     _, result = dry_run
     for f in map(str, bench.RECOVER_FRACTIONS):
         for method in bench.ONE_SHOT_FT:
-            compressed = cells(result)[method.removesuffix("_kd").removesuffix("_ft")][f]
+            compressed = cells(result)[method.removesuffix("_kd").removesuffix("_fade").removesuffix("_ft")][f]
             for cell in recover(result)[method].get(f, {}).values():
                 cheaper_probe = method.startswith("exact_budget_params_ft")
                 assert cell["ranks"] == compressed["ranks"] or cheaper_probe
@@ -215,6 +215,36 @@ def test_distillation_changes_the_recovery_not_the_compression(dry_run):
         assert kd[seed]["val_loss_before"] == plain[seed]["val_loss_before"]
         assert kd[seed]["ranks"] == plain[seed]["ranks"] and kd[seed]["batches_seen"] == plain[seed]["batches_seen"]
         assert kd[seed]["train_loss"] != plain[seed]["train_loss"]
+
+
+def test_the_fading_residual_runs_and_ends(dry_run):
+    """Item 4's fading dense residual: active for its steps after the one-shot compression (from step
+    0) and after each of the callback's swaps, then gone: the model ends as the compressed one."""
+    _, result = dry_run
+    steps = result["recover_setup"]["steps"]
+    fade = max(1, round(bench.FADE_SHARE * steps))
+    for seed, cell in recover(result)["exact_budget_params_ft_fade"]["0.4"].items():
+        assert cell["fade_steps"] == fade
+        assert cell["ranks"] == recover(result)["exact_budget_params_ft"]["0.4"][seed]["ranks"]
+        assert cell["train_loss"] != recover(result)["exact_budget_params_ft"]["0.4"][seed]["train_loss"]
+    for cell in recover(result)["callback_progressive_fade"]["0.4"].values():
+        assert cell["fade_steps"] >= fade and cell["milestones_applied"] == len(result["recover_setup"]["progressive_keys"])
+
+
+def test_fading_residual_starts_as_the_dense_map():
+    """Right after the swap, the pair plus the residual computes what the layer computed before."""
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    pair = bench.copy.deepcopy(dense)
+    bench.factorize_model(pair, [torch.randn(64, 16)], rank=3, min_params=0, min_features=0, speed_guard=False)
+    fade = bench.FadingResidual(["0"], (), steps=4, initial={"0": dense[0]})
+    fade._step = 0
+    fade._start(pair, {"0": bench.weight_matrix_of(dense[0])}, 0)
+    x = torch.randn(5, 16)
+    assert torch.allclose(pair(x), dense(x), atol=1e-5)
+    fade._step = 4
+    assert not torch.allclose(pair(x), dense(x), atol=1e-3)  # faded out: the pair alone
+    fade._remove()
 
 
 def test_recovery_cells_resume_and_honour_the_deadline(dry_run):
