@@ -1,7 +1,7 @@
 """factorize_plugin: progressive, data-aware low-rank factorization of Linear/Conv2d layers.
 
-``import factorize_plugin`` loads the math, the layers and the model-level tools (plain PyTorch);
-the Lightning callback and the CLI load on first use (``factorize_plugin.LowRankFactorization``).
+``import factorize_plugin`` loads the math, the layers, the model-level tools and the engine (plain
+PyTorch); the Lightning callback and the CLI load on first use (``factorize_plugin.LowRankFactorization``).
 
 The top level holds the user's verbs and types (the README's "Public API" list, checked by
 ``tests/test_public_api.py``); the machinery stays importable from its floor package, e.g.
@@ -22,6 +22,7 @@ from .core import (
     factorize_conv2d,
     factorize_matrix,
 )
+from .engine import FactorizationEngine, PlainHost
 from .layers import FactorizedConv2d, FactorizedLinear
 from .surgery.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
 from .surgery.hf import load_factorized_pretrained
@@ -82,6 +83,9 @@ __all__ = [
     "load_factorized",
     "load_factorized_checkpoint",
     "load_factorized_pretrained",
+    # the plain-PyTorch engine (when to factorize, for a hand-written loop)
+    "FactorizationEngine",
+    "PlainHost",
     # Lightning (loaded on first use)
     "LowRankFactorization",
     "FactorizeCLI",

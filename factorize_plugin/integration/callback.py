@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ..engine.arguments import with_argument_help
 from ..engine.engine import FactorizationEngine
 from ..engine.schedule import Interval, Mode, ScheduleValue
 from ..engine.state import STATE_VERSION
@@ -43,11 +44,16 @@ from .fit_checks import (
 from .lightning_host import LightningHost
 from .lightning_internals import before_checkpoint_load, check_strategy, distributed_checkpoint_shapes, is_fsdp2
 
+_SETTINGS = ("speed_guard", "mode", "interval", "spec", "budget_batches", "input_fn", "regularization", "verbose",
+             "max_statistics_bytes", "output_batches")  # fmt: skip
+_SPEC = ("targets", "exclude", "min_params", "min_features", "max_samples", "sample_fraction")
+
 
 def _engine_attribute(name: str, doc: str = "") -> property:
     return property(lambda self: getattr(self.engine, name), lambda self, v: setattr(self.engine, name, v), doc=doc)
 
 
+@with_argument_help
 class LowRankFactorization(Callback):
     """Factorizes (and then re-factorizes at lower ranks) Linear/Conv2d layers during ``fit``.
 
@@ -116,26 +122,19 @@ class LowRankFactorization(Callback):
     done = _engine_attribute("done", "milestones applied (their keys)")
     ranks = _engine_attribute("ranks", "each layer's rank after the last milestone (None: dense)")
     history = _engine_attribute("history", "one plain-data entry per applied milestone (and watched run)")
-    speed_guard = _engine_attribute("speed_guard")
-    mode = _engine_attribute("mode")
-    interval = _engine_attribute("interval")
-    spec = _engine_attribute("spec")
-    budget_batches = _engine_attribute("budget_batches")
-    input_fn = _engine_attribute("input_fn")
-    regularization = _engine_attribute("regularization")
-    verbose = _engine_attribute("verbose")
-    max_statistics_bytes = _engine_attribute("max_statistics_bytes")
-    output_batches = _engine_attribute("output_batches")
-    targets = property(lambda self: self.engine.spec.targets)
-    exclude = property(lambda self: self.engine.spec.exclude)
-    min_params = property(lambda self: self.engine.spec.min_params)
-    min_features = property(lambda self: self.engine.spec.min_features)
-    max_samples = property(lambda self: self.engine.spec.max_samples)
-    sample_fraction = property(lambda self: self.engine.spec.sample_fraction)
-    rewarm_steps = property(lambda self: self.engine.rewarm.setting)
-    skipped = property(
-        lambda self: self.engine.selection.skipped, doc="layers left out, with why (shown in the report)"
-    )
+    skipped = property(lambda self: self.engine.selection.skipped, doc="layers left out, with why")
+
+    def __getattr__(self, name: str) -> Any:
+        """The engine's settings, read-only (``cb.interval``, ``cb.targets``, ...)."""
+        engine = self.__dict__.get("engine")
+        if engine is not None and name in _SETTINGS:
+            return getattr(engine, name)
+        if engine is not None and name in _SPEC:
+            return getattr(engine.spec, name)
+        if engine is not None and name == "rewarm_steps":
+            return engine.rewarm.setting
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+
     _train_batch = property(lambda self: self.engine.watch.batch)  # [] while watching, until the batch is kept
 
     @property

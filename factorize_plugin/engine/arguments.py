@@ -1,0 +1,63 @@
+"""One short help text per argument of the engine and the callback, written once: both classes'
+docstrings get their ``Args:`` section from here (LightningCLI's ``--help`` reads it). The full
+reference of each argument is ``docs/callback.md``; ``docs/arguments.md`` sets them beside
+``factorize_model``'s."""
+
+from __future__ import annotations
+
+import inspect
+from typing import TypeVar
+
+HELP: dict[str, str] = {
+    "schedule": "{epoch: value} (with interval='step': {optimizer step: value}); a value is a RankPolicy "
+    "(FixedRank(16), MaxNMSE(0.05), ParamBudget(0.3)) or a scalar read by mode; progressive(target, keys) "
+    "reaches target in equal-ratio steps; 'auto' (callback only) switches once to target when the layers' "
+    "stable ranks settle. From a milestone on, the layers run at the new rank, fitted to the inputs of the "
+    "evaluation just before it.",
+    "mode": "how scalar schedule values are read: 'rank' (an int rank, or a float in (0, 1) = fraction of each "
+    "layer's min(in, out)), 'max_nmse' (per layer, the smallest rank within that NMSE) or 'param_budget' "
+    "(that fraction of the targeted layers' dense weights in total).",
+    "targets": "fnmatch patterns over qualified module names of the layers to factorize (default: every "
+    "Linear and Conv2d passing min_params and min_features); each must match some module.",
+    "exclude": "fnmatch patterns of module names to leave dense.",
+    "min_params": "skip layers with fewer weights than this.",
+    "min_features": "skip layers whose min(in, out) features is smaller (C_in * k_h * k_w and C_out for a "
+    "convolution).",
+    "max_samples": "cap on rows (tokens / output pixels) of statistics per layer and milestone.",
+    "sample_fraction": "share of each evaluation batch's rows used for statistics; 'auto' keeps their cost near "
+    "5% of the layer's forward.",
+    "budget_batches": "evaluation batches on which a ParamBudget measures each layer's effect on the network's "
+    "output; 0 allocates by the layers' NMSE alone.",
+    "input_fn": "turns an evaluation batch into the model's input (default: a tuple/list batch's first element, "
+    "a dict as keyword arguments, else the batch).",
+    "regularization": ">= 0; moves the fit toward the plain SVD of the weights (few samples).",
+    "name": "distinguishes two instances in a checkpoint (their state_key).",
+    "verbose": "print a summary table after each milestone.",
+    "speed_guard": "'auto' (default: on, off under FSDP2), True (time the whole training step with today's "
+    "structure and the candidate one; keep only what makes it 1.15x as fast), a SpeedGuard, or False (no "
+    "timing: the same structure on every machine).",
+    "output_batches": "evaluation batches run before and after each swap to log factorize/output_nmse (how much "
+    "the network's output moved); 0 switches it off.",
+    "max_statistics_bytes": "a budget in bytes for the float64 statistics held at once; over it, the statistics "
+    "are collected in several passes. None: one pass.",
+    "target": "with schedule='auto' only: the policy to switch to (default ParamBudget(0.5, metric='macs')).",
+    "readiness": "with schedule='auto' only: when to switch (default Readiness()).",
+    "rewarm_steps": "after a swap mid-training, the learning rate ramps from 1/n to 1 of its scheduled value over "
+    "n optimizer steps; 'auto' (default): a quarter of an epoch's steps, at most 1000; 0: none.",
+    "interval": "what the schedule's keys count: 'epoch' (default) or 'step' (optimizer steps, for runs of an "
+    "epoch or less).",
+}
+
+
+T = TypeVar("T", bound=type)
+
+
+def with_argument_help(cls: T) -> T:
+    """Class decorator: appends a Google-style ``Args:`` block for the parameters of ``cls.__init__``
+    (in their order) to the class docstring."""
+    names = list(inspect.signature(cls.__init__).parameters)[1:]  # (self left out)
+    cls.__doc__ = (cls.__doc__ or "") + "\n    Args:\n" + "".join(f"        {n}: {HELP[n]}\n" for n in names)
+    return cls
+
+
+__all__ = ["HELP", "with_argument_help"]
