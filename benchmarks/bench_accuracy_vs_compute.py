@@ -193,7 +193,7 @@ def factorize_at_init(model, fraction: float, svd: bool) -> None:
     import torch
 
     from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear, install_factors, weight_matrix
-    from factorize_plugin.surgery.modules import set_submodule
+    from factorize_plugin.surgery.select.modules import set_submodule
 
     for name, rank in _ranks_for(model, fraction).items():
         if rank is None:
@@ -299,7 +299,7 @@ def _model_macs_at(ranks: dict) -> int:
     import torch
 
     from factorize_plugin.layers import install_factors, weight_matrix
-    from factorize_plugin.surgery.modules import set_submodule
+    from factorize_plugin.surgery.select.modules import set_submodule
 
     model = _model(0, 1)
     for name, r in ranks.items():

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 from _common import package_version  # benchmarks/ is on sys.path when run as a script
 
-from factorize_plugin.surgery.collector import ActivationCollector
-from factorize_plugin.surgery.targets import select_layers
+from factorize_plugin.surgery.select.targets import select_layers
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
 
 
 def mlp() -> nn.Module:

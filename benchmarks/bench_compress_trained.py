@@ -121,8 +121,8 @@ from examples.gpt_task import Windows, corpus
 from examples.trained_gpt import TrainedGPTConfig, dry_run_config, load_trained_gpt, mean_loss, write_curve
 from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, factorize_model, progressive
 from factorize_plugin.layers.adapters import LayerView, layer_view
-from factorize_plugin.surgery.candidates import admissible
-from factorize_plugin.surgery.modules import match_names, set_submodule
+from factorize_plugin.surgery.ranks.candidates import admissible
+from factorize_plugin.surgery.select.modules import match_names, set_submodule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.8, 0.6, 0.4, 0.2)

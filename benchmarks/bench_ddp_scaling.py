@@ -281,10 +281,10 @@ def _shard_worker(rank: int, world: int, port: int, blocks: int, width: int, row
     import torch.nn as nn
 
     torch.set_num_threads(1)
-    import factorize_plugin.surgery.refactorize as refactorize_module
+    import factorize_plugin.surgery.swap.refactorize as refactorize_module
     from factorize_plugin.engine.distributed import default_group_sharding
-    from factorize_plugin.surgery.collector import ActivationCollector
-    from factorize_plugin.surgery.policies import FixedRank
+    from factorize_plugin.surgery.ranks.policies import FixedRank
+    from factorize_plugin.surgery.statistics.collector import ActivationCollector
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from _common import package_version  # benchmarks/ is on sys.path when run as a 
 
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
 from factorize_plugin.layers.adapters import layer_view
-from factorize_plugin.surgery.speed import LayerInput, OptimizerSpec, SpeedGuard, TimingCase
+from factorize_plugin.surgery.timing.speed import LayerInput, OptimizerSpec, SpeedGuard, TimingCase
 
 GUARD = SpeedGuard(mode="train")
 

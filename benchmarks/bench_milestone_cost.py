@@ -45,8 +45,8 @@ from examples.gpt_task import GPT, Windows, stdlib_corpus  # noqa: E402
 from factorize_plugin.core.solver import nmse_of  # noqa: E402
 from factorize_plugin.core.statistics import MomentAccumulator  # noqa: E402
 from factorize_plugin.layers.adapters import weight_matrix  # noqa: E402
-from factorize_plugin.surgery.collector import ActivationCollector  # noqa: E402
-from factorize_plugin.surgery.refactorize import build_candidates  # noqa: E402
+from factorize_plugin.surgery.statistics.collector import ActivationCollector  # noqa: E402
+from factorize_plugin.surgery.swap.refactorize import build_candidates  # noqa: E402
 
 FULL = dict(dim=1024, layers=8, heads=16, block=512, sequences=8)
 TINY = dict(dim=64, layers=2, heads=4, block=32, sequences=8)

@@ -45,13 +45,13 @@ from examples.tasks.pretrained import (  # noqa: E402
 )
 from factorize_plugin.core import MomentAccumulator  # noqa: E402
 from factorize_plugin.layers import weight_matrix  # noqa: E402
-from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget  # noqa: E402
-from factorize_plugin.surgery.candidates import current_cost, total_cost  # noqa: E402
-from factorize_plugin.surgery.collector import ActivationCollector  # noqa: E402
-from factorize_plugin.surgery.policies import FixedRank, ParamBudget  # noqa: E402
-from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates  # noqa: E402
-from factorize_plugin.surgery.sensitivity import OutputProbe, measure_output_errors, measure_sensitivity  # noqa: E402
-from factorize_plugin.surgery.targets import select_layers  # noqa: E402
+from factorize_plugin.surgery.ranks.allocation import allocate, uniform_ranks_for_budget  # noqa: E402
+from factorize_plugin.surgery.ranks.candidates import current_cost, total_cost  # noqa: E402
+from factorize_plugin.surgery.ranks.policies import FixedRank, ParamBudget  # noqa: E402
+from factorize_plugin.surgery.ranks.sensitivity import OutputProbe, measure_output_errors, measure_sensitivity  # noqa: E402
+from factorize_plugin.surgery.select.targets import select_layers  # noqa: E402
+from factorize_plugin.surgery.statistics.collector import ActivationCollector  # noqa: E402
+from factorize_plugin.surgery.swap.refactorize import apply_ranks, build_candidates  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import package_version  # noqa: E402

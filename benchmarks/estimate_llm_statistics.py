@@ -49,7 +49,7 @@ number of ranks (perfect balance assumed). Before the reduce every rank still co
 of its own batches: the collection peak only drops below the total with several collection passes
 (``max_statistics_bytes``): "passes" is how many the callback plans for a budget (``--budget-gb``,
 default 4 GB, issue 23's goal for LLaMA-7B on 8 ranks) with its own planner
-(``factorize_plugin.surgery.passes.plan_passes`` on these meta modules with bf16 weights: shared
+(``factorize_plugin.surgery.statistics.passes.plan_passes`` on these meta modules with bf16 weights: shared
 inputs counted per layer, held-out halves 3x on one process, none under DDP), and "peak with
 passes" the largest pass's bound: the per-rank collection peak. The number of passes does not
 shrink with more ranks: each rank collects every layer of each pass before the reduce.
@@ -152,7 +152,7 @@ def passes_at(linears: dict[str, nn.Linear], budget: int, world: int) -> dict:
     """What the callback plans under ``max_statistics_bytes=budget`` with ``world`` processes: its
     own planner on the (bf16, meta) modules; its setup check (every layer's bound once factorized)
     must pass too."""
-    from factorize_plugin.surgery.passes import plan_passes, statistics_bound
+    from factorize_plugin.surgery.statistics.passes import plan_passes, statistics_bound
 
     holdout = world == 1
     plan_passes(linears, budget, "auto", holdout, factorized=True)  # raises as the callback's setup would

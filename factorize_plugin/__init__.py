@@ -5,8 +5,9 @@ PyTorch); the Lightning callback and the CLI load on first use (``factorize_plug
 
 The top level holds the user's verbs and types (the README's "Public API" list, checked by
 ``tests/test_public_api.py``); the machinery stays importable from its floor package, e.g.
-``factorize_plugin.surgery.refactorize.refactorize``, ``factorize_plugin.surgery.collector.ActivationCollector``,
-``factorize_plugin.surgery.targets.select_layers``, ``factorize_plugin.surgery.pipeline.TargetSpec``.
+``factorize_plugin.surgery.swap.refactorize.refactorize``,
+``factorize_plugin.surgery.statistics.collector.ActivationCollector``,
+``factorize_plugin.surgery.select.targets.select_layers``, ``factorize_plugin.surgery.pipeline.TargetSpec``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from .core import (
 )
 from .engine import FactorizationEngine, PlainHost
 from .layers import FactorizedConv2d, FactorizedLinear
-from .surgery.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
-from .surgery.hf import load_factorized_pretrained
 from .surgery.oneshot import factorize_model
-from .surgery.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
 from .surgery.progressive import Progressive, progressive
-from .surgery.readiness import Readiness
-from .surgery.reports import LayerReport, format_reports
-from .surgery.speed import SpeedGuard
+from .surgery.ranks.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
+from .surgery.ranks.readiness import Readiness
+from .surgery.report.reports import LayerReport, format_reports
+from .surgery.swap.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
+from .surgery.swap.hf import load_factorized_pretrained
+from .surgery.timing.speed import SpeedGuard
 
 if TYPE_CHECKING:  # loaded on first use (they import Lightning); visible to type checkers and IDEs
     from .integration.callback import LowRankFactorization

@@ -28,9 +28,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import factorize_plugin.integration.lightning_host as host_module  # noqa: E402
-import factorize_plugin.surgery.refactorize as refactorize_module  # noqa: E402
+import factorize_plugin.surgery.swap.refactorize as refactorize_module  # noqa: E402
 from factorize_plugin import LowRankFactorization  # noqa: E402
-from factorize_plugin.surgery.passes import statistics_bound  # noqa: E402
+from factorize_plugin.surgery.statistics.passes import statistics_bound  # noqa: E402
 from lightning_helpers import (  # noqa: E402
     DDP_MODEL_KWARGS,
     TINY,

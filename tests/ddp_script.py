@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 import factorize_plugin.integration.lightning_host as host_module  # noqa: E402
 from factorize_plugin import LowRankFactorization  # noqa: E402
-from factorize_plugin.surgery.speed import SpeedGuard  # noqa: E402
+from factorize_plugin.surgery.timing.speed import SpeedGuard  # noqa: E402
 from lightning_helpers import (  # noqa: E402
     DDP_CALLBACK_KWARGS,
     DDP_MODEL_KWARGS,

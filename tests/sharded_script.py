@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import factorize_plugin.surgery.refactorize as refactorize_module
+import factorize_plugin.surgery.swap.refactorize as refactorize_module
 from factorize_plugin.engine.distributed import default_group_sharding
-from factorize_plugin.surgery.collector import ActivationCollector
-from factorize_plugin.surgery.policies import FixedRank, MaxNMSE, ParamBudget
+from factorize_plugin.surgery.ranks.policies import FixedRank, MaxNMSE, ParamBudget
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
 
 LAYERS = ("a", "q", "k", "b", "c")
 

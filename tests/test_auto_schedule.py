@@ -12,7 +12,7 @@ from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudg
 from factorize_plugin.core.stable_rank import spectral_norm_sq, stable_rank
 from factorize_plugin.engine.state import migrate_state
 from factorize_plugin.layers.adapters import LayerView
-from factorize_plugin.surgery.readiness import largest_change, layer_states
+from factorize_plugin.surgery.ranks.readiness import largest_change, layer_states
 from lightning_helpers import TARGETS, TINY, SettlingNet, resume_trainer, structure
 
 SETTLE = 2  # the synthetic spectra stop changing after epoch SETTLE: ready at SETTLE + 1, switch at SETTLE + 2

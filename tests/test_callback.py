@@ -15,9 +15,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 import factorize_plugin.engine.milestone as milestone_module
-import factorize_plugin.surgery.passes as passes_module
 import factorize_plugin.surgery.pipeline as pipeline_module
-import factorize_plugin.surgery.refactorize as refactorize_module
+import factorize_plugin.surgery.statistics.passes as passes_module
+import factorize_plugin.surgery.swap.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization
 from lightning_helpers import (
     TARGETS,
@@ -386,7 +386,7 @@ def test_optimizer_edit_keeps_each_parameter_in_its_group():
     """Unit level: a factor of a weight takes the weight's group and place, the new bias the old
     bias's group ("no weight decay on biases" keeps its meaning); others keep their state."""
     from factorize_plugin.layers import FactorizedLinear
-    from factorize_plugin.surgery.optim import replace_in_optimizer
+    from factorize_plugin.surgery.swap.optim import replace_in_optimizer
 
     lin, other = torch.nn.Linear(8, 6), torch.nn.Linear(6, 2)
     opt = torch.optim.AdamW(

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import factorize_plugin.engine.engine as engine_module
 import factorize_plugin.engine.state as callback_state_module
-import factorize_plugin.surgery.refactorize as refactorize_module
+import factorize_plugin.surgery.swap.refactorize as refactorize_module
 from factorize_plugin import LowRankFactorization, load_factorized, load_factorized_checkpoint
 from factorize_plugin.layers import decode_extra_state
 from lightning_helpers import (

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from factorize_plugin.layers import FactorizedLinear
-from factorize_plugin.surgery.collector import ActivationCollector
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
 
 
 def _moments(rows: torch.Tensor):
@@ -165,7 +165,7 @@ def test_collects_inputs_of_a_factorized_pair():
 
 
 def test_sample_fraction_and_projected_space_give_the_same_solution():
-    from factorize_plugin.surgery.refactorize import build_candidates
+    from factorize_plugin.surgery.swap.refactorize import build_candidates
 
     torch.manual_seed(0)
     lin = nn.Linear(24, 6).double()  # fewer outputs than inputs: space="auto" projects

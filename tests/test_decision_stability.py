@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from factorize_plugin import LowRankFactorization, SpeedGuard
 from factorize_plugin.surgery import paired_timing
-from factorize_plugin.surgery.paired_timing import compare, median_interval, rounds_needed
+from factorize_plugin.surgery.timing.paired_timing import compare, median_interval, rounds_needed
 from lightning_helpers import PAIRS, TINY, TinyNet, structure
 
 

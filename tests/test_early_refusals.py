@@ -35,7 +35,7 @@ from factorize_plugin import (
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery import settings
 from factorize_plugin.surgery.calling import call_model
-from factorize_plugin.surgery.collector import ActivationCollector
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
 from lightning_helpers import TINY, TinyNet, structure
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from factorize_plugin.layers.sharded import check_units
-from factorize_plugin.surgery.sharded_resume import pairs_in
-from factorize_plugin.surgery.speed import resolve_guard
+from factorize_plugin.surgery.swap.sharded_resume import pairs_in
+from factorize_plugin.surgery.timing.speed import resolve_guard
 
 HERE = Path(__file__).resolve().parent
 

@@ -18,7 +18,7 @@ from examples.gpt_task import Windows, stdlib_corpus
 from factorize_plugin import LowRankFactorization, factorize_model
 from factorize_plugin.layers import FactorizedLinear, TransposedLinear, layer_view, weight_matrix
 from factorize_plugin.layers.adapters import install_factors
-from factorize_plugin.surgery.hf import load_factorized_pretrained
+from factorize_plugin.surgery.swap.hf import load_factorized_pretrained
 
 FAST = dict(verbose=False, speed_guard=False, min_params=256, min_features=8)
 V = 256  # bytes as tokens

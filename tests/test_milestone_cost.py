@@ -17,7 +17,7 @@ import torch
 
 from factorize_plugin.core.solver import _triangular_matmul, decompose
 from factorize_plugin.core.statistics import MomentAccumulator
-from factorize_plugin.surgery.holdout import heldout_curve
+from factorize_plugin.surgery.statistics.holdout import heldout_curve
 from helpers import correlated_inputs, measured_nmse, optimal_nmse_reference
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_milestone_cost.py"

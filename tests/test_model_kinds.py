@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from factorize_plugin import LowRankFactorization, factorize_model
 from factorize_plugin.layers import FactorizedLinear
-from factorize_plugin.surgery.reports import format_reports
+from factorize_plugin.surgery.report.reports import format_reports
 
 FAST = dict(verbose=False, speed_guard=False, min_params=0, min_features=0)
 

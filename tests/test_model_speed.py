@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from factorize_plugin import LowRankFactorization, Readiness, SpeedGuard, factorize_model
-from factorize_plugin.surgery.model_speed import ModelSpeedCheck
+from factorize_plugin.surgery.timing.model_speed import ModelSpeedCheck
 from lightning_helpers import PAIRS, TINY, TinyNet, structure
 
 SCHEDULE = {1: 0.5}

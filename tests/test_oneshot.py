@@ -10,20 +10,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from factorize_plugin.core import MomentAccumulator
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear, weight_matrix
-from factorize_plugin.surgery.allocation import allocate, uniform_ranks_for_budget
-from factorize_plugin.surgery.candidates import LayerCandidate, current_cost, total_cost
-from factorize_plugin.surgery.collector import ActivationCollector
 from factorize_plugin.surgery.oneshot import factorize_model
-from factorize_plugin.surgery.policies import ParamBudget
-from factorize_plugin.surgery.refactorize import apply_ranks, build_candidates
-from factorize_plugin.surgery.reports import format_reports
-from factorize_plugin.surgery.sensitivity import (
+from factorize_plugin.surgery.ranks.allocation import allocate, uniform_ranks_for_budget
+from factorize_plugin.surgery.ranks.candidates import LayerCandidate, current_cost, total_cost
+from factorize_plugin.surgery.ranks.policies import ParamBudget
+from factorize_plugin.surgery.ranks.sensitivity import (
     OutputProbe,
     measure_output_errors,
     measure_sensitivity,
     plan_budget,
 )
-from factorize_plugin.surgery.targets import select_layers
+from factorize_plugin.surgery.report.reports import format_reports
+from factorize_plugin.surgery.select.targets import select_layers
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
+from factorize_plugin.surgery.swap.refactorize import apply_ranks, build_candidates
 from helpers import correlated_inputs, measured_nmse
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from factorize_plugin import LowRankFactorization, factorize_model
-from factorize_plugin.surgery.collector import ActivationCollector
-from factorize_plugin.surgery.passes import plan_passes, statistics_bound
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
+from factorize_plugin.surgery.statistics.passes import plan_passes, statistics_bound
 from lightning_helpers import (
     TARGETS,
     TINY,
@@ -182,7 +182,7 @@ def test_callback_refuses_a_budget_below_one_layer_at_setup():
 def test_owners_balanced_over_the_passes():
     """One layer per pass: carrying the loads over the passes spreads the layers over the
     processes (without them every pass would give its one layer to process 0)."""
-    from factorize_plugin.surgery.sharding import assign_owners
+    from factorize_plugin.surgery.statistics.sharding import assign_owners
 
     loads: list[float] = []
     owners = [assign_owners({n: 1.0}, 2, loads) for n in ("a", "b", "c", "d")]

@@ -18,7 +18,7 @@ from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudg
 from factorize_plugin.engine.schedule import plain_value
 from factorize_plugin.integration.cli import run as cli_main
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
-from factorize_plugin.surgery.policy_spec import policy_from_spec, policy_spec
+from factorize_plugin.surgery.ranks.policy_spec import policy_from_spec, policy_spec
 from lightning_helpers import TINY, Probe, TinyNet, max_abs_diff, resume_trainer, state_dict_cpu, structure
 
 MAX_EPOCHS = 4

@@ -11,8 +11,8 @@ import yaml
 
 from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, Progressive, progressive
 from factorize_plugin.layers.adapters import LayerView
-from factorize_plugin.surgery.policies import GeometricRank
-from factorize_plugin.surgery.policy_spec import policy_from_spec, policy_spec
+from factorize_plugin.surgery.ranks.policies import GeometricRank
+from factorize_plugin.surgery.ranks.policy_spec import policy_from_spec, policy_spec
 from lightning_helpers import callback_from_yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

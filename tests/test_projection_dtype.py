@@ -14,7 +14,7 @@ import torch.nn as nn
 from factorize_plugin.core.solver import decompose
 from factorize_plugin.core.statistics import MomentAccumulator
 from factorize_plugin.layers import weight_matrix
-from factorize_plugin.surgery.collector import ActivationCollector
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
 
 D, M, N = 48, 12, 300
 

@@ -31,10 +31,10 @@ def test_every_public_name_resolves_and_machinery_stays_in_its_floor():
         assert getattr(factorize_plugin, name) is not None
     for internal in ("refactorize", "ActivationCollector", "select_layers", "TargetSpec"):
         assert internal not in factorize_plugin.__all__
-    from factorize_plugin.surgery.collector import ActivationCollector  # noqa: F401
     from factorize_plugin.surgery.pipeline import TargetSpec  # noqa: F401
-    from factorize_plugin.surgery.refactorize import refactorize  # noqa: F401
-    from factorize_plugin.surgery.targets import select_layers  # noqa: F401
+    from factorize_plugin.surgery.select.targets import select_layers  # noqa: F401
+    from factorize_plugin.surgery.statistics.collector import ActivationCollector  # noqa: F401
+    from factorize_plugin.surgery.swap.refactorize import refactorize  # noqa: F401
 
 
 def test_lazy_names_are_typed_for_checkers():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from factorize_plugin import factorize_model
-from factorize_plugin.surgery.checkpoint import factorized_entries
+from factorize_plugin.surgery.swap.checkpoint import factorized_entries
 from lightning_helpers import DDP_MODEL_KWARGS, WIDE_TARGETS, WideNet, composed, digits, max_abs_diff
 
 HERE = Path(__file__).resolve().parent

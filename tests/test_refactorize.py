@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 
 import factorize_plugin
-import factorize_plugin.surgery.refactorize as refactorize_module
+import factorize_plugin.surgery.swap.refactorize as refactorize_module
 from factorize_plugin import FixedRank, ParamBudget, factorize_model
 from factorize_plugin.layers import FactorizedLinear
-from factorize_plugin.surgery.collector import ActivationCollector
-from factorize_plugin.surgery.refactorize import refactorize
-from factorize_plugin.surgery.targets import select_layers
+from factorize_plugin.surgery.select.targets import select_layers
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
+from factorize_plugin.surgery.swap.refactorize import refactorize
 
 
 def test_plain_pytorch_use_never_imports_lightning():

@@ -18,7 +18,7 @@ from factorize_plugin import LowRankFactorization
 from factorize_plugin.engine import rewarm as rewarm_module
 from factorize_plugin.engine.rewarm import LRRewarm
 from factorize_plugin.surgery import settings
-from factorize_plugin.surgery.optim import unwrap_optimizer
+from factorize_plugin.surgery.swap.optim import unwrap_optimizer
 from lightning_helpers import TINY, TinyNet, resume_trainer
 
 STEPS_PER_EPOCH = 8  # TinyNet: 256 training samples in batches of 32

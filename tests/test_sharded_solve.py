@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from factorize_plugin.surgery.policies import ParamBudget
-from factorize_plugin.surgery.refactorize import refactorize
-from factorize_plugin.surgery.sharding import Sharding, SharedSolution, assign_owners, solve_work
+from factorize_plugin.surgery.ranks.policies import ParamBudget
+from factorize_plugin.surgery.statistics.sharding import Sharding, SharedSolution, assign_owners, solve_work
+from factorize_plugin.surgery.swap.refactorize import refactorize
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from factorize_plugin.surgery.collector import ActivationCollector
-from factorize_plugin.surgery.refactorize import build_candidates
+from factorize_plugin.surgery.statistics.collector import ActivationCollector
+from factorize_plugin.surgery.swap.refactorize import build_candidates
 
 
 def _llama(kv_heads=2) -> nn.Module:

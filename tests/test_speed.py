@@ -19,9 +19,9 @@ from factorize_plugin import (
     format_reports,
 )
 from factorize_plugin.layers.adapters import layer_view
-from factorize_plugin.surgery.allocation import allocate
-from factorize_plugin.surgery.candidates import LayerCandidate, admissible, max_rank
-from factorize_plugin.surgery.speed import LayerInput, TimingCase, sampler
+from factorize_plugin.surgery.ranks.allocation import allocate
+from factorize_plugin.surgery.ranks.candidates import LayerCandidate, admissible, max_rank
+from factorize_plugin.surgery.timing.speed import LayerInput, TimingCase, sampler
 from lightning_helpers import TINY, TinyNet, structure
 
 OVERHEAD = 40_000  # fixed cost per layer call in the fake timer's units: small layers lose

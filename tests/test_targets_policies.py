@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from factorize_plugin.core import MomentAccumulator, decompose
 from factorize_plugin.layers import FactorizedLinear, layer_view, weight_matrix
-from factorize_plugin.surgery.allocation import allocate, uniform_ranks, uniform_ranks_for_budget
-from factorize_plugin.surgery.candidates import LayerCandidate, current_cost, total_cost
-from factorize_plugin.surgery.policies import FixedRank, MaxNMSE, ParamBudget, make_policy
-from factorize_plugin.surgery.sensitivity import interpolate_output_curve, probe_ranks
-from factorize_plugin.surgery.targets import select_layers
+from factorize_plugin.surgery.ranks.allocation import allocate, uniform_ranks, uniform_ranks_for_budget
+from factorize_plugin.surgery.ranks.candidates import LayerCandidate, current_cost, total_cost
+from factorize_plugin.surgery.ranks.policies import FixedRank, MaxNMSE, ParamBudget, make_policy
+from factorize_plugin.surgery.ranks.sensitivity import interpolate_output_curve, probe_ranks
+from factorize_plugin.surgery.select.targets import select_layers
 from helpers import correlated_inputs
 
 

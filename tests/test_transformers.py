@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from examples.gpt_task import GPTTask, Windows, stdlib_corpus
 from factorize_plugin import LowRankFactorization
 from factorize_plugin.layers import FactorizedLinear
-from factorize_plugin.surgery.sharing import check_optimizer
-from factorize_plugin.surgery.targets import select_layers
+from factorize_plugin.surgery.select.sharing import check_optimizer
+from factorize_plugin.surgery.select.targets import select_layers
 
 FAST = dict(verbose=False, speed_guard=False, min_params=256, min_features=8)
 

@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..surgery.collector import ActivationCollector
-from ..surgery.sharding import Sharding, default_group_sum
+from ..surgery.statistics.collector import ActivationCollector
+from ..surgery.statistics.sharding import Sharding, default_group_sum
 from .host import Host
 
 

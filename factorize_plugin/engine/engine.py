@@ -30,12 +30,12 @@ import torch.nn as nn
 
 from ..surgery import settings
 from ..surgery.calling import InputFn
-from ..surgery.collector import ActivationCollector
-from ..surgery.passes import PassResults
 from ..surgery.pipeline import Selection, TargetSpec, finish, leave_out_silent, prepare
-from ..surgery.policies import RankPolicy
-from ..surgery.refactorize import refactorize
-from ..surgery.speed import SpeedGuard, resolve_guard
+from ..surgery.ranks.policies import RankPolicy
+from ..surgery.statistics.collector import ActivationCollector
+from ..surgery.statistics.passes import PassResults
+from ..surgery.swap.refactorize import refactorize
+from ..surgery.timing.speed import SpeedGuard, resolve_guard
 from .host import Host
 from .milestone import (
     log_milestone,

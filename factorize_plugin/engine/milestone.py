@@ -12,14 +12,14 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..surgery.blame import naming_failures
 from ..surgery.calling import InputFn, evaluating
-from ..surgery.collector import ActivationCollector
-from ..surgery.model_speed import ModelSpeedCheck
-from ..surgery.passes import PassResults, collect_in_passes, plan_passes, solve_pass
 from ..surgery.pipeline import Selection, TargetSpec, collect_with
-from ..surgery.reports import LayerReport, format_reports, milestone_metrics
-from ..surgery.sensitivity import OutputProbe
+from ..surgery.ranks.sensitivity import OutputProbe
+from ..surgery.report.blame import naming_failures
+from ..surgery.report.reports import LayerReport, format_reports, milestone_metrics
+from ..surgery.statistics.collector import ActivationCollector
+from ..surgery.statistics.passes import PassResults, collect_in_passes, plan_passes, solve_pass
+from ..surgery.timing.model_speed import ModelSpeedCheck
 from .distributed import reduce_statistics
 from .host import Host
 from .output_shift import OutputShift, first_batches

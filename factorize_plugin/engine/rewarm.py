@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..surgery.optim import unwrap_optimizer
+from ..surgery.swap.optim import unwrap_optimizer
 
 AUTO_SHARE, AUTO_CAP = 0.25, 1000
 # optimizers whose step reads the rate before it evaluates the closure: scaled before the closure

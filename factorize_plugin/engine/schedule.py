@@ -5,8 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal, Mapping, Union, cast
 
-from ..surgery.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
-from ..surgery.policy_spec import policy_spec
+from ..surgery.ranks.policies import POLICY_ARGS, RankLike, RankPolicy, as_rank_like, make_policy
+from ..surgery.ranks.policy_spec import policy_spec
 from ..surgery.settings import check_choice
 
 Mode = Literal["rank", "max_nmse", "param_budget"]

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..surgery.model_speed import ModelSpeedCheck
-from ..surgery.speed import InputRecorder, LayerInput, SpeedCheck, SpeedGuard
+from ..surgery.timing.model_speed import ModelSpeedCheck
+from ..surgery.timing.speed import InputRecorder, LayerInput, SpeedCheck, SpeedGuard
 from .host import Host
 from .output_shift import first_batches
 

@@ -27,9 +27,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..surgery.optim import param_group_names, restore_param_group_order
-from ..surgery.policies import RankPolicy
-from ..surgery.policy_spec import PLAIN_SCALARS, policy_spec
+from ..surgery.ranks.policies import RankPolicy
+from ..surgery.ranks.policy_spec import PLAIN_SCALARS, policy_spec
+from ..surgery.swap.optim import param_group_names, restore_param_group_order
 
 STATE_VERSION = 3
 

@@ -43,9 +43,16 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler, Timer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..engine.schedule import ScheduleValue, read_schedule
-from ..surgery.policies import ParamBudget, RankPolicy
-from ..surgery.policy_spec import policy_spec
-from ..surgery.readiness import Readiness, largest_change, layer_states, planned_ranks, readiness_spec, stable_ranks
+from ..surgery.ranks.policies import ParamBudget, RankPolicy
+from ..surgery.ranks.policy_spec import policy_spec
+from ..surgery.ranks.readiness import (
+    Readiness,
+    largest_change,
+    layer_states,
+    planned_ranks,
+    readiness_spec,
+    stable_ranks,
+)
 from .lightning_internals import training_position
 
 

@@ -23,13 +23,13 @@ from ..engine.schedule import Interval, Mode, ScheduleValue
 from ..engine.state import STATE_VERSION
 from ..layers.sharded import check_units
 from ..surgery import settings
-from ..surgery.checkpoint import enable_factorized_loading
-from ..surgery.optim import check_parameter_caches
-from ..surgery.preflight import check_not_meta
 from ..surgery.progressive import Progressive
-from ..surgery.sharded_resume import restore_sharded_structure
-from ..surgery.sharing import CallCounter
-from ..surgery.speed import SpeedGuard
+from ..surgery.select.preflight import check_not_meta
+from ..surgery.select.sharing import CallCounter
+from ..surgery.swap.checkpoint import enable_factorized_loading
+from ..surgery.swap.optim import check_parameter_caches
+from ..surgery.swap.sharded_resume import restore_sharded_structure
+from ..surgery.timing.speed import SpeedGuard
 from .auto_schedule import Readiness, read_any_schedule
 from .batch_layout import BatchLayoutCheck
 from .fit_checks import (

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
-from ..surgery.checkpoint import enable_factorized_loading
+from ..surgery.swap.checkpoint import enable_factorized_loading
 
 
 class FactorizeCLI(LightningCLI):

@@ -11,8 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..surgery.checkpoint import factorized_entries, loading_enabled
-from ..surgery.policies import RankPolicy
+from ..surgery.ranks.policies import RankPolicy
+from ..surgery.swap.checkpoint import factorized_entries, loading_enabled
 from .lightning_internals import start_method, validation_source_defined
 
 _STATE_FIELDS = {"done", "ranks", "history"}

@@ -19,18 +19,18 @@ import torch.nn as nn
 
 from ..layers.sharded import check_units, is_sharded
 from . import settings
-from .blame import naming_failures
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
-from .collector import ActivationCollector
-from .passes import collect_in_passes, plan_passes, solve_pass
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
-from .policies import RankLike, RankPolicy, make_policy
-from .preflight import check_not_compiled, check_not_meta, uncompiled
-from .refactorize import refactorize
-from .reports import LayerReport, Reports
-from .sensitivity import OutputProbe
-from .sharding import Sharding, default_group_sum
-from .speed import SpeedCheck, SpeedGuard, resolve_guard
+from .ranks.policies import RankLike, RankPolicy, make_policy
+from .ranks.sensitivity import OutputProbe
+from .report.blame import naming_failures
+from .report.reports import LayerReport, Reports
+from .select.preflight import check_not_compiled, check_not_meta, uncompiled
+from .statistics.collector import ActivationCollector
+from .statistics.passes import collect_in_passes, plan_passes, solve_pass
+from .statistics.sharding import Sharding, default_group_sum
+from .swap.refactorize import refactorize
+from .timing.speed import SpeedCheck, SpeedGuard, resolve_guard
 
 
 class _Prepared:

@@ -30,12 +30,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch.nn as nn
 
 from . import settings
-from .advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
-from .collector import ActivationCollector
-from .policies import RankPolicy
-from .reports import LayerReport
-from .sharing import explicit_targets, resolve_silent, skip_report
-from .targets import select_layers
+from .ranks.policies import RankPolicy
+from .report.advice import no_change, optimistic_fits, oversized_ranks, unmatched_excludes
+from .report.reports import LayerReport
+from .select.sharing import explicit_targets, resolve_silent, skip_report
+from .select.targets import select_layers
+from .statistics.collector import ActivationCollector
 
 TRAINING_STATISTICS: dict[str, Any] = {"max_samples": 100_000, "sample_fraction": "auto"}  # the callback's defaults
 ONE_SHOT_STATISTICS: dict[str, Any] = {"max_samples": 200_000, "sample_fraction": 1.0}  # factorize_model's defaults

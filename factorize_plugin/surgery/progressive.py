@@ -33,7 +33,7 @@ import dataclasses
 import numbers
 from typing import Iterable, Iterator, Mapping, Union
 
-from .policies import FixedRank, GeometricRank, MaxNMSE, ParamBudget, RankLike, RankPolicy, as_rank_like
+from .ranks.policies import FixedRank, GeometricRank, MaxNMSE, ParamBudget, RankLike, RankPolicy, as_rank_like
 from .settings import check_whole
 
 ProgressiveTarget = Union[int, float, RankPolicy]

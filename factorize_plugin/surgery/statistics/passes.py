@@ -22,13 +22,13 @@ from typing import Callable, Mapping, Optional, Sequence, cast
 import torch
 import torch.nn as nn
 
-from ..layers.adapters import layer_view
-from ..layers.factorized import FACTORIZED_PAIRS
-from .candidates import LayerCandidate
+from ...layers.adapters import layer_view
+from ...layers.factorized import FACTORIZED_PAIRS
+from ..ranks.candidates import LayerCandidate
+from ..swap.refactorize import build_candidates
+from ..timing.speed import LayerInput
 from .collector import ActivationCollector
-from .refactorize import build_candidates
 from .sharding import Sharding
-from .speed import LayerInput
 
 HELD_OUT_COPIES = 3  # two held-out halves and their cached union (holdout.HeldOutHalves), at most
 

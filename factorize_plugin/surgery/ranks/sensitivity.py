@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, cast
 import torch
 import torch.nn as nn
 
-from ..layers.adapters import new_pair
+from ...layers.adapters import new_pair
+from ..calling import InputFn, call_model, output_tensor
+from ..fastpath import fastpath_off
 from .allocation import uniform_ranks_for_budget
-from .calling import InputFn, call_model, output_tensor
 from .candidates import LayerCandidate, max_rank
-from .fastpath import fastpath_off
 
 
 @dataclasses.dataclass

@@ -36,8 +36,8 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, S
 import torch
 import torch.nn as nn
 
+from ..ranks.candidates import LayerCandidate
 from . import paired_timing
-from .candidates import LayerCandidate
 from .paired_timing import Comparison
 from .speed import SpeedVerdict
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from ..core.solver import LowRankDecomposition
+from ...core.solver import LowRankDecomposition
 
 ReduceTo = Callable[[torch.Tensor, int], torch.Tensor]
 """Sums a flat tensor over all processes into process ``owner`` (in place there; returns it)."""

@@ -10,9 +10,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch.nn as nn
 
-from ..layers.adapters import layer_view
-from .modules import match_names
-from .policies import FixedRank, RankPolicy
+from ...layers.adapters import layer_view
+from ..ranks.policies import FixedRank, RankPolicy
+from ..select.modules import match_names
 from .reports import LayerReport
 
 

@@ -14,10 +14,10 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..core.stable_rank import stable_rank
-from ..layers import weight_matrix
-from ..layers.adapters import layer_view
-from .settings import check_whole, is_real, refuse
+from ...core.stable_rank import stable_rank
+from ...layers import weight_matrix
+from ...layers.adapters import layer_view
+from ..settings import check_whole, is_real, refuse
 
 
 @dataclasses.dataclass

@@ -17,8 +17,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..core.solver import LowRankDecomposition, decompose
-from ..core.statistics import MomentAccumulator
+from ...core.solver import LowRankDecomposition, decompose
+from ...core.statistics import MomentAccumulator
 
 Halves = tuple[MomentAccumulator, MomentAccumulator]
 

@@ -22,14 +22,14 @@ from typing import Callable, Iterable, Mapping, Optional, Union, cast
 import torch
 import torch.nn as nn
 
-from ..core.statistics import MomentAccumulator, work_dtype
-from ..layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
-from ..layers.sharded import is_unit
-from . import fastpath
+from ...core.statistics import MomentAccumulator, work_dtype
+from ...layers.adapters import LayerView, count_rows, input_rows, layer_view, output_rows, weight_matrix
+from ...layers.sharded import is_unit
+from .. import fastpath
+from ..settings import is_real
+from ..timing.speed import LayerInput, autocast_dtype
 from .holdout import HeldOutHalves
-from .settings import is_real
 from .sharding import Sharding, assign_owners, solve_work
-from .speed import LayerInput, autocast_dtype
 
 
 def _autocast_type(device: torch.device) -> str:

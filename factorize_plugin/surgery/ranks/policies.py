@@ -14,12 +14,12 @@ from typing import Mapping, Optional, Union, cast
 
 import torch
 
-from ..core.solver import resolve_rank
-from ..layers.adapters import LayerView
+from ...core.solver import resolve_rank
+from ...layers.adapters import LayerView
+from ..settings import check_choice, check_flag, check_max_nmse, check_param_budget, check_whole
 from .allocation import allocate
 from .candidates import COST_METRICS, LayerCandidate, admissible, current_cost, dense_cost
 from .sensitivity import BudgetPlan, OutputProbe, plan_budget
-from .settings import check_choice, check_flag, check_max_nmse, check_param_budget, check_whole
 
 RankLike = Union[int, float]
 

@@ -24,11 +24,11 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
-from ..layers.adapters import layer_view
-from ..layers.factorized import FACTORIZED_PAIRS
-from ..layers.transposed import plain_forward_class
-from . import fastpath
-from .reports import LayerReport
+from ...layers.adapters import layer_view
+from ...layers.factorized import FACTORIZED_PAIRS
+from ...layers.transposed import plain_forward_class
+from .. import fastpath
+from ..report.reports import LayerReport
 
 _WILDCARDS = set("*?[")
 

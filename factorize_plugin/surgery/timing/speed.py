@@ -29,12 +29,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, cast
 import torch
 import torch.nn as nn
 
-from ..core.checks import is_int, is_real
-from ..core.conv import ConvGeometry, conv_output_size
-from ..layers.adapters import LayerView
-from ..layers.factorized import FactorizedConv2d, FactorizedLinear
+from ...core.checks import is_int, is_real
+from ...core.conv import ConvGeometry, conv_output_size
+from ...layers.adapters import LayerView
+from ...layers.factorized import FactorizedConv2d, FactorizedLinear
+from ..ranks.candidates import LayerCandidate, max_rank
 from . import paired_timing
-from .candidates import LayerCandidate, max_rank
 from .paired_timing import Comparison
 
 MODES = ("train", "inference")

@@ -16,16 +16,16 @@ from typing import Any, Mapping, Optional, Type, TypeVar, Union, cast
 import torch
 import torch.nn as nn
 
-from ..layers.factorized import (
+from ...layers.factorized import (
     EXTRA_STATE_TAG,
     FACTORIZED_PAIRS,
     FactorizedConv2d,
     FactorizedLinear,
     decode_extra_state,
 )
-from ..layers.transposed import TransposedLinear, conv1d_class
-from .modules import set_submodule
-from .sharing import alias_names
+from ...layers.transposed import TransposedLinear, conv1d_class
+from ..select.modules import set_submodule
+from ..select.sharing import alias_names
 
 _SUFFIX = "._extra_state"
 _HOOK_FLAG = "_factorize_plugin_loading"

@@ -6,9 +6,9 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-from ..layers.adapters import FACTORIZABLE_TYPES, check_factorizable, layer_view
-from ..layers.factorized import FACTORIZED_PAIRS
-from ..layers.transposed import TransposedLinear
+from ...layers.adapters import FACTORIZABLE_TYPES, check_factorizable, layer_view
+from ...layers.factorized import FACTORIZED_PAIRS
+from ...layers.transposed import TransposedLinear
 from .modules import match_names
 from .sharing import all_module_names, explicit_targets, is_explicit, primary_names, screen_layers
 

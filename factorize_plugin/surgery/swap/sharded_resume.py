@@ -14,12 +14,12 @@ from typing import Any, Mapping, Sequence
 
 import torch.nn as nn
 
-from ..layers.factorized import FACTORIZED_PAIRS
-from ..layers.sharded import is_unit, rediscover_units, shard_like
+from ...layers.factorized import FACTORIZED_PAIRS
+from ...layers.sharded import is_unit, rediscover_units, shard_like
+from ..select.modules import set_submodule
+from ..select.sharing import alias_names
 from .checkpoint import _placeholder
-from .modules import set_submodule
 from .optim import OptimizerEdit
-from .sharing import alias_names
 
 _FIRST = ".first.weight"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, cast
 
-from ..layers.adapters import LayerView
+from ...layers.adapters import LayerView
 
 
 @dataclasses.dataclass

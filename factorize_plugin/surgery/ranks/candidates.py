@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 import torch
 
-from ..core.solver import LowRankDecomposition
-from ..layers.adapters import LayerView
+from ...core.solver import LowRankDecomposition
+from ...layers.adapters import LayerView
 
 if TYPE_CHECKING:
-    from .sharding import SharedSolution
+    from ..statistics.sharding import SharedSolution
 
 COST_METRICS = ("params", "macs")
 

@@ -15,23 +15,23 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union, cast
 
 import torch.nn as nn
 
-from ..core.solver import decompose
-from ..core.statistics import MomentAccumulator
-from ..layers.adapters import install_factors, layer_view, weight_matrix
-from ..layers.factorized import FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear
-from ..layers.sharded import is_unit, rediscover_units
-from .calling import evaluating
-from .candidates import LayerCandidate
-from .holdout import Halves, heldout_curve
-from .model_speed import ModelSpeedCheck
-from .modules import set_submodule
+from ...core.solver import decompose
+from ...core.statistics import MomentAccumulator
+from ...layers.adapters import install_factors, layer_view, weight_matrix
+from ...layers.factorized import FACTORIZED_PAIRS, FactorizedConv2d, FactorizedLinear
+from ...layers.sharded import is_unit, rediscover_units
+from ..calling import evaluating
+from ..ranks.candidates import LayerCandidate
+from ..ranks.policies import RankPolicy
+from ..ranks.sensitivity import OutputProbe
+from ..report.reports import LayerReport
+from ..select.modules import set_submodule
+from ..select.sharing import alias_names, check_optimizer
+from ..statistics.holdout import Halves, heldout_curve
+from ..statistics.sharding import Sharding, SharedSolution, gather_solutions, share_factors
+from ..timing.model_speed import ModelSpeedCheck
+from ..timing.speed import SpeedCheck, SpeedVerdict
 from .optim import OptimizerEdit
-from .policies import RankPolicy
-from .reports import LayerReport
-from .sensitivity import OutputProbe
-from .sharding import Sharding, SharedSolution, gather_solutions, share_factors
-from .sharing import alias_names, check_optimizer
-from .speed import SpeedCheck, SpeedVerdict
 
 Ranks = dict[str, Optional[int]]
 Progress = Callable[[int, int, str], None]
