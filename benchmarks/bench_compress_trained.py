@@ -718,7 +718,7 @@ def compress_for_recovery(method: str, fraction: float, ctx: Context, rs: Recove
     model = copy.deepcopy(ctx.trained)
     t0 = time.perf_counter()
     if method.startswith("exact_budget_params_ft"):
-        record = solver_record(exact(model, ctx, policy=ParamBudget(fraction), sensitivity_batches=rs.sensitivity_batches))
+        record = solver_record(exact(model, ctx, policy=ParamBudget(fraction), budget_batches=rs.sensitivity_batches))
     else:
         record = compress(method.removesuffix("_ft"), model, fraction, ctx)
     return {"model": model, "seconds": time.perf_counter() - t0, "record": record}

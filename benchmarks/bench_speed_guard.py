@@ -109,7 +109,7 @@ def factorize_in_training(dense: nn.Module, rows: int, width: int, guard: bool) 
     from torch.utils.data import DataLoader, TensorDataset
 
     from factorize_plugin import LowRankFactorization
-    from factorize_plugin.surgery import refactorize as refactorize_module
+    from factorize_plugin.surgery.swap import refactorize as refactorize_module
 
     class Module(pl.LightningModule):
         def __init__(self, net: nn.Module) -> None:

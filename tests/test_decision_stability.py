@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from factorize_plugin import LowRankFactorization, SpeedGuard
-from factorize_plugin.surgery import paired_timing
+from factorize_plugin.surgery.timing import paired_timing
 from factorize_plugin.surgery.timing.paired_timing import compare, median_interval, rounds_needed
 from lightning_helpers import PAIRS, TINY, TinyNet, structure
 

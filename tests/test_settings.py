@@ -75,8 +75,8 @@ FACTORIZE_MODEL_ONLY = [
     ("device", "nowhere", "device"),
     ("device", 3.5, "device"),
     ("output_fn", "logits", "callable"),
-    ("sensitivity_batches", 0, ">= 1"),
-    ("sensitivity_batches", 2.5, "whole number"),
+    ("budget_batches", -1, ">= 0"),
+    ("budget_batches", 2.5, "whole number"),
     ("progress", "yes", "True, False or a callable"),
 ]
 

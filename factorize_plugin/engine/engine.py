@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union, c
 import torch.nn as nn
 
 from ..surgery import settings
+from ..surgery.arguments import default, with_argument_help
 from ..surgery.calling import InputFn
 from ..surgery.pipeline import Selection, TargetSpec, finish, leave_out_silent, prepare
 from ..surgery.ranks.policies import RankPolicy
@@ -59,6 +60,7 @@ from .state import (
 )
 
 
+@with_argument_help
 class FactorizationEngine:
     """Progressive low-rank factorization driven by any training loop (see the module docstring).
 
@@ -80,9 +82,9 @@ class FactorizationEngine:
         exclude: Optional[Union[str, list[str]]] = None,
         min_params: int = 1024,
         min_features: int = 32,
-        max_samples: Optional[int] = 100_000,
-        sample_fraction: Union[float, str] = "auto",
-        budget_batches: int = 4,
+        max_samples: Optional[int] = default("max_samples", "training"),
+        sample_fraction: Union[float, str] = default("sample_fraction", "training"),
+        budget_batches: int = default("budget_batches", "training"),
         input_fn: Optional[Callable[[Any], Any]] = None,
         regularization: float = 0.0,
         verbose: bool = True,

@@ -17,12 +17,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from ..engine.arguments import with_argument_help
 from ..engine.engine import FactorizationEngine
 from ..engine.schedule import Interval, Mode, ScheduleValue
 from ..engine.state import STATE_VERSION
 from ..layers.sharded import check_units
 from ..surgery import settings
+from ..surgery.arguments import default, with_argument_help
 from ..surgery.progressive import Progressive
 from ..surgery.select.preflight import check_not_meta
 from ..surgery.select.sharing import CallCounter
@@ -88,9 +88,9 @@ class LowRankFactorization(Callback):
         exclude: Optional[Union[str, list[str]]] = None,
         min_params: int = 1024,
         min_features: int = 32,
-        max_samples: Optional[int] = 100_000,
-        sample_fraction: Union[float, str] = "auto",
-        budget_batches: int = 4,
+        max_samples: Optional[int] = default("max_samples", "training"),
+        sample_fraction: Union[float, str] = default("sample_fraction", "training"),
+        budget_batches: int = default("budget_batches", "training"),
         input_fn: Optional[Callable[[Any], Any]] = None,
         regularization: float = 0.0,
         name: Optional[str] = None,

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..layers.sharded import check_units, is_sharded
 from . import settings
+from .arguments import default, renamed
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
 from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
 from .ranks.policies import RankLike, RankPolicy, make_policy
@@ -90,20 +91,21 @@ def factorize_model(
     max_nmse: Optional[float] = None,
     param_budget: Optional[float] = None,
     targets: Optional[Union[str, Sequence[str]]] = None,
-    exclude: Optional[Sequence[str]] = None,
+    exclude: Optional[Union[str, Sequence[str]]] = None,
     min_params: int = 1024,
     min_features: int = 32,
-    max_samples: Optional[int] = 200_000,
-    sample_fraction: Union[float, str] = 1.0,
+    max_samples: Optional[int] = default("max_samples", "one_shot"),
+    sample_fraction: Union[float, str] = default("sample_fraction", "one_shot"),
     space: str = "auto",
     regularization: float = 0.0,
     device: Optional[Union[torch.device, str]] = None,
     input_fn: Optional[InputFn] = None,
     output_fn: Callable[[Any], torch.Tensor] = output_tensor,
-    sensitivity_batches: Optional[int] = None,
+    budget_batches: Optional[int] = default("budget_batches", "one_shot"),
     progress: Union[bool, Callable[[int, int, str], None]] = False,
     speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
     max_statistics_bytes: Optional[int] = None,
+    sensitivity_batches: Optional[int] = None,
 ) -> list[LayerReport]:
     """Factorizes the model's Linear / Conv2d layers in place from statistics of their inputs on
     ``calibration`` data, and returns one report per targeted layer.
@@ -164,7 +166,8 @@ def factorize_model(
         input_fn: turns a calibration batch into the model's input (default ``calling.default_inputs``).
         output_fn: picks the tensor the model's output is judged by (default: the output, its
             ``logits``, or its first tensor); used by a measuring ``ParamBudget``.
-        sensitivity_batches: a measuring ``ParamBudget`` uses only the first so many batches.
+        budget_batches: a measuring ``ParamBudget`` uses only the first so many batches (None: all;
+            0: it allocates by the layers' NMSE alone), as the callback's ``budget_batches``.
         progress: True prints one line per solved layer to stderr; a callable gets (i, n, name).
         speed_guard: ``"auto"`` (default): True, except on an FSDP2-sharded model, where it is off
             (an explicit guard is refused there). True: ``SpeedGuard(mode="inference")``, forward-only timings at the
@@ -179,6 +182,8 @@ def factorize_model(
             group of consecutive layers that fits, each group solved and its statistics dropped
             before the next (``surgery/passes.py``); the factors are those of one pass. A one-shot
             iterator is first copied into a list. None (default): one pass.
+        sensitivity_batches: the old name of ``budget_batches`` (a ``DeprecationWarning``; it goes in
+            the next release).
 
     Returns:
         ``LayerReport`` per targeted layer, in the model's order (``format_reports`` prints them),
@@ -206,7 +211,8 @@ def factorize_model(
     device = settings.check_device(device)
     input_fn = settings.check_callable("input_fn", input_fn)
     output_fn = settings.check_callable("output_fn", output_fn, optional=False)
-    sensitivity_batches = settings.check_optional_whole("sensitivity_batches", sensitivity_batches, 1, "all batches")
+    budget_batches = renamed("sensitivity_batches", sensitivity_batches, budget_batches, "factorize_model")
+    budget_batches = settings.check_optional_whole("budget_batches", budget_batches, 0, "all batches")
     progress = settings.check_progress(progress)
     budget = settings.check_max_statistics_bytes(max_statistics_bytes)
     sharded = is_sharded(model)
@@ -241,7 +247,8 @@ def factorize_model(
     layers = selection.layers
     if not layers:
         raise RuntimeError(f"no targeted layer ran on the calibration data: {selection.skipped}")
-    probe = OutputProbe(model, layers, batches, input_fn, output_fn, sensitivity_batches) if policy.uses_probe else None
+    measuring = policy.uses_probe and budget_batches != 0
+    probe = OutputProbe(model, layers, batches, input_fn, output_fn, budget_batches) if measuring else None
     reports = refactorize(
         model, layers, None, policy, probe=probe, candidates=solved.candidates,
         agree=_rank_zero_choice if distributed else None,

@@ -1,12 +1,17 @@
-"""One short help text per argument of the engine and the callback, written once: both classes'
-docstrings get their ``Args:`` section from here (LightningCLI's ``--help`` reads it). The full
-reference of each argument is ``docs/callback.md``; ``docs/arguments.md`` sets them beside
-``factorize_model``'s."""
+"""The one vocabulary of the three doors (``LowRankFactorization``, ``FactorizationEngine``,
+``factorize_model``): one short help text per argument (the classes' ``Args:`` sections, which
+LightningCLI's ``--help`` reads), the defaults that differ on purpose between the training doors and
+the one-shot call (with why), and the old names that still work for one release.
+
+The full reference of each argument is ``docs/callback.md``; ``docs/arguments.md`` sets the doors'
+arguments side by side."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import TypeVar
+import warnings
+from typing import Any, TypeVar
 
 HELP: dict[str, str] = {
     "schedule": "{epoch: value} (with interval='step': {optimizer step: value}); a value is a RankPolicy "
@@ -27,7 +32,7 @@ HELP: dict[str, str] = {
     "sample_fraction": "share of each evaluation batch's rows used for statistics; 'auto' keeps their cost near "
     "5% of the layer's forward.",
     "budget_batches": "evaluation batches on which a ParamBudget measures each layer's effect on the network's "
-    "output; 0 allocates by the layers' NMSE alone.",
+    "output; 0 allocates by the layers' NMSE alone (factorize_model: None, all calibration batches).",
     "input_fn": "turns an evaluation batch into the model's input (default: a tuple/list batch's first element, "
     "a dict as keyword arguments, else the batch).",
     "regularization": ">= 0; moves the fit toward the plain SVD of the weights (few samples).",
@@ -49,6 +54,46 @@ HELP: dict[str, str] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Default:
+    """An argument's default at the training doors (the callback and the engine) and at the one-shot
+    call, and why they differ."""
+
+    training: Any
+    one_shot: Any
+    why: str
+
+
+DEFAULTS: dict[str, Default] = {
+    "max_samples": Default(100_000, 200_000, "statistics are collected at every milestone during training, on an "
+                           "evaluation set that may be large; a calibration set is read once"),
+    "sample_fraction": Default("auto", 1.0, "the same: training subsamples rows to keep collection near 5% of a "
+                               "forward; one-shot keeps every row"),
+    "budget_batches": Default(4, None, "a milestone measures on a few evaluation batches; one-shot on all the "
+                              "calibration batches it was given"),
+}  # fmt: skip
+
+RENAMED: dict[str, str] = {"sensitivity_batches": "budget_batches"}  # old name -> new name, until the next release
+
+
+def renamed(old: str, old_value: Any, new_value: Any, where: str) -> Any:
+    """The value of the argument now called ``RENAMED[old]``, given under ``old`` (a
+    ``DeprecationWarning``) or under its new name; both at once is refused."""
+    if old_value is None:
+        return new_value
+    new = RENAMED[old]
+    if new_value is not None:
+        raise ValueError(f"{where}: {old}= is the old name of {new}=; pass only {new}=")
+    warnings.warn(f"{where}: {old}= is renamed {new}= (the old name goes in the next release)", DeprecationWarning,
+                  stacklevel=3)  # fmt: skip
+    return old_value
+
+
+def default(name: str, door: str) -> Any:
+    """``DEFAULTS[name]`` at ``door`` (``"training"`` or ``"one_shot"``)."""
+    return getattr(DEFAULTS[name], door)
+
+
 T = TypeVar("T", bound=type)
 
 
@@ -60,4 +105,4 @@ def with_argument_help(cls: T) -> T:
     return cls
 
 
-__all__ = ["HELP", "with_argument_help"]
+__all__ = ["DEFAULTS", "HELP", "RENAMED", "Default", "default", "renamed", "with_argument_help"]
