@@ -105,6 +105,7 @@ import datetime
 import hashlib
 import json
 import math
+import statistics
 import tempfile
 import time
 import warnings
@@ -131,7 +132,7 @@ METHODS = ("svd", "asvd", "exact_uniform", "exact_budget_params", "exact_budget_
 UNIFORM = ("svd", "asvd", "exact_uniform")  # one rank everywhere: the same layers kept dense, the same weights
 ASVD_ALPHA = 0.5
 CALIBRATION_SEED = 1  # the training run drew its windows with seed 0 (generators 0..epochs-1); this draws 7919
-STAGES = ("compress", "recover", "scratch")
+STAGES = ("compress", "recover", "scratch", "inference")
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] int64, next-byte targets [B, T] int64
 
@@ -1003,6 +1004,74 @@ def stage_scratch(result: dict[str, Any], ctx: Context, setup: Setup, rs: Recove
     return [f"scratch/{key}"]
 
 
+# ------------------------------------------------------------------------------ stage "inference"
+
+INFERENCE_ROUNDS = 15  # alternating rounds (dense, compressed) per fraction; the ratio is their median
+
+
+def with_ranks(model: nn.Module, shapes: dict[str, LayerView], ranks: dict[str, Optional[int]]) -> nn.Module:
+    """A copy of ``model`` with each layer of ``ranks`` a pair of that rank (None: dense), the
+    structure a recovery cell ended with; the factors are its weight's truncated SVD (the timing
+    depends on the shapes only)."""
+    out = copy.deepcopy(model)
+    for name, rank in ranks.items():
+        if rank is not None:
+            linear = out.get_submodule(name)
+            wa, wb = svd_factors(linear.weight, rank)
+            set_submodule(out, name, FactorizedLinear.from_linear(linear, wa, wb, linear.bias))
+    return out
+
+
+def forward_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Seconds per forward of ``x`` (eval, no grad): the best of ``repeats`` after a warm-up."""
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def stage_inference(result: dict[str, Any], ctx: Context, val: list[Batch], setup: Setup,
+                    write: Callable[[], None]) -> list[str]:  # fmt: skip
+    """The compressed model's inference against dense (issue 30's last goal: >= 1.3x at 40 % kept):
+    a batch of 64 validation windows, one thread, eval mode, for each kept fraction that has
+    recovery cells (the ranks of ``callback_switch0``, seed 0: the exact budgeted one-shot's
+    structure) and the uniform exact rank; ``INFERENCE_ROUNDS`` alternating rounds of the two
+    models (each the best of 3 forwards), the speedup their median ratio. A cell already measured
+    is kept (delete ``stages.inference`` to measure again)."""
+    x = torch.cat([b[0] for b in val])[:64]
+    cells: dict[str, Any] = result["stages"].setdefault("inference", {})
+    ran = []
+    switch = result["stages"].get("recover", {}).get("callback_switch0", {})
+    structures = {f"budget_{f}": c["0"]["ranks"] for f, c in switch.items() if "0" in c}
+    uniform = result["setup_detail"]["uniform_ranks"]
+    for f in switch:
+        structures[f"uniform_{f}"] = {n: admissible(v, uniform[f]) for n, v in ctx.shapes.items()}
+    for key, ranks in structures.items():
+        if key in cells:
+            continue
+        compressed = with_ranks(ctx.trained, ctx.shapes, ranks)
+        ratios, dense_s, comp_s = [], [], []
+        for _ in range(INFERENCE_ROUNDS):
+            d, c = forward_seconds(ctx.trained, x, 3), forward_seconds(compressed, x, 3)
+            dense_s.append(d)
+            comp_s.append(c)
+            ratios.append(d / c)
+        cells[key] = {"kept_fraction": kept_of_ranks(ctx.shapes, ranks), "speedup": statistics.median(ratios),
+                      "speedup_min": min(ratios), "speedup_max": max(ratios),
+                      "dense_ms": 1e3 * statistics.median(dense_s), "compressed_ms": 1e3 * statistics.median(comp_s),
+                      "batch": list(x.shape), "threads": torch.get_num_threads()}  # fmt: skip
+        print(f"inference {key}: {cells[key]['speedup']:.2f}x dense ({cells[key]['compressed_ms']:.1f} ms vs "
+              f"{cells[key]['dense_ms']:.1f} ms)", flush=True)  # fmt: skip
+        ran.append(f"inference/{key}")
+        write()
+    return ran
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -1057,7 +1126,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         write_curve(info, curve, curve.with_suffix(".png"))
     path = out / "compress_trained.json"
     result = load_results(path, setup)
-    if stage in ("recover", "scratch", "all"):
+    if stage in ("recover", "scratch", "inference", "all"):
         record = json.loads(json.dumps(dataclasses.asdict(rs)))
         if result.get("recover_setup", record) != record:
             raise SystemExit(f"{path} holds recovery cells of another protocol: {result['recover_setup']} (now {record})")
@@ -1078,6 +1147,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                              args.methods)  # fmt: skip
     if stage in ("scratch", "all"):
         ran += stage_scratch(result, ctx, setup, rs, val, cache_root, write)
+    if stage in ("inference", "all"):
+        ran += stage_inference(result, ctx, val, setup, write)
     result["summary"] = {"compress": summarize_compress(result)}
     if result["stages"].get("recover"):
         result["summary"]["recover"] = summarize_recover(result)

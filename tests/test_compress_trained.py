@@ -133,7 +133,7 @@ def recover(result):
 def test_the_dry_run_covers_every_stage_quickly(dry_run):
     out, result = dry_run
     assert result["_test_seconds"] < 90
-    assert set(result["stages"]) == {"compress", "recover", "scratch"}
+    assert set(result["stages"]) == {"compress", "recover", "scratch", "inference"}
     assert result["last_run"]["stage"] == "all"
     assert (out / "compress_trained_recover.png").stat().st_size > 0
     assert result["recover_setup"] == json.loads(json.dumps(bench.dataclasses.asdict(bench.recover_setup_for(True))))
@@ -245,6 +245,18 @@ def test_fading_residual_starts_as_the_dense_map():
     fade._step = 4
     assert not torch.allclose(pair(x), dense(x), atol=1e-3)  # faded out: the pair alone
     fade._remove()
+
+
+def test_inference_is_timed_for_each_recovered_structure(dry_run):
+    _, result = dry_run
+    cells = result["stages"]["inference"]
+    assert set(cells) == {f"{k}_{f}" for k in ("budget", "uniform") for f in map(str, bench.RECOVER_FRACTIONS)}
+    for key, cell in cells.items():
+        assert cell["speedup_min"] <= cell["speedup"] <= cell["speedup_max"] and cell["dense_ms"] > 0
+        assert cell["batch"][0] <= 64 and cell["threads"] == 1
+    for f in map(str, bench.RECOVER_FRACTIONS):  # the budgeted structure is the recovered one-shot's
+        recovered = recover(result)["callback_switch0"][f]["0"]["kept_fraction"]
+        assert cells[f"budget_{f}"]["kept_fraction"] == pytest.approx(recovered)
 
 
 def test_recovery_cells_resume_and_honour_the_deadline(dry_run):
