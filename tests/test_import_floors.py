@@ -58,5 +58,5 @@ def test_imports_point_down_the_floors_only():
 
 
 def test_the_check_sees_relative_imports():
-    names = _imports(PACKAGE / "surgery" / "refactorize.py")
+    names = _imports(PACKAGE / "surgery" / "swap" / "refactorize.py")
     assert "factorize_plugin.core.solver" in names and "factorize_plugin.layers.sharded" in names

@@ -9,7 +9,7 @@ loop (``examples/plain_loop.py``); ``integration/lightning_host.py`` for a Light
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Protocol, Sequence, Sized
 
 import torch
 import torch.nn as nn
@@ -25,12 +25,22 @@ class Host(Protocol):
     ``torch.distributed`` job (1 / True alone); ``device``: where the model's batches go;
     ``optimizers``: those training the model (edited in place at a swap)."""
 
-    global_step: int
     epoch: int
-    world_size: int
-    is_global_zero: bool
-    device: torch.device
-    optimizers: Sequence[torch.optim.Optimizer]
+
+    @property
+    def global_step(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def is_global_zero(self) -> bool: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def optimizers(self) -> Sequence[torch.optim.Optimizer]: ...
 
     def steps_per_epoch(self) -> Optional[int]:
         """Optimizer steps per epoch (the re-warm's ``"auto"`` length), None where unknown."""
@@ -136,7 +146,7 @@ class PlainHost:
         return self._batch_size
 
     def evaluation_loaders(self) -> tuple[list[Iterable], list[float]]:
-        return [self._batches], [len(self._batches) if hasattr(self._batches, "__len__") else float("inf")]
+        return [self._batches], [len(self._batches) if isinstance(self._batches, Sized) else float("inf")]
 
     def to_device(self, batch: Any, loader_index: int = 0) -> Any:
         if isinstance(batch, torch.Tensor):

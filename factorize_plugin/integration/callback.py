@@ -280,8 +280,8 @@ class LowRankFactorization(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain data only (loadable with torch's safe ``weights_only`` unpickler), with a ``version``."""
         trainer, module = self._trainer, self._pl_module
-        fitted = trainer is not None and module is not None
-        state = self.engine.state_dict(self._host(trainer, module) if fitted else None, module)
+        host = self._host(trainer, module) if trainer is not None and module is not None else None
+        state = self.engine.state_dict(host, module)
         state["auto"] = None if self._auto is None else self._auto.state_dict()
         return state
 

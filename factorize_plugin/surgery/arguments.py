@@ -100,7 +100,7 @@ T = TypeVar("T", bound=type)
 def with_argument_help(cls: T) -> T:
     """Class decorator: appends a Google-style ``Args:`` block for the parameters of ``cls.__init__``
     (in their order) to the class docstring."""
-    names = list(inspect.signature(cls.__init__).parameters)[1:]  # (self left out)
+    names = list(inspect.signature(cls).parameters)
     cls.__doc__ = (cls.__doc__ or "") + "\n    Args:\n" + "".join(f"        {n}: {HELP[n]}\n" for n in names)
     return cls
 
