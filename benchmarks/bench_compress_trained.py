@@ -908,12 +908,13 @@ def plot_recover(result: dict[str, Any], path: Path) -> bool:
               "callback_progressive": "*-", "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:",
               "callback_progressive_early": "P:", "callback_progressive_kd": "h:",
               "exact_budget_params_ft_fade": "v:", "callback_progressive_fade": "<:"}  # fmt: skip
-    for i, method in enumerate(RECOVER_METHODS[1:]):
+    shown = [m for m in RECOVER_METHODS[1:] if m not in LEVERS or m == "exact_budget_params_ft_kd"]  # (the best lever)
+    for i, method in enumerate(shown):
         pts = []
         for by_seed in cells.get(method, {}).values():
             losses = [c["val_loss"] for c in by_seed.values()]
             kept = sum(c["kept_fraction"] for c in by_seed.values()) / len(by_seed)
-            pts.append((kept + (i - len(RECOVER_METHODS) / 2 + 1) * 0.003, sum(losses) / len(losses), min(losses), max(losses), len(losses)))
+            pts.append((kept + (i - len(shown) / 2) * 0.003, sum(losses) / len(losses), min(losses), max(losses), len(losses)))
         if pts:
             pts.sort()
             x, m, lo, hi, n = zip(*pts)
