@@ -73,6 +73,10 @@ DEFAULTS: dict[str, Default] = {
                               "calibration batches it was given"),
 }  # fmt: skip
 
+# Same name, same meaning at every door, what is measured follows the door: ``speed_guard`` keeps a
+# change only where what the door runs gets measurably faster. The training doors run training (the
+# whole training step by default), ``factorize_model`` produces a model for inference (each layer's
+# forward alone); ``SpeedGuard(mode=..., scope=...)`` names the measurement explicitly at any door.
 RENAMED: dict[str, str] = {"sensitivity_batches": "budget_batches"}  # old name -> new name, until the next release
 
 
