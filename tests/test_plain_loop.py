@@ -75,3 +75,24 @@ def test_the_plain_loop_imports_no_lightning():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no lightning" in out.stdout and "epoch 1: evaluation accuracy" in out.stdout
+
+
+def test_the_engine_in_a_plain_two_process_ddp_loop(tmp_path):
+    """``PlainHost`` in a ``torch.distributed`` job (gloo, 2 processes, each with its own data): the
+    statistics are summed over both (the fit is to the union of their batches), the ranks agree and
+    both install bit-identical factors at every milestone."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "plain_ddp_script.py"), str(tmp_path), port],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert [h["epoch"] for h in r0["history"]] == [1, 2] and r0["ranks"] == r1["ranks"] == {"0": 12, "2": 16}
+    assert [h["ranks"] for h in r0["history"]] == [h["ranks"] for h in r1["history"]]
+    assert [h["samples"] for h in r0["history"]] == [h["samples"] for h in r1["history"]]
+    assert r0["history"][0]["samples"]["0"] == 2 * 2 * 32  # both processes' evaluation rows
+    assert all(torch.equal(r0["weights"][n], r1["weights"][n]) for n in ("0", "2"))
