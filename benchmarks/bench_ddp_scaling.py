@@ -31,7 +31,7 @@ Part 3 (``--sharded``, run alone): each layer solved once per job (issue 23, ite
 processes (``--worlds``) collect float64 statistics of a stack of transformer-block Linear layers
 (q, k, v, o: W x W; fc1 W x 4W; fc2 4W x W; ``space="auto"``) on their own random rows, then
 refactorize twice: statistics all-reduced (every process solves every layer: the one-process
-work) and reduced to each layer's owner (``surgery/sharding.py``). Per process: the solve's CPU
+work) and reduced to each layer's owner (``surgery/statistics/sharding.py``). Per process: the solve's CPU
 seconds (``decompose`` calls, one thread), the statistics bytes held after the reduce, the
 reduce time; the factors' agreement across processes and with the all-reduce path.
 

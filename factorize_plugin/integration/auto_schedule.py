@@ -1,7 +1,7 @@
 """``schedule="auto"``: when to switch, decided at each validation run from the readiness signal.
 
 The callback asks ``AutoSchedule`` at the start of every validation run of ``fit`` (never the
-sanity check): the layers' stable ranks are measured (``surgery/readiness.py``, weights only),
+sanity check): the layers' stable ranks are measured (``surgery/ranks/readiness.py``, weights only),
 averaged over the DDP ranks, and compared with the previous run's and with the rank the target
 plans for each layer (a layer is settled when it moved by at most ``tolerance``, or when its stable
 rank is within ``room`` of the rank it will keep). When the model is ready (or the

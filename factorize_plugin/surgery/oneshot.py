@@ -180,7 +180,7 @@ def factorize_model(
             targeted layer would exceed it (``passes.statistics_bound``, from the shapes: sharing
             not counted, held-out halves counted 3x), the calibration batches are run once per
             group of consecutive layers that fits, each group solved and its statistics dropped
-            before the next (``surgery/passes.py``); the factors are those of one pass. A one-shot
+            before the next (``surgery/statistics/passes.py``); the factors are those of one pass. A one-shot
             iterator is first copied into a list. None (default): one pass.
         sensitivity_batches: the old name of ``budget_batches`` (a ``DeprecationWarning``; it goes in
             the next release).

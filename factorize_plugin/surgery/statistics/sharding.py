@@ -10,7 +10,7 @@ every process chooses the same ranks; after the ranks are agreed the factors at 
 are broadcast from each layer's owner, so every process installs the same bytes.
 
 Plain PyTorch: the collectives are callables (``Sharding``) the caller builds from its process
-group (the Lightning callback, in ``integration/distributed.py``); nothing here imports Lightning.
+group (the Lightning callback, in ``engine/distributed.py``); nothing here imports Lightning.
 A policy that runs the model with trial ranks (``ParamBudget`` with an output probe) needs the
 factors of those trial ranks on every process: callers use the all-reduce path for it instead.
 """

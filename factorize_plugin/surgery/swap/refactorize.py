@@ -192,7 +192,7 @@ def refactorize(
         sharding: under DDP, with ``stats`` reduced to each layer's owner (``sharding.owners``;
             ``ActivationCollector.reduce_to_owners_``): each process solves only its layers, the
             NMSE curves are gathered, and after ``agree`` the factors at the agreed ranks are
-            broadcast from their owners (``surgery/sharding.py``). Needs ``agree`` and no
+            broadcast from their owners (``surgery/statistics/sharding.py``). Needs ``agree`` and no
             ``probe`` (a probe runs the model with trial ranks, whose factors every process
             would need: use all-reduced statistics without ``sharding`` for it) and no ``holdout``.
         candidates: the layers already solved (``build_candidates``, e.g. pass by pass:
