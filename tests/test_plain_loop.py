@@ -96,3 +96,16 @@ def test_the_engine_in_a_plain_two_process_ddp_loop(tmp_path):
     assert [h["samples"] for h in r0["history"]] == [h["samples"] for h in r1["history"]]
     assert r0["history"][0]["samples"]["0"] == 2 * 2 * 32  # both processes' evaluation rows
     assert all(torch.equal(r0["weights"][n], r1["weights"][n]) for n in ("0", "2"))
+
+
+def test_a_driver_adds_milestones_as_it_goes_and_may_not_go_back_up():
+    from factorize_plugin import FactorizationEngine
+
+    engine = FactorizationEngine(speed_guard=False)
+    assert engine.schedule == {} and not engine.pending()
+    engine.add_milestone(2, 0.5)
+    engine.add_milestone(4, 0.25)
+    assert list(engine.schedule) == [2, 4] and engine.due(3) == [2] and engine.pending()
+    with pytest.raises(ValueError, match="goes back up at epoch 6"):
+        engine.add_milestone(6, 0.75)
+    assert list(engine.schedule) == [2, 4]  # a refused milestone leaves the schedule as it was
