@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("mlxtend")
-from examples import plain_loop  # noqa: E402
-from factorize_plugin import FactorizedLinear  # noqa: E402
+from examples import plain_loop
+from factorize_plugin import FactorizedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 
