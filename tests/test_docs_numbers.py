@@ -466,6 +466,32 @@ def compress_inference_table() -> str:
     return "\n".join(rows)
 
 
+CNN_METHODS = {
+    "exact_budget_ft": "exact fit (`ParamBudget`), then fine-tuning",
+    "callback_switch0": "the callback, one switch at step 0",
+    "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80",
+}
+
+
+@generated
+def cnn_recover_table() -> str:
+    d = res("cnn_recover.json")
+    summary = d["summary"]
+    fractions = sorted({f for m in CNN_METHODS for f in summary.get(m, {})}, key=float, reverse=True)
+    rows = [
+        "| after 120 steps on 1,000 digits | " + " | ".join(f"{pct(float(f))} kept" for f in fractions) + " |",
+        "|---" * (len(fractions) + 1) + "|",
+    ]
+    for key, label in CNN_METHODS.items():
+        cells = [f"{summary[key][f]['loss_mean']:.4f} / {pct(summary[key][f]['accuracy_mean'], 2)}"
+                 if f in summary.get(key, {}) else "not run" for f in fractions]  # fmt: skip
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    dense = summary["dense_ft"]["1.0"]
+    rows.append(f"| the pretrained CNN, fine-tuned | {dense['loss_mean']:.4f} / {pct(dense['accuracy_mean'], 2)} |"
+                + " |" * (len(fractions) - 1))  # fmt: skip
+    return "\n".join(rows)
+
+
 @generated
 def readme_compress_trained() -> str:
     d = res("compress_trained.json")
