@@ -158,10 +158,6 @@ class FactorizationEngine:
         """Whether a milestone of the schedule is still to come."""
         return any(e not in self.done for e in self.schedule)
 
-    def position(self, host: Host) -> int:
-        """Where training stands in the schedule's unit: the epoch, or the optimizer step."""
-        return host.global_step if self.interval == "step" else host.epoch
-
     # ------------------------------------------------------------ the evaluation
     def begin_evaluation(self, host: Host, model: nn.Module, upcoming: int, batch_limits: list) -> bool:
         """Before an evaluation run: if a milestone is due at ``upcoming`` (the next position a
@@ -186,8 +182,7 @@ class FactorizationEngine:
     @contextlib.contextmanager
     def observing(self, host: Host, model: nn.Module, upcoming: int) -> Iterator[None]:
         """``begin_evaluation`` / ``end_evaluation`` around a hand-written evaluation loop."""
-        loaders, limits = host.evaluation_loaders()
-        self.begin_evaluation(host, model, upcoming, limits)
+        self.begin_evaluation(host, model, upcoming, host.evaluation_loaders()[1])
         try:
             yield
         finally:
