@@ -405,7 +405,7 @@ def recover_mean(method: str, fraction: str) -> tuple[float, float, float, int]:
 @generated
 def compress_recover_table() -> str:
     recover = res("compress_trained.json")["stages"]["recover"]
-    fractions = [f for f in ("0.6", "0.4", "0.2") if any(f in recover.get(m, {}) for m in RECOVER_METHODS)]
+    fractions = [f for f in ("0.8", "0.6", "0.4", "0.2") if any(f in recover.get(m, {}) for m in RECOVER_METHODS)]
     rows = [
         "| after 120 steps of recovery | " + " | ".join(f"{pct(float(f))} kept" for f in fractions) + " |",
         "|---" * (len(fractions) + 1) + "|",
