@@ -1,6 +1,6 @@
 """How much a milestone moved the *network's* output: a torchmetrics ``Metric`` with sum states.
 
-Before the swap the callback runs a few validation batches (``output_batches``) through the model
+Before the swap the engine runs a few evaluation batches (``output_batches``) through the model
 and keeps the outputs y (logits); after the swap it runs the same batches again (ŷ) and updates
 ``OutputNMSE`` with them. The value is sum (ŷ - y)^2 / sum (y - mean y)^2 over every element of
 those outputs, one scalar mean (as torchmetrics' ``RelativeSquaredError`` on flattened tensors).

@@ -19,8 +19,8 @@ another): its scale is capped at 1 and its hooks are removed after its own n-th 
 at the end of that training batch: it cannot leave while torch iterates it). Every DDP rank
 steps the same optimizer the same number of times, so every rank scales alike. The ramp's progress
 is checkpointed (a run resumed mid-way finishes the same ramp) and kept when ``fit`` ends, so the
-same callback's next ``fit`` on the same model goes on where it stopped (a fit on another model
-starts over, and drops it with the rest of the callback's state).
+same engine's (callback's) next run on the same model goes on where it stopped (a fit on another
+model starts over, and drops it with the rest of the state).
 
 ``rewarm_steps="auto"`` picks a quarter of an epoch's optimizer steps, at most 1000 (Adam's
 second moment forgets with time constant 1 / (1 - beta2) = 1000 steps at its default). On the LM
@@ -57,12 +57,12 @@ def rewarm_length(setting: Union[int, str], steps_per_epoch: Optional[int]) -> i
 class LRRewarm:
     """Scales the learning rate of ``optimizers`` for their next ``total`` optimizer steps each.
 
-    ``setting``: the callback's ``rewarm_steps`` (``"auto"`` or a whole number, 0: never)."""
+    ``setting``: the engine's (and the callback's) ``rewarm_steps`` (``"auto"`` or a whole number, 0: never)."""
 
     def __init__(self, setting: Union[int, str] = "auto") -> None:
         self.setting = setting
         self.total = 0
-        self._order: list[int] = []  # id() of each ramped optimizer, in the trainer's order
+        self._order: list[int] = []  # id() of each ramped optimizer, in the loop's order
         self._counts: dict[int, int] = {}  # id(optimizer) -> ramp steps it has taken
         self._handles: dict[int, list[Any]] = {}  # the hooks of the optimizers still ramping
         self._spent: list[Any] = []  # post-hooks of ramps that ended, removed by release()
@@ -134,14 +134,14 @@ class LRRewarm:
     def release(self) -> None:
         """Removes the post-hooks of the optimizers whose ramp has ended. An optimizer's post-hook
         cannot remove itself (torch is iterating that dict), so it stays, doing nothing, until this
-        runs: after every training batch (the callback) and at ``start`` / ``stop`` / ``pause``."""
+        runs: after every training batch (``FactorizationEngine.end_batch``) and at ``start`` / ``stop`` / ``pause``."""
         for handle in self._spent:
             handle.remove()
         self._spent = []
 
     def state_dict(self) -> Optional[dict[str, Any]]:
         """``total``, ``done`` (the slowest optimizer's count) and ``counts`` (one per optimizer, in
-        the trainer's order); None when no ramp is running or waiting."""
+        the loop's order); None when no ramp is running or waiting."""
         if self._handles:
             return {"total": self.total, "done": self.done, "counts": [self._counts[k] for k in self._order]}
         return dict(self._pending) if self._pending else None

@@ -2,7 +2,7 @@
 
 Lightning (and a careful plain loop) loads checkpoints with torch's safe ``weights_only``
 unpickler: the state may hold only
-numbers, strings, bools, None, lists, tuples and dicts. ``plain`` turns what the callback records
+numbers, strings, bools, None, lists, tuples and dicts. ``plain`` turns what the engine records
 into that (a rank policy into its ``policy_spec``); ``migrate_state`` brings a state written by an
 earlier release up to ``STATE_VERSION``.
 
