@@ -168,6 +168,9 @@ def run_cell(method: str, fraction: float, seed: int, pretrained: nn.Module, dat
 
 
 def summarize(cells: dict[str, Any]) -> dict[str, Any]:
+    """Means over seeds per method and fraction, and under ``"goals"`` issue 30's comparison per
+    fraction and seed: progressive against compress-once + fine-tuning (lower evaluation loss,
+    higher accuracy, the share of the one-shot's gap to the fine-tuned dense CNN it closes)."""
     out: dict[str, Any] = {}
     for method, by_fraction in cells.items():
         for f, by_seed in by_fraction.items():
@@ -175,6 +178,18 @@ def summarize(cells: dict[str, Any]) -> dict[str, Any]:
             accs = [c["after"]["accuracy"] for c in by_seed.values()]
             out.setdefault(method, {})[f] = {"loss_mean": sum(losses) / len(losses), "accuracy_mean": sum(accs) / len(accs),
                                              "seeds": len(losses)}  # fmt: skip
+    goals: dict[str, Any] = {}
+    dense = cells.get("dense_ft", {}).get("1.0", {})
+    for f, by_seed in cells.get("callback_progressive", {}).items():
+        one_shot = cells.get("exact_budget_ft", {}).get(f, {})
+        per = {}
+        for s in sorted(set(by_seed) & set(one_shot) & set(dense)):
+            p, o, d = by_seed[s]["after"], one_shot[s]["after"], dense[s]["after"]
+            closed = (o["loss"] - p["loss"]) / (o["loss"] - d["loss"]) if o["loss"] > d["loss"] else None
+            per[s] = {"lower_loss": p["loss"] < o["loss"], "higher_accuracy": p["accuracy"] > o["accuracy"],
+                      "gap_closed": closed}  # fmt: skip
+        goals[f] = {"per_seed": per, "beats_one_shot_on_every_seed": bool(per) and all(v["lower_loss"] for v in per.values())}
+    out["goals"] = goals
     return out
 
 

@@ -36,3 +36,13 @@ def test_the_callbacks_step_zero_switch_is_the_one_shot_and_progressive_applies_
     progressive = result["cells"]["callback_progressive"]["0.2"]["0"]
     steps = result["setup"]["steps"]
     assert progressive["milestones"] == [0, steps // 3, 2 * steps // 3]
+
+
+def test_the_summary_compares_progressive_with_compress_once_per_seed(dry):
+    _, result = dry
+    goal = result["summary"]["goals"]["0.2"]
+    seed = goal["per_seed"]["0"]
+    progressive = result["cells"]["callback_progressive"]["0.2"]["0"]["after"]
+    one_shot = result["cells"]["exact_budget_ft"]["0.2"]["0"]["after"]
+    assert seed["lower_loss"] == (progressive["loss"] < one_shot["loss"])
+    assert goal["beats_one_shot_on_every_seed"] == seed["lower_loss"]

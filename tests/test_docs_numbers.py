@@ -477,7 +477,7 @@ CNN_METHODS = {
 def cnn_recover_table() -> str:
     d = res("cnn_recover.json")
     summary = d["summary"]
-    fractions = sorted({f for m in CNN_METHODS for f in summary.get(m, {})}, key=float, reverse=True)
+    fractions = sorted({f for m in CNN_METHODS for f in summary.get(m, {})}, key=float, reverse=True)  # (not "goals")
     rows = [
         "| after 120 steps on 1,000 digits | " + " | ".join(f"{pct(float(f))} kept" for f in fractions) + " |",
         "|---" * (len(fractions) + 1) + "|",
