@@ -5,8 +5,9 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 
+from factorize_plugin.engine.output_shift import first_batches
+from factorize_plugin.integration.lightning_host import LightningHost
 from factorize_plugin.integration.lightning_internals import (
-    first_validation_batches,
     preserved_metric_states,
     silenced_logging,
     start_method,
@@ -20,7 +21,7 @@ class _LoaderProbe(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self.loaders, self.limits = validation_loaders(trainer)
         state = torch.random.get_rng_state()
-        self.batches = first_validation_batches(trainer, 5)
+        self.batches = first_batches(LightningHost(trainer, pl_module), 5)
         self.rng_kept = torch.equal(state, torch.random.get_rng_state())
 
 

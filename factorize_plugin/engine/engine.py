@@ -189,13 +189,17 @@ class FactorizationEngine:
             self.end_evaluation(host)
 
     # ------------------------------------------------------------------ boundaries
-    def start_epoch(self, host: Host, model: nn.Module, epoch: int) -> Optional[dict[str, Any]]:
+    def start_epoch(
+        self, host: Host, model: nn.Module, epoch: int, undecided: bool = False
+    ) -> Optional[dict[str, Any]]:
         """At the start of ``epoch``: applies the milestone due then (``interval="epoch"``) and
-        starts watching the training inputs if the next epoch has one. Returns its history entry."""
+        starts watching the training inputs if the next epoch has one (or may: ``undecided``, a
+        driver that adds milestones as it goes). Returns the milestone's history entry."""
         host.epoch = epoch
-        entry = self.apply_due(host, model, epoch) if self.interval == "epoch" else None
-        if self.interval == "epoch":
-            self.watch_training_inputs(host, model, upcoming=bool(self.due(epoch + 1)))
+        if self.interval != "epoch":
+            return None
+        entry = self.apply_due(host, model, epoch)
+        self.watch_training_inputs(host, model, upcoming=bool(self.due(epoch + 1)) or undecided)
         return entry
 
     def start_batch(self, host: Host, model: nn.Module, batch: Any) -> Optional[dict[str, Any]]:

@@ -6,7 +6,7 @@ shift, ``output_batches``; a measuring ``ParamBudget``, ``budget_batches``) by t
 ``surgery/calling.py``. Whether ``forward`` can take what that rule makes of a batch is read
 from its signature against the batch (``calling.layout_problem``: no forward pass, nothing of the
 run changes), on the first validation batch of the sanity check, or, without one, on the first
-validation batch fetched before training (``first_validation_batches``: the RNG left as it was).
+validation batch fetched before training (``engine.output_shift.first_batches``: the RNG left as it was).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 
+from ..engine.output_shift import first_batches
 from ..surgery.calling import BatchLayoutError, InputFn, layout_problem
-from .lightning_internals import first_validation_batches
+from .lightning_host import LightningHost
 
 
 class BatchLayoutCheck:
@@ -50,7 +51,7 @@ class BatchLayoutCheck:
     def before_training(self, trainer: Trainer, pl_module: LightningModule, input_fn: Optional[InputFn]) -> None:
         """Without a sanity check that showed a validation batch: fetches the first one and checks it."""
         if self.pending:
-            batches = first_validation_batches(trainer, 1)
+            batches = first_batches(LightningHost(trainer, pl_module), 1)
             self.pending = bool(batches)  # no validation batch at all: nothing to check
             if batches:
                 self.see(pl_module, batches[0], input_fn)

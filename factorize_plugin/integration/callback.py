@@ -253,12 +253,8 @@ class LowRankFactorization(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.interval == "step":  # milestones fall on optimizer steps (on_train_batch_start)
-            return
-        host, epoch = self._host(trainer, pl_module), trainer.current_epoch
-        self.engine.apply_due(host, pl_module, epoch)
-        undecided = self._auto is not None and self._auto.switch_epoch is None
-        self.engine.watch_training_inputs(host, pl_module, upcoming=bool(self.engine.due(epoch + 1)) or undecided)
+        undecided = self._auto is not None and self._auto.switch_epoch is None  # auto may still switch next epoch
+        self.engine.start_epoch(self._host(trainer, pl_module), pl_module, trainer.current_epoch, undecided)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

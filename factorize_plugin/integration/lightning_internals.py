@@ -34,20 +34,6 @@ def validation_loaders(trainer: Trainer) -> tuple[list, list]:
     return loaders, limits
 
 
-def first_validation_batches(trainer: Trainer, n: int) -> list:
-    """The first ``n`` batches of the first validation loader (fewer under ``limit_val_batches``),
-    on the model's device. The global RNG is left as it was: iterating a loader draws its base seed
-    from it, and these extra passes must not change the training run's random stream."""
-    loaders, limits = validation_loaders(trainer)
-    batches: list = []
-    with torch.random.fork_rng(devices=[]):
-        for i, batch in enumerate(loaders[0]):
-            if i >= min(n, limits[0]):
-                break
-            batches.append(trainer.strategy.batch_to_device(batch))
-    return batches
-
-
 def validation_source_defined(trainer: Trainer) -> bool | None:
     """Whether the fit got validation data (``val_dataloaders``, the model's or the datamodule's
     ``val_dataloader``), None if Lightning does not say. Reads the fit loop's private
