@@ -45,7 +45,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from benchmarks._common import package_version  # noqa: E402
+from benchmarks._common import package_version, recovery_trainer, warmup_cosine  # noqa: E402
 from benchmarks.bench_pretrained_mnist import load_digits  # noqa: E402
 from examples.tasks.pretrained import load_pretrained_digit_recognizer  # noqa: E402
 from factorize_plugin import (  # noqa: E402
@@ -63,14 +63,6 @@ TARGETS = ["conv_layers.3", "conv_layers.6", "fc_layers.0"]
 METHODS = ("dense_ft", "exact_budget_ft", "callback_switch0", "callback_progressive")
 FRACTIONS, SEEDS, STEPS, BATCH, PROBE_BATCHES = (0.2, 0.1), (0, 1, 2), 120, 64, 4
 PEAK_LR, FINAL_LR, WARMUP = 1e-3, 1e-4, 10
-
-
-def lr_factor(step: int, steps: int) -> float:
-    if step < WARMUP:
-        return (step + 1) / WARMUP
-    t = min(1.0, (step - WARMUP) / max(1, steps - 1 - WARMUP))
-    low = FINAL_LR / PEAK_LR
-    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 class Recovery(pl.LightningModule):
@@ -91,7 +83,7 @@ class Recovery(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = torch.optim.AdamW(self.parameters(), lr=PEAK_LR)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, self.steps, WARMUP, FINAL_LR / PEAK_LR))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
@@ -128,11 +120,7 @@ def structure(net: nn.Module, pretrained: nn.Module) -> tuple[dict[str, Optional
 def fine_tune(net: nn.Module, data: dict[str, TensorDataset], steps: int, seed: int,
               callback: Optional[LowRankFactorization] = None) -> None:  # fmt: skip
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, callbacks=[callback] if callback else [],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, check_val_every_n_epoch=2,
-    )  # fmt: skip
+    trainer = recovery_trainer(steps, [callback] if callback else [])
     net.train()
     trainer.fit(Recovery(net, data["train"], data["calibration"], steps, seed))
     assert trainer.global_step == steps

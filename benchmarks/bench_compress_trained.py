@@ -104,7 +104,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -117,11 +116,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from benchmarks._common import package_version
+from benchmarks._common import package_version, recovery_trainer, warmup_cosine
 from examples.gpt_task import Windows, corpus
 from examples.trained_gpt import TrainedGPTConfig, dry_run_config, load_trained_gpt, mean_loss, write_curve
 from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, factorize_model, progressive
-from factorize_plugin.layers.adapters import LayerView, layer_view
+from factorize_plugin.layers.adapters import LayerView, layer_view, weight_matrix
 from factorize_plugin.surgery.ranks.candidates import admissible
 from factorize_plugin.surgery.select.modules import match_names, set_submodule
 
@@ -510,11 +509,7 @@ class RecoverSetup:
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``peak_lr`` for the update after ``step`` optimizer steps (LambdaLR)."""
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        t = min(1.0, (step - self.warmup) / max(1, self.steps - 1 - self.warmup))
-        low = self.final_lr / self.peak_lr
-        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine(step, self.steps, self.warmup, self.final_lr / self.peak_lr)
 
 
 def recover_setup_for(dry_run: bool) -> RecoverSetup:
@@ -610,12 +605,10 @@ class FadingResidual(pl.Callback):
         self.faded_steps = 0
 
     def _effective(self, net: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        from factorize_plugin.layers import weight_matrix
-
+        """Each layer's map as the network computes it now: its weights plus the fading residual."""
         out = {}
         for name in self.names:
-            w, b = weight_matrix(net.get_submodule(name))
-            b = torch.zeros(w.shape[1], dtype=w.dtype) if b is None else b
+            w, b = weight_matrix_of(net.get_submodule(name))
             if name in self.residual:
                 rw, rb, start = self.residual[name]
                 a = self._alpha(start, self._step)
@@ -653,7 +646,7 @@ class FadingResidual(pl.Callback):
 
     def _start(self, net: nn.Module, before: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> None:
         self._remove()
-        after = {n: v for n, v in self._effective_plain(net).items()}
+        after = {n: weight_matrix_of(net.get_submodule(n)) for n in self.names}  # the new pairs alone
         self.residual = {}
         for name in self.names:
             rw, rb = before[name][0] - after[name][0], before[name][1] - after[name][1]
@@ -665,13 +658,6 @@ class FadingResidual(pl.Callback):
 
             self.handles.append(net.get_submodule(name).register_forward_hook(hook))
 
-    def _effective_plain(self, net: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        saved, self.residual = self.residual, {}
-        try:
-            return self._effective(net)
-        finally:
-            self.residual = saved
-
     def _remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -679,8 +665,7 @@ class FadingResidual(pl.Callback):
 
 
 def weight_matrix_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    from factorize_plugin.layers import weight_matrix
-
+    """(W [in, out], bias [out], zeros where the layer has none), float64."""
     w, b = weight_matrix(module)
     return w, torch.zeros(w.shape[1], dtype=w.dtype) if b is None else b
 
@@ -700,12 +685,8 @@ def fine_tune(net: nn.Module, setup: Setup, rs: RecoverSetup, seed: int, callbac
     pl.seed_everything(seed, verbose=False)
     task = RecoveryTask(net, recovery_windows(setup, rs, seed), calibration_windows(setup), setup.model.batch_size, rs,
                         teacher)  # fmt: skip
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=rs.steps, max_epochs=1,
-        callbacks=[c for c in (callback, extra) if c is not None],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=setup.calibration_batches, check_val_every_n_epoch=2,
-    )  # fmt: skip
+    callbacks = [c for c in (callback, extra) if c is not None]
+    trainer = recovery_trainer(rs.steps, callbacks, limit_val_batches=setup.calibration_batches)
     net.train()  # no dropout or batch norm here: the same arithmetic as eval mode, without Lightning's warning
     trainer.fit(task)
     assert trainer.global_step == rs.steps, (trainer.global_step, rs.steps)
