@@ -93,8 +93,8 @@ def train(
         enable_factorized_loading(model)
         model.load_state_dict(saved["model"])  # rebuilds the pairs the run had, then loads their weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    host = PlainHost(model, [optimizer], val, loss_fn=loss_of, steps_per_epoch=len(train_data[1]) // BATCH + 1,
-                     batch_size=BATCH, log=None)  # fmt: skip
+    steps_per_epoch = -(-len(train_data[1]) // BATCH)  # batches per epoch, the last one short
+    host = PlainHost(model, [optimizer], val, loss_fn=loss_of, steps_per_epoch=steps_per_epoch, batch_size=BATCH)
     start = 0
     if saved is not None:
         engine.load_state_dict(saved["engine"])

@@ -5,7 +5,6 @@ process; and the refusals decided before training."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn as nn
 from factorize_plugin.layers.sharded import check_units
 from factorize_plugin.surgery.swap.sharded_resume import pairs_in
 from factorize_plugin.surgery.timing.speed import resolve_guard
+from sharded_script import free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,12 +27,6 @@ def _run(script: str, *args: str, timeout: int = 400) -> None:
         [sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -119,7 +113,7 @@ def test_fsdp_auto_schedule_switches_alike_on_every_process(tmp_path):
 
 @pytest.mark.slow
 def test_factorize_model_on_a_fully_sharded_model_matches_one_process(tmp_path):
-    _run("fsdp_oneshot_script.py", str(tmp_path), _free_port(), timeout=300)
+    _run("fsdp_oneshot_script.py", str(tmp_path), str(free_port()), timeout=300)
     r0, r1 = (torch.load(tmp_path / f"oneshot_rank{r}.pt", weights_only=False) for r in (0, 1))
     ref = torch.load(tmp_path / "oneshot_reference.pt", weights_only=False)
     assert r0["first"] == r1["first"] == {"0": 16, "2": 16}

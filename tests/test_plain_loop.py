@@ -80,12 +80,9 @@ def test_the_engine_in_a_plain_two_process_ddp_loop(tmp_path):
     """``PlainHost`` in a ``torch.distributed`` job (gloo, 2 processes, each with its own data): the
     statistics are summed over both (the fit is to the union of their batches), the ranks agree and
     both install bit-identical factors at every milestone."""
-    import socket
+    from sharded_script import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "plain_ddp_script.py"), str(tmp_path), port],
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "plain_ddp_script.py"), str(tmp_path), str(free_port())],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
