@@ -242,6 +242,7 @@ def run_job(job: dict) -> list[dict]:
             out.append(_record(method, f, seed, model, dm, t0))
         return out
     if method == "oneshot":
+        from factorize_plugin import Statistics
         from factorize_plugin.surgery.oneshot import factorize_model
 
         e_dense = cfg["oneshot_epoch"]
@@ -254,8 +255,8 @@ def run_job(job: dict) -> list[dict]:
             t1 = time.perf_counter()
             model = copy.deepcopy(dense)
             reports = factorize_model(
-                model, dm.val_dataloader(), rank=f, targets=TARGETS, input_fn=lambda b: b[0], max_samples=100_000,
-                sample_fraction="auto", space="auto",
+                model, dm.val_dataloader(), rank=f, targets=TARGETS, input_fn=lambda b: b[0],
+                statistics=Statistics(max_samples=100_000, sample_fraction="auto", space="auto"),
             )  # fmt: skip
             acc_after_factorize = test_accuracy(model, dm)
             model.hparams.lr = cfg["ft_lr"]
@@ -268,7 +269,7 @@ def run_job(job: dict) -> list[dict]:
             out.append(rec)
         return out
     if method in ("progressive", "late"):
-        from factorize_plugin import LowRankFactorization
+        from factorize_plugin import LowRankFactorization, Targets
 
         out = []
         for f in job["fractions"]:
@@ -277,7 +278,7 @@ def run_job(job: dict) -> list[dict]:
                 schedule = {cfg["milestones"][0]: math.sqrt(f), cfg["milestones"][1]: f}
             else:
                 schedule = {cfg["milestones"][1]: f}
-            cb = LowRankFactorization(schedule, mode="rank", targets=TARGETS, min_features=MIN_FEATURES, verbose=False)
+            cb = LowRankFactorization(schedule, mode="rank", targets=Targets(TARGETS, min_features=MIN_FEATURES), verbose=False)
             model = _model(seed, E)
             _trainer(E, [cb]).fit(model, dm)
             hist = [

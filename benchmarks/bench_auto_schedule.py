@@ -52,13 +52,13 @@ METHODS = ("late", "progressive", "auto")
 
 def run_one(cfg: dict, method: str, fraction: float, seed: int) -> dict:
     """Trains one schedule from ``seed``; returns accuracy, times, the milestones and the watching."""
-    from factorize_plugin import FixedRank, LowRankFactorization
+    from factorize_plugin import Auto, FixedRank, LowRankFactorization, Targets
 
     E = cfg["epochs"]
     m1, m2 = cfg["milestones"]
-    kw = dict(targets=grid.TARGETS, min_features=grid.MIN_FEATURES, verbose=False, speed_guard=cfg["speed_guard"])
+    kw = dict(targets=Targets(grid.TARGETS, min_features=grid.MIN_FEATURES), verbose=False, speed_guard=cfg["speed_guard"])
     if method == "auto":
-        cb = LowRankFactorization("auto", target=FixedRank(fraction), **kw)
+        cb = LowRankFactorization(Auto(target=FixedRank(fraction)), **kw)
     elif method == "late":
         cb = LowRankFactorization({m2: fraction}, mode="rank", **kw)
     else:

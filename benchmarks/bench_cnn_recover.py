@@ -53,6 +53,8 @@ from factorize_plugin import (  # noqa: E402
     FactorizedLinear,
     LowRankFactorization,
     ParamBudget,
+    Statistics,
+    Targets,
     factorize_model,
     progressive,
 )
@@ -129,7 +131,7 @@ def fine_tune(net: nn.Module, data: dict[str, TensorDataset], steps: int, seed: 
 def run_cell(method: str, fraction: float, seed: int, pretrained: nn.Module, data: dict[str, TensorDataset],
              steps: int, compressed: dict[float, nn.Module]) -> dict[str, Any]:  # fmt: skip
     net, callback, cell = copy.deepcopy(pretrained), None, {"seed": seed}
-    common = dict(targets=TARGETS, min_params=0, min_features=0, speed_guard=False)
+    common = dict(targets=Targets(TARGETS, min_params=0, min_features=0), speed_guard=False)
     if method == "exact_budget_ft":
         if fraction not in compressed:
             model = copy.deepcopy(pretrained)
@@ -141,8 +143,8 @@ def run_cell(method: str, fraction: float, seed: int, pretrained: nn.Module, dat
     elif method.startswith("callback"):
         keys = [0, steps // 3, 2 * steps // 3] if method == "callback_progressive" else [0]
         schedule = progressive(ParamBudget(fraction), keys) if len(keys) > 1 else {0: ParamBudget(fraction)}
-        callback = LowRankFactorization(schedule, interval="step", budget_batches=PROBE_BATCHES, max_samples=None,
-                                        sample_fraction=1.0, verbose=False,
+        callback = LowRankFactorization(schedule, interval="step", budget_batches=PROBE_BATCHES, statistics=Statistics(max_samples=None, sample_fraction=1.0),
+                                        verbose=False,
                                         **{**common, "targets": [f"net.{t}" for t in TARGETS]})  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -61,7 +61,7 @@ input its ``training_step`` saw (``batches_seen``). Methods, per (fraction, seed
   factorized model. ``ParamBudget``'s output probe uses 4 calibration batches
   (``sensitivity_batches=4``, against all 16 in stage compress, which spent ~225 s per cell on it);
 * ``callback_progressive``: ``LowRankFactorization(progressive(ParamBudget(f), [0, 40, 80]),
-  interval="step", speed_guard=False, budget_batches=4, sample_fraction=1.0, max_samples=None)`` on
+  interval="step", speed_guard=False, budget_batches=4, statistics=Statistics(max_samples=None, sample_fraction=1.0))`` on
   the trained dense model over the S steps (kept 0.737 / 0.543 / 0.4 of the weights for f = 0.4;
   the re-warm is the callback's default: a quarter of the epoch, 30 steps, after the swaps at steps
   40 and 80). Its ``val_dataloader`` is the calibration batches (training split), so the statistics
@@ -119,7 +119,15 @@ from torch.utils.data import DataLoader
 from benchmarks._common import package_version, recovery_trainer, warmup_cosine
 from examples.gpt_task import Windows, corpus
 from examples.trained_gpt import TrainedGPTConfig, dry_run_config, load_trained_gpt, mean_loss, write_curve
-from factorize_plugin import FactorizedLinear, LowRankFactorization, ParamBudget, factorize_model, progressive
+from factorize_plugin import (
+    FactorizedLinear,
+    LowRankFactorization,
+    ParamBudget,
+    Statistics,
+    Targets,
+    factorize_model,
+    progressive,
+)
 from factorize_plugin.layers.adapters import LayerView, layer_view, weight_matrix
 from factorize_plugin.surgery.ranks.candidates import admissible
 from factorize_plugin.surgery.select.modules import match_names, set_submodule
@@ -349,8 +357,7 @@ class Context:
 
 def exact(model: nn.Module, ctx: Context, **policy: Any) -> list[Any]:
     """``factorize_model`` on the targets, every targeted layer eligible, the speed guard off."""
-    return factorize_model(model, ctx.calibration, targets=list(TARGETS), min_params=0, min_features=0,
-                           speed_guard=False, **policy)  # fmt: skip
+    return factorize_model(model, ctx.calibration, targets=Targets(list(TARGETS), min_params=0, min_features=0), speed_guard=False, **policy)  # fmt: skip
 
 
 def compress(method: str, model: nn.Module, fraction: float, ctx: Context) -> dict[str, Any]:
@@ -476,10 +483,12 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "exact_budget_params_ft_kd",
                "exact_budget_params_ft_fade")  # fmt: skip
 CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm", "callback_progressive_early",
-             "callback_progressive_kd", "callback_progressive_fade")  # fmt: skip
+             "callback_progressive_kd", "callback_progressive_fade", "callback_progressive_dense",
+             "callback_progressive_dense_kd")  # fmt: skip
 RECOVER_METHODS = ("dense_ft", *ONE_SHOT_FT, *CALLBACKS)
 LEVERS = ("exact_budget_params_ft_kd", "exact_budget_params_ft_fade", "callback_progressive_no_rewarm",
-          "callback_progressive_early", "callback_progressive_kd", "callback_progressive_fade")  # 40 % kept only  # fmt: skip
+          "callback_progressive_early", "callback_progressive_kd", "callback_progressive_fade",
+          "callback_progressive_dense", "callback_progressive_dense_kd")  # 40 % kept only  # fmt: skip
 FADE_SHARE = 0.25  # the fading residual's length: a quarter of the recovery (30 of 120 steps), as the re-warm
 KD_WEIGHT = 0.5  # distillation: loss = (1 - w) CE(labels) + w KL(teacher || student), temperature 1
 RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
@@ -664,6 +673,31 @@ class FadingResidual(pl.Callback):
         self.handles = []
 
 
+class DenseTarget(LowRankFactorization):
+    """A lever of item 4, what a later milestone fits to: every milestone solves
+    ``min ||X W_dense - X A B||`` with ``X`` the layer's inputs in today's network (pairs upstream)
+    and ``W_dense`` the trained dense layer's map, kept from before the first swap, instead of the
+    current pair's own map (whose error then compounds milestone on milestone). Measured here
+    before it becomes a setting: the solver reads the map to fit through ``weight_matrix``, which
+    answers with the dense map for the targeted layers while a milestone runs (input-space
+    statistics: a projection by the pair's map would not fit the dense one)."""
+
+    def __init__(self, *args: Any, dense: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dense = {f"net.{n}": weight_matrix(dense.get_submodule(n)) for n in TARGETS}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        from factorize_plugin.surgery.swap import refactorize as module
+
+        names = {id(pl_module.get_submodule(n)): n for n in self.dense}
+        read = module.weight_matrix
+        module.weight_matrix = lambda m: self.dense[names[id(m)]] if id(m) in names else read(m)  # type: ignore[assignment]
+        try:
+            super().on_train_batch_start(trainer, pl_module, batch, idx)
+        finally:
+            module.weight_matrix = read
+
+
 def weight_matrix_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [in, out], bias [out], zeros where the layer has none), float64."""
     w, b = weight_matrix(module)
@@ -721,13 +755,17 @@ def progressive_keys(method: str, rs: RecoverSetup) -> tuple[int, ...]:
     return rs.progressive_keys
 
 
-def make_callback(method: str, fraction: float, rs: RecoverSetup) -> LowRankFactorization:
+def make_callback(method: str, fraction: float, rs: RecoverSetup, dense: nn.Module) -> LowRankFactorization:
     schedule = progressive(ParamBudget(fraction), list(progressive_keys(method, rs))) \
         if method.startswith("callback_progressive") else {0: ParamBudget(fraction)}  # fmt: skip
-    return LowRankFactorization(
-        schedule, interval="step", targets=[f"net.{t}" for t in TARGETS], min_params=0, min_features=0,
-        max_samples=None, sample_fraction=1.0, speed_guard=False, budget_batches=rs.sensitivity_batches, verbose=False,
+    fit_dense = "_dense" in method  # a lever of item 4: later milestones fit the trained dense map
+    cls, extra = (DenseTarget, {"dense": dense}) if fit_dense else (LowRankFactorization, {})
+    return cls(
+        schedule, interval="step", targets=Targets([f"net.{t}" for t in TARGETS], min_params=0, min_features=0),
+        statistics=Statistics(max_samples=None, sample_fraction=1.0, space="input" if fit_dense else "auto"),
+        speed_guard=False, budget_batches=rs.sensitivity_batches, verbose=False,
         rewarm_steps=0 if method.endswith("_no_rewarm") else "auto",  # a lever of item 4: no learning-rate re-warm
+        **extra,
     )  # fmt: skip
 
 
@@ -763,7 +801,7 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
                     compress=entry["record"])  # fmt: skip
     elif method in CALLBACKS:
         net = copy.deepcopy(ctx.trained)
-        callback = make_callback(method, fraction, rs)
+        callback = make_callback(method, fraction, rs, ctx.trained)
     else:
         raise ValueError(f"unknown recovery method {method!r}; one of {RECOVER_METHODS}")
     t1 = time.perf_counter()

@@ -77,7 +77,7 @@ def worker(cfg: dict, out_dir: str) -> None:
 
     import factorize_plugin.core.statistics as stats_mod
     from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
-    from factorize_plugin import LowRankFactorization
+    from factorize_plugin import LowRankFactorization, Targets
 
     reduce_times: list[float] = []
     real_all_reduce = stats_mod.MomentAccumulator.all_reduce_
@@ -141,7 +141,8 @@ def worker(cfg: dict, out_dir: str) -> None:
         image_size=28, channels=(16, 32, 32), hidden=128, lr=cfg["lr"], scheduler="cosine", max_epochs_hint=cfg["epochs"]
     )
     cb = TimedFactorization(
-        {int(k): v for k, v in cfg["schedule"].items()}, mode="param_budget", targets=TARGETS, min_features=16, verbose=False
+        {int(k): v for k, v in cfg["schedule"].items()}, mode="param_budget", targets=Targets(TARGETS, min_features=16),
+        verbose=False,
     )
     timer = EpochTimer()
     trainer = pl.Trainer(

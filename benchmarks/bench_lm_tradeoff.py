@@ -88,7 +88,7 @@ import torch
 from benchmarks._common import package_version
 from examples.gpt_task import VOCAB, stdlib_tree
 from examples.gpt_train import run
-from factorize_plugin import ParamBudget
+from factorize_plugin import Auto, ParamBudget, Targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_LOSS, GOAL_SPEED = 0.02, 1.25  # at equal steps: within 2 % of dense, >= 1.25x faster (issue 21)
@@ -133,10 +133,10 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
         # per-layer ranks from each layer's exact NMSE curve under one multiply-add budget (no extra passes)
         Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.65),
         Method("callback_late_budget_macs_3:0.25", {3: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.8),
-        Method("callback_auto", "auto", callback=dict(target=FRACTION), expect=0.7),  # issue 22: no milestone given
+        Method("callback_auto", Auto(target=FRACTION), expect=0.7),  # issue 22: no milestone given
         # item 3: the early schedule with one change each (the re-warm's own row measures its default)
         Method("exp_early_no_rewarm", {1: FRACTION}, callback=dict(rewarm_steps=0), expect=0.65),
-        Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(exclude=ends), first_seed_only=True, expect=0.7),
+        Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(targets=Targets(exclude=ends)), first_seed_only=True, expect=0.7),
         # the budget spent by the network's measured output error: 8 probe ranks x 16 layers of forward
         # passes on the validation batch (16x a training batch on the CPU configuration): seed 0, last
         Method("exp_budget_macs_probed", {1: ParamBudget(FRACTION, metric="macs")}, first_seed_only=True, expect=4.0),

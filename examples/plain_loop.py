@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factorize_plugin import enable_factorized_loading  # noqa: E402
+from factorize_plugin import Targets, enable_factorized_loading  # noqa: E402
 from factorize_plugin.engine import FactorizationEngine, PlainHost  # noqa: E402
 
 SCHEDULE = {1: 0.5, 3: 0.25}  # epoch -> rank as a fraction of each layer's min(in, out)
@@ -85,8 +85,8 @@ def train(
     train_data, val_data = digits(seed)
     val = batches(val_data, 256)
     model = make_model()
-    engine = FactorizationEngine(SCHEDULE, min_params=0, min_features=0, targets=["0", "2", "4"],
-                                 speed_guard=False, verbose=verbose)  # fmt: skip
+    layers = Targets(["0", "2", "4"], min_params=0, min_features=0)  # the three hidden layers (the head stays dense)
+    engine = FactorizationEngine(SCHEDULE, targets=layers, speed_guard=False, verbose=verbose)
     engine.setup(model)  # chooses the layers of the dense model, refuses bad settings before training
     saved = torch.load(resume, weights_only=True) if resume is not None else None
     if saved is not None:

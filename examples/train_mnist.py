@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from examples.tasks.mnist import MNISTClassifier, MNISTDataModule
-from factorize_plugin import LowRankFactorization
+from factorize_plugin import LowRankFactorization, Statistics
 
 
 class EpochTable(Callback):
@@ -77,7 +77,7 @@ def main() -> None:
     model = MNISTClassifier(image_size=28, channels=(), hidden=1024, max_epochs_hint=args.epochs)
     dense_params = sum(p.numel() for p in model.parameters())
     factorize = LowRankFactorization(
-        parse_schedule(args.schedule), max_samples=50_000, speed_guard=not args.no_speed_guard
+        parse_schedule(args.schedule), statistics=Statistics(max_samples=50_000), speed_guard=not args.no_speed_guard
     )
     table = EpochTable()
     trainer = pl.Trainer(

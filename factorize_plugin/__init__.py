@@ -7,7 +7,7 @@ The top level holds the user's verbs and types (the README's "Public API" list, 
 ``tests/test_public_api.py``); the machinery stays importable from its floor package, e.g.
 ``factorize_plugin.surgery.swap.refactorize.refactorize``,
 ``factorize_plugin.surgery.statistics.collector.ActivationCollector``,
-``factorize_plugin.surgery.select.targets.select_layers``, ``factorize_plugin.surgery.pipeline.TargetSpec``.
+``factorize_plugin.surgery.select.targets.select_layers``, ``factorize_plugin.surgery.pipeline.prepare``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .surgery.progressive import Progressive, progressive
 from .surgery.ranks.policies import FixedRank, MaxNMSE, ParamBudget, RankPolicy
 from .surgery.ranks.readiness import Readiness
 from .surgery.report.reports import LayerReport, format_reports
+from .surgery.specs import Auto, Statistics, Targets
 from .surgery.swap.checkpoint import enable_factorized_loading, load_factorized, load_factorized_checkpoint
 from .surgery.swap.hf import load_factorized_pretrained
 from .surgery.timing.speed import SpeedGuard
@@ -80,6 +81,10 @@ __all__ = [
     "format_reports",
     "SpeedGuard",
     "Readiness",
+    # the grouped arguments of every door
+    "Targets",
+    "Statistics",
+    "Auto",
     "enable_factorized_loading",
     "load_factorized",
     "load_factorized_checkpoint",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from factorize_plugin import Auto
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -43,7 +45,7 @@ auto_module.stable_ranks = _spy
 def fit() -> dict:
     pl.seed_everything(0)
     model = SettlingNet(settle_epoch=2, **DDP_MODEL_KWARGS)
-    cb = LowRankFactorization("auto", target=FixedRank(0.5), **DDP_CALLBACK_KWARGS)
+    cb = LowRankFactorization(Auto(target=FixedRank(0.5)), **DDP_CALLBACK_KWARGS)
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=6, callbacks=[cb], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,

@@ -17,6 +17,8 @@ import os
 import sys
 from datetime import timedelta
 
+from factorize_plugin import Statistics
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -52,8 +54,7 @@ def budget() -> int:
 
 def callback() -> LowRankFactorization:
     return LowRankFactorization(
-        SCHEDULE, **dict(TINY, targets=WIDE_TARGETS), sample_fraction=1.0, output_batches=0,
-        max_statistics_bytes=budget(),
+        SCHEDULE, **dict(TINY, targets=WIDE_TARGETS), statistics=Statistics(sample_fraction=1.0, max_bytes=budget()), output_batches=0,
     )  # fmt: skip
 
 

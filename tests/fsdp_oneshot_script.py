@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from factorize_plugin import Targets
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -50,10 +52,10 @@ def worker(rank: int, world: int, out: str, port: str) -> None:
     for i in LAYERS:
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    reports = factorize_model(model, batches(rank), rank=16, min_features=16)  # speed_guard "auto": off here
+    reports = factorize_model(model, batches(rank), rank=16, targets=Targets(min_features=16))  # speed_guard "auto": off here
     first = {r.name: r.new_rank for r in reports}
     # again on the sharded pairs, with ranks chosen by their measured effect on the output
-    reports = factorize_model(model, batches(rank), param_budget=0.2, min_features=16)
+    reports = factorize_model(model, batches(rank), param_budget=0.2, targets=Targets(min_features=16))
     result = {
         "first": first,
         "ranks": {r.name: r.new_rank for r in reports},
@@ -70,8 +72,8 @@ def worker(rank: int, world: int, out: str, port: str) -> None:
 def main(out: str, port: str) -> None:
     mp.spawn(worker, args=(2, out, port), nprocs=2)
     reference = make()
-    factorize_model(reference, batches(0) + batches(1), rank=16, min_features=16, speed_guard=False)
-    reports = factorize_model(reference, batches(0) + batches(1), param_budget=0.2, min_features=16, speed_guard=False)
+    factorize_model(reference, batches(0) + batches(1), rank=16, targets=Targets(min_features=16), speed_guard=False)
+    reports = factorize_model(reference, batches(0) + batches(1), param_budget=0.2, targets=Targets(min_features=16), speed_guard=False)
     torch.save({
         "ranks": {r.name: r.new_rank for r in reports},
         "output": reference(probe_input()).detach(),

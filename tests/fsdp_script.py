@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
+from factorize_plugin import Statistics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
@@ -102,7 +104,7 @@ def main(out: str, mode: str) -> None:
     if mode == "auto":  # schedule="auto" under FSDP2: the watch, then ParamBudget(0.5, "macs") with its probe
         pl.seed_everything(0)
         model = GPTTask(**MODEL)
-        cb = LowRankFactorization("auto", targets="net.blocks.*", sample_fraction=1.0, verbose=False)
+        cb = LowRankFactorization("auto", targets="net.blocks.*", statistics=Statistics(sample_fraction=1.0), verbose=False)
         trainer = make_trainer(mode, [cb], max_epochs=4)
         trainer.fit(model)
         result = {"history": cb.history, "final": full_state(model)}
@@ -110,7 +112,7 @@ def main(out: str, mode: str) -> None:
         return
     pl.seed_everything(0)
     model = GPTTask(**MODEL)
-    cb = LowRankFactorization(SCHEDULE, targets="net.blocks.*", sample_fraction=1.0, verbose=False, speed_guard=False)
+    cb = LowRankFactorization(SCHEDULE, targets="net.blocks.*", statistics=Statistics(sample_fraction=1.0), verbose=False, speed_guard=False)
     recorder = Recorder()
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, f"{mode}_ckpt"), filename="{epoch}", save_top_k=-1)
     trainer = make_trainer(mode, [cb, recorder, ckpt])
@@ -124,7 +126,7 @@ def main(out: str, mode: str) -> None:
     if mode == "fsdp":
         pl.seed_everything(0)
         fresh = GPTTask(**MODEL)
-        cb2 = LowRankFactorization(SCHEDULE, targets="net.blocks.*", sample_fraction=1.0, verbose=False, speed_guard=False)
+        cb2 = LowRankFactorization(SCHEDULE, targets="net.blocks.*", statistics=Statistics(sample_fraction=1.0), verbose=False, speed_guard=False)
         resumed = make_trainer(mode, [cb2], enable_checkpointing=False)
         resumed.fit(fresh, ckpt_path=os.path.join(out, f"{mode}_ckpt", "epoch=0.ckpt"))
         result.update(resumed_history=cb2.history, resumed_final=full_state(fresh))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from factorize_plugin import Statistics, Targets
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
 
 PAIRS = (FactorizedLinear, FactorizedConv2d)
@@ -21,7 +22,13 @@ PAIRS = (FactorizedLinear, FactorizedConv2d)
 # callback's default min_features, which leaves small layers and 10-class heads alone)
 TARGETS = ("features.2", "classifier.0", "classifier.2")
 # speed_guard=False: tests that assert a structure must not depend on this machine's timings
-TINY = dict(min_params=100, min_features=0, verbose=False, speed_guard=False)
+TINY_LAYERS = dict(min_params=100, min_features=0)
+TINY = dict(targets=Targets(**TINY_LAYERS), verbose=False, speed_guard=False)
+
+
+def tiny(include: Any = None, exclude: Any = None) -> dict[str, Any]:
+    """``TINY`` with these layer patterns."""
+    return dict(TINY, targets=Targets(include, exclude, **TINY_LAYERS))
 
 # The 2-process DDP runs: 16 samples per rank and batch, so that one process with batches of 32
 # sees the union of both ranks' batches (DistributedSampler without shuffling: rank r gets r::2).
@@ -30,7 +37,7 @@ DDP_MODEL_KWARGS = dict(n_train=256, n_val=128, batch_size=16, val_batch_size=32
 DDP_SCHEDULE = {1: 0.5, 2: 0.25}
 # every row of every validation batch: with random subsampling each rank would draw its own rows
 # and the union would no longer be the single-process run's data
-DDP_CALLBACK_KWARGS = dict(TINY, sample_fraction=1.0)
+DDP_CALLBACK_KWARGS = dict(TINY, statistics=Statistics(sample_fraction=1.0))
 
 
 @functools.lru_cache(maxsize=None)

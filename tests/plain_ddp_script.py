@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from factorize_plugin import Targets
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -34,8 +36,7 @@ def worker(rank: int, world: int, out: str, port: str) -> None:
     g = torch.Generator().manual_seed(10 + rank)  # each process its own data
     train = [(torch.randn(16, 48, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(6)]
     val = [(torch.randn(32, 48, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(2)]
-    engine = FactorizationEngine({1: 0.5, 2: 0.25}, targets=["0", "2"], min_params=0, min_features=0,
-                                 speed_guard=False, verbose=False)  # fmt: skip
+    engine = FactorizationEngine({1: 0.5, 2: 0.25}, targets=Targets(["0", "2"], min_params=0, min_features=0), speed_guard=False, verbose=False)  # fmt: skip
     engine.setup(model)
     ddp = [DistributedDataParallel(model)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

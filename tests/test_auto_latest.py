@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, Timer
 
-from factorize_plugin import FixedRank, LowRankFactorization, Readiness
+from factorize_plugin import Auto, FixedRank, LowRankFactorization, Readiness
 from lightning_helpers import TINY, SettlingNet, TinyNet, structure
 
 BATCHES = 8  # TinyNet: 256 training samples in batches of 32
@@ -95,7 +95,7 @@ def _trainer(callbacks: list, **limits: Any) -> pl.Trainer:
 
 def _callback(**readiness: Any) -> LowRankFactorization:
     # room=None: every layer must settle (RestlessNet's never do), so only `latest` can switch
-    return LowRankFactorization("auto", target=FixedRank(0.5), readiness=Readiness(room=None, **readiness), **TINY)
+    return LowRankFactorization(Auto(target=FixedRank(0.5), readiness=Readiness(room=None, **readiness)), **TINY)
 
 
 def _watch(cb: LowRankFactorization) -> list[dict]:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, Readiness
+from factorize_plugin import Auto, FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, Readiness
 from factorize_plugin.core.stable_rank import spectral_norm_sq, stable_rank
 from factorize_plugin.engine.state import migrate_state
 from factorize_plugin.layers.adapters import LayerView
@@ -20,8 +20,8 @@ SWITCH = SETTLE + 2
 MAX_EPOCHS = 6  # Readiness.latest=0.75 -> epoch 5 at the latest: later than SWITCH
 
 
-def _callback(**kw) -> LowRankFactorization:
-    return LowRankFactorization("auto", target=FixedRank(0.5), **{**TINY, **kw})
+def _callback(readiness: Readiness | None = None) -> LowRankFactorization:
+    return LowRankFactorization(Auto(target=FixedRank(0.5), readiness=readiness), **TINY)
 
 
 def _watch(cb: LowRankFactorization) -> list[dict]:
@@ -92,7 +92,7 @@ class WobblingNet(SettlingNet):
 def test_spectra_inside_the_planned_ranks_switch_at_the_first_validation_run(room):
     # stable ranks 6.1 / 12.0 / 3.9 (then 1.6 / 2.2 / 1.3) against planned ranks 7 / 28 / 9: within
     # room=1 from the first validation run, though they never stop moving
-    cb = LowRankFactorization("auto", target=FixedRank(0.9), readiness=Readiness(room=room, latest=0.5), **TINY)
+    cb = LowRankFactorization(Auto(target=FixedRank(0.9), readiness=Readiness(room=room, latest=0.5)), **TINY)
     resume_trainer([cb], 4).fit(WobblingNet())
     watch = _watch(cb)
     if room is None:
@@ -188,16 +188,16 @@ def test_auto_settings_and_their_errors():
     cb = LowRankFactorization("auto")
     assert cb.schedule == {} and cb._auto.target == ParamBudget(0.5, metric="macs")
     assert LowRankFactorization("auto")._auto.target is not cb._auto.target
-    assert LowRankFactorization("auto", target=0.3, mode="param_budget")._auto.target == ParamBudget(0.3)
-    assert LowRankFactorization("auto", target=8)._auto.target == FixedRank(8)
+    assert LowRankFactorization(Auto(target=0.3), mode="param_budget")._auto.target == ParamBudget(0.3)
+    assert LowRankFactorization(Auto(target=8))._auto.target == FixedRank(8)
     with pytest.raises(ValueError, match="'sometimes'.*'auto'"):
         LowRankFactorization("sometimes")
     with pytest.raises(ValueError, match="target and readiness only apply to schedule='auto'"):
         LowRankFactorization({1: 0.5}, target=0.25, readiness=Readiness())
     with pytest.raises(TypeError, match="readiness must be a factorize_plugin.Readiness"):
-        LowRankFactorization("auto", readiness={"tolerance": 0.1})
+        LowRankFactorization(Auto(readiness={"tolerance": 0.1}))
     with pytest.raises(ValueError, match="param_budget must be"):
-        LowRankFactorization("auto", target=1.5, mode="param_budget")
+        LowRankFactorization(Auto(target=1.5), mode="param_budget")
     with pytest.raises(ValueError, match="Readiness.tolerance must be a number in \\(0, 1\\)"):
         Readiness(tolerance=0.0)
     with pytest.raises(ValueError, match="Readiness.patience"):

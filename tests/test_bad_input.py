@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from factorize_plugin import FixedRank, LowRankFactorization, factorize_model
+from factorize_plugin import FixedRank, LowRankFactorization, Targets, factorize_model
 from factorize_plugin.layers import FactorizedLinear
-from lightning_helpers import TINY, TinyNet, structure
+from lightning_helpers import TINY, TinyNet, structure, tiny
 
 INT_LIKE = [np.int64(8), np.int32(8), torch.tensor(8)]
 
@@ -41,10 +41,10 @@ def test_integer_like_ranks_are_ints_everywhere(rank):
     policy = FixedRank(rank)
     assert type(policy.rank) is int and policy.rank == 8 and policy.order_key() == ("int rank", -8.0)
     model = mlp()
-    factorize_model(model, batches(), rank=rank, speed_guard=False, min_params=0, min_features=0)
+    factorize_model(model, batches(), rank=rank, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert isinstance(model[0], FactorizedLinear) and model[0].rank == 8
     model = mlp()
-    factorize_model(model, batches(), FixedRank(rank), speed_guard=False, min_params=0, min_features=0)
+    factorize_model(model, batches(), FixedRank(rank), speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert model[2].rank == 8
     cb = LowRankFactorization({np.int64(1): rank}, **TINY)
     assert cb.schedule == {1: 8} and type(cb.schedule[1]) is int  # plain numbers: checkpoints load weights_only
@@ -60,8 +60,8 @@ def test_fractional_numpy_and_tensor_ranks_are_floats():
 
 # ------------------------------------------------------------------- targets and schedule keys
 def test_a_single_target_string_is_one_pattern():
-    cb = LowRankFactorization({1: 0.5}, targets="classifier.0", exclude="features.*", **TINY)
-    assert cb.targets == ["classifier.0"] and cb.exclude == ["features.*"]
+    cb = LowRankFactorization({1: 0.5}, **tiny("classifier.0", exclude="features.*"))
+    assert cb.targets.include == ["classifier.0"] and cb.exclude == ["features.*"]
     net = TinyNet()
     trainer([cb], max_epochs=2).fit(net)  # was read letter by letter: "pattern 'c' matches no module"
     assert structure(net) == {"features.2": None, "classifier.0": 16, "classifier.2": None}
@@ -83,27 +83,27 @@ def _messages(record) -> str:
 
 def test_factorize_model_warns_about_settings_that_change_nothing():
     with pytest.warns(UserWarning, match=r"rank=48 is at or above the size.*'0': 48.*stay dense") as rec:
-        factorize_model(mlp(), batches(), rank=48, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(mlp(), batches(), rank=48, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert "'2': 32" in _messages(rec)
     with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['decoder\.\*'\] match no module"):
-        factorize_model(mlp(), batches(), rank=8, exclude=["decoder.*"], speed_guard=False, min_params=0, min_features=0)
+        factorize_model(mlp(), batches(), rank=8, targets=Targets(exclude=["decoder.*"], min_params=0, min_features=0), speed_guard=False)
     square = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     with pytest.warns(UserWarning, match=r"changed no layer.*0\.5 on a square layer saves nothing"):
-        reports = factorize_model(square, batches(), rank=0.5, speed_guard=False, min_params=0, min_features=0)
+        reports = factorize_model(square, batches(), rank=0.5, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert not any(r.changed for r in reports)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a sensible call warns about nothing
-        factorize_model(mlp(), batches(), rank=8, exclude="2", speed_guard=False, min_params=0, min_features=0)
+        factorize_model(mlp(), batches(), rank=8, targets=Targets(exclude="2", min_params=0, min_features=0), speed_guard=False)
 
 
 def test_callback_warns_about_settings_that_change_nothing():
-    cb = LowRankFactorization({1: 32}, exclude=["decoder.*"], **TINY)
+    cb = LowRankFactorization({1: 32}, **tiny(exclude=["decoder.*"]))
     with pytest.warns(UserWarning) as rec:
         trainer([cb], max_epochs=2).fit(TinyNet())
     text = _messages(rec)
     assert "exclude pattern(s) ['decoder.*'] match no module" in text
     assert "milestone 1: rank=32 is at or above the size min(in, out) of layer(s)" in text and "'features.2': 16" in text
-    square = LowRankFactorization({1: 0.5}, targets=["classifier.0"], **TINY)
+    square = LowRankFactorization({1: 0.5}, **tiny(["classifier.0"]))
 
     class Square(TinyNet):
         def __init__(self):
@@ -117,10 +117,10 @@ def test_callback_warns_about_settings_that_change_nothing():
 # ------------------------------------------------------- calibration batch of the wrong shape
 def test_calibration_batch_of_the_wrong_shape_names_the_layer():
     with pytest.raises(RuntimeError, match=r"does not fit layer '0' \(Linear, in_features=64\).*\(32, 100\)"):
-        factorize_model(mlp(), batches(width=100), rank=8, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(mlp(), batches(width=100), rank=8, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(40, 32))  # inner mismatch, untargeted layer too
     with pytest.raises(RuntimeError, match=r"does not fit layer '2' \(Linear, in_features=40\).*\(32, 48\)"):
-        factorize_model(model, batches(), rank=8, targets=["0"], speed_guard=False, min_params=0, min_features=0)
+        factorize_model(model, batches(), rank=8, targets=Targets(["0"], min_params=0, min_features=0), speed_guard=False)
     assert not [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
 
 
@@ -142,7 +142,7 @@ def test_small_calibration_sets_report_a_held_out_nmse_and_warn(rows, warns):
     dense.load_state_dict(model.state_dict())
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        (report,) = factorize_model(model, [_correlated(rows, 128, 1)], rank=16, speed_guard=False, min_params=0, min_features=0)
+        (report,) = factorize_model(model, [_correlated(rows, 128, 1)], rank=16, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     x = _correlated(4000, 128, 2)
     with torch.no_grad():
         y, y_hat = dense(x), model(x)

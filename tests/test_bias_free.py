@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from factorize_plugin import LowRankFactorization, factorize_model
+from factorize_plugin import LowRankFactorization, Statistics, Targets, factorize_model
 from factorize_plugin.core.solver import decompose
 from factorize_plugin.core.statistics import MomentAccumulator
 
@@ -82,7 +82,7 @@ def test_factorize_model_reports_the_installed_layers_nmse(kind: str) -> None:
     x = torch.cat(batches)
     with torch.no_grad():
         before = net(x)
-    reports = factorize_model(net, batches, rank=8, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(net, batches, rank=8, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert [n for n, _ in net.named_parameters()] == ["0.first.weight", "0.second.weight"]
     with torch.no_grad():
         after = net(x)
@@ -99,7 +99,7 @@ def test_layers_with_a_bias_still_fit_one() -> None:
     x = torch.cat(batches)
     with torch.no_grad():
         before = net(x)
-    reports = factorize_model(net, batches, rank=8, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(net, batches, rank=8, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert "0.second.bias" in dict(net.named_parameters())
     with torch.no_grad():
         assert reports[0].nmse == pytest.approx(_nmse(net(x), before), rel=1e-5)
@@ -138,8 +138,8 @@ def test_callback_logs_the_installed_layers_nmse() -> None:
     model = _Frozen()
     with torch.no_grad():
         before = model(model.x)
-    cb = LowRankFactorization({1: 8}, sample_fraction=1.0, max_samples=None, speed_guard=False, verbose=False,
-                              min_params=0, min_features=1, output_batches=0)  # fmt: skip
+    cb = LowRankFactorization({1: 8}, statistics=Statistics(sample_fraction=1.0, max_samples=None), speed_guard=False, verbose=False,
+                              targets=Targets(min_params=0, min_features=1), output_batches=0)  # fmt: skip
     trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
     trainer.fit(model)
@@ -170,7 +170,7 @@ def test_llama_one_shot_reported_nmse_equals_measured_per_layer() -> None:
             model(b)
     for h in hooks:
         h.remove()
-    reports = {r.name: r for r in factorize_model(model, batches, rank=4, exclude=["lm_head"], speed_guard=False, min_params=0, min_features=0)}
+    reports = {r.name: r for r in factorize_model(model, batches, rank=4, targets=Targets(exclude=["lm_head"], min_params=0, min_features=0), speed_guard=False)}
     changed = [n for n in names if reports[n].changed]
     assert len(changed) == 14  # 7 projections x 2 blocks
     for name in changed:

@@ -18,7 +18,7 @@ import factorize_plugin.engine.milestone as milestone_module
 import factorize_plugin.surgery.pipeline as pipeline_module
 import factorize_plugin.surgery.statistics.passes as passes_module
 import factorize_plugin.surgery.swap.refactorize as refactorize_module
-from factorize_plugin import LowRankFactorization
+from factorize_plugin import LowRankFactorization, Statistics, Targets
 from lightning_helpers import (
     TARGETS,
     TINY,
@@ -54,7 +54,7 @@ def test_two_milestones_on_real_digits(tmp_path):
     model = MNISTClassifier(image_size=8, channels=(16, 32), hidden=64, lr=3e-3, max_epochs_hint=6)
     names = ("features.2", "classifier.0", "classifier.2")  # min_params=1024 (default), min_features=16
     untouched = ("features.0.weight", "classifier.4.weight")  # too small to be targeted
-    cb = LowRankFactorization({2: 0.5, 4: 0.25}, min_features=16, verbose=False, speed_guard=False)  # keep the 16->32 conv
+    cb = LowRankFactorization({2: 0.5, 4: 0.25}, targets=Targets(min_features=16), verbose=False, speed_guard=False)  # keep the 16->32 conv
     probe = Probe(names)
     accs: dict[int, float] = {}
 
@@ -148,7 +148,7 @@ def test_calibration_at_key_0_and_precisions():
         pl.seed_everything(0)
         model = TinyNet()
         # also features.0 (72 weights); every row of every batch (no subsampling), to count them
-        cb = LowRankFactorization({0: 0.5, 1: 0.25}, **dict(TINY, min_params=50), sample_fraction=1.0)
+        cb = LowRankFactorization({0: 0.5, 1: 0.25}, **dict(TINY, targets=Targets(min_params=50, min_features=0)), statistics=Statistics(sample_fraction=1.0))
         probe = Probe(("features.0",) + TARGETS)
         seen = {}
 
@@ -194,7 +194,7 @@ def test_accumulation_and_val_check_interval(n_batches, statistics):
     collects nothing."""
     pl.seed_everything(0)
     model = TinyNet(n_train=32 * n_batches)
-    cb = LowRankFactorization({1: 0.5, 2: 0.25}, **TINY, sample_fraction=1.0)
+    cb = LowRankFactorization({1: 0.5, 2: 0.25}, **TINY, statistics=Statistics(sample_fraction=1.0))
     probe = Probe()
     trainer = make_trainer([cb, probe], max_epochs=3, accumulate_grad_batches=2, val_check_interval=0.5)
     trainer.fit(model)
@@ -243,7 +243,7 @@ def test_max_nmse_mode(monkeypatch):
     candidates = _spy_candidates(monkeypatch)
     pl.seed_everything(0)
     model = TinyNet()
-    cb = LowRankFactorization({1: 0.01, 2: 0.05}, mode="max_nmse", **TINY, sample_fraction=1.0)
+    cb = LowRankFactorization({1: 0.01, 2: 0.05}, mode="max_nmse", **TINY, statistics=Statistics(sample_fraction=1.0))
     make_trainer([cb], max_epochs=3).fit(model)
     assert len(candidates) == 2 and cb.done == [1, 2]
     for target, cands, hist in zip((0.01, 0.05), candidates, cb.history):
@@ -264,7 +264,7 @@ def test_param_budget_mode():
     pl.seed_everything(0)
     model = TinyNet()
     dense = sum(model.get_submodule(n).weight.numel() for n in TARGETS)
-    cb = LowRankFactorization({1: 0.5, 2: 0.3}, mode="param_budget", **TINY, sample_fraction=1.0)
+    cb = LowRankFactorization({1: 0.5, 2: 0.3}, mode="param_budget", **TINY, statistics=Statistics(sample_fraction=1.0))
     probe = Probe()
     make_trainer([cb, probe], max_epochs=3).fit(model)
     dims = {"features.2": (72, 16), "classifier.0": (256, 32), "classifier.2": (32, 10)}
@@ -350,7 +350,7 @@ def test_target_pattern_matching_nothing_is_refused():
     trainer = make_trainer([LowRankFactorization({1: 0.5}, targets=["decoder.*"])], max_epochs=1)
     with pytest.raises(ValueError, match=r"'decoder\.\*' matches no module"):
         trainer.fit(TinyNet())
-    trainer = make_trainer([LowRankFactorization({1: 0.5}, min_params=10**6)], max_epochs=1)
+    trainer = make_trainer([LowRankFactorization({1: 0.5}, targets=Targets(min_params=10**6))], max_epochs=1)
     with pytest.raises(ValueError, match="no layer to factorize"):
         trainer.fit(TinyNet())
 

@@ -25,6 +25,7 @@ from lightning_helpers import (
     resume_trainer,
     state_dict_cpu,
     structure,
+    tiny,
     trainable_ids,
 )
 
@@ -158,8 +159,8 @@ def test_two_instances_keep_separate_state(tmp_path):
 
     def build():
         return [
-            LowRankFactorization({1: 0.5}, targets=["classifier.*"], **TINY),
-            LowRankFactorization({2: 0.5}, targets=["features.2"], **TINY),
+            LowRankFactorization({1: 0.5}, **tiny(["classifier.*"])),
+            LowRankFactorization({2: 0.5}, **tiny(["features.2"])),
         ]
 
     def trainer(cbs, **kw):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from factorize_plugin import FixedRank, Readiness, Statistics, Targets
 from factorize_plugin.integration.cli import run as main
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear
 
@@ -68,8 +69,9 @@ def _tiny_config(tmp_path, **callback_args):
     cfg["data"]["init_args"]["limit"] = 400
     # speed_guard off: the structure asserted must not depend on this machine's timings
     cfg["trainer"]["callbacks"][0]["init_args"].update(
-        {"schedule": {1: 0.5}, "min_params": 256, "speed_guard": False, **callback_args}
+        {"schedule": {1: 0.5}, "targets": {"min_params": 256}, "speed_guard": False, **callback_args}
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -88,6 +90,33 @@ def test_cli_reads_rewarm_steps(tmp_path):
     cli = main(["fit", "--config", str(_tiny_config(tmp_path, rewarm_steps=2))])
     (fact,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "LowRankFactorization"]
     assert fact.rewarm_steps == 2 and fact.history[-1]["rewarm_steps"] == 2
+
+
+def _callback(cli):
+    (fact,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "LowRankFactorization"]
+    return fact
+
+
+def test_cli_reads_the_grouped_arguments_and_still_the_old_flat_names(tmp_path):
+    grouped = _callback(main(["fit", "--config", str(_tiny_config(tmp_path, statistics={"max_samples": 500}))]))
+    assert grouped.targets == Targets(min_params=256)
+    assert grouped.statistics == Statistics(max_samples=500).at("training")
+    old = _tiny_config(tmp_path / "old", targets=None, statistics=None, min_params=256, max_samples=500)
+    with pytest.warns(DeprecationWarning, match="is deprecated") as record:
+        flat = _callback(main(["fit", "--config", str(old)]))
+    ours = [str(w.message) for w in record if "(it goes in the next release)" in str(w.message)]
+    assert sorted(m.split(": ")[1].split("=")[0] for m in ours) == ["max_samples", "min_params"]
+    assert (flat.targets, flat.statistics, flat.ranks) == (grouped.targets, grouped.statistics, grouped.ranks)
+
+
+def test_cli_reads_an_auto_schedule(tmp_path):
+    auto = {"class_path": "factorize_plugin.Auto", "init_args": {"target": 0.5, "readiness": {"patience": 2}}}
+    cfg = yaml.safe_load(_tiny_config(tmp_path, schedule=auto).read_text())
+    cfg["trainer"]["max_epochs"] = 1
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fact = _callback(main(["fit", "--config", str(path)]))
+    assert fact._auto.target == FixedRank(0.5) and fact._auto.readiness == Readiness(patience=2)
 
 
 def _fails(tmp_path, capsys, **callback_args) -> str:
@@ -184,7 +213,8 @@ def _my_task_config(tmp_path) -> Path:
             "accelerator": "cpu", "devices": 1, "max_epochs": 2, "logger": False, "enable_progress_bar": False,
             "enable_model_summary": False, "default_root_dir": str(tmp_path),
             "callbacks": [{"class_path": "factorize_plugin.LowRankFactorization", "init_args": {
-                "schedule": {1: 0.25}, "targets": "net.0", "min_params": 0, "min_features": 0, "speed_guard": False,
+                "schedule": {1: 0.25}, "targets": {"include": "net.0", "min_params": 0, "min_features": 0},
+                "speed_guard": False,
             }}],
         },
         "model": {"class_path": "my_task.Net"},
@@ -253,10 +283,10 @@ def test_callback_arguments_have_help_text(capsys):
         main(["fit", "--trainer.callbacks.help", "factorize_plugin.LowRankFactorization"])
     text = " ".join(capsys.readouterr().out.split())
     for arg, words in {
-        "targets": "fnmatch patterns over qualified module names of the layers to factorize",
-        "exclude": "patterns of module names to leave dense",
-        "min_params": "skip layers with fewer weights",
-        "min_features": "skip layers whose min(in, out) features is smaller",
+        "targets": "which layers: fnmatch patterns over qualified module names",
+        "statistics": "how each layer's inputs are summarized",
+        "exclude": "deprecated (goes in the next release): pass targets=Targets(exclude=...)",
+        "min_params": "deprecated (goes in the next release): pass targets=Targets(min_params=...)",
     }.items():
         assert f"--trainer.callbacks.{arg}" in text
         help_text = text.split(f"--trainer.callbacks.{arg} {arg.upper()}", 2)[-1][:400]

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks import bench_compress_trained as bench
 from examples.trained_gpt import dry_run_config, load_trained_gpt
+from factorize_plugin import Targets
 
 BUDGET = ("exact_budget_params", "exact_budget_macs")
 
@@ -236,7 +237,7 @@ def test_fading_residual_starts_as_the_dense_map():
     torch.manual_seed(0)
     dense = torch.nn.Sequential(torch.nn.Linear(16, 12))
     pair = bench.copy.deepcopy(dense)
-    bench.factorize_model(pair, [torch.randn(64, 16)], rank=3, min_params=0, min_features=0, speed_guard=False)
+    bench.factorize_model(pair, [torch.randn(64, 16)], rank=3, targets=Targets(min_params=0, min_features=0), speed_guard=False)
     fade = bench.FadingResidual(["0"], (), steps=4, initial={"0": dense[0]})
     fade._step = 0
     fade._start(pair, {"0": bench.weight_matrix_of(dense[0])}, 0)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from factorize_plugin import LowRankFactorization, SpeedGuard
+from factorize_plugin import LowRankFactorization, SpeedGuard, Targets
 from factorize_plugin.surgery.timing import paired_timing
 from factorize_plugin.surgery.timing.paired_timing import compare, median_interval, rounds_needed
 from lightning_helpers import PAIRS, TINY, TinyNet, structure
@@ -145,7 +145,7 @@ def test_the_per_layer_guard_reports_its_interval_and_keeps_a_layer_it_cannot_te
     guard.comparisons = lambda pairs: [paired_timing.compare(*samplers(p), guard.margin, max_rounds=12, now=lambda: 0.0)
                                        for p in pairs]  # fmt: skip
     model = nn.Sequential(nn.Linear(256, 256))
-    reports = factorize_model(model, [torch.randn(64, 256)], rank=16, speed_guard=guard, min_params=0, min_features=0)
+    reports = factorize_model(model, [torch.randn(64, 256)], rank=16, speed_guard=guard, targets=Targets(min_params=0, min_features=0))
     assert not reports[0].changed and "could not be told apart" in reports[0].note and "12 rounds" in reports[0].note
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from factorize_plugin import (
+    Auto,
     FixedRank,
     LowRankFactorization,
     MaxNMSE,
@@ -28,6 +29,8 @@ from factorize_plugin import (
     ParamBudget,
     Readiness,
     SpeedGuard,
+    Statistics,
+    Targets,
     decompose,
     factorize_matrix,
     factorize_model,
@@ -151,9 +154,9 @@ def test_factorize_model_and_call_model_name_input_fn_for_a_dict_batch():
         call_model(model, data[0])
     assert "'input'" in str(err.value) and "Sequential.forward" in str(err.value)
     with pytest.raises(TypeError, match=r"input_fn=lambda batch: batch\['input'\]"):
-        factorize_model(model, data, rank=8, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(model, data, rank=8, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert isinstance(model[0], nn.Linear)  # unchanged
-    factorize_model(model, data, rank=8, input_fn=lambda b: b["input"], speed_guard=False, min_params=0, min_features=0)
+    factorize_model(model, data, rank=8, input_fn=lambda b: b["input"], speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert isinstance(model[0], FactorizedLinear)
 
 
@@ -217,7 +220,7 @@ def test_factorize_model_works_under_inference_mode(kwargs):
     model = _mlp()
     with torch.inference_mode():
         data = [torch.randn(32, 64) for _ in range(3)]
-        reports = factorize_model(model, data, min_params=0, min_features=0, **kwargs)
+        reports = factorize_model(model, data, targets=Targets(min_params=0, min_features=0), **kwargs)
     assert len(reports) == 2
     assert all(not torch.is_inference(t) for t in [*model.parameters(), *model.buffers()])
     assert all(p.requires_grad for p in model.parameters())
@@ -241,16 +244,16 @@ def test_numpy_floats_of_every_width_are_taken_where_a_float_is(f):
     assert type(ParamBudget(f(0.5)).fraction) is float
     assert type(FixedRank(f(0.25)).rank) is float
     cb = LowRankFactorization(
-        {f(1.0): f(0.5)}, regularization=f(0.1), sample_fraction=f(0.5), **TINY
+        {f(1.0): f(0.5)}, regularization=f(0.1), statistics=Statistics(sample_fraction=f(0.5)), **TINY
     )  # a whole float key is an epoch
     assert list(cb.schedule) == [1] and type(cb.schedule[1]) is float and cb.regularization == pytest.approx(0.1, 1e-3)
-    LowRankFactorization("auto", readiness=Readiness(tolerance=f(0.2)), target=f(0.5), **TINY)
+    LowRankFactorization(Auto(readiness=Readiness(tolerance=f(0.2)), target=f(0.5)), **TINY)
     collector = ActivationCollector({"0": nn.Linear(8, 8)}, sample_fraction=f(0.5))
     assert collector.fractions["0"] == 0.5
     model = _mlp()
     factorize_model(
-        model, [torch.randn(32, 64)], max_nmse=f(0.5), regularization=f(0.0), sample_fraction=f(1.0),
-        speed_guard=False, min_params=0, min_features=0,
+        model, [torch.randn(32, 64)], max_nmse=f(0.5), regularization=f(0.0), statistics=Statistics(sample_fraction=f(1.0)),
+        speed_guard=False, targets=Targets(min_params=0, min_features=0),
     )  # fmt: skip
     x = torch.randn(64, 12)
     w = torch.randn(12, 10)
@@ -265,8 +268,8 @@ def test_numpy_floats_of_every_width_are_taken_where_a_float_is(f):
 def test_numpy_ints_are_taken_where_an_int_is(i):
     r = Readiness(patience=i(2), iterations=i(10), latest=i(1), room=i(1))
     assert (type(r.patience), type(r.iterations), type(r.latest)) == (int, int, float)
-    cb = LowRankFactorization({i(1): i(8)}, min_params=i(100), min_features=i(0), budget_batches=i(2), **{
-        k: v for k, v in TINY.items() if k not in ("min_params", "min_features")
+    cb = LowRankFactorization({i(1): i(8)}, targets=Targets(min_params=i(100), min_features=i(0)), budget_batches=i(2), **{
+        k: v for k, v in TINY.items() if k != "targets"
     })  # fmt: skip
     assert cb.schedule == {1: 8} and type(cb.schedule[1]) is int and type(cb.min_params) is int
 

@@ -15,12 +15,18 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 from transformers.pytorch_utils import Conv1D
 
 from examples.gpt_task import Windows, stdlib_corpus
-from factorize_plugin import LowRankFactorization, factorize_model
+from factorize_plugin import LowRankFactorization, Targets, factorize_model
 from factorize_plugin.layers import FactorizedLinear, TransposedLinear, layer_view, weight_matrix
 from factorize_plugin.layers.adapters import install_factors
 from factorize_plugin.surgery.swap.hf import load_factorized_pretrained
 
-FAST = dict(verbose=False, speed_guard=False, min_params=256, min_features=8)
+LAYERS = dict(min_params=256, min_features=8)
+FAST = dict(targets=Targets(**LAYERS), verbose=False, speed_guard=False)
+
+
+def fast_on(include=None, exclude=None) -> dict:
+    """``FAST`` with these layer patterns."""
+    return dict(FAST, targets=Targets(include, exclude, **LAYERS))
 V = 256  # bytes as tokens
 
 
@@ -98,7 +104,7 @@ def test_trains_through_a_schedule(family, patterns):
     torch.manual_seed(0)
     task = HFTask(FAMILIES[family]())
     targets = FEED_FORWARD[family] if patterns else None
-    cb = LowRankFactorization({1: 0.25}, targets=targets, **FAST)  # 0.25: square 32x32 layers save too
+    cb = LowRankFactorization({1: 0.25}, **fast_on(targets))  # 0.25: square 32x32 layers save too
     trainer = _fit(task, cb)
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
     factorized = {n for n, m in task.named_modules() if isinstance(m, FactorizedLinear)}
@@ -148,7 +154,7 @@ def test_save_pretrained_and_load_back_factorized(tmp_path, make):
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randint(0, V, (2, 16))
-    factorize_model(model, [{"input_ids": x}], rank=0.5, speed_guard=False, min_params=0, min_features=0)
+    factorize_model(model, [{"input_ids": x}], rank=0.5, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert any(isinstance(m, FactorizedLinear) for m in model.modules())
     with torch.no_grad():
         want = model(input_ids=x).logits
@@ -181,7 +187,7 @@ def test_a_square_conv1d_pair_loaded_from_a_dense_state_dict_is_a_conv1d_again()
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         want = model(input_ids=x).logits
-    factorize_model(model, [{"input_ids": x}], rank=0.25, targets=["*.attn.c_proj"], speed_guard=False, min_params=0, min_features=0)
+    factorize_model(model, [{"input_ids": x}], rank=0.25, targets=Targets(["*.attn.c_proj"], min_params=0, min_features=0), speed_guard=False)
     assert isinstance(model.transformer.h[0].attn.c_proj, FactorizedLinear)
     load_factorized(model, dense_state)
     layer = model.transformer.h[0].attn.c_proj

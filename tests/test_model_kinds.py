@@ -15,11 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from factorize_plugin import LowRankFactorization, factorize_model
+from factorize_plugin import LowRankFactorization, Targets, factorize_model
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.report.reports import format_reports
 
-FAST = dict(verbose=False, speed_guard=False, min_params=0, min_features=0)
+LAYERS = dict(min_params=0, min_features=0)
+FAST = dict(targets=Targets(**LAYERS), verbose=False, speed_guard=False)
+
+
+def fast_on(include=None, exclude=None) -> dict:
+    """``FAST`` with these layer patterns."""
+    return dict(FAST, targets=Targets(include, exclude, **LAYERS))
 
 
 def _trainer(callback: LowRankFactorization, epochs: int = 2, **kwargs) -> pl.Trainer:
@@ -70,9 +76,10 @@ def test_factorize_model_on_a_nested_tensor_encoder_matches_the_plain_path():
     plain = copy.deepcopy(nested)
     plain.enc.enable_nested_tensor = plain.enc.use_nested_tensor = False
     batches = _padded_batches()
-    kwargs = dict(rank=8, targets="enc.layers.*.linear*", speed_guard=False, input_fn=lambda b: (b[0], b[1]))
-    got = factorize_model(nested, batches, **kwargs, min_params=0, min_features=0)
-    want = factorize_model(plain, batches, **kwargs, min_params=0, min_features=0)
+    kwargs = dict(rank=8, targets=Targets("enc.layers.*.linear*", min_params=0, min_features=0), speed_guard=False,
+                  input_fn=lambda b: (b[0], b[1]))
+    got = factorize_model(nested, batches, **kwargs)
+    want = factorize_model(plain, batches, **kwargs)
     assert [r.name for r in got] == [r.name for r in want] and all(r.new_rank == 8 for r in got)
     assert [r.nmse for r in got] == pytest.approx([r.nmse for r in want], rel=1e-9)
     assert isinstance(nested.enc.layers[0].linear1, FactorizedLinear)
@@ -89,9 +96,10 @@ def test_param_budget_measures_a_nested_tensor_encoder_as_the_plain_path():
     nested = PaddedEncoder(nested=True).eval()
     plain = copy.deepcopy(nested)
     plain.enc.enable_nested_tensor = plain.enc.use_nested_tensor = False
-    kwargs = dict(param_budget=0.4, targets="enc.layers.*.linear*", speed_guard=False, input_fn=lambda b: (b[0], b[1]))
-    got = factorize_model(nested, _padded_batches(), **kwargs, min_params=0, min_features=0)
-    want = factorize_model(plain, _padded_batches(), **kwargs, min_params=0, min_features=0)
+    kwargs = dict(param_budget=0.4, targets=Targets("enc.layers.*.linear*", min_params=0, min_features=0), speed_guard=False,
+                  input_fn=lambda b: (b[0], b[1]))
+    got = factorize_model(nested, _padded_batches(), **kwargs)
+    want = factorize_model(plain, _padded_batches(), **kwargs)
     assert [r.new_rank for r in got] == [r.new_rank for r in want]
     assert torch.backends.mha.get_fastpath_enabled()
 
@@ -124,7 +132,7 @@ def _loader(batches):
 
 def test_callback_on_a_nested_tensor_encoder_with_padding_mask():
     task = EncoderTask()
-    cb = LowRankFactorization({0: 16, 1: 8}, targets="net.enc.layers.*.linear*", input_fn=lambda b: (b[0], b[1]), **FAST)
+    cb = LowRankFactorization({0: 16, 1: 8}, input_fn=lambda b: (b[0], b[1]), **fast_on("net.enc.layers.*.linear*"))
     trainer = _trainer(cb, num_sanity_val_steps=1)
     trainer.fit(task, _loader(_padded_batches(2)), _loader(_padded_batches(2, seed=1)))
     assert [h["statistics"] for h in cb.history] == ["calibration", "validation"]
@@ -159,7 +167,7 @@ def _digits_like(n: int = 64, seed: int = 0) -> DataLoader:
 
 
 def test_no_forward_skips_the_output_metric_with_a_warning_naming_output_batches():
-    cb = LowRankFactorization({0: 8, 1: 4}, targets="net.0", **FAST)
+    cb = LowRankFactorization({0: 8, 1: 4}, **fast_on("net.0"))
     with pytest.warns(UserWarning, match=r"no forward.*output_batches=0"):
         _trainer(cb).fit(NoForward(), _digits_like(), _digits_like(seed=1))
     assert cb.ranks == {"net.0": 4}
@@ -191,7 +199,7 @@ def test_factorize_model_on_a_compiled_model_factorizes_the_model_it_wraps():
     compiled = torch.compile(net, backend="eager")
     x = torch.randn(32, 16)
     compiled(x)  # compiled once before, as a user's model would be
-    reports = factorize_model(compiled, [x], rank=4, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(compiled, [x], rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert [r.name for r in reports] == ["0", "2"]
     assert isinstance(net[0], FactorizedLinear) and compiled._orig_mod is net
     with torch.no_grad():
@@ -201,7 +209,7 @@ def test_factorize_model_on_a_compiled_model_factorizes_the_model_it_wraps():
 def test_factorize_model_refuses_a_compiled_submodule_naming_it():
     model = nn.Sequential(torch.compile(_mlp(), backend="eager"), nn.Linear(16, 8))
     with pytest.raises(ValueError, match=r"'0' is a torch.compile'd module.*_orig_mod"):
-        factorize_model(model, [torch.randn(8, 16)], rank=4, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(model, [torch.randn(8, 16)], rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert not any(isinstance(m, FactorizedLinear) for m in model.modules())
 
 
@@ -210,7 +218,7 @@ def test_factorize_model_refuses_a_meta_model_naming_the_parameter():
     with torch.device("meta"):
         net = _mlp()
     with pytest.raises(ValueError, match=r"'0\.weight'.*meta device"):
-        factorize_model(net, [torch.randn(8, 16)], rank=4, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(net, [torch.randn(8, 16)], rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
 
 
 def test_callback_refuses_a_meta_model_before_anything_runs():
@@ -242,7 +250,7 @@ class TinyGPT(nn.Module):
 
 def test_kept_multiply_adds_count_a_skipped_tied_head_at_every_position():
     T = 8
-    reports = factorize_model(TinyGPT(), [torch.randint(0, 100, (4, T))], rank=4, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(TinyGPT(), [torch.randint(0, 100, (4, T))], rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     by_name = {r.name: r for r in reports}
     assert "tied" in by_name["head"].note
     assert by_name["head"].macs_dense == T * 32 * 100
@@ -310,7 +318,7 @@ def _rows(n: int, batch: int, seed: int) -> DataLoader:
 def test_auto_row_minimum_is_met_over_two_validation_loaders():
     """192 validation rows in all (batches of 32, 32, 32, 4 then 46, 46): "auto" keeps 2 x 96 of them,
     both in the calibration pass (milestone 0) and in the validation run before milestone 1."""
-    cb = LowRankFactorization({0: 32, 1: 16}, targets="fc", output_batches=0, **FAST)
+    cb = LowRankFactorization({0: 32, 1: 16}, output_batches=0, **fast_on("fc"))
     _trainer(cb, num_sanity_val_steps=0).fit(Wide(), _rows(64, 32, 0), [_rows(100, 32, 1), _rows(92, 46, 2)])
     assert [h["statistics"] for h in cb.history] == ["calibration", "validation"]
     assert [h["samples"]["fc"] for h in cb.history] == [192, 192]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from factorize_plugin import LowRankFactorization, Readiness, SpeedGuard, factorize_model
+from factorize_plugin import Auto, LowRankFactorization, Readiness, SpeedGuard, Targets, factorize_model
 from factorize_plugin.surgery.timing.model_speed import ModelSpeedCheck
 from lightning_helpers import PAIRS, TINY, TinyNet, structure
 
@@ -197,7 +197,7 @@ def _recording_autocast(model, seen):
 def test_factorize_model_refuses_the_model_scope():
     model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="scope='model'"):
-        factorize_model(model, [torch.randn(16, 64)], rank=8, speed_guard=SpeedGuard(scope="model"), min_params=0, min_features=0)
+        factorize_model(model, [torch.randn(16, 64)], rank=8, speed_guard=SpeedGuard(scope="model"), targets=Targets(min_params=0, min_features=0))
 
 
 def test_model_speed_check_without_candidates_times_nothing():
@@ -279,7 +279,7 @@ def test_auto_times_a_training_batch_not_a_validation_batch():
         return 1.0
 
     guard = SpeedGuard(clock=clock)
-    cb = LowRankFactorization("auto", target=0.5, readiness=Readiness(latest=0.5), **dict(TINY, speed_guard=guard))
+    cb = LowRankFactorization(Auto(target=0.5, readiness=Readiness(latest=0.5)), **dict(TINY, speed_guard=guard))
     _fit(cb, model)
     assert cb.done == [1] and sizes == {32}
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from factorize_plugin import Statistics, Targets
 from factorize_plugin.core import MomentAccumulator
 from factorize_plugin.layers import FactorizedConv2d, FactorizedLinear, weight_matrix
 from factorize_plugin.surgery.oneshot import factorize_model
@@ -53,7 +54,7 @@ def test_report_and_swapped_layers():
     calib = _calib()
     x = torch.cat(calib)
     ref_first = model[0](x)
-    reports = factorize_model(model, calib, rank=4, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(model, calib, rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert [r.name for r in reports] == ["0", "2"]
     r0, r2 = reports
     assert (r0.kind, r0.shape, r0.old_rank, r0.new_rank) == ("Linear", (16, 32), None, 4)
@@ -70,7 +71,7 @@ def test_report_and_swapped_layers():
 def test_conv_report_counts_multiply_adds_per_sample():
     model = _ConvNet()
     calib = [torch.randn(8, 3, 8, 8) for _ in range(3)]
-    reports = factorize_model(model, calib, rank=4, targets=["conv"], speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(model, calib, rank=4, targets=Targets(["conv"], min_params=0, min_features=0), speed_guard=False)
     (r,) = reports
     assert r.shape == (27, 16) and r.new_rank == 4 and isinstance(model.conv, FactorizedConv2d)
     assert r.macs_before == 27 * 16 * 16 and r.macs_after == 4 * (27 + 16) * 16  # 4x4 output positions
@@ -79,25 +80,25 @@ def test_conv_report_counts_multiply_adds_per_sample():
 
 def test_max_nmse_and_budget_policies_end_to_end():
     model = _mlp()
-    reports = factorize_model(model, _calib(), max_nmse=0.02, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(model, _calib(), max_nmse=0.02, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert all(r.nmse <= 0.02 for r in reports if r.changed)
     model = _mlp()
-    reports = factorize_model(model, _calib(), param_budget=0.3, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(model, _calib(), param_budget=0.3, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     before = sum(r.params_before for r in reports)
     assert sum(r.params_after for r in reports) <= 0.3 * before
     model = _mlp()
-    macs = factorize_model(model, _calib(), ParamBudget(0.3, metric="macs", sensitivity=False), speed_guard=False, min_params=0, min_features=0)
+    macs = factorize_model(model, _calib(), ParamBudget(0.3, metric="macs", sensitivity=False), speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert sum(r.macs_after for r in macs) <= 0.3 * sum(r.macs_before for r in macs)
 
 
 def test_progressive_second_call_lowers_ranks():
     model = _mlp()
-    first = factorize_model(model, _calib(), rank=5, speed_guard=False, min_params=0, min_features=0)
-    second = factorize_model(model, _calib(seed=1), param_budget=0.5 * sum(r.params_after for r in first) / sum(r.params_dense for r in first), speed_guard=False, min_params=0, min_features=0)
+    first = factorize_model(model, _calib(), rank=5, speed_guard=False, targets=Targets(min_params=0, min_features=0))
+    second = factorize_model(model, _calib(seed=1), param_budget=0.5 * sum(r.params_after for r in first) / sum(r.params_dense for r in first), speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert [r.old_rank for r in second] == [r.new_rank for r in first]
     # the budget is a fraction of the *dense* weights, also for already-factorized layers
     assert sum(r.params_after for r in second) <= 0.5 * sum(r.params_before for r in second)
-    within = factorize_model(model, _calib(seed=2), param_budget=0.9, speed_guard=False, min_params=0, min_features=0)  # already below 90% of dense: no change
+    within = factorize_model(model, _calib(seed=2), param_budget=0.9, speed_guard=False, targets=Targets(min_params=0, min_features=0))  # already below 90% of dense: no change
     assert not any(r.changed for r in within)
     assert all(r.old_rank == 5 and r.new_rank <= 5 for r in second)
     assert isinstance(model[0], FactorizedLinear)
@@ -116,16 +117,16 @@ class _TwoInputs(nn.Module):
 def test_calling_conventions_tuple_dict_and_input_fn():
     a, b = torch.randn(20, 6), torch.randn(20, 5)
     # an input_fn returning a tuple: model(*args)
-    reports = factorize_model(_TwoInputs(), [(a, b), [a, b]], rank=1, input_fn=tuple, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(_TwoInputs(), [(a, b), [a, b]], rank=1, input_fn=tuple, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert [r.samples for r in reports] == [40, 40]
-    reports = factorize_model(_TwoInputs(), [{"a": a, "b": b}], rank=1, speed_guard=False, min_params=0, min_features=0)  # model(**batch)
+    reports = factorize_model(_TwoInputs(), [{"a": a, "b": b}], rank=1, speed_guard=False, targets=Targets(min_params=0, min_features=0))  # model(**batch)
     assert [r.samples for r in reports] == [20, 20]
     # A labelled loader yields [x, y]: by default the model gets x, as in the callback.
     x, y = torch.randn(64, 16).double(), torch.randint(0, 8, (64,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    reports = factorize_model(_mlp(), loader, rank=2, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(_mlp(), loader, rank=2, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert reports[0].samples == 64
-    reports = factorize_model(_mlp(), loader, rank=2, input_fn=lambda batch: batch[0], speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(_mlp(), loader, rank=2, input_fn=lambda batch: batch[0], speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert reports[0].samples == 64
 
 
@@ -133,13 +134,13 @@ def test_training_mode_restored_and_eval_during_calibration():
     model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 8)).double().train()
     seen = []
     model[1].register_forward_pre_hook(lambda m, args: seen.append(m.training))
-    factorize_model(model, _calib(), rank=4, speed_guard=False, min_params=0, min_features=0)
+    factorize_model(model, _calib(), rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert seen and not any(seen) and model.training
 
 
 def test_one_shot_iterator_with_param_budget_is_replayed():
     calib = _calib()
-    reports = factorize_model(_mlp(), iter(calib), param_budget=0.4, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(_mlp(), iter(calib), param_budget=0.4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert reports[0].samples == 256 and reports[0].changed
 
 
@@ -153,7 +154,7 @@ def test_one_shot_iterator_with_param_budget_is_replayed():
         (dict(param_budget=1.2), r"\(0, 1\]"),
         (dict(rank=0), "rank"),
         (dict(max_nmse=-0.1), "max_nmse"),
-        (dict(rank=4, targets=["nothing*"]), "'nothing\\*'"),
+        (dict(rank=4, targets=Targets(["nothing*"], min_params=0, min_features=0)), "'nothing\\*'"),
     ],
 )
 def test_bad_arguments_fail_before_touching_the_model(kwargs, match):
@@ -165,14 +166,14 @@ def test_bad_arguments_fail_before_touching_the_model(kwargs, match):
         yield from _calib()
 
     with pytest.raises(ValueError, match=match):
-        factorize_model(model, batches(), **kwargs, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(model, batches(), **{"targets": Targets(min_params=0, min_features=0), **kwargs}, speed_guard=False)
     assert not consumed and isinstance(model[0], nn.Linear)
 
 
 def test_unsupported_layer_named_explicitly():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
     with pytest.raises(TypeError, match="'0'.*Embedding"):
-        factorize_model(model, [torch.arange(5)], rank=2, targets=["0"], speed_guard=False, min_params=0, min_features=0)
+        factorize_model(model, [torch.arange(5)], rank=2, targets=Targets(["0"], min_params=0, min_features=0), speed_guard=False)
 
 
 def test_nan_activations_error_names_the_layer():
@@ -182,7 +183,7 @@ def test_nan_activations_error_names_the_layer():
 
     model = nn.Sequential(nn.Linear(16, 16), _Log(), nn.Linear(16, 4)).double()
     with pytest.raises(ValueError, match=r"layer '2'.*(NaN|not finite)"):
-        factorize_model(model, _calib(), rank=2, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(model, _calib(), rank=2, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)  # nothing swapped
 
 
@@ -196,12 +197,12 @@ def test_layer_that_never_runs_and_empty_calibration():
             return self.used(x)
 
     with pytest.raises(RuntimeError, match="'unused' was named as a target but was never called"):
-        factorize_model(_Skip().double(), _calib(), rank=2, targets=["used", "unused"], speed_guard=False, min_params=0, min_features=0)
-    reports = factorize_model(_Skip().double(), _calib(), rank=2, speed_guard=False, min_params=0, min_features=0)  # default targets: a note
+        factorize_model(_Skip().double(), _calib(), rank=2, targets=Targets(["used", "unused"], min_params=0, min_features=0), speed_guard=False)
+    reports = factorize_model(_Skip().double(), _calib(), rank=2, speed_guard=False, targets=Targets(min_params=0, min_features=0))  # default targets: a note
     assert [(r.name, r.changed) for r in reports] == [("used", True), ("unused", False)]
     assert "never called during calibration" in reports[1].note
     with pytest.raises(ValueError, match="no batches"):
-        factorize_model(_mlp(), [], rank=2, speed_guard=False, min_params=0, min_features=0)
+        factorize_model(_mlp(), [], rank=2, speed_guard=False, targets=Targets(min_params=0, min_features=0))
 
 
 # ----------------------------------------------------------------------------- judged on the output
@@ -263,7 +264,7 @@ def test_measured_budget_beats_uniform_where_unweighted_nmse_loses():
     # plan_budget keeps the measured allocation here, and factorize_model installs it.
     plan = plan_budget(OutputProbe(model, layers, calib), cands, ParamBudget(0.25).allocate, 0.25, measure=False)
     assert plan.chosen == "budget" and plan.ranks == measured
-    reports = factorize_model(model, calib, ParamBudget(0.25, n_probes=6), speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(model, calib, ParamBudget(0.25, n_probes=6), speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert {r.name: r.new_rank for r in reports} == measured
 
 
@@ -377,9 +378,8 @@ def test_pretrained_cnn_factorize_model_end_to_end(mnist):
     model = copy.deepcopy(model)
     loader = DataLoader(TensorDataset(torch.cat(calib), torch.zeros(N_CALIB)), batch_size=BATCH)
     reports = factorize_model(
-        model, loader, ParamBudget(0.2, n_probes=3), targets=INNER, input_fn=lambda b: b[0], max_samples=20_000,
-        speed_guard=False, min_params=0, min_features=0
-    )
+        model, loader, ParamBudget(0.2, n_probes=3), targets=Targets(INNER, min_params=0, min_features=0), input_fn=lambda b: b[0], statistics=Statistics(max_samples=20_000),
+        speed_guard=False)
     assert sum(r.params_after for r in reports) <= 0.2 * sum(r.params_before for r in reports)
     assert all(r.samples > 0 for r in reports)
     assert sum(isinstance(m, (FactorizedLinear, FactorizedConv2d)) for m in model.modules()) >= 2

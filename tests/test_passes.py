@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from factorize_plugin import LowRankFactorization, factorize_model
+from factorize_plugin import LowRankFactorization, Statistics, Targets, factorize_model
 from factorize_plugin.surgery.statistics.collector import ActivationCollector
 from factorize_plugin.surgery.statistics.passes import plan_passes, statistics_bound
 from lightning_helpers import (
@@ -96,11 +96,12 @@ def test_factorize_model_in_passes_gives_the_one_pass_factors(sample_fraction):
     base = Attention().double()
     batches = [b.double() for b in _batches()]
     one, several = copy.deepcopy(base), copy.deepcopy(base)
-    kw = dict(rank=0.5, min_params=0, min_features=0, speed_guard=False, sample_fraction=sample_fraction)
-    r1 = factorize_model(one, batches, **kw)
+    kw = dict(rank=0.5, targets=Targets(min_params=0, min_features=0), speed_guard=False)
+    r1 = factorize_model(one, batches, statistics=Statistics(sample_fraction=sample_fraction), **kw)
     bounds = [statistics_bound(m, "auto", holdout=True) for m in _layers(base).values()]
     budget = 2 * max(bounds)
-    r2 = factorize_model(several, iter(batches), max_statistics_bytes=budget, **kw)  # a one-shot iterator too
+    statistics = Statistics(sample_fraction=sample_fraction, max_bytes=budget)
+    r2 = factorize_model(several, iter(batches), statistics=statistics, **kw)  # a one-shot iterator too
     assert r1.statistics_passes == 1 and r2.statistics_passes > 2
     assert r2.statistics_bytes <= budget < r1.statistics_bytes  # measured from the accumulators
     assert [(r.name, r.new_rank, r.samples) for r in r1] == [(r.name, r.new_rank, r.samples) for r in r2]
@@ -117,21 +118,20 @@ def test_factorize_model_refuses_a_budget_below_one_layer():
     bounds = {n: statistics_bound(m, "auto", holdout=True) for n, m in _layers(model).items()}
     name = max(bounds, key=bounds.get)  # (the first of the largest)
     need = bounds[name]
-    with pytest.raises(ValueError, match=rf"max_statistics_bytes={need - 1} .* layer '{name}' alone \({need} bytes"):
-        factorize_model(model, _batches(1), rank=0.5, min_params=0, speed_guard=False, max_statistics_bytes=need - 1)
+    with pytest.raises(ValueError, match=rf"max_bytes={need - 1}\) .* layer '{name}' alone \({need} bytes"):
+        factorize_model(model, _batches(1), rank=0.5, targets=Targets(min_params=0), speed_guard=False, statistics=Statistics(max_bytes=need - 1))
     for bad in (0, -5, 1.5, "1GB", True):
-        with pytest.raises(ValueError, match="max_statistics_bytes must be"):
-            factorize_model(model, _batches(1), rank=0.5, max_statistics_bytes=bad)
-        with pytest.raises(ValueError, match="max_statistics_bytes must be"):
-            LowRankFactorization({1: 0.5}, max_statistics_bytes=bad)
+        with pytest.raises(ValueError, match="max_bytes must be"):
+            factorize_model(model, _batches(1), rank=0.5, statistics=Statistics(max_bytes=bad))
+        with pytest.raises(ValueError, match="max_bytes must be"):
+            LowRankFactorization({1: 0.5}, statistics=Statistics(max_bytes=bad))
 
 
 def _fit(budget, max_epochs=2):
     pl.seed_everything(0)
     model = WideNet()
     cb = LowRankFactorization(
-        {1: 0.25}, **dict(TINY, targets=WIDE_TARGETS), sample_fraction=1.0, max_statistics_bytes=budget
-    )
+        {1: 0.25}, **dict(TINY, targets=WIDE_TARGETS), statistics=Statistics(sample_fraction=1.0, max_bytes=budget))
     snap = {}
 
     class Snap(pl.Callback):  # the factors right after the swap, before any training on them
@@ -171,7 +171,7 @@ def test_callback_refuses_a_budget_below_one_layer_at_setup():
     model = TinyNet()
     need = statistics_bound(model.classifier[0], "auto", True, factorized=True)
     assert need > statistics_bound(model.classifier[0], "auto", True)
-    cb = LowRankFactorization({1: 0.5}, **TINY, max_statistics_bytes=need - 1)
+    cb = LowRankFactorization({1: 0.5}, **TINY, statistics=Statistics(max_bytes=need - 1))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[cb], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(ValueError, match=rf"layer 'classifier.0' alone \({need} bytes once it is factorized"):
@@ -197,5 +197,5 @@ def test_a_budget_below_one_layer_is_refused_before_calibrating():
         def __iter__(self):
             raise AssertionError("the calibration data was read before the budget was checked")
 
-    with pytest.raises(ValueError, match="max_statistics_bytes=100 is smaller than the statistics of layer"):
-        factorize_model(Attention(), NeverIterated(), rank=0.5, min_params=0, speed_guard=False, max_statistics_bytes=100)
+    with pytest.raises(ValueError, match=r"Statistics\(max_bytes=100\) is smaller than the statistics of layer"):
+        factorize_model(Attention(), NeverIterated(), rank=0.5, targets=Targets(min_params=0), speed_guard=False, statistics=Statistics(max_bytes=100))

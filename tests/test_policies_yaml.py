@@ -38,14 +38,20 @@ def test_python_schedule_mixes_policies_and_checks_their_order():
 def test_schedule_auto_in_yaml(tmp_path):
     from factorize_plugin import Readiness
 
-    cb = callback_from_yaml(
-        tmp_path, schedule="auto",
-        target={"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.3, "metric": "macs"}},
-        readiness={"tolerance": 0.05, "latest": None},
-    )  # fmt: skip
+    auto = {"class_path": "factorize_plugin.Auto", "init_args": {
+        "target": {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.3, "metric": "macs"}},
+        "readiness": {"tolerance": 0.05, "latest": None},
+    }}  # fmt: skip
+    cb = callback_from_yaml(tmp_path, schedule=auto)
     assert cb.schedule == {} and cb._auto.target == ParamBudget(0.3, metric="macs")
     assert cb._auto.readiness == Readiness(tolerance=0.05, latest=None)
     default = callback_from_yaml(tmp_path, schedule="auto")  # no other knob needed
     assert default._auto.target == ParamBudget(0.5, metric="macs") and default._auto.readiness == Readiness()
     with pytest.raises((SystemExit, ValueError)):
-        callback_from_yaml(tmp_path, schedule="auto", readiness={"tolerance": 2.0})
+        callback_from_yaml(tmp_path, schedule={"class_path": "factorize_plugin.Auto",
+                                               "init_args": {"readiness": {"tolerance": 2.0}}})  # fmt: skip
+    # the old flat target= / readiness= beside schedule: auto still work, with a deprecation warning
+    with pytest.warns(DeprecationWarning, match="is deprecated") as record:
+        old = callback_from_yaml(tmp_path, schedule="auto", readiness={"tolerance": 0.05, "latest": None})
+    assert any("readiness= is deprecated" in str(w.message) for w in record)
+    assert old._auto.readiness == cb._auto.readiness

@@ -161,7 +161,7 @@ def _yaml(tmp_path, max_epochs: int, name: str) -> Path:
             1: {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.5, "sensitivity": False}},
             2: {"class_path": "factorize_plugin.FixedRank", "init_args": {"rank": 4}},
         },
-        min_params=256, speed_guard=False,
+        targets={"min_params": 256}, speed_guard=False,
     )  # fmt: skip
     cfg["trainer"]["callbacks"].append(
         {

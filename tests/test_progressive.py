@@ -128,7 +128,7 @@ def test_cli_fit_with_a_progressive_step_schedule(tmp_path):
     budget = {"class_path": "factorize_plugin.ParamBudget", "init_args": {"fraction": 0.5, "sensitivity": False}}
     cfg["trainer"]["callbacks"][0]["init_args"] = {
         "schedule": {"class_path": "factorize_plugin.Progressive", "init_args": {"target": budget, "epochs": [0, 2]}},
-        "interval": "step", "min_params": 256, "speed_guard": False, "verbose": False,
+        "interval": "step", "targets": {"min_params": 256}, "speed_guard": False, "verbose": False,
     }  # fmt: skip
     path = tmp_path / "step.yaml"
     path.write_text(yaml.safe_dump(cfg))

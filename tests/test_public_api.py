@@ -29,9 +29,9 @@ def test_dir_lists_the_public_names_lazy_ones_included():
 def test_every_public_name_resolves_and_machinery_stays_in_its_floor():
     for name in factorize_plugin.__all__:
         assert getattr(factorize_plugin, name) is not None
-    for internal in ("refactorize", "ActivationCollector", "select_layers", "TargetSpec"):
+    for internal in ("refactorize", "ActivationCollector", "select_layers", "prepare"):
         assert internal not in factorize_plugin.__all__
-    from factorize_plugin.surgery.pipeline import TargetSpec  # noqa: F401
+    from factorize_plugin.surgery.pipeline import prepare  # noqa: F401
     from factorize_plugin.surgery.select.targets import select_layers  # noqa: F401
     from factorize_plugin.surgery.statistics.collector import ActivationCollector  # noqa: F401
     from factorize_plugin.surgery.swap.refactorize import refactorize  # noqa: F401

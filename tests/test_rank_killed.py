@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from factorize_plugin import factorize_model
+from factorize_plugin import Statistics, Targets, factorize_model
 from factorize_plugin.surgery.swap.checkpoint import factorized_entries
 from lightning_helpers import DDP_MODEL_KWARGS, WIDE_TARGETS, WideNet, composed, digits, max_abs_diff
 
@@ -83,8 +83,8 @@ def test_rank_killed_mid_milestone_resumes_from_the_previous_epoch(tmp_path):
     x, _ = digits()
     val = x[1000 : 1000 + DDP_MODEL_KWARGS["n_val"]]
     factorize_model(
-        model, val.split(32), rank=0.25, targets=WIDE_TARGETS, min_params=0, min_features=0, sample_fraction=1.0,
-        max_samples=None, speed_guard=False,
+        model, val.split(32), rank=0.25, targets=Targets(WIDE_TARGETS, min_params=0, min_features=0), statistics=Statistics(sample_fraction=1.0, max_samples=None),
+        speed_guard=False,
     )  # fmt: skip
     ref = composed(model, WIDE_TARGETS)
     for n in WIDE_TARGETS:

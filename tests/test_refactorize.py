@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import factorize_plugin
 import factorize_plugin.surgery.swap.refactorize as refactorize_module
-from factorize_plugin import FixedRank, ParamBudget, factorize_model
+from factorize_plugin import FixedRank, ParamBudget, Targets, factorize_model
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.select.targets import select_layers
 from factorize_plugin.surgery.statistics.collector import ActivationCollector
@@ -102,8 +102,8 @@ def test_successful_transaction_puts_every_new_parameter_in_the_optimizer_once()
 def test_factorize_model_takes_policy_objects_like_the_shortcuts():
     batches = [torch.randn(128, 48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     a, b = _model_and_stats()[0], _model_and_stats()[0]
-    ra = factorize_model(a, batches, FixedRank(0.25), speed_guard=False, min_params=0, min_features=0)
-    rb = factorize_model(b, batches, rank=0.25, speed_guard=False, min_params=0, min_features=0)
+    ra = factorize_model(a, batches, FixedRank(0.25), speed_guard=False, targets=Targets(min_params=0, min_features=0))
+    rb = factorize_model(b, batches, rank=0.25, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert [r.new_rank for r in ra] == [r.new_rank for r in rb] == [12, 12, 12]
     with pytest.raises(ValueError, match="exactly one"):
-        factorize_model(a, batches, ParamBudget(0.3), rank=4, min_params=0, min_features=0)
+        factorize_model(a, batches, ParamBudget(0.3), rank=4, targets=Targets(min_params=0, min_features=0))

@@ -10,9 +10,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from factorize_plugin import FixedRank, LowRankFactorization, MaxNMSE, ParamBudget, factorize_model
+from factorize_plugin import (
+    FixedRank,
+    LowRankFactorization,
+    MaxNMSE,
+    ParamBudget,
+    Statistics,
+    Targets,
+    factorize_model,
+)
 from factorize_plugin.surgery import settings
-from lightning_helpers import TINY
+from lightning_helpers import TINY, TINY_LAYERS
 
 
 class NeverIterated:
@@ -27,7 +35,8 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
 
 
-# (setting, bad value, words of the rule); the settings both entry points take
+# (setting, bad value, words of the rule); the settings both entry points take, top-level or as a
+# field of their object (``_given``)
 SHARED = [
     ("min_params", -5, ">= 0"),
     ("min_params", 1.5, "whole number"),
@@ -54,11 +63,12 @@ SHARED = [
     ("exclude", 5, "pattern"),
     ("exclude", [None], "pattern"),
     ("input_fn", 5, "callable"),
-    ("max_statistics_bytes", 0, ">= 1"),
-    ("max_statistics_bytes", -3, ">= 1"),
-    ("max_statistics_bytes", 1.5, "whole number"),
-    ("max_statistics_bytes", "4GB", "whole number"),
-    ("max_statistics_bytes", True, "whole number"),
+    ("max_bytes", 0, ">= 1"),
+    ("max_bytes", -3, ">= 1"),
+    ("max_bytes", 1.5, "whole number"),
+    ("max_bytes", "4GB", "whole number"),
+    ("max_bytes", True, "whole number"),
+    ("space", "output", "one of"),
 ]
 CALLBACK_ONLY = [
     ("budget_batches", -1, ">= 0"),
@@ -71,7 +81,6 @@ CALLBACK_ONLY = [
     ("mode", "ranks", "one of"),
 ]
 FACTORIZE_MODEL_ONLY = [
-    ("space", "output", "one of"),
     ("device", "nowhere", "device"),
     ("device", 3.5, "device"),
     ("output_fn", "logits", "callable"),
@@ -85,6 +94,15 @@ def _ids(case) -> str:
     return f"{case[0]}={case[1]!r}"
 
 
+def _given(setting: str, value, layers: dict) -> dict:
+    """The keyword argument that carries ``setting``: itself, or the object holding it."""
+    if setting in ("exclude", "min_params", "min_features"):
+        return {"targets": Targets(**{**layers, setting: value})}
+    if setting in ("max_samples", "sample_fraction", "max_bytes", "space"):
+        return {"statistics": Statistics(**{setting: value})}
+    return {setting: value}
+
+
 def _refused(info, setting: str, value, rule: str) -> None:
     message = str(info.value)
     assert setting in message and repr(value) in message and rule in message, message
@@ -93,15 +111,27 @@ def _refused(info, setting: str, value, rule: str) -> None:
 @pytest.mark.parametrize("setting,value,rule", SHARED + CALLBACK_ONLY, ids=[_ids(c) for c in SHARED + CALLBACK_ONLY])
 def test_callback_refuses_a_bad_setting_when_built(setting, value, rule):
     with pytest.raises(ValueError) as info:
-        LowRankFactorization({1: 0.5}, **{**TINY, setting: value})
+        LowRankFactorization({1: 0.5}, **{**TINY, **_given(setting, value, TINY_LAYERS)})
     _refused(info, setting, value, rule)
 
 
 @pytest.mark.parametrize("setting,value,rule", SHARED + FACTORIZE_MODEL_ONLY, ids=[_ids(c) for c in SHARED + FACTORIZE_MODEL_ONLY])
 def test_factorize_model_refuses_a_bad_setting_before_calibrating(setting, value, rule):
     with pytest.raises(ValueError) as info:
-        factorize_model(mlp(), NeverIterated(), rank=8, speed_guard=False, **{setting: value})
+        factorize_model(mlp(), NeverIterated(), rank=8, speed_guard=False, **_given(setting, value, {}))
     _refused(info, setting, value, rule)
+
+
+@pytest.mark.parametrize("old,value,rule", [("min_params", -5, ">= 0"), ("max_statistics_bytes", 0, ">= 1"),
+                                            ("space", "output", "one of")])  # fmt: skip
+def test_the_old_flat_names_warn_and_are_checked_the_same(old, value, rule):
+    with pytest.warns(DeprecationWarning, match=rf"{old}= is deprecated.*pass (targets=Targets|statistics=Statistics)"):
+        with pytest.raises(ValueError, match=rule):
+            factorize_model(mlp(), NeverIterated(), rank=8, speed_guard=False, **{old: value})
+    if old != "space":  # (factorize_model's only: the callback never had it)
+        with pytest.warns(DeprecationWarning, match=rf"LowRankFactorization: {old}= is deprecated"):
+            with pytest.raises(ValueError, match=rule):
+                LowRankFactorization({1: 0.5}, verbose=False, **{old: value})
 
 
 # (policy class, keyword arguments, setting named, bad value, words of the rule)

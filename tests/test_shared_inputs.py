@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from factorize_plugin import Targets
 from factorize_plugin.surgery.statistics.collector import ActivationCollector
 from factorize_plugin.surgery.swap.refactorize import build_candidates
 
@@ -205,7 +206,7 @@ def test_factorize_model_reports_carry_the_statistics_bytes():
 
     model = _llama().float()
     reports = factorize_model(model, _batches(2), rank=0.5, speed_guard=False, input_fn=lambda ids: {"input_ids": ids},
-                              targets="model.layers.*", min_params=0, min_features=0)  # fmt: skip
+                              targets=Targets("model.layers.*", min_params=0, min_features=0))  # fmt: skip
     assert isinstance(reports, list) and len(reports) == 14
     # per block under space="auto": q alone, k/v projected (16 wide), o, gate/up shared, down
     # projected (32 wide); each as held-out halves plus their union once the solve read them (x 3),

@@ -15,6 +15,7 @@ from factorize_plugin import (
     LowRankFactorization,
     ParamBudget,
     SpeedGuard,
+    Targets,
     factorize_model,
     format_reports,
 )
@@ -75,7 +76,7 @@ def _calib(d: int, rows: int = 16, n: int = 4) -> list[torch.Tensor]:
 def test_narrow_layers_stay_dense_wide_ones_are_factorized_with_a_note():
     timer = FakeTimer()
     model = _mlp((16, 16, 16, 256, 256))
-    reports = factorize_model(model, _calib(16), rank=0.25, speed_guard=SpeedGuard(mode="inference", timer=timer), min_params=0, min_features=0)
+    reports = factorize_model(model, _calib(16), rank=0.25, speed_guard=SpeedGuard(mode="inference", timer=timer), targets=Targets(min_params=0, min_features=0))
     by = {r.name: r for r in reports}
     assert fake_ratio(16, 16, 4, 16) < 1.15 < fake_ratio(256, 256, 64, 16)  # the premise
     for name in ("0", "2", "4"):  # 16x16 (x2) and 16x256 at rank 4: the pair is slower
@@ -95,24 +96,24 @@ def test_narrow_layers_stay_dense_wide_ones_are_factorized_with_a_note():
 def test_margin_keeps_layers_near_break_even_dense():
     ratio = fake_ratio(64, 64, 16, 64)
     model = _mlp((64, 64))
-    below = factorize_model(model, _calib(64, rows=64), rank=16, speed_guard=SpeedGuard(margin=ratio * 1.01, timer=FakeTimer()), min_params=0, min_features=0)
+    below = factorize_model(model, _calib(64, rows=64), rank=16, speed_guard=SpeedGuard(margin=ratio * 1.01, timer=FakeTimer()), targets=Targets(min_params=0, min_features=0))
     assert not below[0].changed and "needs" in below[0].note
-    above = factorize_model(model, _calib(64, rows=64), rank=16, speed_guard=SpeedGuard(margin=ratio * 0.99, timer=FakeTimer()), min_params=0, min_features=0)
+    above = factorize_model(model, _calib(64, rows=64), rank=16, speed_guard=SpeedGuard(margin=ratio * 0.99, timer=FakeTimer()), targets=Targets(min_params=0, min_features=0))
     assert above[0].new_rank == 16
 
 
 def test_cache_is_reused_across_calls_and_guard_off_never_times():
     guard, timer = SpeedGuard(timer=FakeTimer()), None
     timer = guard.timer
-    factorize_model(_mlp(), _calib(16), rank=0.25, speed_guard=guard, min_params=0, min_features=0)
+    factorize_model(_mlp(), _calib(16), rank=0.25, speed_guard=guard, targets=Targets(min_params=0, min_features=0))
     n = len(timer.cases())
-    factorize_model(_mlp(), _calib(16), rank=0.25, speed_guard=guard, min_params=0, min_features=0)  # same shapes, ranks, rows: cached
+    factorize_model(_mlp(), _calib(16), rank=0.25, speed_guard=guard, targets=Targets(min_params=0, min_features=0))  # same shapes, ranks, rows: cached
     assert len(timer.cases()) == n
-    factorize_model(_mlp(), _calib(16, rows=32), rank=0.25, speed_guard=guard, min_params=0, min_features=0)  # other rows: measured again
+    factorize_model(_mlp(), _calib(16, rows=32), rank=0.25, speed_guard=guard, targets=Targets(min_params=0, min_features=0))  # other rows: measured again
     assert len(timer.cases()) > n
 
     off = _mlp((16, 16))
-    reports = factorize_model(off, _calib(16), rank=4, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(off, _calib(16), rank=4, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     assert reports[0].new_rank == 4 and reports[0].speedup is None  # slower by the fake timer, but no guard
 
 
@@ -122,8 +123,8 @@ def test_param_budget_spends_only_on_ranks_the_guard_allows():
     dense, saying why."""
     widths, budget = (256, 256, 16, 16), ParamBudget(0.9, sensitivity=False)
     timer = FakeTimer()
-    reports = factorize_model(_mlp(widths), _calib(256, rows=128), budget, speed_guard=SpeedGuard(timer=timer), min_params=0, min_features=0)
-    free = factorize_model(_mlp(widths), _calib(256, rows=128), budget, speed_guard=False, min_params=0, min_features=0)
+    reports = factorize_model(_mlp(widths), _calib(256, rows=128), budget, speed_guard=SpeedGuard(timer=timer), targets=Targets(min_params=0, min_features=0))
+    free = factorize_model(_mlp(widths), _calib(256, rows=128), budget, speed_guard=False, targets=Targets(min_params=0, min_features=0))
     by = {r.name: r for r in reports}
     assert not by["4"].changed and by["4"].note.startswith("kept dense: rank 1 measured")
     for r in reports:  # every rank given is one the guard allows
@@ -198,7 +199,7 @@ def test_real_guard_runs_on_a_model_with_adam_and_conv():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 32))
     batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
     guard = SpeedGuard(mode="train", repeats=2, min_time=1e-4)
-    reports = factorize_model(model, batches, rank=2, speed_guard=guard, min_params=0, min_features=0)
+    reports = factorize_model(model, batches, rank=2, speed_guard=guard, targets=Targets(min_params=0, min_features=0))
     assert all(r.speedup is not None and r.speedup > 0 for r in reports)
     assert all(r.changed or r.note.startswith("kept dense") for r in reports)
 
@@ -215,10 +216,10 @@ def test_bad_guard_arguments_are_refused(kwargs, match):
 
 def test_bad_speed_guard_value_and_bad_timer_are_refused():
     with pytest.raises(TypeError, match="speed_guard must be 'auto', True, False or a SpeedGuard"):
-        factorize_model(_mlp(), _calib(16), rank=2, speed_guard="on", min_params=0, min_features=0)
+        factorize_model(_mlp(), _calib(16), rank=2, speed_guard="on", targets=Targets(min_params=0, min_features=0))
     with pytest.raises(TypeError, match="speed_guard"):
         LowRankFactorization({1: 0.5}, speed_guard=1.5)
     model = _mlp()
     with pytest.raises(ValueError, match="timer returned 0.0 seconds"):
-        factorize_model(model, _calib(16), rank=2, speed_guard=SpeedGuard(timer=lambda cases: [0.0] * len(cases)), min_params=0, min_features=0)
+        factorize_model(model, _calib(16), rank=2, speed_guard=SpeedGuard(timer=lambda cases: [0.0] * len(cases)), targets=Targets(min_params=0, min_features=0))
     assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))  # unchanged

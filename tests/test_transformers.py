@@ -12,12 +12,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from examples.gpt_task import GPTTask, Windows, stdlib_corpus
-from factorize_plugin import LowRankFactorization
+from factorize_plugin import LowRankFactorization, Targets
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.select.sharing import check_optimizer
 from factorize_plugin.surgery.select.targets import select_layers
 
-FAST = dict(verbose=False, speed_guard=False, min_params=256, min_features=8)
+LAYERS = dict(min_params=256, min_features=8)
+FAST = dict(targets=Targets(**LAYERS), verbose=False, speed_guard=False)
+
+
+def fast_on(include=None, exclude=None) -> dict:
+    """``FAST`` with these layer patterns."""
+    return dict(FAST, targets=Targets(include, exclude, **LAYERS))
 
 
 def _text(block: int = 16, train: int = 64, val: int = 32):
@@ -118,7 +124,7 @@ def test_encoder_layer_trains_with_default_targets_and_keeps_out_proj(batch_firs
 @pytest.mark.parametrize("exclude", [None, ["*.self_attn.*"]])
 def test_encoder_fast_path_is_taken_after_factorization_and_stays_correct(monkeypatch, exclude):
     task = SeqTask(EncoderNet(batch_first=True))
-    _fit(task, LowRankFactorization({1: 0.5}, exclude=exclude, **FAST))
+    _fit(task, LowRankFactorization({1: 0.5}, **fast_on(exclude=exclude)))
     assert isinstance(task.net.encoder.layers[0].linear1, FactorizedLinear)
     x = task.val_ds[0][0].unsqueeze(0).repeat(4, 1)
     task.eval()
@@ -151,7 +157,7 @@ def test_decoder_layer_trains_with_default_targets():
 
 def test_naming_out_proj_is_an_error_before_training():
     task = SeqTask(EncoderNet())
-    cb = LowRankFactorization({1: 0.5}, targets=["net.encoder.layers.0.self_attn.out_proj"], **FAST)
+    cb = LowRankFactorization({1: 0.5}, **fast_on(["net.encoder.layers.0.self_attn.out_proj"]))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"out_proj.*MultiheadAttention reads out_proj.weight"):
         trainer.fit(task)
@@ -196,7 +202,7 @@ class Aliased(nn.Module):
 
 def test_module_under_two_names_is_swapped_under_both():
     task = SeqTask(Aliased())
-    trainer = _fit(task, LowRankFactorization({1: 8}, targets=["net.a", "net.mix"], **FAST))
+    trainer = _fit(task, LowRankFactorization({1: 8}, **fast_on(["net.a", "net.mix"])))
     assert isinstance(task.net.a, FactorizedLinear) and task.net.b is task.net.a
     _assert_optimizer_holds_every_parameter_once(trainer, task)
 
@@ -283,7 +289,7 @@ def test_training_only_layer_is_left_out_with_a_note(sanity):
 def test_named_training_only_layer_is_an_error_before_any_swap(sanity, steps):
     task = SeqTask(TrainOnlyBranch())
     counter = StepCounter()
-    cb = LowRankFactorization({1: 8}, targets=["net.aux", "net.body"], **FAST)
+    cb = LowRankFactorization({1: 8}, **fast_on(["net.aux", "net.body"]))
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", callbacks=[cb, counter], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, num_sanity_val_steps=sanity, limit_train_batches=2,
@@ -314,10 +320,10 @@ def test_factorize_model_names_a_training_only_layer_and_the_reason():
     x = torch.randint(0, 256, (2, 8))
     # named: an error naming the layer and the likely reason, nothing swapped
     with pytest.raises(RuntimeError, match=r"'aux'.*training mode") as err:
-        factorize_model(model, [x], rank=8, targets=["aux", "body"], min_params=256, speed_guard=False)
+        factorize_model(model, [x], rank=8, targets=Targets(["aux", "body"], min_params=256), speed_guard=False)
     assert "compile" not in str(err.value) and type(model.body) is nn.Linear
     # default targets: left out with a note in its report, the others factorized
-    reports = factorize_model(model, [x], rank=8, min_params=256, speed_guard=False)
+    reports = factorize_model(model, [x], rank=8, targets=Targets(min_params=256), speed_guard=False)
     by_name = {r.name: r for r in reports}
     assert not by_name["aux"].changed and "never called during calibration" in by_name["aux"].note
     assert "training mode" in by_name["aux"].note and by_name["body"].new_rank == 8

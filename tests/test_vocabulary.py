@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from factorize_plugin import FactorizationEngine, LowRankFactorization, ParamBudget, factorize_model
+from factorize_plugin import (
+    FactorizationEngine,
+    LowRankFactorization,
+    ParamBudget,
+    Statistics,
+    Targets,
+    factorize_model,
+)
 from factorize_plugin.surgery.arguments import DEFAULTS, HELP, RENAMED
 
 
@@ -24,8 +31,13 @@ def test_defaults_are_written_once_and_differ_only_where_the_table_says():
     callback, engine = signature_defaults(LowRankFactorization), signature_defaults(FactorizationEngine)
     one_shot = signature_defaults(factorize_model)
     for name, d in DEFAULTS.items():
-        assert callback[name] == engine[name] == d.training, name
-        assert one_shot[name] == d.one_shot, name
+        if name in ("max_samples", "sample_fraction"):  # fields of Statistics, resolved per door
+            assert getattr(Statistics().at("training"), name) == d.training, name
+            assert getattr(Statistics().at("one_shot"), name) == d.one_shot, name
+            assert getattr(LowRankFactorization({1: 0.5}).statistics, name) == getattr(FactorizationEngine().statistics, name)
+        else:
+            assert engine[name] == d.training, name
+        assert callback[name] == d.training and one_shot[name] == d.one_shot, name  # (as deprecated flat names too)
         assert d.training != d.one_shot and d.why
     shared = (set(callback) & set(one_shot)) - set(DEFAULTS) - {"speed_guard"}  # speed_guard: "auto" in both
     assert {n: callback[n] for n in shared} == {n: one_shot[n] for n in shared}
@@ -45,7 +57,7 @@ def test_an_old_name_still_works_with_a_deprecation_warning():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
     data = [torch.randn(16, 32) for _ in range(4)]
-    kwargs = dict(policy=ParamBudget(0.5), min_params=0, min_features=0, speed_guard=False)
+    kwargs = dict(policy=ParamBudget(0.5), targets=Targets(min_params=0, min_features=0), speed_guard=False)
     new, old = copy.deepcopy(model), copy.deepcopy(model)
     reports = factorize_model(new, data, budget_batches=2, **kwargs)
     with pytest.warns(DeprecationWarning, match=r"sensitivity_batches= is renamed budget_batches="):
@@ -60,7 +72,7 @@ def test_budget_batches_zero_means_the_same_at_every_door():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     data = [torch.randn(32, 32) for _ in range(4)]
-    common = dict(min_params=0, min_features=0, speed_guard=False)
+    common = dict(targets=Targets(min_params=0, min_features=0), speed_guard=False)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     zero = factorize_model(a, data, policy=ParamBudget(0.4), budget_batches=0, **common)
     nmse_only = factorize_model(b, data, policy=ParamBudget(0.4, sensitivity=False), **common)

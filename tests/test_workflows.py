@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from factorize_plugin import LowRankFactorization, factorize_model, load_factorized, load_factorized_checkpoint
+from factorize_plugin import LowRankFactorization, Targets, factorize_model, load_factorized, load_factorized_checkpoint
 from factorize_plugin.layers import FactorizedLinear
-from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, state_dict_cpu, structure
+from lightning_helpers import TARGETS, TINY, Probe, TinyNet, max_abs_diff, state_dict_cpu, structure, tiny
 
 DENSE = dict.fromkeys(TARGETS)
 R1 = {"features.2": 4, "classifier.0": 16, "classifier.2": 5}  # {..: 0.5}
@@ -147,7 +147,7 @@ def test_new_milestone_before_the_resumed_epoch_is_applied_at_the_next_epoch_sta
 def test_changed_targets_touching_factorized_layers_stop_before_training(tmp_path, change):
     kw = dict(name="lr") if "name" in change else {}
     _fit(_seeded_model(), LowRankFactorization({1: 0.5}, **kw, **TINY), tmp_path, max_epochs=2)
-    cb = LowRankFactorization({1: 0.5, 3: 0.25}, targets=["classifier.*"], **kw, **TINY)
+    cb = LowRankFactorization({1: 0.5, 3: 0.25}, **kw, **tiny(["classifier.*"]))
     steps = []
     counter = pl.Callback()
     counter.on_train_batch_start = lambda *a: steps.append(1)
@@ -160,8 +160,8 @@ def test_changed_targets_touching_factorized_layers_stop_before_training(tmp_pat
 
 def test_added_dense_target_on_resume_is_fine(tmp_path):
     """Widening the targets by a layer that is still dense touches no factorized layer."""
-    _fit(_seeded_model(), LowRankFactorization({1: 0.5}, targets=["classifier.0"], name="n", **TINY), tmp_path, max_epochs=2)
-    cb = LowRankFactorization({1: 0.5, 3: 0.25}, targets=["classifier.*"], name="n", **TINY)
+    _fit(_seeded_model(), LowRankFactorization({1: 0.5}, name="n", **tiny(["classifier.0"])), tmp_path, max_epochs=2)
+    cb = LowRankFactorization({1: 0.5, 3: 0.25}, name="n", **tiny(["classifier.*"]))
     _, probe = _fit(_seeded_model(), cb, ckpt_path=tmp_path / "epoch=1.ckpt", max_epochs=4, extra=[])
     assert probe.start[3]["classifier.0"] == 8 and probe.start[3]["classifier.2"] == 2
 
@@ -236,7 +236,7 @@ def test_lbfgs_updates_the_factorized_layer(target, rank):
     """LBFGS steps through ``_params`` (the group's own list, edited in place) and keys its flat
     history on the first parameter: with ``net.2`` swapped that history is for the old sizes."""
     model, snaps = LBFGSNet(), Snapshots(target)
-    cb = LowRankFactorization({1: rank}, targets=target, **TINY)
+    cb = LowRankFactorization({1: rank}, **tiny(target))
     trainer = trainer_for([cb, snaps], max_epochs=3)
     trainer.fit(model)
     assert isinstance(model.get_submodule(target), FactorizedLinear) and model.get_submodule(target).rank == rank
@@ -253,7 +253,7 @@ def test_optimizer_copying_its_parameters_is_refused_before_training():
     steps = []
     counter = pl.Callback()
     counter.on_train_batch_start = lambda *a: steps.append(1)
-    trainer = trainer_for([LowRankFactorization({1: 8}, targets="net.0", **TINY), counter], max_epochs=2)
+    trainer = trainer_for([LowRankFactorization({1: 8}, **tiny("net.0")), counter], max_epochs=2)
     with pytest.raises(ValueError, match="CopyingSGD keeps its parameters in `cached`"):
         trainer.fit(LBFGSNet(optimizer="copying"))
     assert not steps
@@ -291,7 +291,7 @@ def test_factorize_model_keeps_a_frozen_batchnorm_frozen():
     model = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16)).train()
     model[1].eval()
     batches = [torch.randn(32, 16) for _ in range(4)]
-    factorize_model(model, batches, rank=4, min_params=0, min_features=0)
+    factorize_model(model, batches, rank=4, targets=Targets(min_params=0, min_features=0))
     assert model.training and model[0].training and not model[1].training
     assert int(model[1].num_batches_tracked) == 0
 

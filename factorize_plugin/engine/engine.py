@@ -31,8 +31,9 @@ import torch.nn as nn
 from ..surgery import settings
 from ..surgery.arguments import default, with_argument_help
 from ..surgery.calling import InputFn
-from ..surgery.pipeline import Selection, TargetSpec, finish, leave_out_silent, prepare
+from ..surgery.pipeline import Selection, finish, leave_out_silent, prepare
 from ..surgery.ranks.policies import RankPolicy
+from ..surgery.specs import Patterns, Statistics, Targets, statistics_from
 from ..surgery.statistics.collector import ActivationCollector
 from ..surgery.statistics.passes import PassResults
 from ..surgery.swap.refactorize import refactorize
@@ -78,19 +79,14 @@ class FactorizationEngine:
         *,
         mode: Mode = "rank",
         interval: Interval = "epoch",
-        targets: Optional[Union[str, list[str]]] = None,
-        exclude: Optional[Union[str, list[str]]] = None,
-        min_params: int = 1024,
-        min_features: int = 32,
-        max_samples: Optional[int] = default("max_samples", "training"),
-        sample_fraction: Union[float, str] = default("sample_fraction", "training"),
+        targets: Union[Patterns, Targets] = None,
+        statistics: Optional[Statistics] = None,
         budget_batches: int = default("budget_batches", "training"),
         input_fn: Optional[Callable[[Any], Any]] = None,
         regularization: float = 0.0,
         verbose: bool = True,
         speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
         output_batches: int = 2,
-        max_statistics_bytes: Optional[int] = None,
         rewarm_steps: Union[int, str] = "auto",
     ) -> None:
         self.interval: Interval = settings.check_choice("interval", interval, INTERVALS)  # type: ignore[assignment]
@@ -102,12 +98,12 @@ class FactorizationEngine:
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
         self.speed_setting = speed_guard
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
-        self.spec = TargetSpec(targets, exclude, min_params, min_features, max_samples, sample_fraction)
+        self.targets = targets if isinstance(targets, Targets) else Targets(targets)
+        self.statistics = statistics_from("FactorizationEngine", statistics, "training")
         self.budget_batches = settings.check_whole("budget_batches", budget_batches, 0)
         self.input_fn: Optional[InputFn] = settings.check_callable("input_fn", input_fn)
         self.regularization = settings.check_regularization(regularization)
         self.verbose = settings.check_flag("verbose", verbose)
-        self.max_statistics_bytes = settings.check_max_statistics_bytes(max_statistics_bytes)
         # state (checkpointed)
         self.done: list[int] = []
         self.ranks: dict[str, Optional[int]] = {}
@@ -129,14 +125,14 @@ class FactorizationEngine:
         self, model: nn.Module, host: Optional[Host] = None, sharded: bool = False, planned: Optional[Mapping] = None
     ) -> None:
         """Chooses the layers of the (dense) ``model`` (refused when none), resolves the speed guard
-        (off on a sharded model) and refuses a layer over ``max_statistics_bytes``, all before
+        (off on a sharded model) and refuses a layer over ``statistics.max_bytes``, all before
         training; a resume loads its saved structure after this. ``host``: where the advice goes
         (default: ``warnings.warn``); ``planned``: ``{label: policy}`` checked against the layers
         (default: the schedule's)."""
         self.speed_guard = resolve_guard(self.speed_setting, "train", scope="model", sharded=sharded)
         planned = {f"milestone {e}": p for e, p in self.policies.items()} if planned is None else planned
-        self.selection = prepare(model, self.spec, planned)
-        self.plan(host, model, factorized=True)  # a layer over max_statistics_bytes (at any milestone): refused now
+        self.selection = prepare(model, self.targets, planned)
+        self.plan(host, model, factorized=True)  # a layer over statistics.max_bytes (at any milestone): refused now
         for message in self.selection.advice:
             if host is not None:
                 host.warn(f"LowRankFactorization: {message}")
@@ -169,7 +165,7 @@ class FactorizationEngine:
         # Projected (x @ W) statistics are exact only while W stays as it was during the run: if an
         # optimizer step follows it, the milestone sees global_step moved and collects again.
         first = self.plan(host, model)[0]
-        self._collector = new_collector(host, model, self.selection, self.spec, batch_limits, first).attach()
+        self._collector = new_collector(host, model, self.selection, self.statistics, batch_limits, first).attach()
         self._collected_for = upcoming
         return True
 
@@ -330,14 +326,14 @@ class FactorizationEngine:
 
     def leave_out_silent(self, host: Host, model: nn.Module, silent: list[str], when: str) -> None:
         """Layers never called during ``when``: an error if named explicitly, else left out with a note."""
-        notes = leave_out_silent(model, self.selection, self.spec, silent, when)
+        notes = leave_out_silent(model, self.selection, self.targets, silent, when)
         if notes:
             host.warn(
                 "LowRankFactorization: leaving out " + "; ".join(f"layer '{n}' ({note})" for n, note in notes.items())
             )
 
     def plan(self, host: Optional[Host], model: nn.Module, factorized: bool = False) -> list[list[str]]:
-        return plan(host, self.layers(model), self.max_statistics_bytes, factorized=factorized)
+        return plan(host, self.layers(model), self.statistics, factorized=factorized)
 
     def drop_collector(self) -> None:
         if self._collector is not None:
@@ -354,7 +350,7 @@ class FactorizationEngine:
         self._collector, self._collected_for, self._collected_at_step = None, None, None
         leave_out = lambda silent: self.leave_out_silent(host, model, silent, "validation")  # noqa: E731
         return solve_in_passes(
-            host, model, self.selection, self.spec, groups, first, self.regularization, shard, leave_out
+            host, model, self.selection, self.statistics, groups, first, self.regularization, shard, leave_out
         )
 
 

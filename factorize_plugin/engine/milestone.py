@@ -1,5 +1,5 @@
 """The mechanics of one milestone (kept out of the engine, which decides when): the plan of
-collection passes under ``max_statistics_bytes``, the calibration pass over the evaluation batches,
+collection passes under ``Statistics.max_bytes``, the calibration pass over the evaluation batches,
 the solve pass by pass (statistics summed over the processes), the output probe of a
 ``ParamBudget``, and the milestone's history entry, metrics and log lines. Each function takes the
 ``Host``, the model and the settings explicitly.
@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 
 from ..surgery.calling import InputFn, evaluating
-from ..surgery.pipeline import Selection, TargetSpec, collect_with
+from ..surgery.pipeline import Selection, collect_with
 from ..surgery.ranks.sensitivity import OutputProbe
 from ..surgery.report.blame import naming_failures
 from ..surgery.report.reports import LayerReport, format_reports, milestone_metrics
+from ..surgery.specs import Statistics
 from ..surgery.statistics.collector import ActivationCollector
 from ..surgery.statistics.passes import PassResults, collect_in_passes, plan_passes, solve_pass
 from ..surgery.timing.model_speed import ModelSpeedCheck
@@ -35,7 +36,7 @@ def new_collector(
     host: Optional[Host],
     model: nn.Module,
     selection: Selection,
-    spec: TargetSpec,
+    statistics: Statistics,
     batch_limits: list,
     names: Optional[list[str]] = None,
 ) -> ActivationCollector:
@@ -43,32 +44,34 @@ def new_collector(
     batches (inf where unknown)."""
     finite = [n for n in batch_limits if n < float("inf")]
     return collect_with(
-        model, selection, spec, expected_batches=int(sum(finite)) or None, holdout=_single(host), names=names,
+        model, selection, statistics, expected_batches=int(sum(finite)) or None, holdout=_single(host), names=names,
     )
 
 
 def plan(
     host: Optional[Host],
     layers: Mapping[str, torch.nn.Module],
-    max_statistics_bytes: Optional[int],
+    statistics: Statistics,
     factorized: bool = False,
 ) -> list[list[str]]:
-    """The layers of each collection pass under ``max_statistics_bytes`` (one pass without it);
+    """The layers of each collection pass under ``statistics.max_bytes`` (one pass without it);
     ``factorized``: with the layers' bounds once they are pairs (the check at setup)."""
-    return plan_passes(layers, max_statistics_bytes, space="auto", holdout=_single(host), factorized=factorized)
+    return plan_passes(
+        layers, statistics.max_bytes, space=statistics.space, holdout=_single(host), factorized=factorized
+    )
 
 
 def calibrate(
     host: Host,
     model: nn.Module,
     selection: Selection,
-    spec: TargetSpec,
+    statistics: Statistics,
     names: Optional[list[str]] = None,
 ) -> ActivationCollector:
     """Runs the evaluation batches through the host's evaluation step (logging silenced, no grad,
     metric states kept), collecting the statistics of layers ``names`` (default: all)."""
     loaders, limits = host.evaluation_loaders()
-    collector = new_collector(host, model, selection, spec, limits, names)
+    collector = new_collector(host, model, selection, statistics, limits, names)
     with evaluating(model), collector, host.quiet(), naming_failures(model, "a validation batch"):
         for dl_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             for i, batch in enumerate(loader):
@@ -77,7 +80,7 @@ def calibrate(
                 batch = host.to_device(batch, dl_idx)
                 with host.eval_context():
                     host.evaluation_step(batch, i, dl_idx, len(loaders))
-                if spec.max_samples is not None and min(collector.samples().values()) >= spec.max_samples:
+                if collector.max_samples is not None and min(collector.samples().values()) >= collector.max_samples:
                     break
     return collector
 
@@ -86,7 +89,7 @@ def solve_in_passes(
     host: Host,
     model: nn.Module,
     selection: Selection,
-    spec: TargetSpec,
+    statistics: Statistics,
     groups: list[list[str]],
     first: Optional[ActivationCollector],
     regularization: float,
@@ -107,9 +110,9 @@ def solve_in_passes(
         if pending:
             return pending.pop()  # (popped: its statistics go with the pass)
         if i == 0:
-            return calibrate(host, model, selection, spec, names)
+            return calibrate(host, model, selection, statistics, names)
         with torch.random.fork_rng(devices=[]):  # another pass must not move the training run's RNG
-            return calibrate(host, model, selection, spec, names)
+            return calibrate(host, model, selection, statistics, names)
 
     def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Any]) -> dict:
         return solve_pass(

@@ -53,6 +53,7 @@ from ..surgery.ranks.readiness import (
     readiness_spec,
     stable_ranks,
 )
+from ..surgery.specs import Auto
 from .lightning_internals import training_position
 
 
@@ -185,44 +186,28 @@ class AutoSchedule:
 
 
 def read_any_schedule(
-    schedule: Union[str, Mapping[Any, ScheduleValue]],
-    mode: str,
-    target: Optional[ScheduleValue],
-    readiness: Optional[Readiness],
-    interval: str = "epoch",
+    schedule: Union[Auto, Mapping[Any, ScheduleValue], str], mode: str, interval: str = "epoch"
 ) -> tuple[dict[int, ScheduleValue], dict[int, RankPolicy], Optional[AutoSchedule]]:
-    """(schedule values, policies, AutoSchedule or None) of the callback's arguments: a hand-written
-    ``{epoch: value}`` (``read_schedule``; ``{step: value}`` with ``interval="step"``), or ``"auto"``
-    with a ``target`` (a ``RankPolicy``, or a scalar read by ``mode``; default
-    ``ParamBudget(0.5, metric="macs")``) and its ``Readiness`` (epochs only)."""
+    """(schedule values, policies, AutoSchedule or None) of the callback's ``schedule``: a
+    hand-written ``{epoch: value}`` (``read_schedule``; ``{step: value}`` with ``interval="step"``),
+    or an ``Auto`` (``specs.auto_from`` turns ``"auto"`` into one) whose target is a ``RankPolicy``
+    or a scalar read by ``mode`` (default ``ParamBudget(0.5, metric="macs")``), epochs only."""
     if isinstance(schedule, str):
-        if schedule.strip().lower() != "auto":
-            raise ValueError(
-                f"schedule={schedule!r}: a schedule is a mapping {{{interval}: value}} such as {{2: 0.5, 4: 0.25}}, "
-                "or 'auto' (switch when the layers' stable ranks settle, to target=...)"
-            )
+        raise ValueError(
+            f"schedule={schedule!r}: a schedule is a mapping {{{interval}: value}} such as {{2: 0.5, 4: 0.25}}, "
+            "or 'auto' / Auto(target, readiness) (switch when the layers' stable ranks settle)"
+        )
+    if isinstance(schedule, Auto):
         if interval != "epoch":
             raise ValueError(
                 f"schedule='auto' with interval={interval!r}: auto decides at validation runs and switches at the next "
                 "epoch start, so it counts epochs only. Drop interval= (or pass interval='epoch'), or write the step "
                 "schedule by hand, e.g. schedule=progressive(ParamBudget(0.5), [0, 100, 200]) with interval='step'"
             )
-        if readiness is None:
-            readiness = Readiness()
-        elif not isinstance(readiness, Readiness):
-            raise TypeError(
-                f"readiness must be a factorize_plugin.Readiness (or None for the defaults), got "
-                f"{type(readiness).__name__}"
-            )
+        target = schedule.target
         # a fresh default per callback: a ParamBudget keeps its last plan
         policy = ParamBudget(0.5, metric="macs") if target is None else read_schedule({0: target}, mode)[1][0]
-        return {}, {}, AutoSchedule(policy, readiness)
-    given = [n for n, v in (("target", target), ("readiness", readiness)) if v is not None]
-    if given:
-        raise ValueError(
-            f"{' and '.join(given)} only apply to schedule='auto'; with a hand-written schedule {{epoch: value}} "
-            "the values are the targets: drop " + " and ".join(f"{n}=" for n in given)
-        )
+        return {}, {}, AutoSchedule(policy, schedule.readiness or Readiness())
     values, policies = read_schedule(schedule, mode, unit=interval)
     return values, policies, None
 

@@ -22,10 +22,11 @@ from ..engine.schedule import Interval, Mode, ScheduleValue
 from ..engine.state import STATE_VERSION
 from ..layers.sharded import check_units
 from ..surgery import settings
-from ..surgery.arguments import default, with_argument_help
+from ..surgery.arguments import MOVED, default, with_argument_help
 from ..surgery.progressive import Progressive
 from ..surgery.select.preflight import check_not_meta
 from ..surgery.select.sharing import CallCounter
+from ..surgery.specs import Auto, Patterns, Statistics, Targets, auto_from, statistics_from, targets_from
 from ..surgery.swap.checkpoint import enable_factorized_loading
 from ..surgery.swap.optim import check_parameter_caches
 from ..surgery.swap.sharded_resume import restore_sharded_structure
@@ -44,9 +45,8 @@ from .fit_checks import (
 from .lightning_host import LightningHost
 from .lightning_internals import before_checkpoint_load, check_strategy, distributed_checkpoint_shapes, is_fsdp2
 
-_SETTINGS = ("speed_guard", "mode", "interval", "spec", "budget_batches", "input_fn", "regularization", "verbose",
-             "max_statistics_bytes", "output_batches")  # fmt: skip
-_SPEC = ("targets", "exclude", "min_params", "min_features", "max_samples", "sample_fraction")
+_SETTINGS = ("speed_guard", "mode", "interval", "targets", "statistics", "budget_batches", "input_fn", "regularization",
+             "verbose", "output_batches")  # fmt: skip
 
 
 def _engine_attribute(name: str, doc: str = "") -> property:
@@ -60,7 +60,7 @@ class LowRankFactorization(Callback):
     ``schedule`` maps epochs (with ``interval="step"``: optimizer steps) to rank policies
     (``FixedRank(16)``, ``MaxNMSE(0.05)``, ``ParamBudget(0.3)``, or a scalar read by ``mode``);
     ``progressive(target, keys)`` writes one that reaches ``target`` in equal-ratio steps, and
-    ``"auto"`` switches once to ``target`` when the layers' stable ranks settle (``readiness``). At
+    ``"auto"`` / ``Auto(target, readiness)`` switches once when the layers' stable ranks settle. At
     each milestone the chosen layers are refitted, exactly, to the inputs they saw during the
     validation run just before it (or a calibration pass over the validation batches), swapped for
     pairs of the new rank, the optimizers edited in place (new factors start with empty state, the
@@ -71,45 +71,49 @@ class LowRankFactorization(Callback):
     hold the structure, the callback's state and the optimizers' parameters by name, so a resumed
     fit neither repeats nor skips a milestone.
 
-    Every argument, with its default and meaning: ``docs/callback.md`` (and ``docs/arguments.md``
-    beside ``factorize_model``'s). ``history`` holds one plain-data entry per applied milestone
-    (and, with ``"auto"``, per validation run watched). The re-warm's default was measured on the
-    LM trade-off benchmark's early schedule (3 seeds): mean final validation loss 2.3903 with it,
-    2.3910 without.
+    Which layers: ``targets`` (patterns or ``Targets``); their statistics: ``statistics``
+    (``Statistics``). Every argument, with its default and meaning: ``docs/callback.md`` (and
+    ``docs/arguments.md`` beside ``factorize_model``'s). ``history`` holds one plain-data entry per
+    applied milestone (and, with ``"auto"``, per validation run watched).
     """
 
     STATE_VERSION = STATE_VERSION  # of ``state_dict``; ``load_state_dict`` migrates older ones
 
     def __init__(
         self,
-        schedule: Union[dict[int, ScheduleValue], Progressive, str],
+        schedule: Union[dict[int, ScheduleValue], Progressive, Auto, str],
         mode: Mode = "rank",
-        targets: Optional[Union[str, list[str]]] = None,
-        exclude: Optional[Union[str, list[str]]] = None,
+        targets: Union[Patterns, Targets] = None,
+        *,
+        interval: Interval = "epoch",
+        statistics: Optional[Statistics] = None,
+        budget_batches: int = default("budget_batches", "training"),
+        input_fn: Optional[Callable[[Any], Any]] = None,
+        regularization: float = 0.0,
+        speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
+        rewarm_steps: Union[int, str] = "auto",
+        output_batches: int = 2,
+        verbose: bool = True,
+        name: Optional[str] = None,
+        exclude: Patterns = None,  # the deprecated flat names (arguments.MOVED), until the next release
         min_params: int = 1024,
         min_features: int = 32,
         max_samples: Optional[int] = default("max_samples", "training"),
         sample_fraction: Union[float, str] = default("sample_fraction", "training"),
-        budget_batches: int = default("budget_batches", "training"),
-        input_fn: Optional[Callable[[Any], Any]] = None,
-        regularization: float = 0.0,
-        name: Optional[str] = None,
-        verbose: bool = True,
-        speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
-        output_batches: int = 2,
         max_statistics_bytes: Optional[int] = None,
         target: Optional[ScheduleValue] = None,
         readiness: Optional[Readiness] = None,
-        rewarm_steps: Union[int, str] = "auto",
-        interval: Interval = "epoch",
     ) -> None:
-        values, _, self._auto = read_any_schedule(schedule, mode, target, readiness, interval)
+        where = "LowRankFactorization"
+        schedule = auto_from(where, schedule, target, readiness)
+        values, _, self._auto = read_any_schedule(schedule, mode, interval)
         self.engine = FactorizationEngine(
-            values, mode=mode, interval=interval, targets=targets, exclude=exclude, min_params=min_params,
-            min_features=min_features, max_samples=max_samples, sample_fraction=sample_fraction,
+            values, mode=mode, interval=interval,
+            targets=targets_from(where, targets, exclude=exclude, min_params=min_params, min_features=min_features),
+            statistics=statistics_from(where, statistics, "training", max_samples=max_samples,
+                                       sample_fraction=sample_fraction, max_statistics_bytes=max_statistics_bytes),
             budget_batches=budget_batches, input_fn=input_fn, regularization=regularization, verbose=verbose,
-            speed_guard=speed_guard, output_batches=output_batches, max_statistics_bytes=max_statistics_bytes,
-            rewarm_steps=rewarm_steps,
+            speed_guard=speed_guard, output_batches=output_batches, rewarm_steps=rewarm_steps,
         )  # fmt: skip
         self.name = settings.check_name(name)
         self._trainer: Optional[Trainer] = None
@@ -129,8 +133,8 @@ class LowRankFactorization(Callback):
         engine = self.__dict__.get("engine")
         if engine is not None and name in _SETTINGS:
             return getattr(engine, name)
-        if engine is not None and name in _SPEC:
-            return getattr(engine.spec, name)
+        if engine is not None and name in MOVED and MOVED[name][0] != "Auto":  # an old flat name: its object's field
+            return getattr(getattr(engine, MOVED[name][0].lower()), MOVED[name][1])
         if engine is not None and name == "rewarm_steps":
             return engine.rewarm.setting
         raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
@@ -142,7 +146,7 @@ class LowRankFactorization(Callback):
     def state_key(self) -> str:
         if self.name is not None:
             return self._generate_state_key(name=self.name)
-        return self._generate_state_key(targets=self.targets, exclude=self.exclude)
+        return self._generate_state_key(targets=self.targets.include, exclude=self.targets.exclude)  # (keys as before)
 
     def _host(self, trainer: Trainer, pl_module: LightningModule) -> LightningHost:
         return LightningHost(trainer, pl_module)

@@ -16,21 +16,18 @@ from typing import Any, TypeVar
 HELP: dict[str, str] = {
     "schedule": "{epoch: value} (with interval='step': {optimizer step: value}); a value is a RankPolicy "
     "(FixedRank(16), MaxNMSE(0.05), ParamBudget(0.3)) or a scalar read by mode; progressive(target, keys) "
-    "reaches target in equal-ratio steps; 'auto' (callback only) switches once to target when the layers' "
-    "stable ranks settle. From a milestone on, the layers run at the new rank, fitted to the inputs of the "
-    "evaluation just before it.",
+    "reaches target in equal-ratio steps; 'auto' or Auto(target, readiness) (callback only) switches once to "
+    "target when the layers' stable ranks settle. From a milestone on, the layers run at the new rank, fitted to "
+    "the inputs of the evaluation just before it.",
     "mode": "how scalar schedule values are read: 'rank' (an int rank, or a float in (0, 1) = fraction of each "
     "layer's min(in, out)), 'max_nmse' (per layer, the smallest rank within that NMSE) or 'param_budget' "
     "(that fraction of the targeted layers' dense weights in total).",
-    "targets": "fnmatch patterns over qualified module names of the layers to factorize (default: every "
-    "Linear and Conv2d passing min_params and min_features); each must match some module.",
-    "exclude": "fnmatch patterns of module names to leave dense.",
-    "min_params": "skip layers with fewer weights than this.",
-    "min_features": "skip layers whose min(in, out) features is smaller (C_in * k_h * k_w and C_out for a "
-    "convolution).",
-    "max_samples": "cap on rows (tokens / output pixels) of statistics per layer and milestone.",
-    "sample_fraction": "share of each evaluation batch's rows used for statistics; 'auto' keeps their cost near "
-    "5% of the layer's forward.",
+    "targets": "which layers: fnmatch patterns over qualified module names (a string is one pattern), or "
+    "Targets(include, exclude, min_params=1024, min_features=32); default: every Linear and Conv2d with at least "
+    "1024 weights and 32 features. Each pattern must match some module.",
+    "statistics": "how each layer's inputs are summarized: Statistics(max_samples, sample_fraction, max_bytes, "
+    "space); default: the door's rows (training: at most 100,000 per layer, sample_fraction='auto'; one-shot: "
+    "200,000, every row), one pass, space='auto'.",
     "budget_batches": "evaluation batches on which a ParamBudget measures each layer's effect on the network's "
     "output; 0 allocates by the layers' NMSE alone (factorize_model: None, all calibration batches).",
     "input_fn": "turns an evaluation batch into the model's input (default: a tuple/list batch's first element, "
@@ -43,10 +40,6 @@ HELP: dict[str, str] = {
     "timing: the same structure on every machine).",
     "output_batches": "evaluation batches run before and after each swap to log factorize/output_nmse (how much "
     "the network's output moved); 0 switches it off.",
-    "max_statistics_bytes": "a budget in bytes for the float64 statistics held at once; over it, the statistics "
-    "are collected in several passes. None: one pass.",
-    "target": "with schedule='auto' only: the policy to switch to (default ParamBudget(0.5, metric='macs')).",
-    "readiness": "with schedule='auto' only: when to switch (default Readiness()).",
     "rewarm_steps": "after a swap mid-training, the learning rate ramps from 1/n to 1 of its scheduled value over "
     "n optimizer steps; 'auto' (default): a quarter of an epoch's steps, at most 1000; 0: none.",
     "interval": "what the schedule's keys count: 'epoch' (default) or 'step' (optimizer steps, for runs of an "
@@ -79,6 +72,30 @@ DEFAULTS: dict[str, Default] = {
 # forward alone); ``SpeedGuard(mode=..., scope=...)`` names the measurement explicitly at any door.
 RENAMED: dict[str, str] = {"sensitivity_batches": "budget_batches"}  # old name -> new name, until the next release
 
+# Old flat arguments -> (the object now holding them, its field), until the next release.
+MOVED: dict[str, tuple[str, str]] = {
+    "exclude": ("Targets", "exclude"),
+    "min_params": ("Targets", "min_params"),
+    "min_features": ("Targets", "min_features"),
+    "max_samples": ("Statistics", "max_samples"),
+    "sample_fraction": ("Statistics", "sample_fraction"),
+    "max_statistics_bytes": ("Statistics", "max_bytes"),
+    "space": ("Statistics", "space"),
+    "target": ("Auto", "target"),
+    "readiness": ("Auto", "readiness"),
+}
+DOOR_ARGUMENT = {"Targets": "targets", "Statistics": "statistics", "Auto": "schedule"}  # where each object goes
+HELP.update({old: f"deprecated (goes in the next release): pass {DOOR_ARGUMENT[cls]}={cls}({field}=...)."
+             for old, (cls, field) in MOVED.items()})  # fmt: skip
+
+
+def moved(where: str, given: dict[str, Any]) -> None:
+    """A ``DeprecationWarning`` per old flat argument in ``given`` (``MOVED``), saying where it went."""
+    for old in given:
+        cls, field = MOVED[old]
+        warnings.warn(f"{where}: {old}= is deprecated (it goes in the next release): pass "
+                      f"{DOOR_ARGUMENT[cls]}={cls}({field}=...)", DeprecationWarning, stacklevel=4)  # fmt: skip
+
 
 def renamed(old: str, old_value: Any, new_value: Any, where: str) -> Any:
     """The value of the argument now called ``RENAMED[old]``, given under ``old`` (a
@@ -109,4 +126,7 @@ def with_argument_help(cls: T) -> T:
     return cls
 
 
-__all__ = ["DEFAULTS", "HELP", "RENAMED", "Default", "default", "renamed", "with_argument_help"]
+__all__ = [
+    "DEFAULTS", "DOOR_ARGUMENT", "HELP", "MOVED", "RENAMED", "Default", "default", "moved", "renamed",
+    "with_argument_help",
+]

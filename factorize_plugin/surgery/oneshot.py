@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Sized, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Sized, Union
 
 import torch
 import torch.nn as nn
@@ -21,12 +21,13 @@ from ..layers.sharded import check_units, is_sharded
 from . import settings
 from .arguments import default, renamed
 from .calling import InputFn, call_model, evaluating, model_device, output_tensor, to_device
-from .pipeline import TargetSpec, collect_with, finish, leave_out_silent, prepare
+from .pipeline import collect_with, finish, leave_out_silent, prepare
 from .ranks.policies import RankLike, RankPolicy, make_policy
 from .ranks.sensitivity import OutputProbe
 from .report.blame import naming_failures
 from .report.reports import LayerReport, Reports
 from .select.preflight import check_not_compiled, check_not_meta, uncompiled
+from .specs import Patterns, Statistics, Targets, statistics_from, targets_from
 from .statistics.collector import ActivationCollector
 from .statistics.passes import collect_in_passes, plan_passes, solve_pass
 from .statistics.sharding import Sharding, default_group_sum
@@ -90,13 +91,8 @@ def factorize_model(
     rank: Optional[RankLike] = None,
     max_nmse: Optional[float] = None,
     param_budget: Optional[float] = None,
-    targets: Optional[Union[str, Sequence[str]]] = None,
-    exclude: Optional[Union[str, Sequence[str]]] = None,
-    min_params: int = 1024,
-    min_features: int = 32,
-    max_samples: Optional[int] = default("max_samples", "one_shot"),
-    sample_fraction: Union[float, str] = default("sample_fraction", "one_shot"),
-    space: str = "auto",
+    targets: Union[Patterns, Targets] = None,
+    statistics: Optional[Statistics] = None,
     regularization: float = 0.0,
     device: Optional[Union[torch.device, str]] = None,
     input_fn: Optional[InputFn] = None,
@@ -104,6 +100,12 @@ def factorize_model(
     budget_batches: Optional[int] = default("budget_batches", "one_shot"),
     progress: Union[bool, Callable[[int, int, str], None]] = False,
     speed_guard: Union[bool, Literal["auto"], SpeedGuard] = "auto",
+    exclude: Patterns = None,  # the deprecated names (arguments.MOVED, RENAMED), until the next release
+    min_params: int = 1024,
+    min_features: int = 32,
+    max_samples: Optional[int] = default("max_samples", "one_shot"),
+    sample_fraction: Union[float, str] = default("sample_fraction", "one_shot"),
+    space: str = "auto",
     max_statistics_bytes: Optional[int] = None,
     sensitivity_batches: Optional[int] = None,
 ) -> list[LayerReport]:
@@ -145,20 +147,24 @@ def factorize_model(
         calibration: an iterable of batches (see the module docstring for how they are called).
             With a measuring ``ParamBudget`` it is iterated again (a one-shot iterator is first
             copied into a list).
-        targets / exclude: fnmatch patterns over qualified module names (``"encoder.*.fc1"``); a
-            single string is one pattern. Every ``targets`` pattern must match something
-            (ValueError), and a layer named exactly must be factorizable (TypeError). An
-            ``exclude`` pattern that matches nothing only warns (UserWarning). Default: every
-            Linear and Conv2d (groups=1).
-        min_params: skip layers with fewer weights (1024: as the callback; 0 takes every layer).
-        min_features: skip layers whose min(in, out) features is smaller (C_in * k_h * k_w and
-            C_out for a convolution; 32, as the callback: by default a 10-class head is left alone).
-        max_samples / sample_fraction / space: passed to ``ActivationCollector`` (rows per layer;
-            share of each batch's rows; ``"auto"`` accumulates x @ W for layers with fewer outputs
-            than inputs, exact here since the weights do not change before solving). Unlike the
-            callback's (100_000, ``"auto"``), the defaults keep every row, up to 200_000: the
-            calibration set is read once and chosen for this, so statistics cost little here
-            (``pipeline.ONE_SHOT_STATISTICS``).
+        targets: which layers: fnmatch patterns over qualified module names (``"encoder.*.fc1"``;
+            a single string is one pattern), or a ``Targets`` (with ``exclude``, ``min_params``
+            (1024) and ``min_features`` (32), as the callback's: by default a 10-class head is left
+            alone). Every pattern must match something (ValueError), and a layer named exactly
+            must be factorizable (TypeError); an ``exclude`` pattern that matches nothing only
+            warns (UserWarning). Default: every Linear and Conv2d (groups=1) with at least 1024
+            weights and 32 features.
+        statistics: a ``Statistics`` (rows per layer, share of each batch's rows, ``max_bytes``,
+            ``space``). Unlike the callback's (100_000, ``"auto"``), the default rows keep every
+            row, up to 200_000: the calibration set is read once and chosen for this, so
+            statistics cost little here (``arguments.DEFAULTS``). ``space="auto"`` accumulates
+            x @ W for layers with fewer outputs than inputs, exact here since the weights do not
+            change before solving. With ``max_bytes``, when the statistics of every targeted
+            layer would exceed it (``passes.statistics_bound``, from the shapes: sharing not
+            counted, held-out halves counted 3x), the calibration batches are run once per group
+            of consecutive layers that fits, each group solved and its statistics dropped before
+            the next (``surgery/statistics/passes.py``); the factors are those of one pass. A
+            one-shot iterator is first copied into a list.
         regularization: alpha >= 0 of the solver (0: the exact data-optimal fit; large values
             tend to the plain truncated SVD of the weights).
         device: where calibration batches are moved (default: the device of the model's first
@@ -176,12 +182,10 @@ def factorize_model(
             batches of that size), or False for the same structure on every machine (the guard's
             decisions depend on the machine's timings). Layers are timed alone here (scope
             ``"layer"``; ``scope="model"`` is refused: there is no training step to time).
-        max_statistics_bytes: a budget for the float64 statistics held at once. When those of every
-            targeted layer would exceed it (``passes.statistics_bound``, from the shapes: sharing
-            not counted, held-out halves counted 3x), the calibration batches are run once per
-            group of consecutive layers that fits, each group solved and its statistics dropped
-            before the next (``surgery/statistics/passes.py``); the factors are those of one pass. A one-shot
-            iterator is first copied into a list. None (default): one pass.
+        exclude: deprecated, ``Targets.exclude`` (as are ``min_params`` and ``min_features``:
+            the old flat names, with a ``DeprecationWarning``, going in the next release).
+        max_samples: deprecated, ``Statistics.max_samples`` (as are ``sample_fraction``, ``space``
+            and ``max_statistics_bytes``, now ``Statistics.max_bytes``).
         sensitivity_batches: the old name of ``budget_batches`` (a ``DeprecationWarning``; it goes in
             the next release).
 
@@ -205,8 +209,12 @@ def factorize_model(
     check_not_compiled(model, "factorize_model")
     check_not_meta(model, "factorize_model")
     # every setting checked before the calibration data is read (the callback's checkers)
-    spec = TargetSpec(targets, exclude, min_params, min_features, max_samples, sample_fraction)
-    space = settings.check_space(space)
+    where = "factorize_model"
+    targets = targets_from(where, targets, exclude=exclude, min_params=min_params, min_features=min_features)
+    statistics = statistics_from(
+        where, statistics, "one_shot", max_samples=max_samples, sample_fraction=sample_fraction, space=space,
+        max_statistics_bytes=max_statistics_bytes,
+    )
     regularization = settings.check_regularization(regularization)
     device = settings.check_device(device)
     input_fn = settings.check_callable("input_fn", input_fn)
@@ -214,7 +222,6 @@ def factorize_model(
     budget_batches = renamed("sensitivity_batches", sensitivity_batches, budget_batches, "factorize_model")
     budget_batches = settings.check_optional_whole("budget_batches", budget_batches, 0, "all batches")
     progress = settings.check_progress(progress)
-    budget = settings.check_max_statistics_bytes(max_statistics_bytes)
     sharded = is_sharded(model)
     distributed = sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     guard = resolve_guard(speed_guard, "inference", sharded=sharded)
@@ -223,11 +230,11 @@ def factorize_model(
             "factorize_model times layers alone: SpeedGuard(scope='model') needs a training step to time (the "
             "LowRankFactorization callback); pass SpeedGuard(scope='layer') or leave scope unset"
         )
-    selection = prepare(model, spec, {"": policy})
+    selection = prepare(model, targets, {"": policy})
     check_units(model, selection.layers)
     for message in selection.advice:
         _advise(message)
-    groups = plan_passes({n: model.get_submodule(n) for n in selection.layers}, budget, space)
+    groups = plan_passes({n: model.get_submodule(n) for n in selection.layers}, statistics.max_bytes, statistics.space)
     if (policy.uses_probe or len(groups) > 1) and iter(calibration) is calibration:
         calibration = list(calibration)
     batches = _Prepared(calibration, torch.device(device) if device is not None else model_device(model))
@@ -235,12 +242,11 @@ def factorize_model(
     expected = len(calibration) if isinstance(calibration, Sized) else None
 
     def collect(i: int, names: list[str]) -> ActivationCollector:
-        c = collect_with(model, selection, spec, expected_batches=expected, space=space, names=names,
-                         holdout=not distributed)
+        c = collect_with(model, selection, statistics, expected_batches=expected, names=names, holdout=not distributed)
         return _collect(model, c, batches, input_fn)
 
     def solve(collector: ActivationCollector, names: list[str], sharding: Optional[Sharding]) -> dict:  # never sharded
-        leave_out = lambda silent: leave_out_silent(model, selection, spec, silent, "calibration")  # noqa: E731
+        leave_out = lambda silent: leave_out_silent(model, selection, targets, silent, "calibration")  # noqa: E731
         return solve_pass(model, collector, names, selection.layers, leave_out, regularization, progress_fn)
 
     solved = collect_in_passes(groups, collect, solve, _sum_over_processes if distributed else None)

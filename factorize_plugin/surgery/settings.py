@@ -120,7 +120,7 @@ def check_max_statistics_bytes(value: Any) -> Optional[int]:
     """None (every layer's statistics in one pass) or a budget in bytes >= 1 for the float64
     statistics held at once (collection in several passes: ``surgery/statistics/passes.py``)."""
     return check_optional_whole(
-        "max_statistics_bytes", value, 1, "one collection pass for every layer, whatever its statistics' size"
+        "max_bytes", value, 1, "one collection pass for every layer, whatever its statistics' size"
     )
 
 

@@ -62,7 +62,7 @@ class Reports(list):
     """``factorize_model``'s reports (a list of ``LayerReport``) with ``statistics_bytes``: the
     peak bytes of the float64 statistics collected for them (``ActivationCollector.statistics_bytes``,
     the largest over the collection passes), and ``statistics_passes``: how many passes over the
-    calibration data collected them (``max_statistics_bytes``)."""
+    calibration data collected them (``Statistics.max_bytes``)."""
 
     def __init__(
         self, reports: Sequence[LayerReport] = (), statistics_bytes: int = 0, statistics_passes: int = 1

@@ -1,5 +1,5 @@
 """Statistics collected in several passes when those of every targeted layer would not fit a budget
-(``max_statistics_bytes``, issue 23 item 3).
+(``Statistics.max_bytes``, issue 23 item 3).
 
 ``plan_passes`` splits the layers, in model order, into groups whose statistics fit the budget,
 from their shapes alone (every process of a DDP job computes the same plan). ``collect_in_passes``
@@ -81,10 +81,10 @@ def plan_passes(
     if over:
         name, need = max(over.items(), key=lambda kv: kv[1])
         raise ValueError(
-            f"max_statistics_bytes={budget} is smaller than the statistics of layer '{name}' alone ({need} bytes"
+            f"Statistics(max_bytes={budget}) is smaller than the statistics of layer '{name}' alone ({need} bytes"
             + (" once it is factorized" if factorized else "")
             + (f"; {len(over) - 1} other layer(s) too" if len(over) > 1 else "")
-            + "): raise max_statistics_bytes to at least that, or exclude the layer"
+            + "): raise max_bytes to at least that, or exclude the layer"
         )
     groups: list[list[str]] = [[]]
     used = 0
