@@ -684,7 +684,7 @@ class DenseTarget(LowRankFactorization):
 
     def __init__(self, *args: Any, dense: nn.Module, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.dense = {f"net.{n}": weight_matrix(dense.get_submodule(n)) for n in TARGETS}
+        self.dense = {f"net.{n}": weight_matrix(dense.get_submodule(n)) for n in target_names(dense)}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         from factorize_plugin.surgery.swap import refactorize as module
