@@ -88,7 +88,7 @@ import torch
 from benchmarks._common import package_version
 from examples.gpt_task import VOCAB, stdlib_tree
 from examples.gpt_train import run
-from factorize_plugin import Auto, ParamBudget, Targets
+from factorize_plugin import Auto, ParamBudget, Readiness, Targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_LOSS, GOAL_SPEED = 0.02, 1.25  # at equal steps: within 2 % of dense, >= 1.25x faster (issue 21)
@@ -134,6 +134,14 @@ def methods(cfg: dict[str, Any]) -> list[Method]:
         Method("callback_budget_macs_1:0.25", {1: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.65),
         Method("callback_late_budget_macs_3:0.25", {3: ParamBudget(FRACTION, metric="macs", sensitivity=False)}, expect=0.8),
         Method("callback_auto", Auto(target=FRACTION), expect=0.7),  # issue 22: no milestone given
+        # issue 30 item 5: schedule="auto" as a new user writes it, with the defaults of its release
+        # (ParamBudget(0.5, metric="macs"), whose output probe runs at the switch; Readiness(latest=0.75)),
+        # and with the candidate defaults: the same budget allocated by the layers' NMSE alone, latest 0.5
+        Method("callback_auto_release_defaults", Auto(target=ParamBudget(0.5, metric="macs"), readiness=Readiness(latest=0.75)),
+               first_seed_only=True, expect=1.5),
+        Method("callback_auto_nmse_budget_latest_0.5",
+               Auto(target=ParamBudget(0.5, metric="macs", sensitivity=False), readiness=Readiness(latest=0.5)),
+               expect=0.85),
         # item 3: the early schedule with one change each (the re-warm's own row measures its default)
         Method("exp_early_no_rewarm", {1: FRACTION}, callback=dict(rewarm_steps=0), expect=0.65),
         Method("exp_early_ends_dense", {1: FRACTION}, callback=dict(targets=Targets(exclude=ends)), first_seed_only=True, expect=0.7),

@@ -432,6 +432,8 @@ LEVERS = {  # item 4's levers at 40 % kept, each against the method it changes
     "callback_progressive_early": ("callback_progressive", "progressive, milestones at steps 0 / 15 / 30"),
     "callback_progressive_kd": ("callback_progressive", "progressive, with distillation from the dense model"),
     "callback_progressive_fade": ("callback_progressive", "progressive, with a fading dense residual"),
+    "callback_progressive_dense": ("callback_progressive", "progressive, later milestones fitted to the trained dense layers"),
+    "callback_progressive_dense_kd": ("callback_progressive_kd", "progressive with distillation, later milestones fitted to the trained dense layers"),
 }
 
 
