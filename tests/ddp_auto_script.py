@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-from factorize_plugin import Auto
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -22,7 +20,7 @@ torch.set_num_threads(1)
 import lightning.pytorch as pl  # noqa: E402
 
 import factorize_plugin.integration.auto_schedule as auto_module  # noqa: E402
-from factorize_plugin import FixedRank, LowRankFactorization  # noqa: E402
+from factorize_plugin import Auto, FixedRank, LowRankFactorization  # noqa: E402
 from lightning_helpers import DDP_CALLBACK_KWARGS, DDP_MODEL_KWARGS, SettlingNet, structure  # noqa: E402
 
 _real = auto_module.stable_ranks

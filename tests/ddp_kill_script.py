@@ -17,8 +17,6 @@ import os
 import sys
 from datetime import timedelta
 
-from factorize_plugin import Statistics
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -31,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import factorize_plugin.integration.lightning_host as host_module  # noqa: E402
 import factorize_plugin.surgery.swap.refactorize as refactorize_module  # noqa: E402
-from factorize_plugin import LowRankFactorization  # noqa: E402
+from factorize_plugin import LowRankFactorization, Statistics  # noqa: E402
 from factorize_plugin.surgery.statistics.passes import statistics_bound  # noqa: E402
 from lightning_helpers import (  # noqa: E402
     DDP_MODEL_KWARGS,

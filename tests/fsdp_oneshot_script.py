@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-from factorize_plugin import Targets
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -20,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from factorize_plugin import factorize_model  # noqa: E402
+from factorize_plugin import Targets, factorize_model  # noqa: E402
 from factorize_plugin.layers import weight_matrix  # noqa: E402
 from factorize_plugin.layers.sharded import GATHERED  # noqa: E402
 

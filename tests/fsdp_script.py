@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import sys
 
-from factorize_plugin import Statistics
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
@@ -31,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from examples.gpt_task import GPTTask  # noqa: E402
-from factorize_plugin import LowRankFactorization  # noqa: E402
+from factorize_plugin import LowRankFactorization, Statistics  # noqa: E402
 from factorize_plugin.layers import weight_matrix  # noqa: E402
 from factorize_plugin.layers.sharded import GATHERED, is_unit  # noqa: E402
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-from factorize_plugin import Targets
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -23,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from factorize_plugin import FactorizationEngine, PlainHost  # noqa: E402
+from factorize_plugin import FactorizationEngine, PlainHost, Targets  # noqa: E402
 from factorize_plugin.layers import weight_matrix  # noqa: E402
 
 

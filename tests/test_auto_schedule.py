@@ -186,7 +186,7 @@ def test_a_version_1_state_migrates_and_watching_starts_over():
 # ------------------------------------------------------------------ settings
 def test_auto_settings_and_their_errors():
     cb = LowRankFactorization("auto")
-    assert cb.schedule == {} and cb._auto.target == ParamBudget(0.5, metric="macs")
+    assert cb.schedule == {} and cb._auto.target == ParamBudget(0.5, metric="macs", sensitivity=False)
     assert LowRankFactorization("auto")._auto.target is not cb._auto.target
     assert LowRankFactorization(Auto(target=0.3), mode="param_budget")._auto.target == ParamBudget(0.3)
     assert LowRankFactorization(Auto(target=8))._auto.target == FixedRank(8)

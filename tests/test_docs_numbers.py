@@ -317,6 +317,25 @@ def lm_tradeoff_table() -> str:
     return "\n".join(rows)
 
 
+LM_AUTO_ROWS = {
+    "dense": "dense",
+    "callback_auto_release_defaults": '`"auto"`, the defaults of 0.1.0: `ParamBudget(0.5, metric="macs")` (output probe), `latest=0.75`',
+    "callback_auto_nmse_budget_latest_0.75": '`"auto"`, the defaults now: the same budget by NMSE alone (no probe), `latest=0.75`',
+    "callback_auto_nmse_budget_latest_0.5": "the same, switching at the latest at epoch 3 (`latest=0.5`)",
+}
+
+
+@generated
+def lm_auto_defaults_table() -> str:
+    methods = res("lm_tradeoff_auto_defaults.json")["summary"]["methods"]
+    rows = ["| `schedule` | final val loss | CPU-s | speed vs dense | loss vs dense, equal steps |", "|---|---|---|---|---|"]
+    for key, label in LM_AUTO_ROWS.items():
+        m = methods[key]
+        rows.append(f"| {label} | {m['mean_final_val_loss']:.3f} | {m['mean_time']:.0f} | {m['mean_speed_vs_dense']:.2f}x "
+                    f"| {100 * m['mean_loss_vs_dense_equal_steps']:+.1f} % |")  # fmt: skip
+    return "\n".join(rows)
+
+
 @generated
 def lm_compressed_dense() -> str:
     methods = res("lm_tradeoff.json")["summary"]["methods"]
@@ -628,8 +647,23 @@ def _gpu_md(text: str) -> str:
     return _quoted(text, (RESULTS / "gpu_measurements_2026.md").read_text())
 
 
+def _lm_auto(key: str) -> dict:
+    return res("lm_tradeoff_auto_defaults.json")["summary"]["methods"][key]
+
+
+def _probe_cost() -> str:
+    """The output probe's cost, in whole dense runs: the release defaults' time less the run without it."""
+    extra = _lm_auto("callback_auto_release_defaults")["mean_time"] - _lm_auto("callback_auto_nmse_budget_latest_0.75")["mean_time"]
+    return f"{extra / _lm_auto('dense')['mean_time']:.1f}x"
+
+
 CLAIMS: dict[str, list[Claim]] = {
     "docs/benchmarks.md": [
+        ("lm auto: the probe's cost", lambda: f"cost about {_probe_cost()} a whole dense run"),
+        ("lm auto: the machine", lambda: "about {:.1f}x as fast".format(lm("dense")["mean_time"] / _lm_auto("dense")["mean_time"])),
+        ("lm auto: latest 0.5", lambda: "at 0.5 this run gets {:.2f}x as fast and ends {:.1f} % above dense".format(
+            _lm_auto("callback_auto_nmse_budget_latest_0.5")["mean_speed_vs_dense"],
+            100 * _lm_auto("callback_auto_nmse_budget_latest_0.5")["mean_loss_vs_dense_equal_steps"])),
         (
             "accuracy: init at a half",
             lambda: f"factorizing at initialization loses {-acc_row('init', 0.625)['diff_vs_dense_mean']:.1f} points",

@@ -46,7 +46,8 @@ def test_schedule_auto_in_yaml(tmp_path):
     assert cb.schedule == {} and cb._auto.target == ParamBudget(0.3, metric="macs")
     assert cb._auto.readiness == Readiness(tolerance=0.05, latest=None)
     default = callback_from_yaml(tmp_path, schedule="auto")  # no other knob needed
-    assert default._auto.target == ParamBudget(0.5, metric="macs") and default._auto.readiness == Readiness()
+    assert default._auto.target == ParamBudget(0.5, metric="macs", sensitivity=False)
+    assert default._auto.readiness == Readiness()
     with pytest.raises((SystemExit, ValueError)):
         callback_from_yaml(tmp_path, schedule={"class_path": "factorize_plugin.Auto",
                                                "init_args": {"readiness": {"tolerance": 2.0}}})  # fmt: skip

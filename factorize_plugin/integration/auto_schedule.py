@@ -57,6 +57,14 @@ from ..surgery.specs import Auto
 from .lightning_internals import training_position
 
 
+def default_target() -> ParamBudget:
+    """``schedule="auto"``'s default target (a fresh one per callback: a ``ParamBudget`` keeps its
+    last plan): half the targeted multiply-adds, allocated by the layers' exact NMSE curves, without
+    the output probe, which at the switch cost about 2.9x a whole dense run on the LM trade-off
+    benchmark (``benchmarks/results/lm_tradeoff_auto_defaults.json``)."""
+    return ParamBudget(0.5, metric="macs", sensitivity=False)
+
+
 class AutoSchedule:
     """The decision state of ``schedule="auto"`` (checkpointed as plain data).
 
@@ -191,7 +199,7 @@ def read_any_schedule(
     """(schedule values, policies, AutoSchedule or None) of the callback's ``schedule``: a
     hand-written ``{epoch: value}`` (``read_schedule``; ``{step: value}`` with ``interval="step"``),
     or an ``Auto`` (``specs.auto_from`` turns ``"auto"`` into one) whose target is a ``RankPolicy``
-    or a scalar read by ``mode`` (default ``ParamBudget(0.5, metric="macs")``), epochs only."""
+    or a scalar read by ``mode`` (default ``default_target()``), epochs only."""
     if isinstance(schedule, str):
         raise ValueError(
             f"schedule={schedule!r}: a schedule is a mapping {{{interval}: value}} such as {{2: 0.5, 4: 0.25}}, "
@@ -205,8 +213,7 @@ def read_any_schedule(
                 "schedule by hand, e.g. schedule=progressive(ParamBudget(0.5), [0, 100, 200]) with interval='step'"
             )
         target = schedule.target
-        # a fresh default per callback: a ParamBudget keeps its last plan
-        policy = ParamBudget(0.5, metric="macs") if target is None else read_schedule({0: target}, mode)[1][0]
+        policy = default_target() if target is None else read_schedule({0: target}, mode)[1][0]
         return {}, {}, AutoSchedule(policy, schedule.readiness or Readiness())
     values, policies = read_schedule(schedule, mode, unit=interval)
     return values, policies, None

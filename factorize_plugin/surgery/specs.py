@@ -113,7 +113,9 @@ class Auto:
 
     Args:
         target: the policy the switch applies (a ``RankPolicy``, or a scalar read by ``mode``);
-            None: ``ParamBudget(0.5, metric="macs")``.
+            None: ``ParamBudget(0.5, metric="macs", sensitivity=False)`` (half the multiply-adds,
+            allocated by the layers' NMSE alone: the output probe at the switch cost about 2.9x a
+            whole dense run on the LM trade-off benchmark).
         readiness: when to switch (None: ``Readiness()``).
     """
 
