@@ -310,11 +310,18 @@ def lm_tradeoff_table() -> str:
         small = "mean_small_dense_at_equal_time" in m
         seq = f"{m['mean_small_dense_at_equal_time']:.3f}" if small else "-"
         svs = f"{100 * m['mean_loss_vs_small_dense_equal_time']:+.1f} %" if small else "-"
-        rows.append(
-            f"| {label} | {m['mean_final_val_loss']:.3f} | {m['mean_time']:.0f} | {m['mean_speed_vs_dense']:.2f}x "
-            f"| {100 * m['mean_loss_vs_dense_equal_steps']:+.1f} % | {eq} | {vs} | {seq} | {svs} |"
-        )
+        rows.append(f"| {label} | {lm_cells(m)} | {eq} | {vs} | {seq} | {svs} |")
     return "\n".join(rows)
+
+
+def lm_cells(m: dict) -> str:
+    """An LM trade-off summary row's loss, time, speed and loss against dense at equal steps."""
+    return (f"{m['mean_final_val_loss']:.3f} | {m['mean_time']:.0f} | {m['mean_speed_vs_dense']:.2f}x "
+            f"| {100 * m['mean_loss_vs_dense_equal_steps']:+.1f} %")  # fmt: skip
+
+
+def _lm_auto(key: str) -> dict:
+    return res("lm_tradeoff_auto_defaults.json")["summary"]["methods"][key]
 
 
 LM_AUTO_ROWS = {
@@ -327,12 +334,8 @@ LM_AUTO_ROWS = {
 
 @generated
 def lm_auto_defaults_table() -> str:
-    methods = res("lm_tradeoff_auto_defaults.json")["summary"]["methods"]
     rows = ["| `schedule` | final val loss | CPU-s | speed vs dense | loss vs dense, equal steps |", "|---|---|---|---|---|"]
-    for key, label in LM_AUTO_ROWS.items():
-        m = methods[key]
-        rows.append(f"| {label} | {m['mean_final_val_loss']:.3f} | {m['mean_time']:.0f} | {m['mean_speed_vs_dense']:.2f}x "
-                    f"| {100 * m['mean_loss_vs_dense_equal_steps']:+.1f} % |")  # fmt: skip
+    rows += [f"| {label} | {lm_cells(_lm_auto(key))} |" for key, label in LM_AUTO_ROWS.items()]
     return "\n".join(rows)
 
 
@@ -645,10 +648,6 @@ Claim = tuple[str, Callable[[], str]]
 def _gpu_md(text: str) -> str:
     """A number of the hand-recorded GPU notes (no JSON holds them): quoted only as that file writes it."""
     return _quoted(text, (RESULTS / "gpu_measurements_2026.md").read_text())
-
-
-def _lm_auto(key: str) -> dict:
-    return res("lm_tradeoff_auto_defaults.json")["summary"]["methods"][key]
 
 
 def _probe_cost() -> str:

@@ -33,7 +33,7 @@ from ..surgery.arguments import default, with_argument_help
 from ..surgery.calling import InputFn
 from ..surgery.pipeline import Selection, finish, leave_out_silent, prepare
 from ..surgery.ranks.policies import RankPolicy
-from ..surgery.specs import Patterns, Statistics, Targets, statistics_from
+from ..surgery.specs import Patterns, Statistics, Targets, statistics_from, targets_from
 from ..surgery.statistics.collector import ActivationCollector
 from ..surgery.statistics.passes import PassResults
 from ..surgery.swap.refactorize import refactorize
@@ -98,7 +98,7 @@ class FactorizationEngine:
         self.output_batches = settings.check_whole("output_batches", output_batches, 0)
         self.speed_setting = speed_guard
         self.speed_guard: Optional[SpeedGuard] = resolve_guard(speed_guard, "train", scope="model")
-        self.targets = targets if isinstance(targets, Targets) else Targets(targets)
+        self.targets = targets_from("FactorizationEngine", targets)
         self.statistics = statistics_from("FactorizationEngine", statistics, "training")
         self.budget_batches = settings.check_whole("budget_batches", budget_batches, 0)
         self.input_fn: Optional[InputFn] = settings.check_callable("input_fn", input_fn)

@@ -22,7 +22,7 @@ from ..engine.schedule import Interval, Mode, ScheduleValue
 from ..engine.state import STATE_VERSION
 from ..layers.sharded import check_units
 from ..surgery import settings
-from ..surgery.arguments import MOVED, default, with_argument_help
+from ..surgery.arguments import DOOR_ARGUMENT, MOVED, default, with_argument_help
 from ..surgery.progressive import Progressive
 from ..surgery.select.preflight import check_not_meta
 from ..surgery.select.sharing import CallCounter
@@ -134,7 +134,7 @@ class LowRankFactorization(Callback):
         if engine is not None and name in _SETTINGS:
             return getattr(engine, name)
         if engine is not None and name in MOVED and MOVED[name][0] != "Auto":  # an old flat name: its object's field
-            return getattr(getattr(engine, MOVED[name][0].lower()), MOVED[name][1])
+            return getattr(getattr(engine, DOOR_ARGUMENT[MOVED[name][0]]), MOVED[name][1])
         if engine is not None and name == "rewarm_steps":
             return engine.rewarm.setting
         raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")

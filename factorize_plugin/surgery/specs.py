@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from . import settings
-from .arguments import MOVED, default, moved
+from .arguments import DOOR_ARGUMENT, MOVED, default, moved
 from .ranks.policies import RankPolicy
 from .ranks.readiness import Readiness
 
@@ -130,10 +130,10 @@ class Auto:
             )
 
 
-def _given(old: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The old flat arguments set to something other than their old default (those that can
-    change what the door does)."""
-    return {k: v for k, v in old.items() if not _same(v, defaults[k])}
+def _given(old: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """The old flat arguments set to something other than their old default, the field's default in
+    ``spec`` (those that can change what the door does)."""
+    return {k: v for k, v in old.items() if not _same(v, getattr(spec, MOVED[k][1]))}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -143,9 +143,9 @@ def _same(a: Any, b: Any) -> bool:
 def targets_from(where: str, targets: Union[Patterns, Targets], **old: Any) -> Targets:
     """The ``Targets`` of a door's ``targets=`` and its old flat arguments (``exclude``,
     ``min_params``, ``min_features``: ``DeprecationWarning`` when set)."""
-    given = _given(old, {"exclude": None, "min_params": 1024, "min_features": 32})
+    given = _given(old, Targets())
     if isinstance(targets, Targets):
-        _refuse_beside(where, "targets", given)
+        _refuse_beside(where, given)
         return targets
     moved(where, given)
     return Targets(targets, **given)
@@ -154,15 +154,13 @@ def targets_from(where: str, targets: Union[Patterns, Targets], **old: Any) -> T
 def statistics_from(where: str, statistics: Optional[Statistics], door: Door, **old: Any) -> Statistics:
     """The ``Statistics`` (resolved at ``door``) of a door's ``statistics=`` and its old flat
     arguments (``max_samples``, ``sample_fraction``, ``max_statistics_bytes``, ``space``)."""
-    defaults = {"max_samples": default("max_samples", door), "sample_fraction": default("sample_fraction", door),
-                "max_statistics_bytes": None, "space": "auto"}  # fmt: skip
-    given = _given({k: v for k, v in old.items() if k in defaults}, defaults)
+    given = _given(old, Statistics().at(door))
     if statistics is not None:
         if not isinstance(statistics, Statistics):
             raise TypeError(
                 f"{where}: statistics must be a factorize_plugin.Statistics, got {type(statistics).__name__}"
             )
-        _refuse_beside(where, "statistics", given)
+        _refuse_beside(where, given)
         return statistics.at(door)
     moved(where, given)
     return Statistics(**{MOVED[k][1]: v for k, v in given.items()}).at(door)
@@ -172,7 +170,7 @@ def auto_from(where: str, schedule: Any, target: Any, readiness: Any) -> Any:
     """``schedule`` with ``"auto"`` and its old ``target=`` / ``readiness=`` as an ``Auto``."""
     given = {k: v for k, v in (("target", target), ("readiness", readiness)) if v is not None}
     if isinstance(schedule, Auto):
-        _refuse_beside(where, "schedule", given)
+        _refuse_beside(where, given)
         return schedule
     if isinstance(schedule, str) and schedule.strip().lower() == "auto":
         moved(where, given)
@@ -185,12 +183,13 @@ def auto_from(where: str, schedule: Any, target: Any, readiness: Any) -> Any:
     return schedule
 
 
-def _refuse_beside(where: str, group: str, given: dict[str, Any]) -> None:
+def _refuse_beside(where: str, given: dict[str, Any]) -> None:
+    """Old flat arguments passed beside the object that now holds them: refused."""
     if given:
         cls = MOVED[next(iter(given))][0]
         fields = ", ".join(f"{MOVED[k][1]}=" for k in given)
-        raise ValueError(f"{where}: {', '.join(f'{k}=' for k in given)} beside {group}={cls}(...): pass {fields} "
-                         f"inside {cls}(...) only")
+        raise ValueError(f"{where}: {', '.join(f'{k}=' for k in given)} beside {DOOR_ARGUMENT[cls]}={cls}(...): pass "
+                         f"{fields} inside {cls}(...) only")
 
 
 __all__ = ["Auto", "Statistics", "Targets", "auto_from", "statistics_from", "targets_from"]
