@@ -26,9 +26,15 @@ TINY_LAYERS = dict(min_params=100, min_features=0)
 TINY = dict(targets=Targets(**TINY_LAYERS), verbose=False, speed_guard=False)
 
 
+def with_targets(kwargs: dict[str, Any], include: Any = None, exclude: Any = None) -> dict[str, Any]:
+    """``kwargs`` (such as ``TINY``) with these layer patterns, its ``targets``' size limits kept."""
+    limits = kwargs["targets"]
+    return dict(kwargs, targets=Targets(include, exclude, limits.min_params, limits.min_features))
+
+
 def tiny(include: Any = None, exclude: Any = None) -> dict[str, Any]:
     """``TINY`` with these layer patterns."""
-    return dict(TINY, targets=Targets(include, exclude, **TINY_LAYERS))
+    return with_targets(TINY, include, exclude)
 
 # The 2-process DDP runs: 16 samples per rank and batch, so that one process with batches of 32
 # sees the union of both ranks' batches (DistributedSampler without shuffling: rank r gets r::2).

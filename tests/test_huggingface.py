@@ -19,14 +19,9 @@ from factorize_plugin import LowRankFactorization, Targets, factorize_model
 from factorize_plugin.layers import FactorizedLinear, TransposedLinear, layer_view, weight_matrix
 from factorize_plugin.layers.adapters import install_factors
 from factorize_plugin.surgery.swap.hf import load_factorized_pretrained
+from lightning_helpers import with_targets
 
-LAYERS = dict(min_params=256, min_features=8)
-FAST = dict(targets=Targets(**LAYERS), verbose=False, speed_guard=False)
-
-
-def fast_on(include=None, exclude=None) -> dict:
-    """``FAST`` with these layer patterns."""
-    return dict(FAST, targets=Targets(include, exclude, **LAYERS))
+FAST = dict(targets=Targets(min_params=256, min_features=8), verbose=False, speed_guard=False)
 V = 256  # bytes as tokens
 
 
@@ -104,7 +99,7 @@ def test_trains_through_a_schedule(family, patterns):
     torch.manual_seed(0)
     task = HFTask(FAMILIES[family]())
     targets = FEED_FORWARD[family] if patterns else None
-    cb = LowRankFactorization({1: 0.25}, **fast_on(targets))  # 0.25: square 32x32 layers save too
+    cb = LowRankFactorization({1: 0.25}, **with_targets(FAST, targets))  # 0.25: square 32x32 layers save too
     trainer = _fit(task, cb)
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
     factorized = {n for n, m in task.named_modules() if isinstance(m, FactorizedLinear)}

@@ -18,14 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from factorize_plugin import LowRankFactorization, Targets, factorize_model
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.report.reports import format_reports
+from lightning_helpers import with_targets
 
-LAYERS = dict(min_params=0, min_features=0)
-FAST = dict(targets=Targets(**LAYERS), verbose=False, speed_guard=False)
-
-
-def fast_on(include=None, exclude=None) -> dict:
-    """``FAST`` with these layer patterns."""
-    return dict(FAST, targets=Targets(include, exclude, **LAYERS))
+FAST = dict(targets=Targets(min_params=0, min_features=0), verbose=False, speed_guard=False)
 
 
 def _trainer(callback: LowRankFactorization, epochs: int = 2, **kwargs) -> pl.Trainer:
@@ -132,7 +127,7 @@ def _loader(batches):
 
 def test_callback_on_a_nested_tensor_encoder_with_padding_mask():
     task = EncoderTask()
-    cb = LowRankFactorization({0: 16, 1: 8}, input_fn=lambda b: (b[0], b[1]), **fast_on("net.enc.layers.*.linear*"))
+    cb = LowRankFactorization({0: 16, 1: 8}, input_fn=lambda b: (b[0], b[1]), **with_targets(FAST, "net.enc.layers.*.linear*"))
     trainer = _trainer(cb, num_sanity_val_steps=1)
     trainer.fit(task, _loader(_padded_batches(2)), _loader(_padded_batches(2, seed=1)))
     assert [h["statistics"] for h in cb.history] == ["calibration", "validation"]
@@ -167,7 +162,7 @@ def _digits_like(n: int = 64, seed: int = 0) -> DataLoader:
 
 
 def test_no_forward_skips_the_output_metric_with_a_warning_naming_output_batches():
-    cb = LowRankFactorization({0: 8, 1: 4}, **fast_on("net.0"))
+    cb = LowRankFactorization({0: 8, 1: 4}, **with_targets(FAST, "net.0"))
     with pytest.warns(UserWarning, match=r"no forward.*output_batches=0"):
         _trainer(cb).fit(NoForward(), _digits_like(), _digits_like(seed=1))
     assert cb.ranks == {"net.0": 4}
@@ -318,7 +313,7 @@ def _rows(n: int, batch: int, seed: int) -> DataLoader:
 def test_auto_row_minimum_is_met_over_two_validation_loaders():
     """192 validation rows in all (batches of 32, 32, 32, 4 then 46, 46): "auto" keeps 2 x 96 of them,
     both in the calibration pass (milestone 0) and in the validation run before milestone 1."""
-    cb = LowRankFactorization({0: 32, 1: 16}, output_batches=0, **fast_on("fc"))
+    cb = LowRankFactorization({0: 32, 1: 16}, output_batches=0, **with_targets(FAST, "fc"))
     _trainer(cb, num_sanity_val_steps=0).fit(Wide(), _rows(64, 32, 0), [_rows(100, 32, 1), _rows(92, 46, 2)])
     assert [h["statistics"] for h in cb.history] == ["calibration", "validation"]
     assert [h["samples"]["fc"] for h in cb.history] == [192, 192]

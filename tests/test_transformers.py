@@ -16,14 +16,9 @@ from factorize_plugin import LowRankFactorization, Targets
 from factorize_plugin.layers import FactorizedLinear
 from factorize_plugin.surgery.select.sharing import check_optimizer
 from factorize_plugin.surgery.select.targets import select_layers
+from lightning_helpers import with_targets
 
-LAYERS = dict(min_params=256, min_features=8)
-FAST = dict(targets=Targets(**LAYERS), verbose=False, speed_guard=False)
-
-
-def fast_on(include=None, exclude=None) -> dict:
-    """``FAST`` with these layer patterns."""
-    return dict(FAST, targets=Targets(include, exclude, **LAYERS))
+FAST = dict(targets=Targets(min_params=256, min_features=8), verbose=False, speed_guard=False)
 
 
 def _text(block: int = 16, train: int = 64, val: int = 32):
@@ -124,7 +119,7 @@ def test_encoder_layer_trains_with_default_targets_and_keeps_out_proj(batch_firs
 @pytest.mark.parametrize("exclude", [None, ["*.self_attn.*"]])
 def test_encoder_fast_path_is_taken_after_factorization_and_stays_correct(monkeypatch, exclude):
     task = SeqTask(EncoderNet(batch_first=True))
-    _fit(task, LowRankFactorization({1: 0.5}, **fast_on(exclude=exclude)))
+    _fit(task, LowRankFactorization({1: 0.5}, **with_targets(FAST, exclude=exclude)))
     assert isinstance(task.net.encoder.layers[0].linear1, FactorizedLinear)
     x = task.val_ds[0][0].unsqueeze(0).repeat(4, 1)
     task.eval()
@@ -157,7 +152,7 @@ def test_decoder_layer_trains_with_default_targets():
 
 def test_naming_out_proj_is_an_error_before_training():
     task = SeqTask(EncoderNet())
-    cb = LowRankFactorization({1: 0.5}, **fast_on(["net.encoder.layers.0.self_attn.out_proj"]))
+    cb = LowRankFactorization({1: 0.5}, **with_targets(FAST, ["net.encoder.layers.0.self_attn.out_proj"]))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"out_proj.*MultiheadAttention reads out_proj.weight"):
         trainer.fit(task)
@@ -202,7 +197,7 @@ class Aliased(nn.Module):
 
 def test_module_under_two_names_is_swapped_under_both():
     task = SeqTask(Aliased())
-    trainer = _fit(task, LowRankFactorization({1: 8}, **fast_on(["net.a", "net.mix"])))
+    trainer = _fit(task, LowRankFactorization({1: 8}, **with_targets(FAST, ["net.a", "net.mix"])))
     assert isinstance(task.net.a, FactorizedLinear) and task.net.b is task.net.a
     _assert_optimizer_holds_every_parameter_once(trainer, task)
 
@@ -289,7 +284,7 @@ def test_training_only_layer_is_left_out_with_a_note(sanity):
 def test_named_training_only_layer_is_an_error_before_any_swap(sanity, steps):
     task = SeqTask(TrainOnlyBranch())
     counter = StepCounter()
-    cb = LowRankFactorization({1: 8}, **fast_on(["net.aux", "net.body"]))
+    cb = LowRankFactorization({1: 8}, **with_targets(FAST, ["net.aux", "net.body"]))
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", callbacks=[cb, counter], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, num_sanity_val_steps=sanity, limit_train_batches=2,
