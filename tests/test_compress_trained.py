@@ -288,12 +288,36 @@ def test_recovery_learning_rate_schedule():
 
 def test_scratch_model_matches_the_compressed_size(dry_run):
     _, result = dry_run
-    cell = result["stages"]["scratch"]["0.4"]
+    seeds = result["stages"]["scratch"]["0.4"]
+    assert sorted(seeds) == ["0", "1", "2"]
     cfg = bench.setup_for(True).model
-    assert cell["config"]["steps"] == cfg.steps + result["recover_setup"]["steps"]
-    assert cell["params"] == bench.gpt_params(cell["width"], cfg) and cell["width"] % cfg.heads == 0
-    others = [bench.gpt_params(d, cfg) for d in range(cfg.heads, cfg.dim + 1, cfg.heads)]
-    assert abs(cell["params"] - cell["target_params"]) == min(abs(p - cell["target_params"]) for p in others)
-    assert math.isfinite(cell["val_loss"])
+    for seed, cell in seeds.items():
+        assert cell["config"]["seed"] == int(seed)
+        assert cell["config"]["steps"] == cfg.steps + result["recover_setup"]["steps"]
+        assert cell["params"] == bench.gpt_params(cell["width"], cfg) and cell["width"] % cfg.heads == 0
+        others = [bench.gpt_params(d, cfg) for d in range(cfg.heads, cfg.dim + 1, cfg.heads)]
+        assert abs(cell["params"] - cell["target_params"]) == min(abs(p - cell["target_params"]) for p in others)
+        assert math.isfinite(cell["val_loss"])
+    assert len({cell["val_loss"] for cell in seeds.values()}) == 3  # the seeds are different runs
     summary = result["summary"]["scratch"]["0.4"]
-    assert summary["scratch_val_loss"] == cell["val_loss"] and "exact_budget_params_ft" in summary["recovered_beat_scratch"]
+    best = min(cell["val_loss"] for cell in seeds.values())
+    assert summary["scratch_val_loss_best"] == best
+    assert summary["recovered_beat_scratch"] == {m: v < best for m, v in summary["recovered_mean"].items()}
+    assert "exact_budget_params_ft" in summary["recovered_beat_scratch"]
+
+
+def test_another_recovery_length_has_its_own_protocol_and_file(dry_run):
+    rs = bench.recover_setup_for(False, 192)
+    assert rs.steps == 192 and rs.progressive_keys == (0, 64, 128) and rs.warmup == bench.RecoverSetup().warmup
+    assert bench.results_name(rs, False) == "compress_trained_192steps"
+    assert bench.recover_setup_for(False, 120) == bench.RecoverSetup()
+    assert bench.results_name(bench.RecoverSetup(), False) == "compress_trained"
+    out, first = dry_run
+    main_file = (out / "compress_trained.json").read_text()
+    longer = bench.main(["--dry-run", "--out", str(out), "--stage", "recover", "--recover-steps", "9",
+                         "--fractions", "0.4", "--seeds", "0", "--methods", "exact_budget_params_ft"])  # fmt: skip
+    assert longer["recover_setup"]["steps"] == 9 and longer["recover_setup"]["progressive_keys"] == [0, 3, 6]
+    cell = longer["stages"]["recover"]["exact_budget_params_ft"]["0.4"]["0"]
+    assert cell["steps"] == 9 and len(cell["train_loss"]) == 9
+    assert (out / "compress_trained_9steps.json").exists()
+    assert (out / "compress_trained.json").read_text() == main_file  # the main protocol's file is untouched
