@@ -5,11 +5,12 @@
     python benchmarks/bench_compress_trained.py [--stage compress]      # resumes from its JSON
     python benchmarks/bench_compress_trained.py --stage recover [--fractions 0.4 0.6] [--seeds 0 1 2]
                                                 [--deadline HH:MM]      # UTC: no cell started after it
-    python benchmarks/bench_compress_trained.py --stage scratch
+    python benchmarks/bench_compress_trained.py --stage scratch [--seeds 0 1 2]
+    python benchmarks/bench_compress_trained.py --stage recover --recover-steps 192 ...  # another length, own file
     python benchmarks/bench_compress_trained.py --dry-run [--out DIR]   # tiny model, every stage, ~20 s (tested)
 
 Three stages write their own sections of one JSON (``stages.compress.<method>.<fraction>``,
-``stages.recover.<method>.<fraction>.<seed>``, ``stages.scratch.<fraction>``).
+``stages.recover.<method>.<fraction>.<seed>``, ``stages.scratch.<fraction>.<seed>``).
 
 Stage ``compress``: the validation loss right after compression, no training, by
 

@@ -418,9 +418,9 @@ RECOVER_METHODS = {
 }
 
 
-def recover_mean(method: str, fraction: str) -> tuple[float, float, float, int]:
+def recover_mean(method: str, fraction: str, name: str = "compress_trained.json") -> tuple[float, float, float, int]:
     """(mean, min, max, seeds) of a recovery cell's validation loss over its seeds."""
-    losses = [c["val_loss"] for c in res("compress_trained.json")["stages"]["recover"][method][fraction].values()]
+    losses = [c["val_loss"] for c in res(name)["stages"]["recover"][method][fraction].values()]
     return statistics.mean(losses), min(losses), max(losses), len(losses)
 
 
@@ -475,6 +475,29 @@ def compress_levers_table() -> str:
         mean, _, _, n = recover_mean(key, "0.4")
         changes = ", ".join(f"{cells[s]['val_loss'] - plain[s]['val_loss']:+.4f}" for s in seeds)
         rows.append(f"| {label} | {mean:.4f} ({n} seeds) | {changes} |")
+    return "\n".join(rows)
+
+
+RECOVERY_LENGTHS = {120: "compress_trained.json", 192: "compress_trained_192steps.json"}
+
+
+@generated
+def compress_length_table() -> str:
+    rows = [
+        "| 40 % kept | " + " | ".join(f"{n} steps of recovery" for n in RECOVERY_LENGTHS) + " |",
+        "|---" * (len(RECOVERY_LENGTHS) + 1) + "|",
+    ]
+    for key, fraction, label in (("exact_budget_params_ft", "0.4", "exact fit (`ParamBudget`), then fine-tuning"),
+                                 ("callback_progressive", "0.4", "the callback, `progressive` (milestones at 0, 1/3, 2/3 of it)"),
+                                 ("dense_ft", "1.0", "the trained dense model, fine-tuned")):  # fmt: skip
+        cells = [recover_mean(key, fraction, name) for name in RECOVERY_LENGTHS.values()]
+        rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ({lo:.4f}-{hi:.4f}, {n} seeds)" for m, lo, hi, n in cells) + " |")
+    gaps = []
+    for name in RECOVERY_LENGTHS.values():
+        recover = res(name)["stages"]["recover"]
+        one, prog = recover["exact_budget_params_ft"]["0.4"], recover["callback_progressive"]["0.4"]
+        gaps.append(", ".join(f"{prog[s]['val_loss'] - one[s]['val_loss']:+.4f}" for s in sorted(set(one) & set(prog))))
+    rows.append("| progressive against compress-once, per seed | " + " | ".join(gaps) + " |")
     return "\n".join(rows)
 
 
