@@ -312,7 +312,7 @@ def test_another_recovery_length_has_its_own_protocol_and_file(dry_run):
     assert bench.results_name(rs, False) == "compress_trained_192steps"
     assert bench.recover_setup_for(False, 120) == bench.RecoverSetup()
     assert bench.results_name(bench.RecoverSetup(), False) == "compress_trained"
-    out, first = dry_run
+    out, _ = dry_run
     main_file = (out / "compress_trained.json").read_text()
     longer = bench.main(["--dry-run", "--out", str(out), "--stage", "recover", "--recover-steps", "9",
                          "--fractions", "0.4", "--seeds", "0", "--methods", "exact_budget_params_ft"])  # fmt: skip
