@@ -485,11 +485,12 @@ ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "exact_bu
                "exact_budget_params_ft_fade")  # fmt: skip
 CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm", "callback_progressive_early",
              "callback_progressive_kd", "callback_progressive_fade", "callback_progressive_dense",
-             "callback_progressive_dense_kd")  # fmt: skip
+             "callback_progressive_dense_kd", "callback_progressive_carry_no_rewarm")  # fmt: skip
 RECOVER_METHODS = ("dense_ft", *ONE_SHOT_FT, *CALLBACKS)
 LEVERS = ("exact_budget_params_ft_kd", "exact_budget_params_ft_fade", "callback_progressive_no_rewarm",
           "callback_progressive_early", "callback_progressive_kd", "callback_progressive_fade",
-          "callback_progressive_dense", "callback_progressive_dense_kd")  # 40 % kept only  # fmt: skip
+          "callback_progressive_dense", "callback_progressive_dense_kd",
+          "callback_progressive_carry_no_rewarm")  # 40 % kept only  # fmt: skip
 FADE_SHARE = 0.25  # the fading residual's length: a quarter of the recovery (30 of 120 steps), as the re-warm
 KD_WEIGHT = 0.5  # distillation: loss = (1 - w) CE(labels) + w KL(teacher || student), temperature 1
 RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
@@ -708,6 +709,57 @@ class DenseTarget(LowRankFactorization):
             module.weight_matrix = read
 
 
+def carried_state(a0: torch.Tensor, b0: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, state_a: dict[str, Any],
+                  state_b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Adam's state of a pair carried through its refactorization to a lower rank.
+
+    The old pair maps ``x -> B0 A0 x`` (``a0`` [r, in], ``b0`` [out, r]); the new one's factors lie
+    in the old ones' spans, ``A1 = T A0`` and ``B1 = B0 S`` (``a1`` [r', in], ``b1`` [out, r'];
+    ``T``, ``S`` by least squares). For the same gradient ``G`` of the layer's map, ``dL/dA1 =
+    S^T dL/dA0`` and ``dL/dB1 = dL/dB0 T^T``: the first moments map the same way, the second
+    moments by the squared maps (the cross terms between old coordinates neglected), and the step
+    count carries on. Returns the states of ``a1`` and ``b1``."""
+    f64 = torch.float64
+    s = torch.linalg.lstsq(b0.detach().to(f64), b1.detach().to(f64)).solution  # [r, r']
+    t = torch.linalg.lstsq(a0.detach().to(f64).T, a1.detach().to(f64).T).solution.T  # [r', r]
+
+    def mapped(state: dict[str, Any], first: Callable[[torch.Tensor], torch.Tensor],
+               second: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+        out = {"step": state["step"].clone()}
+        out["exp_avg"] = first(state["exp_avg"].to(f64)).to(like.dtype)
+        out["exp_avg_sq"] = second(state["exp_avg_sq"].to(f64)).clamp_min(0).to(like.dtype)
+        return out
+
+    return (mapped(state_a, lambda m: s.T @ m, lambda v: (s * s).T @ v, a1),
+            mapped(state_b, lambda m: m @ t.T, lambda v: v @ (t * t).T, b1))  # fmt: skip
+
+
+class CarryState(LowRankFactorization):
+    """A lever of item 4, the optimizer state at a swap: a pair refactorized to a lower rank keeps
+    its Adam state, mapped onto the new factors (``carried_state``), instead of starting afresh
+    (the library's rule: ``surgery/swap/optim.py``); a bias that stays the same size keeps its
+    state as it is. The first swap (dense to pairs) starts afresh as before."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        opt = trainer.optimizers[0]
+        opt = getattr(opt, "_optimizer", opt)
+        before = {}
+        for name, m in pl_module.named_modules():
+            if isinstance(m, FactorizedLinear):
+                params = (m.first.weight, m.second.weight, m.second.bias)
+                before[name] = (params, [p.detach().clone() if p is not None else None for p in params],
+                                [opt.state.get(p) if p is not None else None for p in params])  # fmt: skip
+        super().on_train_batch_start(trainer, pl_module, batch, idx)
+        for name, (params, (a0, b0, _), (sa, sb, sbias)) in before.items():
+            m = pl_module.get_submodule(name)
+            if m.first.weight is params[0] or not sa or not sb:
+                continue  # not refactorized at this batch, or no state yet
+            opt.state[m.first.weight], opt.state[m.second.weight] = carried_state(
+                a0, b0, m.first.weight, m.second.weight, sa, sb)  # fmt: skip
+            if sbias and m.second.bias is not None and m.second.bias is not params[2]:
+                opt.state[m.second.bias] = {k: v.clone() for k, v in sbias.items()}
+
+
 def weight_matrix_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [in, out], bias [out], zeros where the layer has none), float64."""
     w, b = weight_matrix(module)
@@ -770,6 +822,8 @@ def make_callback(method: str, fraction: float, rs: RecoverSetup, dense: nn.Modu
         if method.startswith("callback_progressive") else {0: ParamBudget(fraction)}  # fmt: skip
     fit_dense = "_dense" in method  # a lever of item 4: later milestones fit the trained dense map
     cls, extra = (DenseTarget, {"dense": dense}) if fit_dense else (LowRankFactorization, {})
+    if "_carry" in method:  # a lever of item 4: the optimizer state carried through a refactorization
+        cls = CarryState
     return cls(
         schedule, interval="step", targets=Targets([f"net.{t}" for t in TARGETS], min_params=0, min_features=0),
         statistics=Statistics(max_samples=None, sample_fraction=1.0, space="input" if fit_dense else "auto"),

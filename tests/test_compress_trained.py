@@ -321,3 +321,22 @@ def test_another_recovery_length_has_its_own_protocol_and_file(dry_run):
     assert cell["steps"] == 9 and len(cell["train_loss"]) == 9
     assert (out / "compress_trained_9steps.json").exists()
     assert (out / "compress_trained.json").read_text() == main_file  # the main protocol's file is untouched
+
+
+def test_carried_optimizer_state_maps_a_gradient_onto_the_new_factors():
+    """The lever's state carry: for factors in the old ones' spans (A1 = T A0, B1 = B0 S), a first
+    moment equal to the old factors' gradient becomes exactly the new factors' gradient of the
+    same layer-map gradient G; second moments stay non-negative; the step count carries on."""
+    g = torch.Generator().manual_seed(0)
+    r, r1, d_in, d_out = 6, 4, 10, 8
+    a0, b0 = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+    t, s = torch.randn(r1, r, generator=g), torch.randn(r, r1, generator=g)
+    a1, b1 = t @ a0, b0 @ s
+    grad_w = torch.randn(d_out, d_in, generator=g)  # dL/dW of the layer's map W = B A
+    state = lambda m: {"step": torch.tensor(7.0), "exp_avg": m, "exp_avg_sq": m * m}  # noqa: E731
+    new_a, new_b = bench.carried_state(a0, b0, a1, b1, state(b0.T @ grad_w), state(grad_w @ a0.T))
+    torch.testing.assert_close(new_a["exp_avg"], b1.T @ grad_w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new_b["exp_avg"], grad_w @ a1.T, rtol=1e-4, atol=1e-4)
+    assert new_a["exp_avg"].shape == a1.shape and new_b["exp_avg_sq"].shape == b1.shape
+    assert (new_a["exp_avg_sq"] >= 0).all() and (new_b["exp_avg_sq"] >= 0).all()
+    assert float(new_a["step"]) == float(new_b["step"]) == 7.0
