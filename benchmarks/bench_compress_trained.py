@@ -483,14 +483,20 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 ONE_SHOT_FT = ("svd_ft", "exact_uniform_ft", "exact_budget_params_ft", "exact_budget_params_ft_kd",
                "exact_budget_params_ft_fade")  # fmt: skip
-CALLBACKS = ("callback_progressive", "callback_switch0", "callback_progressive_no_rewarm", "callback_progressive_early",
+CALLBACKS = ("callback_progressive", "callback_progressive_carried", "callback_switch0", "callback_progressive_no_rewarm", "callback_progressive_early",
              "callback_progressive_kd", "callback_progressive_fade", "callback_progressive_dense",
-             "callback_progressive_dense_kd", "callback_progressive_carry_no_rewarm")  # fmt: skip
+             "callback_progressive_dense_kd", "callback_progressive_carry_no_rewarm", "callback_progressive_carry",
+             "callback_progressive_carry_kd_no_rewarm")  # fmt: skip
 RECOVER_METHODS = ("dense_ft", *ONE_SHOT_FT, *CALLBACKS)
+# the callbacks run with the library's rule at a refactorization (the optimizer state carried onto
+# the new factors, no re-warm after it); the others were measured before it, with fresh state
+LIBRARY_RULE = ("callback_switch0", "callback_progressive_carried", "callback_progressive_carry_no_rewarm",
+                "callback_progressive_carry_kd_no_rewarm")  # fmt: skip
 LEVERS = ("exact_budget_params_ft_kd", "exact_budget_params_ft_fade", "callback_progressive_no_rewarm",
           "callback_progressive_early", "callback_progressive_kd", "callback_progressive_fade",
           "callback_progressive_dense", "callback_progressive_dense_kd",
-          "callback_progressive_carry_no_rewarm")  # 40 % kept only  # fmt: skip
+          "callback_progressive_carry_no_rewarm", "callback_progressive_carry",
+          "callback_progressive_carry_kd_no_rewarm")  # 40 % kept only  # fmt: skip
 FADE_SHARE = 0.25  # the fading residual's length: a quarter of the recovery (30 of 120 steps), as the re-warm
 KD_WEIGHT = 0.5  # distillation: loss = (1 - w) CE(labels) + w KL(teacher || student), temperature 1
 RECOVER_FRACTIONS = (0.4, 0.6)  # this session's order: the most important first
@@ -684,7 +690,39 @@ class FadingResidual(pl.Callback):
         self.handles = []
 
 
-class DenseTarget(LowRankFactorization):
+class FreshState(LowRankFactorization):
+    """The rule before the optimizer state was carried through a refactorization (what every
+    progressive method without ``_carry`` measured): a pair refactorized to a lower rank starts
+    with empty optimizer state, so the learning rate re-warms after it. The library now carries
+    the state (``surgery/swap/carry.py``); a ``_carry`` method runs the library as it is."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        from factorize_plugin.surgery.swap import optim
+
+        carry = optim.carried_pair_state
+        optim.carried_pair_state = lambda old, new, state: {}  # type: ignore[assignment]
+        try:
+            super().on_train_batch_start(trainer, pl_module, batch, idx)
+        finally:
+            optim.carried_pair_state = carry
+
+
+class CarryRewarm(LowRankFactorization):
+    """The state carried, and the learning rate re-warmed after every swap all the same (the
+    re-warm rule before the carry: ``callback_progressive_carry``)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        from factorize_plugin.engine import engine
+
+        rule = engine.left_without_state
+        engine.left_without_state = lambda optimizers, modules: bool(list(modules))  # type: ignore[assignment]
+        try:
+            super().on_train_batch_start(trainer, pl_module, batch, idx)
+        finally:
+            engine.left_without_state = rule
+
+
+class DenseTarget(FreshState):
     """A lever of item 4, what a later milestone fits to: every milestone solves
     ``min ||X W_dense - X A B||`` with ``X`` the layer's inputs in today's network (pairs upstream)
     and ``W_dense`` the trained dense layer's map, kept from before the first swap, instead of the
@@ -707,57 +745,6 @@ class DenseTarget(LowRankFactorization):
             super().on_train_batch_start(trainer, pl_module, batch, idx)
         finally:
             module.weight_matrix = read
-
-
-def carried_state(a0: torch.Tensor, b0: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, state_a: dict[str, Any],
-                  state_b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """Adam's state of a pair carried through its refactorization to a lower rank.
-
-    The old pair maps ``x -> B0 A0 x`` (``a0`` [r, in], ``b0`` [out, r]); the new one's factors lie
-    in the old ones' spans, ``A1 = T A0`` and ``B1 = B0 S`` (``a1`` [r', in], ``b1`` [out, r'];
-    ``T``, ``S`` by least squares). For the same gradient ``G`` of the layer's map, ``dL/dA1 =
-    S^T dL/dA0`` and ``dL/dB1 = dL/dB0 T^T``: the first moments map the same way, the second
-    moments by the squared maps (the cross terms between old coordinates neglected), and the step
-    count carries on. Returns the states of ``a1`` and ``b1``."""
-    f64 = torch.float64
-    s = torch.linalg.lstsq(b0.detach().to(f64), b1.detach().to(f64)).solution  # [r, r']
-    t = torch.linalg.lstsq(a0.detach().to(f64).T, a1.detach().to(f64).T).solution.T  # [r', r]
-
-    def mapped(state: dict[str, Any], first: Callable[[torch.Tensor], torch.Tensor],
-               second: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> dict[str, Any]:  # fmt: skip
-        out = {"step": state["step"].clone()}
-        out["exp_avg"] = first(state["exp_avg"].to(f64)).to(like.dtype)
-        out["exp_avg_sq"] = second(state["exp_avg_sq"].to(f64)).clamp_min(0).to(like.dtype)
-        return out
-
-    return (mapped(state_a, lambda m: s.T @ m, lambda v: (s * s).T @ v, a1),
-            mapped(state_b, lambda m: m @ t.T, lambda v: v @ (t * t).T, b1))  # fmt: skip
-
-
-class CarryState(LowRankFactorization):
-    """A lever of item 4, the optimizer state at a swap: a pair refactorized to a lower rank keeps
-    its Adam state, mapped onto the new factors (``carried_state``), instead of starting afresh
-    (the library's rule: ``surgery/swap/optim.py``); a bias that stays the same size keeps its
-    state as it is. The first swap (dense to pairs) starts afresh as before."""
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        opt = trainer.optimizers[0]
-        opt = getattr(opt, "_optimizer", opt)
-        before = {}
-        for name, m in pl_module.named_modules():
-            if isinstance(m, FactorizedLinear):
-                params = (m.first.weight, m.second.weight, m.second.bias)
-                before[name] = (params, [p.detach().clone() if p is not None else None for p in params],
-                                [opt.state.get(p) if p is not None else None for p in params])  # fmt: skip
-        super().on_train_batch_start(trainer, pl_module, batch, idx)
-        for name, (params, (a0, b0, _), (sa, sb, sbias)) in before.items():
-            m = pl_module.get_submodule(name)
-            if m.first.weight is params[0] or not sa or not sb:
-                continue  # not refactorized at this batch, or no state yet
-            opt.state[m.first.weight], opt.state[m.second.weight] = carried_state(
-                a0, b0, m.first.weight, m.second.weight, sa, sb)  # fmt: skip
-            if sbias and m.second.bias is not None and m.second.bias is not params[2]:
-                opt.state[m.second.bias] = {k: v.clone() for k, v in sbias.items()}
 
 
 def weight_matrix_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -821,9 +808,12 @@ def make_callback(method: str, fraction: float, rs: RecoverSetup, dense: nn.Modu
     schedule = progressive(ParamBudget(fraction), list(progressive_keys(method, rs))) \
         if method.startswith("callback_progressive") else {0: ParamBudget(fraction)}  # fmt: skip
     fit_dense = "_dense" in method  # a lever of item 4: later milestones fit the trained dense map
-    cls, extra = (DenseTarget, {"dense": dense}) if fit_dense else (LowRankFactorization, {})
-    if "_carry" in method:  # a lever of item 4: the optimizer state carried through a refactorization
-        cls = CarryState
+    # the library carries the optimizer state through a refactorization and re-warms only after a
+    # swap that left some moments empty; the methods without "_carry" were measured before it did
+    # (FreshState), callback_progressive_carry with the re-warm after every swap (CarryRewarm)
+    cls = (DenseTarget if fit_dense else CarryRewarm if method == "callback_progressive_carry"
+           else LowRankFactorization if method in LIBRARY_RULE else FreshState)  # fmt: skip
+    extra = {"dense": dense} if fit_dense else {}
     return cls(
         schedule, interval="step", targets=Targets([f"net.{t}" for t in TARGETS], min_params=0, min_features=0),
         statistics=Statistics(max_samples=None, sample_fraction=1.0, space="input" if fit_dense else "auto"),
@@ -869,7 +859,7 @@ def run_recover_cell(method: str, fraction: float, seed: int, ctx: Context, val:
     else:
         raise ValueError(f"unknown recovery method {method!r}; one of {RECOVER_METHODS}")
     t1 = time.perf_counter()
-    teacher = copy.deepcopy(ctx.trained) if method.endswith("_kd") else None  # a lever of item 4: distillation from the dense model
+    teacher = copy.deepcopy(ctx.trained) if "_kd" in method else None  # a lever of item 4: distillation from the dense model
     fade = None
     if method.endswith("_fade"):  # a lever of item 4: the dropped weight fades out after each swap
         names, steps = list(ctx.shapes), max(1, round(FADE_SHARE * rs.steps))
@@ -988,7 +978,7 @@ def plot_recover(result: dict[str, Any], path: Path) -> bool:
     cells = result["stages"].get("recover", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"svd_ft": "o-", "exact_uniform_ft": "^-", "exact_budget_params_ft": "D-", "exact_budget_params_ft_kd": "d:",
-              "callback_progressive": "*-", "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:",
+              "callback_progressive": "*-", "callback_progressive_carried": "p-", "callback_switch0": "s--", "callback_progressive_no_rewarm": "x:",
               "callback_progressive_early": "P:", "callback_progressive_kd": "h:",
               "exact_budget_params_ft_fade": "v:", "callback_progressive_fade": "<:"}  # fmt: skip
     shown = [m for m in RECOVER_METHODS[1:] if m not in LEVERS or m == "exact_budget_params_ft_kd"]  # (the best lever)

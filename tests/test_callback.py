@@ -98,17 +98,23 @@ def test_two_milestones_on_real_digits(tmp_path):
     for epoch in range(6):
         assert probe.lr[epoch][0] == pytest.approx(cosine_lr(3e-3, 6, epoch), rel=1e-12), epoch
 
-    # --- untouched parameters keep their Adam state across a swap; new ones start empty
+    # --- untouched parameters keep their Adam state across a swap; a dense layer's new pair starts
+    # empty; a pair refactorized to a lower rank carries its state on (surgery/swap/carry.py)
     steps_per_epoch = math.ceil(len(dm.train_set) / 32)
     for epoch in (2, 4):
         for n in untouched:
             before, after = probe.adam_end[epoch - 1][n], probe.adam_start[epoch][n]
             assert after[0] == before[0] == epoch * steps_per_epoch
             assert torch.equal(after[1], before[1])
-        fresh = [n for n, st in probe.adam_start[epoch].items() if st is None]
-        changed = [n for n in names if want[epoch][n] != want[epoch - 1][n]]
-        assert fresh and all(any(f.startswith(c + ".") for c in changed) for f in fresh)
-        assert probe.adam_end[epoch][fresh[0]][0] == steps_per_epoch  # the new ones' count starts at the swap
+        fresh = {n for n, st in probe.adam_start[epoch].items() if st is None}
+        for name in (n for n in names if want[epoch][n] != want[epoch - 1][n]):
+            params = [p for p in probe.adam_start[epoch] if p.startswith(name + ".")]
+            if want[epoch - 1][name] is None:  # dense -> pair: the count starts at the swap
+                assert set(params) <= fresh and probe.adam_end[epoch][params[0]][0] == steps_per_epoch
+            else:  # pair -> pair (features.2 and classifier.0 at epoch 4): the count since the pair's swap goes on
+                assert all(probe.adam_start[epoch][p][0] == 2 * steps_per_epoch for p in params), name
+                assert all(probe.adam_start[epoch][p][1].shape == dict(model.named_parameters())[p].shape for p in params)
+        assert fresh == {p for p in fresh if any(p.startswith(n + ".") and want[epoch - 1][n] is None for n in names)}
 
     # --- training goes on well
     assert all(math.isfinite(x) for x in probe.losses)

@@ -315,3 +315,23 @@ def test_a_step_hook_registered_after_the_ramps_survives_its_end():
     assert len(opt._optimizer_step_pre_hooks) == 0 and len(opt._optimizer_step_post_hooks) == 2
     ramp.release()
     assert len(opt._optimizer_step_post_hooks) == 1
+
+
+class AdagradNet(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.Adagrad(self.parameters(), lr=1e-2)  # a state the swap cannot carry ("sum")
+
+
+@pytest.mark.parametrize("net, ramps_again", [(lambda: TinyNet(optimizer="adam"), False), (AdagradNet, True)],
+                         ids=["adam: state carried", "adagrad: state fresh"])  # fmt: skip
+def test_a_pair_refactorized_with_its_state_carried_needs_no_rewarm(net, ramps_again):
+    """The re-warm follows a swap that leaves moments empty: a dense layer's new pair, or a pair
+    whose optimizer state could not be carried (``surgery/swap/carry.py``). A pair refactorized to
+    a lower rank under Adam keeps its moments, so that milestone has no ramp."""
+    cb = LowRankFactorization({1: 0.5, 2: 0.25}, **TINY)
+    model = net()
+    resume_trainer([cb], 3).fit(model)
+    first, second = cb.history
+    assert all(first["ranks"][n] is not None for n in first["ranks"])  # every target became a pair at epoch 1
+    assert first["rewarm_steps"] == STEPS_PER_EPOCH // 4
+    assert second["rewarm_steps"] == (STEPS_PER_EPOCH // 4 if ramps_again else 0)

@@ -36,6 +36,7 @@ from ..surgery.ranks.policies import RankPolicy
 from ..surgery.specs import Patterns, Statistics, Targets, statistics_from, targets_from
 from ..surgery.statistics.collector import ActivationCollector
 from ..surgery.statistics.passes import PassResults
+from ..surgery.swap.optim import left_without_state
 from ..surgery.swap.refactorize import refactorize
 from ..surgery.timing.speed import SpeedGuard, resolve_guard
 from .host import Host
@@ -257,7 +258,8 @@ class FactorizationEngine:
         for message in advice:
             host.warn(f"LowRankFactorization: {message}")
         entry["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
-        entry["rewarm_steps"] = self.rewarm.after_swap(host, any(r.changed for r in reports))
+        changed = [model.get_submodule(r.name) for r in reports if r.changed]
+        entry["rewarm_steps"] = self.rewarm.after_swap(host, left_without_state(host.optimizers, changed))
         return entry
 
     def watch_training_inputs(self, host: Host, model: nn.Module, upcoming: bool) -> None:

@@ -1,7 +1,10 @@
-"""The learning-rate re-warm after a milestone: the swapped-in factors start with empty optimizer
-moments (Adam's first steps with fresh moments move a parameter by about the learning rate, whatever
-its gradient's size) while the rest of the model is mid-training, so for a few steps after a swap the
-learning rate ramps back up: an optimizer's step k of n runs at (k / n) times the scheduled rate.
+"""The learning-rate re-warm after a milestone: a dense layer's swapped-in factors start with empty
+optimizer moments (Adam's first steps with fresh moments move a parameter by about the learning
+rate, whatever its gradient's size) while the rest of the model is mid-training, so for a few steps
+after such a swap the learning rate ramps back up: an optimizer's step k of n runs at (k / n) times
+the scheduled rate. A milestone whose swap left every parameter with optimizer state (pairs
+refactorized to a lower rank carry theirs: ``surgery/swap/carry.py``) has no ramp: on the trained
+GPT of ``benchmarks/bench_compress_trained.py`` a ramp after those carried swaps only cost loss.
 
 Where the ramped rate exists: only around the parameter update. A step pre-hook wraps the step's
 closure (Lightning's automatic optimization passes ``training_step``, ``backward``, gradient

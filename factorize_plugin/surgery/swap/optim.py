@@ -1,9 +1,11 @@
 """Editing a live optimizer when layers are swapped, so that the optimizer and LR-scheduler
 objects continue (the schedule does not restart) and untouched parameters keep their state.
 
-What happens to the state of new parameters: they start with none (Adam's moments at zero and its
-step count at 0, SGD's momentum buffer empty), exactly as if they had been in the optimizer from
-the start without receiving a gradient. Their param group (and so learning rate, weight decay,
+What happens to the state of new parameters: a pair refactorized to another rank keeps its Adam
+or SGD state, mapped onto the new factors (``carry.py``); otherwise (a dense layer swapped for a
+pair, or another optimizer's state) they start with none (Adam's moments at zero and its step
+count at 0, SGD's momentum buffer empty), exactly as if they had been in the optimizer from the
+start without receiving a gradient. Their param group (and so learning rate, weight decay,
 ...) is that of the parameter they stand in for: a factor of a weight goes where the weight was,
 the new bias where the old bias was (so a "no weight decay on biases" group keeps its meaning).
 ``LBFGS`` keeps one flat curvature history over all its parameters: it is cleared at a swap (the
@@ -13,10 +15,12 @@ out of ``param_groups`` is refused (``check_parameter_caches``).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
+
+from .carry import carried_pair_state
 
 NamedParams = Mapping[str, nn.Parameter]
 
@@ -78,10 +82,22 @@ def _replace_layer(opt: torch.optim.Optimizer, old: NamedParams, new: NamedParam
                 params.append(p)
         new_groups.append(params)
     # all computed first: no half-edited optimizer
+    carried = carried_pair_state(old, new, opt.state)
     for group, params in zip(opt.param_groups, new_groups, strict=True):
         group["params"][:] = params  # in place: the list object is the one the optimizer knows
     for p in old.values():
         opt.state.pop(p, None)
+    inserted = {id(p) for ps in inserts.values() for p in ps}
+    opt.state.update({p: st for p, st in carried.items() if id(p) in inserted})
+
+
+def left_without_state(optimizers: Iterable[Any], modules: Iterable[nn.Module]) -> bool:
+    """Whether a parameter of ``modules`` that one of ``optimizers`` holds has no state there after
+    a swap (a dense layer's new pair, or a state that could not be carried): its moments start
+    empty, which is what the learning-rate re-warm is for."""
+    opts = [unwrap_optimizer(o) for o in optimizers]
+    held = [(o, {id(p) for g in o.param_groups for p in g["params"]}) for o in opts]
+    return any(id(p) in ids and not o.state.get(p) for m in modules for p in m.parameters() for o, ids in held)
 
 
 def check_parameter_caches(optimizer) -> None:
