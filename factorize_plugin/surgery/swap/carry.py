@@ -15,8 +15,9 @@ Without this the new factors would start with empty moments mid-training (Adam's
 move every coordinate by about the learning rate, whatever its gradient). On the trained GPT of
 ``benchmarks/bench_compress_trained.py`` it lowered the progressive schedule's loss after recovery
 on every seed (``docs/oneshot.md``, levers). A state holding anything else (another optimizer's
-keys), a parameter sharded as a ``DTensor``, or a second factor with a spatial kernel start empty,
-as before.
+keys) or a second factor with a spatial kernel starts empty, as before. Under FSDP2 the factors
+and moments are gathered for the mapping and the results sharded like the new factors (collectives
+every process runs for the same swaps in the same order).
 """
 
 from __future__ import annotations
@@ -35,16 +36,28 @@ def _is_pair(params: Mapping[str, nn.Parameter]) -> bool:
     return "first.weight" in params and "second.weight" in params
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a ``DTensor`` (an FSDP2 shard) gathered (a collective: every process
+    carries the same swaps in the same order), anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _placed_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (whole) placed as ``like`` is: sharded the same way where ``like`` is a DTensor."""
+    if getattr(like, "device_mesh", None) is None:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, like.device_mesh, like.placements)  # type: ignore[attr-defined]
+
+
 def _matrix(p: torch.Tensor, rank_dim: int) -> Optional[torch.Tensor]:
-    """A factor as a matrix with the rank on dimension ``rank_dim`` (first: rows, second: columns);
-    None for what cannot be carried (a sharded parameter, a second factor with a spatial kernel)."""
-    if getattr(p, "device_mesh", None) is not None:
+    """A factor as a whole matrix with the rank on dimension ``rank_dim`` (first: rows, second:
+    columns); None for a second factor with a spatial kernel."""
+    if rank_dim == 1 and p.dim() > 2 and p.shape[2:].numel() != 1:
         return None
-    if rank_dim == 0:
-        return p.detach().reshape(p.shape[0], -1)
-    if p.dim() > 2 and p.shape[2:].numel() != 1:
-        return None
-    return p.detach().reshape(p.shape[0], p.shape[1])
+    w = _full(p.detach())
+    return w.reshape(w.shape[0], -1) if rank_dim == 0 else w.reshape(w.shape[0], w.shape[1])
 
 
 def _mapped(state: dict[str, Any], like: torch.Tensor, first: Callable[[torch.Tensor], torch.Tensor],
@@ -54,9 +67,10 @@ def _mapped(state: dict[str, Any], like: torch.Tensor, first: Callable[[torch.Te
         if not isinstance(value, torch.Tensor) or key == "step":
             out[key] = value.clone() if isinstance(value, torch.Tensor) else value
             continue
-        flat = value.to(torch.float64).reshape(value.shape[0], -1)
+        whole = _full(value)
+        flat = whole.to(torch.float64).reshape(whole.shape[0], -1)
         moved = first(flat) if key in FIRST else second(flat).clamp_min(0)
-        out[key] = moved.reshape(like.shape).to(value.dtype)
+        out[key] = _placed_like(moved.reshape(like.shape).to(whole.dtype), like)
     return out
 
 
