@@ -118,6 +118,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from benchmarks._common import package_version, recovery_trainer, warmup_cosine
+from benchmarks._state_rules import FreshState, PairCarry, PairCarryRewarm
 from examples.gpt_task import Windows, corpus
 from examples.trained_gpt import TrainedGPTConfig, dry_run_config, load_trained_gpt, mean_loss, write_curve
 from factorize_plugin import (
@@ -488,10 +489,9 @@ CALLBACKS = ("callback_progressive", "callback_progressive_carried", "callback_s
              "callback_progressive_dense_kd", "callback_progressive_carry_no_rewarm", "callback_progressive_carry",
              "callback_progressive_carry_kd_no_rewarm")  # fmt: skip
 RECOVER_METHODS = ("dense_ft", *ONE_SHOT_FT, *CALLBACKS)
-# the callbacks run with the library's rule at a refactorization (the optimizer state carried onto
-# the new factors, no re-warm after it); the others were measured before it, with fresh state
-LIBRARY_RULE = ("callback_switch0", "callback_progressive_carried", "callback_progressive_carry_no_rewarm",
-                "callback_progressive_carry_kd_no_rewarm")  # fmt: skip
+STATE_RULES = {"callback_switch0": LowRankFactorization, "callback_progressive_carried": LowRankFactorization,
+               "callback_progressive_carry": PairCarryRewarm, "callback_progressive_carry_no_rewarm": PairCarry,
+               "callback_progressive_carry_kd_no_rewarm": PairCarry}  # the others: FreshState  # fmt: skip
 LEVERS = ("exact_budget_params_ft_kd", "exact_budget_params_ft_fade", "callback_progressive_no_rewarm",
           "callback_progressive_early", "callback_progressive_kd", "callback_progressive_fade",
           "callback_progressive_dense", "callback_progressive_dense_kd",
@@ -690,38 +690,6 @@ class FadingResidual(pl.Callback):
         self.handles = []
 
 
-class FreshState(LowRankFactorization):
-    """The rule before the optimizer state was carried through a refactorization (what every
-    progressive method without ``_carry`` measured): a pair refactorized to a lower rank starts
-    with empty optimizer state, so the learning rate re-warms after it. The library now carries
-    the state (``surgery/swap/carry.py``); a ``_carry`` method runs the library as it is."""
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        from factorize_plugin.surgery.swap import optim
-
-        carry = optim.carried_pair_state
-        optim.carried_pair_state = lambda old, new, state: {}  # type: ignore[assignment]
-        try:
-            super().on_train_batch_start(trainer, pl_module, batch, idx)
-        finally:
-            optim.carried_pair_state = carry
-
-
-class CarryRewarm(LowRankFactorization):
-    """The state carried, and the learning rate re-warmed after every swap all the same (the
-    re-warm rule before the carry: ``callback_progressive_carry``)."""
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        from factorize_plugin.engine import engine
-
-        rule = engine.left_without_state
-        engine.left_without_state = lambda optimizers, modules: bool(list(modules))  # type: ignore[assignment]
-        try:
-            super().on_train_batch_start(trainer, pl_module, batch, idx)
-        finally:
-            engine.left_without_state = rule
-
-
 class DenseTarget(FreshState):
     """A lever of item 4, what a later milestone fits to: every milestone solves
     ``min ||X W_dense - X A B||`` with ``X`` the layer's inputs in today's network (pairs upstream)
@@ -808,11 +776,9 @@ def make_callback(method: str, fraction: float, rs: RecoverSetup, dense: nn.Modu
     schedule = progressive(ParamBudget(fraction), list(progressive_keys(method, rs))) \
         if method.startswith("callback_progressive") else {0: ParamBudget(fraction)}  # fmt: skip
     fit_dense = "_dense" in method  # a lever of item 4: later milestones fit the trained dense map
-    # the library carries the optimizer state through a refactorization and re-warms only after a
-    # swap that left some moments empty; the methods without "_carry" were measured before it did
-    # (FreshState), callback_progressive_carry with the re-warm after every swap (CarryRewarm)
-    cls = (DenseTarget if fit_dense else CarryRewarm if method == "callback_progressive_carry"
-           else LowRankFactorization if method in LIBRARY_RULE else FreshState)  # fmt: skip
+    # the optimizer-state rule each method was measured with (benchmarks/_state_rules.py); the
+    # library's own: callback_switch0 and callback_progressive_carried
+    cls = DenseTarget if fit_dense else STATE_RULES.get(method, FreshState)
     extra = {"dense": dense} if fit_dense else {}
     return cls(
         schedule, interval="step", targets=Targets([f"net.{t}" for t in TARGETS], min_params=0, min_features=0),

@@ -1,6 +1,6 @@
-"""The optimizer state of a pair carried through its refactorization (``surgery/swap/carry.py``):
-a first moment maps exactly as the gradient does, second moments stay non-negative, the step count
-goes on, and what cannot be carried starts empty as before."""
+"""The optimizer state carried onto a new pair (``surgery/swap/carry.py``), from the pair it
+refactorizes or the dense layer it replaces: a first moment maps exactly as the gradient does,
+second moments stay non-negative, the step count goes on, and what cannot be carried starts empty."""
 
 from __future__ import annotations
 
@@ -82,12 +82,12 @@ def test_through_the_optimizer_edit_adam_and_sgd_carry_others_start_empty():
             assert all(float(opt.state[p]["step"]) == 3 for p in new.parameters())
         new(x).pow(2).sum().backward()
         opt.step()  # the carried state has the new shapes
-        # a dense layer swapped for a pair: nothing to carry
+        # a dense layer swapped for a pair: its state is carried too (W ~ B A)
         opt2 = make(list(dense.parameters()))
         dense(x).sum().backward()
         opt2.step()
         replace_in_optimizer(opt2, [(dict(dense.named_parameters()), dict(old.named_parameters()))])
-        assert not any(p in opt2.state for p in old.parameters())
+        assert all((p in opt2.state) == carries for p in old.parameters())
 
 
 @pytest.mark.parametrize("frozen_bias", [False, True])
@@ -100,3 +100,29 @@ def test_only_parameters_the_optimizer_holds_get_state(frozen_bias):
     replace_in_optimizer(opt, [(dict(old.named_parameters()), dict(new.named_parameters()))])
     assert (new.second.bias in opt.state) == (not frozen_bias)
     assert new.first.weight in opt.state and new.second.weight in opt.state
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["Linear [out, in]", "Conv1D-like [in, out]"])
+def test_a_dense_layers_first_moment_maps_onto_its_pair(transposed):
+    """W ~ B1 A1: a first moment equal to dL/dW becomes dL/dA1 = B1^T dL/dW and dL/dB1 = dL/dW A1^T;
+    a weight stored transposed (square here, so only the fit tells the orientation) is read as such."""
+    g = torch.Generator().manual_seed(1)
+    d, r = 10, 9
+    w = torch.randn(d, d, generator=g, dtype=torch.float64)  # the layer's map [out, in]
+    u, sv, vh = torch.linalg.svd(w)
+    pair = FactorizedLinear(d, d, r).double()
+    with torch.no_grad():
+        pair.first.weight.copy_(sv[:r, None] * vh[:r])  # A1 [r, in]
+        pair.second.weight.copy_(u[:, :r])  # B1 [out, r]
+    stored = torch.nn.Parameter(w.T.clone() if transposed else w.clone())
+    bias = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    grad_w = torch.randn(d, d, generator=g, dtype=torch.float64)
+    m = grad_w.T if transposed else grad_w
+    state = {stored: {"step": torch.tensor(3.0), "exp_avg": m, "exp_avg_sq": m * m},
+             bias: {"step": torch.tensor(3.0), "exp_avg": torch.ones(d, dtype=torch.float64)}}  # fmt: skip
+    carried = carried_pair_state({"weight": stored, "bias": bias}, dict(pair.named_parameters()), state)
+    a1, b1 = pair.first.weight.detach(), pair.second.weight.detach()
+    torch.testing.assert_close(carried[pair.first.weight]["exp_avg"], b1.T @ grad_w)
+    torch.testing.assert_close(carried[pair.second.weight]["exp_avg"], grad_w @ a1.T)
+    assert float(carried[pair.first.weight]["step"]) == 3.0
+    assert torch.equal(carried[pair.second.bias]["exp_avg"], state[bias]["exp_avg"])

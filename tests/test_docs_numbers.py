@@ -414,7 +414,8 @@ RECOVER_METHODS = {
     "exact_uniform_ft": "exact fit at uniform ranks, then fine-tuning",
     "exact_budget_params_ft": "exact fit, `ParamBudget` ranks, then fine-tuning",
     "callback_switch0": "the callback, one switch at step 0",
-    "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80",
+    "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80, each swap's optimizer state fresh (the rule before)",
+    "callback_progressive_carried": "the same, each refactorized pair's optimizer state carried (the library's rule now)",
 }
 
 
@@ -456,6 +457,9 @@ LEVERS = {  # item 4's levers at 40 % kept, each against the method it changes
     "callback_progressive_fade": ("callback_progressive", "progressive, with a fading dense residual"),
     "callback_progressive_dense": ("callback_progressive", "progressive, later milestones fitted to the trained dense layers"),
     "callback_progressive_dense_kd": ("callback_progressive_kd", "progressive with distillation, later milestones fitted to the trained dense layers"),
+    "callback_progressive_carry": ("callback_progressive", "progressive, the optimizer state carried through each refactorization (re-warm kept)"),
+    "callback_progressive_carry_no_rewarm": ("callback_progressive_no_rewarm", "progressive without re-warm, the optimizer state carried"),
+    "callback_progressive_carry_kd_no_rewarm": ("callback_progressive_kd", "progressive with distillation, the state carried and no re-warm"),
 }
 
 
@@ -530,7 +534,7 @@ def compress_length_table() -> str:
         "|---" * (len(RECOVERY_LENGTHS) + 1) + "|",
     ]
     for key, fraction, label in (("exact_budget_params_ft", "0.4", "exact fit (`ParamBudget`), then fine-tuning"),
-                                 ("callback_progressive", "0.4", "the callback, `progressive` (milestones at 0, 1/3, 2/3 of it)"),
+                                 ("callback_progressive", "0.4", "the callback, `progressive` (milestones at 0, 1/3, 2/3 of it; fresh optimizer state at each swap, the rule before)"),
                                  ("dense_ft", "1.0", "the trained dense model, fine-tuned")):  # fmt: skip
         cells = [recover_mean(key, fraction, name) for name in RECOVERY_LENGTHS.values()]
         rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ({lo:.4f}-{hi:.4f}, {n} seeds)" for m, lo, hi, n in cells) + " |")
@@ -558,7 +562,8 @@ def compress_inference_table() -> str:
 CNN_METHODS = {
     "exact_budget_ft": "exact fit (`ParamBudget`), then fine-tuning",
     "callback_switch0": "the callback, one switch at step 0",
-    "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80",
+    "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80, each swap's optimizer state fresh (the rule before)",
+    "callback_progressive_carried": "the same, each refactorized pair's optimizer state carried (the library's rule now)",
 }
 
 
@@ -592,7 +597,8 @@ def readme_compress_trained() -> str:
     for key, after, label in (
         ("svd", "svd_ft", "weight SVD (Composer's way), then fine-tuning"),
         ("exact_budget_params", "exact_budget_params_ft", "exact fit (`factorize_model`, `ParamBudget`), then fine-tuning"),
-        (None, "callback_progressive", "the callback, `progressive` over the recovery"),
+        (None, "callback_progressive_carried", "the callback, `progressive` over the recovery"),
+        (None, "callback_progressive_carry_no_rewarm", "the same, with `rewarm_steps=0`"),
     ):
         before = f"{compress[key]['0.4']['val_loss']:.3f}" if key else "-"
         mean, _, _, n = recover_mean(after, "0.4")

@@ -39,10 +39,15 @@ class LRProbe(Callback):
         opt.register_step_post_hook(lambda o, args, kwargs: self.used.append([g["lr"] for g in o.param_groups]))
 
 
-def _run(schedule, epochs=3, ckpt_dir=None, ckpt_path=None, **kw):
+class AdagradNet(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.Adagrad(self.parameters(), lr=1e-2)  # a state the swap cannot carry ("sum")
+
+
+def _run(schedule, epochs=3, ckpt_dir=None, ckpt_path=None, model=None, **kw):
     probe = LRProbe()
     cb = LowRankFactorization(schedule, **{**TINY, **kw})
-    model = TinyNet(optimizer="sgd", scheduler="step")  # StepLR: multiplicative, it would compound a leak
+    model = model or TinyNet(optimizer="sgd", scheduler="step")  # StepLR: multiplicative, it would compound a leak
     resume_trainer([probe, cb], epochs, ckpt_dir=ckpt_dir).fit(model, ckpt_path=ckpt_path)
     return probe, cb, model
 
@@ -61,9 +66,9 @@ def test_the_rate_ramps_after_a_swap_and_the_scheduler_never_sees_it():
 
 
 def test_auto_is_a_quarter_epoch_and_a_milestone_before_training_has_none():
-    _, cb, _ = _run({1: 0.5}, epochs=2)
+    _, cb, _ = _run({1: 0.5}, epochs=2, model=AdagradNet())  # (a state the swap does not carry)
     assert cb.history[-1]["rewarm_steps"] == STEPS_PER_EPOCH // 4
-    probe, cb, _ = _run({0: 0.5}, epochs=1)
+    probe, cb, _ = _run({0: 0.5}, epochs=1, model=AdagradNet())
     assert cb.history[-1]["rewarm_steps"] == 0  # no optimizer step yet: nothing to re-warm from
     assert probe.used == probe.scheduled
 
@@ -317,21 +322,16 @@ def test_a_step_hook_registered_after_the_ramps_survives_its_end():
     assert len(opt._optimizer_step_post_hooks) == 1
 
 
-class AdagradNet(TinyNet):
-    def configure_optimizers(self):
-        return torch.optim.Adagrad(self.parameters(), lr=1e-2)  # a state the swap cannot carry ("sum")
-
-
-@pytest.mark.parametrize("net, ramps_again", [(lambda: TinyNet(optimizer="adam"), False), (AdagradNet, True)],
-                         ids=["adam: state carried", "adagrad: state fresh"])  # fmt: skip
-def test_a_pair_refactorized_with_its_state_carried_needs_no_rewarm(net, ramps_again):
-    """The re-warm follows a swap that leaves moments empty: a dense layer's new pair, or a pair
-    whose optimizer state could not be carried (``surgery/swap/carry.py``). A pair refactorized to
-    a lower rank under Adam keeps its moments, so that milestone has no ramp."""
+@pytest.mark.parametrize("net, ramps", [(lambda: TinyNet(optimizer="adam"), False), (lambda: TinyNet(optimizer="sgd"), False),
+                                        (AdagradNet, True)], ids=["adam", "sgd", "adagrad"])  # fmt: skip
+def test_auto_ramps_only_after_a_swap_that_left_moments_empty(net, ramps):
+    """Adam's and SGD's state is carried onto the new factors, from a dense layer and from a
+    refactorized pair (``surgery/swap/carry.py``), so ``"auto"`` has no ramp after those swaps;
+    an optimizer whose state is not carried (Adagrad) gets one after each. A set length ramps
+    after every swap, carried or not."""
     cb = LowRankFactorization({1: 0.5, 2: 0.25}, **TINY)
-    model = net()
-    resume_trainer([cb], 3).fit(model)
-    first, second = cb.history
-    assert all(first["ranks"][n] is not None for n in first["ranks"])  # every target became a pair at epoch 1
-    assert first["rewarm_steps"] == STEPS_PER_EPOCH // 4
-    assert second["rewarm_steps"] == (STEPS_PER_EPOCH // 4 if ramps_again else 0)
+    resume_trainer([cb], 3).fit(net())
+    assert all(r is not None for r in cb.history[0]["ranks"].values())  # a real swap at each milestone
+    assert [h["rewarm_steps"] for h in cb.history] == [STEPS_PER_EPOCH // 4 if ramps else 0] * 2
+    _, cb, _ = _run({1: 0.5, 2: 0.25}, rewarm_steps=3, model=net())
+    assert [h["rewarm_steps"] for h in cb.history] == [3, 3]

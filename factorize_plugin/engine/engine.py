@@ -259,7 +259,8 @@ class FactorizationEngine:
             host.warn(f"LowRankFactorization: {message}")
         entry["heldout_nmse"] = {r.name: r.heldout_nmse for r in reports if r.heldout_nmse is not None}
         changed = [model.get_submodule(r.name) for r in reports if r.changed]
-        entry["rewarm_steps"] = self.rewarm.after_swap(host, left_without_state(host.optimizers, changed))
+        fresh = left_without_state(host.optimizers, changed)
+        entry["rewarm_steps"] = self.rewarm.after_swap(host, bool(changed), fresh)
         return entry
 
     def watch_training_inputs(self, host: Host, model: nn.Module, upcoming: bool) -> None:

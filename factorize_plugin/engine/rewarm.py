@@ -2,9 +2,9 @@
 optimizer moments (Adam's first steps with fresh moments move a parameter by about the learning
 rate, whatever its gradient's size) while the rest of the model is mid-training, so for a few steps
 after such a swap the learning rate ramps back up: an optimizer's step k of n runs at (k / n) times
-the scheduled rate. A milestone whose swap left every parameter with optimizer state (pairs
-refactorized to a lower rank carry theirs: ``surgery/swap/carry.py``) has no ramp: on the trained
-GPT of ``benchmarks/bench_compress_trained.py`` a ramp after those carried swaps only cost loss.
+the scheduled rate. Adam's and SGD's state is carried onto the new factors
+(``surgery/swap/carry.py``), so with ``"auto"`` a milestone whose swap left every parameter with
+state has no ramp (a set length ramps after every swap that changed a layer).
 
 Where the ramped rate exists: only around the parameter update. A step pre-hook wraps the step's
 closure (Lightning's automatic optimization passes ``training_step``, ``backward``, gradient
@@ -72,10 +72,12 @@ class LRRewarm:
         self._saved: dict[int, tuple[Any, list[Any]]] = {}  # id(optimizer) -> it, its scheduled rates while scaled
         self._pending: Optional[dict[str, Any]] = None  # a ramp waiting for its optimizers
 
-    def after_swap(self, host: Any, swapped: bool) -> int:
-        """Starts the ramp after a milestone (none if nothing was swapped, or before the first
-        optimizer step: no moments to catch up with); returns its length."""
-        steps = rewarm_length(self.setting, host.steps_per_epoch()) if swapped and host.global_step > 0 else 0
+    def after_swap(self, host: Any, swapped: bool, fresh: bool) -> int:
+        """Starts the ramp after a milestone that ``swapped`` layers (none before the first optimizer
+        step: no moments to catch up with); with ``"auto"`` only where the swap left some parameter
+        without optimizer state (``fresh``). Returns its length."""
+        due = swapped and host.global_step > 0 and (fresh or self.setting != "auto")
+        steps = rewarm_length(self.setting, host.steps_per_epoch()) if due else 0
         self.start(host.optimizers, steps)
         return steps
 

@@ -60,7 +60,7 @@ def _matrix(p: torch.Tensor, rank_dim: int) -> Optional[torch.Tensor]:
     return w.reshape(w.shape[0], -1) if rank_dim == 0 else w.reshape(w.shape[0], w.shape[1])
 
 
-def _mapped(state: dict[str, Any], like: torch.Tensor, first: Callable[[torch.Tensor], torch.Tensor],
+def _mapped(state: Any, like: torch.Tensor, first: Callable[[torch.Tensor], torch.Tensor],
             second: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {}
     for key, value in state.items():
@@ -74,29 +74,61 @@ def _mapped(state: dict[str, Any], like: torch.Tensor, first: Callable[[torch.Te
     return out
 
 
+def _dense_matrix(w: torch.Tensor, approx: torch.Tensor) -> Optional[tuple[torch.Tensor, bool]]:
+    """A dense weight as the matrix [out, in...] the new pair approximates (``approx`` = B1 A1), and
+    whether that is its transpose (a transposed linear layer, e.g. Hugging Face's ``Conv1D``, stores
+    [in, out]: of the orientations whose shape fits, the one the pair is nearest); None if neither fits."""
+    flat = _full(w.detach()).reshape(w.shape[0], -1)
+    fits = [(m, t) for m, t in ((flat, False), (flat.T, True)) if m.shape == approx.shape]
+    if not fits:
+        return None
+    return min(fits, key=lambda mt: float((mt[0].to(approx.dtype) - approx).norm()))
+
+
+def _known(st: Any) -> bool:
+    return bool(st) and set(st) <= KNOWN
+
+
 def carried_pair_state(old: Mapping[str, nn.Parameter], new: Mapping[str, nn.Parameter],
                        state: Mapping[torch.Tensor, Any]) -> dict[torch.Tensor, dict[str, Any]]:  # fmt: skip
-    """The optimizer state of ``new``'s parameters carried from ``old``'s (both a pair's parameters
-    relative to the layer: ``first.weight``, ``second.weight``, ``second.bias``), read from
-    ``state`` (the optimizer's ``state``); empty where nothing can be carried (see the module
-    docstring). A bias of unchanged size keeps its state as it was."""
-    if not (_is_pair(old) and _is_pair(new)):
+    """The optimizer state of a new pair's parameters (``new``: ``first.weight``, ``second.weight``,
+    ``second.bias``, relative to the layer) carried from the parameters it replaces (``old``: a pair's,
+    or a dense layer's ``weight`` and ``bias``), read from ``state`` (the optimizer's ``state``);
+    empty where nothing can be carried (see the module docstring). A bias of unchanged size keeps
+    its state as it was."""
+    if not _is_pair(new):
         return {}
-    a_old, b_old, a_new, b_new = old["first.weight"], old["second.weight"], new["first.weight"], new["second.weight"]
-    sa, sb = state.get(a_old), state.get(b_old)
-    if not sa or not sb or not set(sa) <= KNOWN or not set(sb) <= KNOWN:
-        return {}
-    a0, b0, a1, b1 = _matrix(a_old, 0), _matrix(b_old, 1), _matrix(a_new, 0), _matrix(b_new, 1)
-    if a0 is None or b0 is None or a1 is None or b1 is None or a0.shape[1] != a1.shape[1] or b0.shape[0] != b1.shape[0]:
+    a_new, b_new = new["first.weight"], new["second.weight"]
+    a1, b1 = _matrix(a_new, 0), _matrix(b_new, 1)
+    if a1 is None or b1 is None:
         return {}
     f64 = torch.float64
-    s = torch.linalg.lstsq(b0.to(f64), b1.to(f64)).solution  # [r, r1]: B1 = B0 S
-    t = torch.linalg.lstsq(a0.to(f64).T, a1.to(f64).T).solution.T  # [r1, r]: A1 = T A0
-    out: dict[torch.Tensor, dict[str, Any]] = {
-        a_new: _mapped(sa, a_new, lambda m: s.T @ m, lambda v: (s * s).T @ v),
-        b_new: _mapped(sb, b_new, lambda m: m @ t.T, lambda v: v @ (t * t).T),
-    }
-    bias_old, bias_new = old.get("second.bias"), new.get("second.bias")
+    a1, b1 = a1.to(f64), b1.to(f64)
+    out: dict[torch.Tensor, dict[str, Any]] = {}
+    if _is_pair(old):  # B1 = B0 S, A1 = T A0: the gradients map by S^T and T^T
+        a_old, b_old = old["first.weight"], old["second.weight"]
+        sa, sb = state.get(a_old), state.get(b_old)
+        a0, b0 = _matrix(a_old, 0), _matrix(b_old, 1)
+        if not (_known(sa) and _known(sb)) or a0 is None or b0 is None or a0.shape[1] != a1.shape[1] \
+                or b0.shape[0] != b1.shape[0]:  # fmt: skip
+            return {}
+        s = torch.linalg.lstsq(b0.to(f64), b1).solution  # [r, r1]
+        t = torch.linalg.lstsq(a0.to(f64).T, a1.T).solution.T  # [r1, r]
+        out[a_new] = _mapped(sa, a_new, lambda m: s.T @ m, lambda v: (s * s).T @ v)
+        out[b_new] = _mapped(sb, b_new, lambda m: m @ t.T, lambda v: v @ (t * t).T)
+        bias_old = old.get("second.bias")
+    elif "weight" in old:  # W ~ B1 A1: dL/dA1 = B1^T dL/dW, dL/dB1 = dL/dW A1^T
+        sw = state.get(old["weight"])
+        found = _dense_matrix(old["weight"], b1 @ a1) if _known(sw) else None
+        if found is None:
+            return {}
+        tr = (lambda m: m.T) if found[1] else (lambda m: m)
+        out[a_new] = _mapped(sw, a_new, lambda m: b1.T @ tr(m), lambda v: (b1 * b1).T @ tr(v))
+        out[b_new] = _mapped(sw, b_new, lambda m: tr(m) @ a1.T, lambda v: tr(v) @ (a1 * a1).T)
+        bias_old = old.get("bias")
+    else:
+        return {}
+    bias_new = new.get("second.bias")
     if bias_old is not None and bias_new is not None and bias_old.shape == bias_new.shape and state.get(bias_old):
         out[bias_new] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[bias_old].items()}
     return out
