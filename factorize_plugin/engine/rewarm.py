@@ -1,7 +1,7 @@
-"""The learning-rate re-warm after a milestone: a dense layer's swapped-in factors start with empty
-optimizer moments (Adam's first steps with fresh moments move a parameter by about the learning
-rate, whatever its gradient's size) while the rest of the model is mid-training, so for a few steps
-after such a swap the learning rate ramps back up: an optimizer's step k of n runs at (k / n) times
+"""The learning-rate re-warm after a milestone: swapped-in factors that start with empty optimizer
+moments (Adam's first steps with fresh moments move a parameter by about the learning rate,
+whatever its gradient's size) while the rest of the model is mid-training need a few steps after
+such a swap with the learning rate ramping back up: an optimizer's step k of n runs at (k / n) times
 the scheduled rate. Adam's and SGD's state is carried onto the new factors
 (``surgery/swap/carry.py``), so with ``"auto"`` a milestone whose swap left every parameter with
 state has no ramp (a set length ramps after every swap that changed a layer).

@@ -63,9 +63,8 @@ class LowRankFactorization(Callback):
     ``"auto"`` / ``Auto(target, readiness)`` switches once when the layers' stable ranks settle. At
     each milestone the chosen layers are refitted, exactly, to the inputs they saw during the
     validation run just before it (or a calibration pass over the validation batches), swapped for
-    pairs of the new rank, the optimizers edited in place (a dense layer's new factors start with empty
-    state and the learning rate re-warms over ``rewarm_steps``; a refactorized pair's state is
-    carried) and each layer's NMSE logged as
+    pairs of the new rank, the optimizers edited in place (Adam's or SGD's state carried onto the new
+    factors; otherwise the learning rate re-warms over ``rewarm_steps``) and each layer's NMSE logged as
     ``factorize/<layer>/nmse``. A speed decision (``speed_guard``) keeps a milestone only where the
     training step gets faster. DDP sums the statistics over the ranks and every rank installs the
     same factors; FSDP2 needs each targeted layer to be its own ``fully_shard`` unit. Checkpoints

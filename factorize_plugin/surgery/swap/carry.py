@@ -1,4 +1,9 @@
-"""The optimizer state of a pair carried through its refactorization to another rank.
+"""The optimizer state carried onto a new pair, from the pair it refactorizes or the dense layer it
+replaces.
+
+A dense layer ``W`` replaced by ``B1 A1`` (``W ~ B1 A1``): for a gradient ``G`` of the layer's map,
+``dL/dA1 = B1^T G`` and ``dL/dB1 = G A1^T``, so the weight's moments map by those products (a
+weight stored transposed, [in, out], is told by the orientation the pair fits best).
 
 A pair maps ``x -> B A x`` (first factor ``A`` [r, in...], second ``B`` [out, r]). A later milestone
 refits it from its own map, so the new factors lie in the old ones' spans: ``A1 = T A`` and
@@ -12,10 +17,10 @@ of the layer's map, ``dL/dA1 = S^T dL/dA`` and ``dL/dB1 = dL/dB T^T``, so
 * the step count carries on, so Adam's bias correction stays where it was.
 
 Without this the new factors would start with empty moments mid-training (Adam's first steps then
-move every coordinate by about the learning rate, whatever its gradient). On the trained GPT of
-``benchmarks/bench_compress_trained.py`` it lowered the progressive schedule's loss after recovery
-on every seed (``docs/oneshot.md``, levers). A state holding anything else (another optimizer's
-keys) or a second factor with a spatial kernel starts empty, as before. Under FSDP2 the factors
+move every coordinate by about the learning rate, whatever its gradient, which is what the
+learning-rate re-warm was for): measured on the trained GPT of ``benchmarks/bench_compress_trained.py``
+(``docs/oneshot.md``, levers). A state holding anything else (another optimizer's keys) or a second
+factor with a spatial kernel starts empty, as before. Under FSDP2 the factors
 and moments are gathered for the mapping and the results sharded like the new factors (collectives
 every process runs for the same swaps in the same order).
 """

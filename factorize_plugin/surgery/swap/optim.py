@@ -1,9 +1,9 @@
 """Editing a live optimizer when layers are swapped, so that the optimizer and LR-scheduler
 objects continue (the schedule does not restart) and untouched parameters keep their state.
 
-What happens to the state of new parameters: a pair refactorized to another rank keeps its Adam
-or SGD state, mapped onto the new factors (``carry.py``); otherwise (a dense layer swapped for a
-pair, or another optimizer's state) they start with none (Adam's moments at zero and its step
+What happens to the state of new parameters: a new pair's Adam or SGD state is carried from the
+dense layer or the pair it replaces, mapped onto the new factors (``carry.py``); another
+optimizer's new parameters start with none (Adam's moments at zero and its step
 count at 0, SGD's momentum buffer empty), exactly as if they had been in the optimizer from the
 start without receiving a gradient. Their param group (and so learning rate, weight decay,
 ...) is that of the parameter they stand in for: a factor of a weight goes where the weight was,
@@ -93,8 +93,8 @@ def _replace_layer(opt: torch.optim.Optimizer, old: NamedParams, new: NamedParam
 
 def left_without_state(optimizers: Iterable[Any], modules: Iterable[nn.Module]) -> bool:
     """Whether a parameter of ``modules`` that one of ``optimizers`` holds has no state there after
-    a swap (a dense layer's new pair, or a state that could not be carried): its moments start
-    empty, which is what the learning-rate re-warm is for."""
+    a swap (a state that could not be carried, ``carry.py``): its moments start empty, which is
+    what the learning-rate re-warm is for."""
     opts = [unwrap_optimizer(o) for o in optimizers]
     held = [(o, {id(p) for g in o.param_groups for p in g["params"]}) for o in opts]
     return any(id(p) in ids and not o.state.get(p) for m in modules for p in m.parameters() for o, ids in held)

@@ -172,8 +172,8 @@ def refactorize(
         positions: output positions per sample of each layer (``ActivationCollector.positions``),
             for multiply-add counts.
         optimizers: edited in place (``optim.OptimizerEdit``): each new parameter takes the group and
-            place of the one it replaces; it starts with empty state, except a refactorized pair's,
-            whose state is carried onto the new factors (``carry.py``); the optimizer objects (and
+            place of the one it replaces; Adam's or SGD's state is carried onto the new factors
+            (``carry.py``), another optimizer's starts empty; the optimizer objects (and
             any LR scheduler bound to them) continue.
         probe: lets the policy judge its choices on the network's output (``ParamBudget``); the
             model runs in eval mode and without grad meanwhile, and every submodule's mode is restored.
