@@ -415,7 +415,7 @@ RECOVER_METHODS = {
     "exact_budget_params_ft": "exact fit, `ParamBudget` ranks, then fine-tuning",
     "callback_switch0": "the callback, one switch at step 0",
     "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80, each swap's optimizer state fresh (the rule before)",
-    "callback_progressive_carried": "the same, each refactorized pair's optimizer state carried (the library's rule now)",
+    "callback_progressive_carried": "the same, every new pair's optimizer state carried from what it replaces (the library's rule now)",
 }
 
 
@@ -457,9 +457,10 @@ LEVERS = {  # item 4's levers at 40 % kept, each against the method it changes
     "callback_progressive_fade": ("callback_progressive", "progressive, with a fading dense residual"),
     "callback_progressive_dense": ("callback_progressive", "progressive, later milestones fitted to the trained dense layers"),
     "callback_progressive_dense_kd": ("callback_progressive_kd", "progressive with distillation, later milestones fitted to the trained dense layers"),
-    "callback_progressive_carry": ("callback_progressive", "progressive, the optimizer state carried through each refactorization (re-warm kept)"),
-    "callback_progressive_carry_no_rewarm": ("callback_progressive_no_rewarm", "progressive without re-warm, the optimizer state carried"),
-    "callback_progressive_carry_kd_no_rewarm": ("callback_progressive_kd", "progressive with distillation, the state carried and no re-warm"),
+    "callback_progressive_carry": ("callback_progressive", "progressive, a refactorized pair's optimizer state carried, re-warm after every swap"),
+    "callback_progressive_carry_no_rewarm": ("callback_progressive_no_rewarm", "progressive without re-warm, a refactorized pair's optimizer state carried"),
+    "callback_progressive_carry_kd_no_rewarm": ("callback_progressive_kd", "progressive with distillation, a refactorized pair's state carried, no re-warm"),
+    "callback_progressive_carried": ("callback_progressive", "progressive, every new pair's state carried (the library's rule now: no re-warm under AdamW)"),
 }
 
 
@@ -563,7 +564,7 @@ CNN_METHODS = {
     "exact_budget_ft": "exact fit (`ParamBudget`), then fine-tuning",
     "callback_switch0": "the callback, one switch at step 0",
     "callback_progressive": "the callback, `progressive` over steps 0 / 40 / 80, each swap's optimizer state fresh (the rule before)",
-    "callback_progressive_carried": "the same, each refactorized pair's optimizer state carried (the library's rule now)",
+    "callback_progressive_carried": "the same, every new pair's optimizer state carried from what it replaces (the library's rule now)",
 }
 
 
@@ -598,7 +599,6 @@ def readme_compress_trained() -> str:
         ("svd", "svd_ft", "weight SVD (Composer's way), then fine-tuning"),
         ("exact_budget_params", "exact_budget_params_ft", "exact fit (`factorize_model`, `ParamBudget`), then fine-tuning"),
         (None, "callback_progressive_carried", "the callback, `progressive` over the recovery"),
-        (None, "callback_progressive_carry_no_rewarm", "the same, with `rewarm_steps=0`"),
     ):
         before = f"{compress[key]['0.4']['val_loss']:.3f}" if key else "-"
         mean, _, _, n = recover_mean(after, "0.4")
