@@ -41,7 +41,8 @@ HELP: dict[str, str] = {
     "output_batches": "evaluation batches run before and after each swap to log factorize/output_nmse (how much "
     "the network's output moved); 0 switches it off.",
     "rewarm_steps": "after a swap mid-training, the learning rate ramps from 1/n to 1 of its scheduled value over "
-    "n optimizer steps; 'auto' (default): a quarter of an epoch's steps, at most 1000; 0: none.",
+    "n optimizer steps; 'auto' (default): a quarter of an epoch's steps, at most 1000, and only where the swap "
+    "left optimizer moments empty (Adam's and SGD's are carried onto the new factors); 0: none.",
     "interval": "what the schedule's keys count: 'epoch' (default) or 'step' (optimizer steps, for runs of an "
     "epoch or less).",
 }
