@@ -120,20 +120,21 @@ def test_milestones_fall_on_optimizer_steps(references):
     assert ref.probe.at == WANT  # in force from the batch after the milestone's step, never earlier
     assert ref.cb.done == [3, 10]
     assert milestones(ref.cb) == [(3, 3, 0, R1, "calibration"), (10, 10, 1, R2, "calibration")]
-    assert [h["rewarm_steps"] for h in ref.cb.history] == [2, 2]  # "auto": a quarter of 8 steps
+    assert [h["rewarm_steps"] for h in ref.cb.history] == [0, 0]  # "auto": the optimizer state is carried, no ramp
     # the resumable loader yields the same batches: the two references are the same run
     assert max_abs_diff(references["resumable"].final, ref.final) == 0.0
 
 
 def test_statistics_from_a_validation_run_at_the_step_or_a_calibration_pass():
     """val_check_interval=4: validation runs end at steps 4, 8, 12, 16. Key 0 calibrates before the
-    first batch (no re-warm: no optimizer step yet), key 4 reuses the run that just ended at step 4,
-    key 10 (no run there) calibrates."""
+    first batch, key 4 reuses the run that just ended at step 4, key 10 (no run there) calibrates.
+    No re-warm at all: key 0 comes before any optimizer step, and the later swaps carry the
+    optimizer state onto the new factors."""
     run = fit({0: 0.5, 4: 0.25, 10: 0.125}, val_check_interval=4)
     assert [(m, s, src) for m, s, _, _, src in milestones(run.cb)] == [
         (0, 0, "calibration"), (4, 4, "validation"), (10, 10, "calibration"),
     ]  # fmt: skip
-    assert [h["rewarm_steps"] for h in run.cb.history] == [0, 2, 2]
+    assert [h["rewarm_steps"] for h in run.cb.history] == [0, 0, 0]  # the state carried at each swap
     assert run.probe.at[0] == R1 and run.probe.at[3] == R1 and run.probe.at[4] == R2
     assert run.probe.at[9] == R2 and run.probe.at[10] == {"features.2": 1, "classifier.0": 4, "classifier.2": 1}
 
