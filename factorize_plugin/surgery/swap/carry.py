@@ -20,8 +20,8 @@ Without this the new factors would start with empty moments mid-training (Adam's
 move every coordinate by about the learning rate, whatever its gradient, which is what the
 learning-rate re-warm was for): measured on the trained GPT of ``benchmarks/bench_compress_trained.py``
 (``docs/oneshot.md``, levers). A state holding anything else (another optimizer's keys) or a second
-factor with a spatial kernel starts empty, as before. Under FSDP2 the factors
-and moments are gathered for the mapping and the results sharded like the new factors (collectives
+factor with a spatial kernel starts empty, as before. Under FSDP2 the factors and moments are
+gathered for the mapping and the results sharded like the new factors (collectives
 every process runs for the same swaps in the same order).
 """
 
@@ -79,15 +79,20 @@ def _mapped(state: Any, like: torch.Tensor, first: Callable[[torch.Tensor], torc
     return out
 
 
-def _dense_matrix(w: torch.Tensor, approx: torch.Tensor) -> Optional[tuple[torch.Tensor, bool]]:
-    """A dense weight as the matrix [out, in...] the new pair approximates (``approx`` = B1 A1), and
-    whether that is its transpose (a transposed linear layer, e.g. Hugging Face's ``Conv1D``, stores
-    [in, out]: of the orientations whose shape fits, the one the pair is nearest); None if neither fits."""
+def _dense_matrix(w: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor) -> Optional[tuple[torch.Tensor, bool]]:
+    """A dense weight as the matrix [out, in...] the new pair ``B1 A1`` approximates, and whether
+    that is its transpose (a transposed linear layer, e.g. Hugging Face's ``Conv1D``, stores
+    [in, out]); None if neither orientation fits. Only a square weight is ambiguous: then the
+    orientation whose product with a few fixed probe vectors is nearest the pair's wins (never the
+    whole product ``B1 A1``, which would cost a full matrix product per layer)."""
     flat = _full(w.detach()).reshape(w.shape[0], -1)
-    fits = [(m, t) for m, t in ((flat, False), (flat.T, True)) if m.shape == approx.shape]
-    if not fits:
-        return None
-    return min(fits, key=lambda mt: float((mt[0].to(approx.dtype) - approx).norm()))
+    shape = (b1.shape[0], a1.shape[1])
+    fits = [(m, t) for m, t in ((flat, False), (flat.T, True)) if m.shape == shape]
+    if len(fits) < 2:
+        return fits[0] if fits else None
+    x = torch.randn(shape[1], 4, generator=torch.Generator().manual_seed(0), dtype=a1.dtype).to(a1.device)
+    approx = b1 @ (a1 @ x)
+    return min(fits, key=lambda mt: float((mt[0].to(a1.dtype) @ x - approx).norm()))
 
 
 def _known(st: Any) -> bool:
@@ -124,7 +129,7 @@ def carried_pair_state(old: Mapping[str, nn.Parameter], new: Mapping[str, nn.Par
         bias_old = old.get("second.bias")
     elif "weight" in old:  # W ~ B1 A1: dL/dA1 = B1^T dL/dW, dL/dB1 = dL/dW A1^T
         sw = state.get(old["weight"])
-        found = _dense_matrix(old["weight"], b1 @ a1) if _known(sw) else None
+        found = _dense_matrix(old["weight"], a1, b1) if _known(sw) else None
         if found is None:
             return {}
         tr = (lambda m: m.T) if found[1] else (lambda m: m)
